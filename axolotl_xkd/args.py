@@ -1,0 +1,130 @@
+"""The nested `xkd:` block of an Axolotl config, as a pydantic schema (a leaf: imports no project code).
+
+Axolotl merges `XKDArgs` into its own config model, so `axolotl train` validates the block with the
+rest of the YAML; unknown keys inside `xkd:` are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LOG = logging.getLogger(__name__)
+
+Divergence = Literal[
+    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "sequence"
+]
+
+
+class ModelTeacher(BaseModel):
+    """An in-process teacher: a causal LM loaded once, in eval mode, without gradients."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["model"] = Field("model", description="Run the teacher in the training process.")
+    path: str = Field(description="Hugging Face model directory (or hub id) of the teacher.")
+    tokenizer_path: str | None = Field(
+        None, description="Tokenizer to compare with the student's; defaults to `path`."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Teacher weights dtype; default: the student's dtype."
+    )
+    attn_implementation: str | None = Field(
+        None, description="Attention kernel of the teacher; default: the student's."
+    )
+    trust_remote_code: bool = Field(False, description="Passed to from_pretrained.")
+
+
+class XKDConfig(BaseModel):
+    """Every option of XKD_METHOD.md; defaults are the spec's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: ModelTeacher | None = Field(
+        None, description="Where the teacher distribution p_T comes from.", discriminator="source"
+    )
+    divergence: Divergence = Field("forward_kl", description="The distillation term D_i.")
+    beta: float = Field(
+        0.5, ge=0, le=1, description="JSD mixture weight (TRL GKD: 0 = forward KL, 1 = reverse KL)."
+    )
+    skew_alpha: float = Field(0.1, ge=0, lt=1, description="Skew of skew_forward_kl / skew_reverse_kl.")
+    temperature: float = Field(1.0, gt=0, description="tau, applied to student and teacher.")
+    scale_by_tau_squared: bool = Field(True, description="Multiply D_i by tau^2.")
+    alpha_kd: float = Field(1.0, ge=0, description="Weight of the distillation term.")
+    alpha_ce: float = Field(0.0, ge=0, description="Weight of the ground-truth cross-entropy term.")
+    reward_kl_weight: float = Field(1.0, ge=0, description="w_kl: weight of KL(q_phi(R) || prior).")
+    td_weight: float = Field(1.0, ge=0, description="lambda: weight of the TD-consistency term.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount in TD_i.")
+    prior_std: float = Field(1.0, gt=0, description="Standard deviation of the reward prior N(0, s^2).")
+    q_form: Literal["logits", "logprobs", "ava"] = Field("logits", description="How Q(s, a) is read off z_i.")
+    ava_alpha: float = Field(1.0, gt=0, description="Band width of q_form: ava.")
+    td_target: Literal["observed", "teacher_expected"] = Field(
+        "observed", description="Q at the observed tokens, or its expectation under the teacher."
+    )
+    reward_input: Literal["next_state", "state"] = Field(
+        "next_state", description="Read R_i from h_{i+1} (next_state) or h_i (state)."
+    )
+    reward_detach_backbone: bool = Field(False, description="Stop the reward head's gradient into the student.")
+    log_std_min: float = Field(-5.0, description="Lower clamp of log sigma_i.")
+    log_std_max: float = Field(5.0, description="Upper clamp of log sigma_i.")
+    topk_tail: bool = Field(True, description="Top-k teachers: keep the tail category (false: renormalise).")
+    sequences: Literal["dataset"] = Field("dataset", description="Where the training sequences come from.")
+
+    @model_validator(mode="after")
+    def _log_std_bounds(self) -> XKDConfig:
+        if not self.log_std_min < self.log_std_max:
+            raise ValueError(
+                f"xkd.log_std_min ({self.log_std_min}) must be below xkd.log_std_max ({self.log_std_max})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> XKDConfig:
+        if self.alpha_kd + self.alpha_ce + self.reward_kl_weight + self.td_weight == 0:
+            raise ValueError(
+                "xkd: alpha_kd, alpha_ce, reward_kl_weight and td_weight are all 0, so the loss is 0; "
+                "set at least alpha_kd or alpha_ce above 0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_present(self) -> XKDConfig:
+        kd_needs = self.alpha_kd > 0 and self.divergence != "sequence"
+        td_needs = self.td_weight > 0 and self.td_target == "teacher_expected"
+        if self.teacher is None and (kd_needs or td_needs):
+            why = f"divergence {self.divergence!r}" if kd_needs else "td_target 'teacher_expected'"
+            raise ValueError(
+                f"xkd.teacher is missing, but {why} needs the teacher's distribution; add e.g. "
+                "`teacher: {source: model, path: /path/to/teacher}`"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _warn_unbounded(self) -> XKDConfig:
+        if self.td_weight > self.reward_kl_weight:
+            LOG.warning(
+                "xkd.td_weight (%s) > xkd.reward_kl_weight (%s): the objective is bounded only by the "
+                "log sigma clamp [%s, %s] (XKD_METHOD.md section 2)",
+                self.td_weight, self.reward_kl_weight, self.log_std_min, self.log_std_max,
+            )
+        return self
+
+
+class XKDArgs(BaseModel):
+    """What the plugin adds to Axolotl's config: the `xkd:` block, checked against the rest."""
+
+    xkd: XKDConfig | None = Field(None, description="X-KD settings; see the README for every key.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _compatible_with_axolotl_config(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("xkd") is None:
+            return data
+        if data.get("rl"):
+            raise ValueError(f"xkd: cannot be combined with rl: {data['rl']!r}; X-KD is its own trainer")
+        for key in ("reward_model", "process_reward_model", "kd_trainer"):
+            if data.get(key):
+                raise ValueError(f"xkd: cannot be combined with {key}: true; remove one of them")
+        return data

@@ -1,0 +1,20 @@
+"""Pure X-KD loss math: torch only, no Axolotl, transformers or DeepSpeed import."""
+
+from axolotl_xkd.losses.divergence import DIVERGENCES, divergence
+from axolotl_xkd.losses.reward_head import VariationalRewardHead
+from axolotl_xkd.losses.signal import DenseSignal, TeacherSignal, TopKSignal
+from axolotl_xkd.losses.td import Q_FORMS
+from axolotl_xkd.losses.xkd import XKDHyperparams, XKDLossOutput, xkd_loss
+
+__all__ = [
+    "DIVERGENCES",
+    "Q_FORMS",
+    "DenseSignal",
+    "TeacherSignal",
+    "TopKSignal",
+    "VariationalRewardHead",
+    "XKDHyperparams",
+    "XKDLossOutput",
+    "divergence",
+    "xkd_loss",
+]

@@ -1,0 +1,83 @@
+"""Teacher and student distributions over the categories a divergence compares (XKD_METHOD.md 3).
+
+Dense teacher: the full vocabulary at temperature tau. Top-k teacher: the k stored tokens plus one
+"tail" category holding the missing mass, for both teacher and student, so that no divergence
+silently renormalises the teacher; `tail=False` gives the renormalised top-k variant of other tools.
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from axolotl_xkd.losses.signal import DenseSignal, TeacherSignal, TopKSignal
+
+
+def masked_logsumexp(values: Tensor, keep: Tensor) -> Tensor:
+    """logsumexp of `values` over the last dim where `keep`; -inf (finite gradient) where nothing is kept."""
+    any_kept = keep.any(-1)
+    safe = torch.where(keep, values, -math.inf)
+    # Rows with nothing kept get zeros, so logsumexp's backward never sees an all -inf row.
+    safe = torch.where(any_kept.unsqueeze(-1), safe, 0.0)
+    return torch.where(any_kept, torch.logsumexp(safe, dim=-1), -math.inf)
+
+
+def teacher_topk_categories(signal: TopKSignal, *, temperature: float, tail: bool) -> Tensor:
+    """Teacher log-probs over k (+1 tail) categories at temperature tau, (B, T, k[+1])."""
+    logprobs = torch.where(signal.valid, signal.logprobs.float(), -math.inf)
+    if tail:
+        covered = logprobs.exp().sum(-1, keepdim=True)
+        tail_logprob = torch.log((1.0 - covered).clamp(min=0.0))
+        logprobs = torch.cat([logprobs, tail_logprob], dim=-1)
+    return torch.log_softmax(logprobs / temperature, dim=-1)
+
+
+def student_topk_categories(student_logprobs: Tensor, signal: TopKSignal, *, tail: bool) -> Tensor:
+    """Student log-probs (B, T, V) gathered at the teacher's top-k ids (+ tail), (B, T, k[+1])."""
+    valid = signal.valid
+    ids = torch.where(valid, signal.token_ids, 0).long()
+    gathered = torch.where(valid, student_logprobs.gather(-1, ids), -math.inf)
+    if not tail:
+        return torch.log_softmax(gathered, dim=-1)
+    in_topk = torch.zeros_like(student_logprobs, dtype=torch.bool).scatter_(-1, ids, valid)
+    tail_logprob = masked_logsumexp(student_logprobs, ~in_topk)
+    return torch.cat([gathered, tail_logprob.unsqueeze(-1)], dim=-1)
+
+
+def paired_categories(
+    student_logprobs: Tensor, teacher: TeacherSignal, *, temperature: float, topk_tail: bool
+) -> tuple[Tensor, Tensor]:
+    """(student, teacher) log-probs over the same categories; student_logprobs is log_softmax(z / tau)."""
+    if isinstance(teacher, DenseSignal):
+        return student_logprobs, torch.log_softmax(teacher.logits.float() / temperature, dim=-1)
+    return (
+        student_topk_categories(student_logprobs, teacher, tail=topk_tail),
+        teacher_topk_categories(teacher, temperature=temperature, tail=topk_tail),
+    )
+
+
+def teacher_expectation(values: Tensor, student_logprobs: Tensor, teacher: TeacherSignal, *,
+                        temperature: float, topk_tail: bool) -> Tensor:
+    """E_{a ~ p_T(.|s_i)} values[..., a], (B, T).
+
+    For a top-k teacher the tail category's value is the student-weighted mean of `values` over
+    the tokens outside the top k (the teacher's shape inside its tail is unknown).
+    """
+    if isinstance(teacher, DenseSignal):
+        probs = torch.softmax(teacher.logits.float() / temperature, dim=-1)
+        return (probs * values).sum(-1)
+    probs = teacher_topk_categories(teacher, temperature=temperature, tail=topk_tail).exp()
+    valid = teacher.valid
+    ids = torch.where(valid, teacher.token_ids, 0).long()
+    topk_values = torch.where(valid, values.gather(-1, ids), 0.0)
+    expectation = (probs[..., : ids.shape[-1]] * topk_values).sum(-1)
+    if topk_tail:
+        in_topk = torch.zeros_like(values, dtype=torch.bool).scatter_(-1, ids, valid)
+        weights = torch.where(in_topk, 0.0, student_logprobs.exp())
+        tail_mass = weights.sum(-1)
+        tail_value = (weights * values).sum(-1) / tail_mass.clamp(min=torch.finfo(values.dtype).tiny)
+        expectation = expectation + probs[..., -1] * tail_value
+    return expectation

@@ -1,0 +1,130 @@
+"""Wiring between the plugin's hooks and the trainer: the reward head on the student, the teacher
+source, and the final save. Imports trainer-level code; the plugin imports it lazily."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+from axolotl_xkd import __version__
+from axolotl_xkd.args import XKDConfig
+from axolotl_xkd.losses.reward_head import VariationalRewardHead
+from axolotl_xkd.losses.xkd import XKDHyperparams
+from axolotl_xkd.reward_store import ATTRIBUTE, save_reward_head
+from axolotl_xkd.teachers.base import TeacherSource
+
+LOG = logging.getLogger("axolotl_xkd")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hyperparams(config: XKDConfig) -> XKDHyperparams:
+    """The loss's plain hyperparameters from the validated config block."""
+    fields = XKDHyperparams.__dataclass_fields__
+    return XKDHyperparams(**{k: v for k, v in config.model_dump().items() if k in fields})
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def find_reward_head(model: nn.Module) -> VariationalRewardHead | None:
+    """The reward head attached to `model` (through any wrapper), if any."""
+    return next((m for m in model.modules() if isinstance(m, VariationalRewardHead)), None)
+
+
+def attach_reward_head(model: nn.Module, config: XKDConfig) -> VariationalRewardHead:
+    """Add a trainable reward head as a submodule of the student, left out of the student's own saves.
+
+    As a submodule it is moved, wrapped, all-reduced, optimised and checkpointed with the student by
+    every launcher; `_keys_to_ignore_on_save` keeps it out of model.safetensors, so the saved student
+    loads with plain transformers, and the trainer writes it beside the student instead.
+    """
+    base = base_model(model)
+    hidden_size = base.config.get_text_config().hidden_size
+    head = VariationalRewardHead(
+        hidden_size,
+        log_std_min=config.log_std_min,
+        log_std_max=config.log_std_max,
+        metadata={
+            "axolotl_xkd_version": __version__,
+            "reward_input": config.reward_input,
+            "q_form": config.q_form,
+            "temperature": config.temperature,
+            "gamma": config.gamma,
+            "base_model_type": base.config.model_type,
+        },
+    )
+    device = base.get_output_embeddings().weight.device
+    base.add_module(ATTRIBUTE, head.to(device))
+    head.requires_grad_(True)
+    base._keys_to_ignore_on_save = set(base._keys_to_ignore_on_save or ()) | {
+        f"{ATTRIBUTE}.{name}" for name in head.state_dict()
+    }
+    LOG.info("X-KD reward head attached: Linear(%d, 2) on the student's last hidden states", hidden_size)
+    return head
+
+
+def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSource | None:
+    """The teacher source the loss needs, or None when no term reads the teacher."""
+    if config.teacher is None or not hyperparams(config).needs_teacher:
+        return None
+    from axolotl_xkd.teachers.model import ModelTeacherSource
+
+    teacher = config.teacher
+    dtype = _DTYPES[teacher.dtype] if teacher.dtype else base_model(student).dtype
+    attn = teacher.attn_implementation or getattr(base_model(student).config, "_attn_implementation", None)
+    return ModelTeacherSource.load(
+        teacher.path,
+        student_tokenizer=trainer.processing_class,
+        dtype=dtype,
+        device=trainer.args.device,
+        tokenizer_path=teacher.tokenizer_path,
+        attn_implementation=attn,
+        trust_remote_code=teacher.trust_remote_code,
+    )
+
+
+def configure_trainer(trainer, config: XKDConfig, cfg) -> None:
+    """Load the teacher, find the reward head and hand both, with the loss settings, to the trainer."""
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    tokenizer = trainer.processing_class
+    vocab_size = len(tokenizer)
+    rows = base_model(student).config.get_text_config().vocab_size
+    if rows < vocab_size:
+        raise ValueError(
+            f"base_model: the student's output layer has {rows} rows but the tokenizer has {vocab_size} tokens; "
+            "resize the student's embeddings (Axolotl: resize_token_embeddings_to_32x or added tokens)."
+        )
+    params = hyperparams(config)
+    head = find_reward_head(student) if params.uses_reward else None
+    if head is not None:
+        head.metadata.update(vocab_size=vocab_size, eos_token_id=tokenizer.eos_token_id)
+    trainer.configure_xkd(
+        params,
+        teacher=load_teacher(config, trainer, student),
+        reward_head=head,
+        detach_backbone=config.reward_detach_backbone,
+        eos_token_id=tokenizer.eos_token_id,
+        vocab_size=vocab_size,
+    )
+    LOG.info("axolotl_xkd %s active: %s", __version__, config.model_dump_json(exclude_none=True))
+
+
+def save_final_reward_head(model: nn.Module, config: XKDConfig, cfg) -> None:
+    """Write the trained head beside the final student in cfg.output_dir (rank 0 only).
+
+    Under ZeRO-3 the parameters are partitioned; the trainer's save_model already wrote the head
+    from the gathered state dict there.
+    """
+    head = find_reward_head(model)
+    if head is None or int(os.environ.get("RANK", "0")) != 0:
+        return
+    if any(hasattr(p, "ds_id") for p in head.parameters()):
+        return
+    path = save_reward_head(head.state_dict(), head.config(), cfg.output_dir)
+    LOG.info("X-KD student saved to %s; reward head saved to %s", cfg.output_dir, path)

@@ -1,0 +1,60 @@
+"""XKDPlugin: the Axolotl hooks that switch X-KD on. Safe to import: heavy imports live inside hooks,
+because Axolotl logs a plugin's ImportError and carries on without it."""
+
+from __future__ import annotations
+
+import logging
+
+from axolotl.integrations.base import BasePlugin
+
+LOG = logging.getLogger("axolotl_xkd")
+
+
+def _xkd_config(cfg):
+    """The validated `xkd:` block, or None when the plugin is loaded but X-KD is off."""
+    from axolotl_xkd.args import XKDConfig
+
+    block = cfg.get("xkd") if hasattr(cfg, "get") else None
+    return None if block is None else XKDConfig.model_validate(dict(block))
+
+
+class XKDPlugin(BasePlugin):
+    """Adds the `xkd:` config block, the X-KD trainer and the reward head to an Axolotl run."""
+
+    def get_input_args(self) -> str:
+        return "axolotl_xkd.args.XKDArgs"
+
+    def register(self, cfg) -> None:
+        if cfg.get("xkd") is None:
+            LOG.warning("axolotl_xkd.XKDPlugin is listed in plugins but the config has no `xkd:` block; X-KD is off")
+
+    def post_model_load(self, cfg, model) -> None:
+        config = _xkd_config(cfg)
+        if config is None or not (config.reward_kl_weight > 0 or config.td_weight > 0):
+            return
+        from axolotl_xkd.model_glue import attach_reward_head
+
+        attach_reward_head(model, config)
+
+    def get_trainer_cls(self, cfg):
+        if cfg.get("xkd") is None:
+            return None
+        from axolotl_xkd.trainer import XKDTrainer
+
+        return XKDTrainer
+
+    def post_trainer_create(self, cfg, trainer) -> None:
+        config = _xkd_config(cfg)
+        if config is None:
+            return
+        from axolotl_xkd.model_glue import configure_trainer
+
+        configure_trainer(trainer, config, cfg)
+
+    def post_train(self, cfg, model) -> None:
+        config = _xkd_config(cfg)
+        if config is None:
+            return
+        from axolotl_xkd.model_glue import save_final_reward_head
+
+        save_final_reward_head(model, config, cfg)

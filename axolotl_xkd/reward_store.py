@@ -1,0 +1,58 @@
+"""Saving and loading the reward head beside a student: safetensors weights plus a JSON config.
+
+The files sit next to the student's own so the student still loads with plain
+`AutoModelForCausalLM.from_pretrained`, and the head can be rebuilt without the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from axolotl_xkd.losses.reward_head import VariationalRewardHead
+
+WEIGHTS_NAME = "xkd_reward_head.safetensors"
+CONFIG_NAME = "xkd_reward_head.json"
+FORMAT = "axolotl_xkd.reward_head/1"
+ATTRIBUTE = "xkd_reward_head"
+
+
+def save_reward_head(state: dict[str, torch.Tensor], config: dict, directory: str | os.PathLike) -> Path:
+    """Write the head's state dict (keys relative to the head) and `head.config()`; returns the weights path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    weights = directory / WEIGHTS_NAME
+    save_file(tensors, str(weights), metadata={"format": FORMAT})
+    (directory / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, **config}, indent=2, sort_keys=True))
+    return weights
+
+
+def head_state_from(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The head's entries of a whole-model state dict (any wrapper prefix), keyed relative to the head."""
+    marker = f"{ATTRIBUTE}."
+    return {k.split(marker, 1)[1]: v for k, v in model_state.items() if marker in k}
+
+
+def load_reward_head(directory: str | os.PathLike) -> tuple[VariationalRewardHead, dict]:
+    """Rebuild the head saved in `directory`; returns (head, its config)."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(
+            f"{directory} has no X-KD reward head ({CONFIG_NAME} and {WEIGHTS_NAME}); it is written by "
+            "`axolotl train` with the axolotl_xkd plugin when reward_kl_weight or td_weight is above 0."
+        )
+    config = json.loads(config_path.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{config_path}: format {config.get('format')!r}, expected {FORMAT!r}")
+    meta = {k: v for k, v in config.items() if k not in ("format", "hidden_size", "log_std_min", "log_std_max")}
+    head = VariationalRewardHead(
+        config["hidden_size"], log_std_min=config["log_std_min"], log_std_max=config["log_std_max"], metadata=meta
+    )
+    head.load_state_dict(load_file(str(weights_path)))
+    return head, config

@@ -1,0 +1,93 @@
+"""The in-process teacher (`xkd.teacher.source: model`): a causal LM run without gradients.
+
+Imports transformers; knows nothing of Axolotl or the trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from axolotl_xkd.losses.signal import DenseSignal
+
+LOG = logging.getLogger(__name__)
+
+_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "unk_token_id")
+
+
+def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, where: str) -> None:
+    """Raise unless both tokenizers map every token to the same id and share special tokens.
+
+    X-KD compares next-token distributions id by id, so any difference would pair unrelated tokens.
+    """
+    s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
+    if len(student) != len(teacher) or s_vocab != t_vocab:
+        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+        moved = sorted(k for k in set(s_vocab) & set(t_vocab) if s_vocab[k] != t_vocab[k])[:5]
+        raise ValueError(
+            f"{where}: the teacher's tokenizer ({len(teacher)} tokens) differs from the student's "
+            f"({len(student)} tokens); only in the student: {only_s}, only in the teacher: {only_t}, "
+            f"different ids: {moved}. X-KD compares next-token distributions id by id, so both must use "
+            "the same tokenizer. Point xkd.teacher.tokenizer_path / the student's tokenizer_config at the "
+            "same tokenizer, or distil from a precomputed top-k dataset made with the student's tokenizer."
+        )
+    for name in _SPECIAL_TOKENS:
+        s_id, t_id = getattr(student, name), getattr(teacher, name)
+        if s_id != t_id:
+            raise ValueError(
+                f"{where}: {name} is {s_id} for the student but {t_id} for the teacher; "
+                "EOS and the other special tokens must agree (they end TD episodes and prompts)."
+            )
+
+
+class ModelTeacherSource:
+    """Runs a frozen teacher on the student's batch and returns its logits over the shared vocabulary."""
+
+    def __init__(self, model: nn.Module, vocab_size: int) -> None:
+        self.model = model
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        *,
+        student_tokenizer: PreTrainedTokenizerBase,
+        dtype: torch.dtype,
+        device: torch.device,
+        tokenizer_path: str | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> ModelTeacherSource:
+        """Load the teacher once, check its tokenizer and output size, freeze it and move it to `device`."""
+        teacher_tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_path or path, trust_remote_code=trust_remote_code
+        )
+        check_same_tokenizer(student_tokenizer, teacher_tokenizer, f"xkd.teacher.path={path!r}")
+        kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        vocab_size = len(student_tokenizer)
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < vocab_size:
+            raise ValueError(
+                f"xkd.teacher.path={path!r}: the teacher's output layer has {rows} rows but the tokenizer has "
+                f"{vocab_size} tokens; the teacher cannot score every token."
+            )
+        model.requires_grad_(False)
+        model.eval()
+        model.to(device)
+        LOG.info("X-KD teacher %s loaded (%s, %s, output rows %d)", path, dtype, device, rows)
+        return cls(model, vocab_size)
+
+    @torch.no_grad()
+    def get_signal(self, batch: dict[str, Tensor]) -> DenseSignal:
+        """Teacher logits (B, T, V_tok) for the batch; padded embedding rows beyond the tokenizer are cut."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        logits = self.model(**inputs, use_cache=False).logits
+        return DenseSignal(logits=logits[..., : self.vocab_size])

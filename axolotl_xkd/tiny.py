@@ -1,0 +1,139 @@
+"""The embedded default: a tiny character tokenizer, teacher and student, and an arithmetic task.
+
+Everything is built in code (nothing is downloaded), so the README's main job, the tests and the
+benchmarks can run `axolotl train` on the CPU. `python -m axolotl_xkd.tiny --out DIR` writes:
+DIR/tokenizer (shared), DIR/teacher (briefly trained to know the task), DIR/student (untrained,
+several times smaller) and DIR/data/{train,eval}.jsonl with prompt/response rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+CHARACTERS = string.digits + string.ascii_letters + " +-*=()?.,:;\n"
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character, BOS prepended; about 80 tokens."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(CHARACTERS))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def arithmetic_rows(count: int, *, seed: int) -> list[dict[str, str]]:
+    """Prompt 'a+b=' with a worked response 'c' for two-digit a, b (sums and differences)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        op = rng.choice("+-")
+        rows.append({"prompt": f"{a}{op}{b}=", "response": str(a + b if op == "+" else a - b)})
+    return rows
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, *, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
+    """A small Llama over `tokenizer`'s vocabulary."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def encode_rows(tokenizer: PreTrainedTokenizerFast, rows: list[dict[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and labels (prompt masked, EOS appended), as Axolotl tokenizes them."""
+    ids, labels = [], []
+    for row in rows:
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids.append(prompt + response)
+        labels.append([-100] * len(prompt) + response)
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    return (
+        torch.tensor([r + [pad] * (width - len(r)) for r in ids]),
+        torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
+    )
+
+
+def train_teacher(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, rows: list[dict[str, str]],
+                  *, steps: int, seed: int, batch_size: int = 64, lr: float = 3e-3) -> float:
+    """Plain supervised training so the teacher knows the task; returns the final loss."""
+    ids, labels = encode_rows(tokenizer, rows)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        pick = torch.randint(0, len(rows), (batch_size,), generator=generator)
+        loss = model(input_ids=ids[pick], attention_mask=ids[pick] != tokenizer.pad_token_id, labels=labels[pick]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return float(loss)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    """One JSON object per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def build_all(out: str | Path, *, teacher_steps: int = 300, train_rows: int = 512, seed: int = 0) -> dict[str, Path]:
+    """Write tokenizer, teacher, student and data under `out`; returns their paths."""
+    out = Path(out)
+    tokenizer = build_tokenizer()
+    paths = {name: out / name for name in ("tokenizer", "teacher", "student", "data")}
+    tokenizer.save_pretrained(paths["tokenizer"])
+    rows = arithmetic_rows(train_rows + 64, seed=seed)
+    write_jsonl(paths["data"] / "train.jsonl", rows[:train_rows])
+    write_jsonl(paths["data"] / "eval.jsonl", rows[train_rows:])
+    teacher = build_model(tokenizer, hidden=128, layers=2, seed=seed)
+    teacher_loss = train_teacher(teacher, tokenizer, rows[:train_rows], steps=teacher_steps, seed=seed)
+    teacher.save_pretrained(paths["teacher"])
+    tokenizer.save_pretrained(paths["teacher"])
+    student = build_model(tokenizer, hidden=32, layers=2, seed=seed + 1)
+    student.save_pretrained(paths["student"])
+    tokenizer.save_pretrained(paths["student"])
+    print(f"tiny teacher: final training loss {teacher_loss:.3f}, saved to {paths['teacher']}")
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/tiny", help="output folder (default: runs/tiny)")
+    parser.add_argument("--teacher-steps", type=int, default=300, help="teacher training steps (default: 300)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    build_all(args.out, teacher_steps=args.teacher_steps, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

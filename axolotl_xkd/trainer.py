@@ -1,0 +1,147 @@
+"""XKDTrainer: Axolotl's trainer with the X-KD loss, its metrics, and the reward head's save/resume.
+
+Above the losses and teacher sources; knows nothing of the plugin or the config schema: the plugin
+hands it plain hyperparameters, a teacher source and the reward head in `configure_xkd`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from axolotl.core.trainers.base import AxolotlTrainer
+from torch import Tensor, nn
+
+from axolotl_xkd.losses.reward_head import VariationalRewardHead
+from axolotl_xkd.losses.xkd import XKDHyperparams, XKDLossOutput, xkd_loss
+from axolotl_xkd.reward_store import WEIGHTS_NAME, head_state_from, load_reward_head, save_reward_head
+from axolotl_xkd.teachers.base import TeacherSource
+
+LOG = logging.getLogger(__name__)
+
+# Logged per response token, under xkd/<name> (train) and eval_xkd/<name> (eval).
+METRICS = ("distill", "ce", "reward_kl", "td_nll", "reward_mu", "reward_sigma")
+
+
+class XKDTrainer(AxolotlTrainer):
+    """Computes the X-KD loss normalised per response token over the whole optimizer step."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.xkd_params: XKDHyperparams | None = None
+        self.xkd_teacher: TeacherSource | None = None
+        self.xkd_reward_head: VariationalRewardHead | None = None
+        self.xkd_detach_backbone = False
+        self.xkd_eos_token_id: int | None = None
+        self.xkd_vocab_size = 0
+        self._xkd_sums: dict[str, dict[str, Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        # The loss divides by num_items_in_batch itself, so the Trainer must count it and not
+        # divide by the accumulation steps again.
+        self.model_accepts_loss_kwargs = True
+
+    def configure_xkd(
+        self,
+        params: XKDHyperparams,
+        *,
+        teacher: TeacherSource | None,
+        reward_head: VariationalRewardHead | None,
+        detach_backbone: bool,
+        eos_token_id: int | None,
+        vocab_size: int,
+    ) -> None:
+        """Install the loss settings; called once by the plugin after the trainer is built."""
+        self.xkd_params = params
+        self.xkd_teacher = teacher
+        self.xkd_reward_head = reward_head
+        self.xkd_detach_backbone = detach_backbone
+        self.xkd_eos_token_id = eos_token_id
+        self.xkd_vocab_size = vocab_size
+
+    def _forward_with_hidden(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[object, Tensor]:
+        """Student forward; also returns the last hidden states, read as the input of the output layer."""
+        output_layer = self.accelerator.unwrap_model(model).get_output_embeddings()
+        captured: dict[str, Tensor] = {}
+        handle = output_layer.register_forward_hook(lambda _m, args, _o: captured.__setitem__("h", args[0]))
+        try:
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+        finally:
+            handle.remove()
+        return outputs, captured["h"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.xkd_params is None:
+            raise RuntimeError("XKDTrainer.configure_xkd was not called; use it through axolotl_xkd.XKDPlugin")
+        params = self.xkd_params
+        outputs, hidden = self._forward_with_hidden(model, inputs)
+        logits = outputs.logits
+        if logits.shape[-1] != self.xkd_vocab_size:
+            logits = logits[..., : self.xkd_vocab_size]
+        teacher = self.xkd_teacher.get_signal(inputs) if params.needs_teacher else None
+        mean = log_std = None
+        if params.uses_reward:
+            mean, log_std = self.xkd_reward_head(hidden.detach() if self.xkd_detach_backbone else hidden)
+        out = xkd_loss(
+            logits,
+            inputs["labels"],
+            teacher=teacher,
+            reward_mean=mean,
+            reward_log_std=log_std,
+            params=params,
+            position_ids=inputs.get("position_ids"),
+            eos_token_id=self.xkd_eos_token_id,
+        )
+        self._accumulate(out, "train" if model.training else "eval")
+        if num_items_in_batch is None:
+            loss = out.loss / out.num_tokens.clamp(min=1)
+        else:
+            loss = out.loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                # Data-parallel gradients are averaged over ranks; the divisor already counts every rank.
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate(self, out: XKDLossOutput, mode: str) -> None:
+        sums = self._xkd_sums[mode]
+        for name, value in zip(
+            ("tokens", *METRICS),
+            (out.num_tokens, out.divergence, out.ce, out.kl_prior, out.td_nll, out.reward_mean, out.reward_std),
+        ):
+            sums[name] = sums[name] + value.detach().float()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval"
+        sums = self._xkd_sums[mode]
+        if sums:
+            stacked = torch.stack([torch.as_tensor(sums[k], device=self.args.device) for k in ("tokens", *METRICS)])
+            totals = self.accelerator.reduce(stacked, reduction="sum").tolist()
+            tokens = max(totals[0], 1.0)
+            prefix = "xkd/" if mode == "train" else "eval_xkd/"
+            for name, total in zip(METRICS, totals[1:]):
+                logs[prefix + name] = round(total / tokens, 6)
+            self._xkd_sums[mode] = defaultdict(float)
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.xkd_reward_head is None:
+            return
+        head_state = head_state_from(state_dict) if state_dict is not None else self.xkd_reward_head.state_dict()
+        path = save_reward_head(head_state, self.xkd_reward_head.config(), output_dir or self.args.output_dir)
+        LOG.info("X-KD reward head saved to %s", path)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.xkd_reward_head is None or self.is_deepspeed_enabled:
+            return  # DeepSpeed restores the head with the rest of its module state.
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)):
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={resume_from_checkpoint!r} has no {WEIGHTS_NAME}: it was not written by an "
+                "X-KD run with a reward head, so the head cannot be restored. Start a fresh run instead."
+            )
+        saved, _ = load_reward_head(resume_from_checkpoint)
+        with torch.no_grad():
+            for name, tensor in saved.state_dict().items():
+                self.xkd_reward_head.get_parameter(name).copy_(tensor)
+        LOG.info("X-KD reward head restored from %s", resume_from_checkpoint)
