@@ -1,0 +1,29 @@
+"""`axolotl xkd ...`: the plugin's commands, contributed to Axolotl's CLI through the
+`axolotl.cli_commands` entry point group. Each subcommand lives in its own module and is imported
+only when it runs, so `axolotl --help` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> "module:attribute" of a click command
+SUBCOMMANDS: dict[str, str] = {}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = SUBCOMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attribute = target.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=_LazyGroup)
+def xkd() -> None:
+    """X-KD distillation tools (axolotl_xkd)."""
