@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import DenseSignal, TeacherSignal, TopKSignal
 
 
@@ -27,7 +28,7 @@ def masked_logsumexp(values: Tensor, keep: Tensor) -> Tensor:
 
 def teacher_topk_categories(signal: TopKSignal, *, temperature: float, tail: bool) -> Tensor:
     """Teacher log-probs over k (+1 tail) categories at temperature tau, (B, T, k[+1])."""
-    logprobs = torch.where(signal.valid, signal.logprobs.float(), -math.inf)
+    logprobs = torch.where(signal.valid, upcast(signal.logprobs), -math.inf)
     if tail:
         covered = logprobs.exp().sum(-1, keepdim=True)
         tail_logprob = torch.log((1.0 - covered).clamp(min=0.0))
@@ -52,7 +53,7 @@ def paired_categories(
 ) -> tuple[Tensor, Tensor]:
     """(student, teacher) log-probs over the same categories; student_logprobs is log_softmax(z / tau)."""
     if isinstance(teacher, DenseSignal):
-        return student_logprobs, torch.log_softmax(teacher.logits.float() / temperature, dim=-1)
+        return student_logprobs, torch.log_softmax(upcast(teacher.logits) / temperature, dim=-1)
     return (
         student_topk_categories(student_logprobs, teacher, tail=topk_tail),
         teacher_topk_categories(teacher, temperature=temperature, tail=topk_tail),
@@ -67,7 +68,7 @@ def teacher_expectation(values: Tensor, student_logprobs: Tensor, teacher: Teach
     the tokens outside the top k (the teacher's shape inside its tail is unknown).
     """
     if isinstance(teacher, DenseSignal):
-        probs = torch.softmax(teacher.logits.float() / temperature, dim=-1)
+        probs = torch.softmax(upcast(teacher.logits) / temperature, dim=-1)
         return (probs * values).sum(-1)
     probs = teacher_topk_categories(teacher, temperature=temperature, tail=topk_tail).exp()
     valid = teacher.valid

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from axolotl_xkd.losses.precision import upcast
+
 
 class VariationalRewardHead(nn.Module):
     """[mu, log sigma] = Linear(H, 2)(h), zero-initialised, so mu = 0 and sigma = 1 at the start.
@@ -41,6 +43,6 @@ class VariationalRewardHead(nn.Module):
         }
 
     def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """(..., H) -> (mean, log_std), each (...,), float32."""
-        out = self.proj(hidden.to(self.proj.weight.dtype)).float()
+        """(..., H) -> (mean, log_std), each (...,), at least float32."""
+        out = upcast(self.proj(hidden.to(self.proj.weight.dtype)))
         return out[..., 0], out[..., 1].clamp(self.log_std_min, self.log_std_max)

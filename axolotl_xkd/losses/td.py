@@ -8,17 +8,19 @@ import math
 import torch
 from torch import Tensor
 
+from axolotl_xkd.losses.precision import upcast
+
 Q_FORMS = ("logits", "logprobs", "ava")
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def q_values(student_logits: Tensor, *, q_form: str, temperature: float, ava_alpha: float = 1.0) -> Tensor:
-    """Q(s_i, .) for every token, (B, T, V) -> (B, T, V), float32.
+    """Q(s_i, .) for every token, (B, T, V) -> (B, T, V), at least float32.
 
     logits: z_i / tau (AVRIL's Boltzmann Q-network); logprobs: log_softmax(z_i / tau);
     ava: log_softmax(ava_alpha * softmax(z_i / tau)) (AVA, arXiv 2411.09341).
     """
-    scaled = student_logits.float() / temperature
+    scaled = upcast(student_logits) / temperature
     if q_form == "logits":
         return scaled
     if q_form == "logprobs":

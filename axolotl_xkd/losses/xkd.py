@@ -18,6 +18,7 @@ from torch import Tensor
 
 from axolotl_xkd.losses.categories import paired_categories, teacher_expectation
 from axolotl_xkd.losses.divergence import divergence
+from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import DenseSignal, TeacherSignal
 from axolotl_xkd.losses.td import (
     gaussian_kl_to_prior,
@@ -110,7 +111,7 @@ def xkd_loss(
     targets = shift_targets(labels, position_ids, ignore_index=p.ignore_index)
     valid = targets != p.ignore_index
     safe_targets = torch.where(valid, targets, 0).unsqueeze(-1)
-    logits = student_logits.float()
+    logits = upcast(student_logits)
     student_logprobs = torch.log_softmax(logits / p.temperature, dim=-1)
     zero = logits.new_zeros(())
 
@@ -145,8 +146,8 @@ def xkd_loss(
     if p.uses_reward:
         if reward_mean is None or reward_log_std is None:
             raise ValueError("reward_kl_weight or td_weight > 0 needs the reward head outputs")
-        mu = align_reward(reward_mean.float(), p.reward_input)
-        log_std = align_reward(reward_log_std.float(), p.reward_input)
+        mu = align_reward(upcast(reward_mean), p.reward_input)
+        log_std = align_reward(upcast(reward_log_std), p.reward_input)
         mu_sum, std_sum = masked_sum(mu).detach(), masked_sum(log_std.exp()).detach()
         if p.reward_kl_weight > 0:
             kl_sum = masked_sum(gaussian_kl_to_prior(mu, log_std, prior_std=p.prior_std))

@@ -1,0 +1,137 @@
+"""Slow, readable float64 reference of the X-KD loss, written from XKD_METHOD.md alone.
+
+One token at a time, full vocabulary, plain PyTorch, no code shared with axolotl_xkd. Tests and
+benchmarks compare the library against it. Differentiable, so gradients can be compared too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) for probability vectors; 0 log 0 = 0."""
+    total = p.new_zeros(())
+    for pc, qc in zip(p, q):
+        if pc > 0:
+            total = total + pc * (torch.log(pc) - torch.log(qc))
+    return total
+
+
+def divergence(name: str, p_t: torch.Tensor, pi: torch.Tensor, beta: float, skew_alpha: float) -> torch.Tensor:
+    """D between teacher p_T and student pi, both probability vectors over the same categories."""
+    if name == "forward_kl" or (name == "jsd" and beta == 0):
+        return kl(p_t, pi)
+    if name == "reverse_kl" or (name == "jsd" and beta == 1):
+        return kl(pi, p_t)
+    if name == "jsd":
+        m = beta * p_t + (1 - beta) * pi
+        return beta * kl(p_t, m) + (1 - beta) * kl(pi, m)
+    if name == "skew_forward_kl":
+        return kl(p_t, skew_alpha * p_t + (1 - skew_alpha) * pi)
+    if name == "skew_reverse_kl":
+        return kl(pi, skew_alpha * pi + (1 - skew_alpha) * p_t)
+    if name == "tvd":
+        return 0.5 * (p_t - pi).abs().sum()
+    raise ValueError(name)
+
+
+def teacher_and_student(z: torch.Tensor, tau: float, teacher: dict, b: int, i: int, tail: bool):
+    """(p_T, pi, ids) over the compared categories; ids is None for the full vocabulary."""
+    pi_full = torch.softmax(z / tau, dim=0)
+    if teacher["kind"] == "dense":
+        return torch.softmax(teacher["logits"][b, i].double() / tau, dim=0), pi_full, None
+    ids, lps = [], []
+    for tok, lp in zip(teacher["ids"][b, i].tolist(), teacher["logprobs"][b, i].double()):
+        if math.isfinite(float(lp)):
+            ids.append(tok)
+            lps.append(lp)
+    lps_t = torch.stack(lps) if lps else z.new_zeros(0)
+    pi_k = pi_full[ids] if ids else z.new_zeros(0)
+    if tail:
+        t_tail = torch.clamp(1 - lps_t.exp().sum(), min=0.0)
+        t_cats = torch.cat([lps_t, torch.log(t_tail).reshape(1)])
+        p_t = torch.softmax(t_cats / tau, dim=0)
+        pi = torch.cat([pi_k, (1 - pi_k.sum()).reshape(1)])
+    else:
+        p_t = torch.softmax(lps_t / tau, dim=0)
+        pi = pi_k / pi_k.sum()
+    return p_t, pi, ids
+
+
+def q_table(z: torch.Tensor, q_form: str, tau: float, ava_alpha: float) -> torch.Tensor:
+    """Q(s, .) over the vocabulary."""
+    if q_form == "logits":
+        return z / tau
+    if q_form == "logprobs":
+        return torch.log_softmax(z / tau, dim=0)
+    return torch.log_softmax(ava_alpha * torch.softmax(z / tau, dim=0), dim=0)
+
+
+def q_of(z, action, hp, teacher, b, i):
+    """Q(s_i, a_i) or, with td_target teacher_expected, its expectation under the teacher."""
+    q = q_table(z, hp["q_form"], hp["temperature"], hp["ava_alpha"])
+    if hp["td_target"] == "observed":
+        return q[action]
+    p_t, pi, ids = teacher_and_student(z, hp["temperature"], teacher, b, i, hp["topk_tail"])
+    if ids is None:
+        return (p_t * q).sum()
+    value = sum(p_t[j] * q[tok] for j, tok in enumerate(ids)) if ids else z.new_zeros(())
+    if hp["topk_tail"]:
+        pi_full = torch.softmax(z / hp["temperature"], dim=0)
+        rest = [t for t in range(z.shape[0]) if t not in ids]
+        w = pi_full[rest]
+        value = value + p_t[-1] * (w * q[rest]).sum() / w.sum()
+    return value
+
+
+def reference_xkd(logits, labels, *, teacher, reward_mean, reward_log_std, hp, position_ids=None, eos=None):
+    """Sum of l_i over response tokens and the per-term sums, float64."""
+    B, T, _ = logits.shape
+    logits = logits.double()
+    tau = hp["temperature"]
+
+    def action_at(b, i):
+        """a_i = u_{i+1}, or None if position i has no response action."""
+        if i + 1 >= T or int(labels[b, i + 1]) == -100:
+            return None
+        if position_ids is not None and int(position_ids[b, i + 1]) == 0:
+            return None
+        return int(labels[b, i + 1])
+
+    total = logits.new_zeros(())
+    terms = {k: logits.new_zeros(()) for k in ("divergence", "ce", "kl_prior", "td_nll")}
+    count = 0
+    for b in range(B):
+        for i in range(T):
+            a = action_at(b, i)
+            if a is None:
+                continue
+            count += 1
+            z = logits[b, i]
+            if hp["divergence"] == "sequence":
+                d = -torch.log_softmax(z / tau, dim=0)[a]
+            else:
+                p_t, pi, _ = teacher_and_student(z, tau, teacher, b, i, hp["topk_tail"])
+                d = divergence(hp["divergence"], p_t, pi, hp["beta"], hp["skew_alpha"])
+                if hp["scale_by_tau_squared"]:
+                    d = d * tau**2
+            ce = -torch.log_softmax(z, dim=0)[a]
+            r = i + 1 if hp["reward_input"] == "next_state" else i
+            mu, log_s = reward_mean[b, r].double(), reward_log_std[b, r].double()
+            s, prior = log_s.exp(), hp["prior_std"]
+            kl_prior = math.log(prior) - log_s + (s**2 + mu**2) / (2 * prior**2) - 0.5
+            q_sa = q_of(z, a, hp, teacher, b, i)
+            a_next = action_at(b, i + 1)
+            if a_next is not None and a != eos:
+                q_sa = q_sa - hp["gamma"] * q_of(logits[b, i + 1], a_next, hp, teacher, b, i + 1)
+            td_nll = 0.5 * LOG_2PI + log_s + (q_sa - mu) ** 2 / (2 * s**2)
+            total = total + hp["alpha_kd"] * d + hp["alpha_ce"] * ce + hp["reward_kl_weight"] * kl_prior
+            total = total + hp["td_weight"] * td_nll
+            for key, value in zip(terms, (d, ce, kl_prior, td_nll)):
+                terms[key] = terms[key] + value
+    return total, terms, count
