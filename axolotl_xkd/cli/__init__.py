@@ -9,7 +9,9 @@ import importlib
 import click
 
 # name -> "module:attribute" of a click command
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "score": "axolotl_xkd.cli.score:score",
+}
 
 
 class _LazyGroup(click.Group):

@@ -1,0 +1,339 @@
+"""The learned reward as a product: load an X-KD student with its reward head, score responses, rerank samples.
+
+XKD_METHOD.md section 4: the reward head saved beside the student is a token-level reward model for
+the student's own hidden states, and summed mu_i over a response scores it (best-of-n reranking).
+
+Which tokens count. A pair (prompt, response) is tokenized as it was for training (Axolotl with
+`train_on_inputs: false`): prompt with the tokenizer's special tokens (BOS), then the response
+without them, then EOS (`append_eos=True`, the default). The response tokens u_P .. u_{L-1} (EOS
+included) are the actions a_i = u_{i+1}, i = P-1 .. L-2, that the loss trained on; R_i is read per
+the head's `reward_input`: from h_{i+1} (`next_state`, the hidden state at the action's own
+position) or from h_i (`state`). h is the student's last hidden state, the input of its output
+layer, captured with a forward hook exactly as XKDTrainer does.
+
+Imports transformers and project modules below the trainer (reward_store, losses); never the
+trainer or the plugin, so scoring works without Axolotl.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from axolotl_xkd.losses.reward_head import VariationalRewardHead
+from axolotl_xkd.reward_store import CONFIG_NAME, WEIGHTS_NAME, load_reward_head
+
+RankBy = Literal["sum", "mean"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ScoredResponse:
+    """One scored (prompt, response) pair; the per-token lists run over the response tokens."""
+
+    prompt: str
+    response: str
+    reward_sum: float  # sum of mu_i over the response tokens
+    reward_mean: float  # reward_sum / num_tokens
+    num_tokens: int  # response tokens, EOS included when present
+    logprob_sum: float  # the student's log pi(response | prompt), for comparison with the reward
+    finished: bool  # the response ends with EOS
+    token_ids: list[int] = field(default_factory=list)
+    reward_per_token: list[float] = field(default_factory=list)  # mu_i
+    reward_std_per_token: list[float] = field(default_factory=list)  # sigma_i
+
+    def to_json(self, *, per_token: bool = False, tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
+        """A JSON-ready dict; `per_token` adds token ids (and their strings, given `tokenizer`), mu_i and sigma_i."""
+        row = {
+            "prompt": self.prompt,
+            "response": self.response,
+            "reward_sum": self.reward_sum,
+            "reward_mean": self.reward_mean,
+            "num_tokens": self.num_tokens,
+            "logprob_sum": self.logprob_sum,
+            "finished": self.finished,
+        }
+        if per_token:
+            row["token_ids"] = self.token_ids
+            if tokenizer is not None:
+                row["tokens"] = tokenizer.convert_ids_to_tokens(self.token_ids)
+            row["reward_per_token"] = self.reward_per_token
+            row["reward_std_per_token"] = self.reward_std_per_token
+        return row
+
+
+class RewardScorer:
+    """A plain transformers student, its tokenizer and its X-KD reward head, in eval mode."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        head: VariationalRewardHead,
+        head_config: dict,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.head = head.eval()
+        self.head_config = head_config
+        self.reward_input = head_config.get("reward_input", "next_state")
+        self.vocab_size = len(tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_output_embeddings().weight.device
+
+    # ---- scoring -------------------------------------------------------------------------------
+
+    def score(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        *,
+        batch_size: int = 8,
+        append_eos: bool = True,
+        padding_side: Literal["right", "left"] = "right",
+        progress: bool = False,
+    ) -> list[ScoredResponse]:
+        """Score each (prompt, response) pair with the reward head; one ScoredResponse per pair, in order."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt")
+        prompt_ids = [self._prompt_ids(p, row) for row, p in enumerate(prompts)]
+        eos = [self.tokenizer.eos_token_id] if append_eos else []
+        response_ids = []
+        for row, response in enumerate(responses):
+            ids = self.tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+            if not ids:
+                raise ValueError(f"score: response {row} is empty and append_eos=False, so it has no token to score")
+            response_ids.append(ids)
+        return self.score_ids(
+            prompt_ids, response_ids, prompts=prompts, responses=responses, batch_size=batch_size,
+            padding_side=padding_side, progress=progress,
+        )
+
+    def score_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        *,
+        prompts: Sequence[str] | None = None,
+        responses: Sequence[str] | None = None,
+        batch_size: int = 8,
+        padding_side: Literal["right", "left"] = "right",
+        progress: bool = False,
+    ) -> list[ScoredResponse]:
+        """Score already tokenized pairs (response_ids include EOS where it should count)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        prompts = list(prompts) if prompts is not None else [decode(p) for p in prompt_ids]
+        responses = list(responses) if responses is not None else [decode(r) for r in response_ids]
+        scored: list[ScoredResponse] = []
+        starts = range(0, len(prompt_ids), batch_size)
+        for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress):
+            stop = start + batch_size
+            scored.extend(
+                self._score_batch(
+                    prompt_ids[start:stop], response_ids[start:stop], prompts[start:stop], responses[start:stop],
+                    padding_side,
+                )
+            )
+        return scored
+
+    def _prompt_ids(self, prompt: str, row: int) -> list[int]:
+        ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt {row} tokenizes to nothing; the first response token needs a state before it")
+        return ids
+
+    @torch.inference_mode()
+    def _score_batch(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        padding_side: str,
+    ) -> list[ScoredResponse]:
+        rows = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+        hidden, logits, offsets = self._forward(rows, padding_side)
+        mean, log_std = self.head(hidden)
+        logprobs = torch.log_softmax(logits[..., : self.vocab_size].float(), dim=-1)
+        shift = 1 if self.reward_input == "state" else 0
+        out = []
+        for b, (p_ids, r_ids) in enumerate(zip(prompt_ids, response_ids)):
+            # Response token j sits at position pos_j; its action is a_{pos_j - 1}.
+            positions = torch.arange(len(r_ids), device=hidden.device) + offsets[b] + len(p_ids)
+            targets = torch.as_tensor(list(r_ids), device=hidden.device)
+            mu = mean[b, positions - shift]
+            sigma = log_std[b, positions - shift].exp()
+            token_logprobs = logprobs[b, positions - 1].gather(-1, targets[:, None]).squeeze(-1)
+            total = float(mu.sum())
+            out.append(
+                ScoredResponse(
+                    prompt=prompts[b],
+                    response=responses[b],
+                    reward_sum=total,
+                    reward_mean=total / len(r_ids),
+                    num_tokens=len(r_ids),
+                    logprob_sum=float(token_logprobs.sum()),
+                    finished=bool(r_ids) and r_ids[-1] == self.tokenizer.eos_token_id,
+                    token_ids=list(r_ids),
+                    reward_per_token=mu.tolist(),
+                    reward_std_per_token=sigma.tolist(),
+                )
+            )
+        return out
+
+    def _forward(self, rows: list[list[int]], padding_side: str) -> tuple[Tensor, Tensor, list[int]]:
+        """Padded student forward -> (last hidden states (B, T, H), logits (B, T, V), left offsets per row)."""
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        offsets = []
+        for b, row in enumerate(rows):
+            offset = width - len(row) if padding_side == "left" else 0
+            ids[b, offset : offset + len(row)] = torch.as_tensor(row)
+            mask[b, offset : offset + len(row)] = 1
+            offsets.append(offset)
+        # Explicit position ids: left padding must not shift the positions of the real tokens.
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        captured: dict[str, Tensor] = {}
+        handle = self.model.get_output_embeddings().register_forward_hook(
+            lambda _m, args, _o: captured.__setitem__("h", args[0])
+        )
+        try:
+            device = self.device
+            outputs = self.model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
+                use_cache=False,
+            )
+        finally:
+            handle.remove()
+        return captured["h"], outputs.logits, offsets
+
+    # ---- best-of-n -----------------------------------------------------------------------------
+
+    def rerank(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        *,
+        rank_by: RankBy = "sum",
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> list[list[ScoredResponse]]:
+        """Sample n responses per prompt and return them scored, best first by reward sum (or mean).
+
+        Sampling is seeded by `seed` (the same seed, batch size and device give the same samples).
+        A sample that hits max_new_tokens has no EOS (finished=False) and is scored without one.
+        `batch_size` counts prompts per generate call; each brings n samples.
+        """
+        if n < 1:
+            raise ValueError(f"rerank: n must be at least 1, got {n}")
+        if rank_by not in ("sum", "mean"):
+            raise ValueError(f"rerank: rank_by must be 'sum' or 'mean', got {rank_by!r}")
+        if seed is not None:
+            torch.manual_seed(seed)
+        prompt_ids = [self._prompt_ids(p, row) for row, p in enumerate(prompts)]
+        results: list[list[ScoredResponse]] = []
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc="sampling+scoring", unit="batch", disable=not progress):
+            batch_prompts = prompt_ids[start : start + batch_size]
+            samples = self._sample(batch_prompts, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p)
+            flat_prompts = [p for p in batch_prompts for _ in range(n)]
+            texts = [prompts[start + k // n] for k in range(len(samples))]
+            scored = self.score_ids(flat_prompts, samples, prompts=texts, batch_size=len(samples))
+            key = (lambda s: s.reward_sum) if rank_by == "sum" else (lambda s: s.reward_mean)
+            for k in range(len(batch_prompts)):
+                results.append(sorted(scored[k * n : (k + 1) * n], key=key, reverse=True))
+        return results
+
+    @torch.inference_mode()
+    def _sample(self, prompt_ids: list[list[int]], n: int, *, max_new_tokens: int, temperature: float,
+                top_p: float) -> list[list[int]]:
+        """n sampled continuations per prompt (prompt-major), each cut after its first EOS."""
+        width = max(map(len, prompt_ids))
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
+        generated = self.model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p, top_k=None,
+            max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=pad, eos_token_id=eos,
+        )
+        samples = []
+        for row in generated[:, width:].tolist():
+            cut = row.index(eos) + 1 if eos in row else len(row)
+            samples.append(row[:cut])
+        return samples
+
+
+def load_scorer(
+    student_dir: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    tokenizer: str | os.PathLike | None = None,
+) -> RewardScorer:
+    """Load the student (plain transformers), its tokenizer and the reward head saved beside it, and check they match.
+
+    `student_dir` is the output_dir of an X-KD run (or one of its checkpoint-N folders); `tokenizer`
+    defaults to `student_dir`.
+    """
+    student_dir = Path(student_dir)
+    if not student_dir.is_dir():
+        raise FileNotFoundError(f"student directory {student_dir} does not exist")
+    if not (student_dir / CONFIG_NAME).is_file() or not (student_dir / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"{student_dir} has no X-KD reward head ({CONFIG_NAME} and {WEIGHTS_NAME}). Point --model at the "
+            "output_dir (or a checkpoint-N folder) of an `axolotl train` run with the axolotl_xkd plugin and "
+            "xkd.reward_kl_weight or xkd.td_weight above 0; a plain SFT or distillation-only student has no reward."
+        )
+    head, head_config = load_reward_head(student_dir)
+    torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch_dtype).to(device)
+    tok = AutoTokenizer.from_pretrained(tokenizer or student_dir)
+    check_head_matches(head_config, model, tok, where=student_dir)
+    return RewardScorer(model, tok, head.to(device), head_config)
+
+
+def check_head_matches(head_config: dict, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       *, where: str | os.PathLike) -> None:
+    """Raise ValueError when the saved head was not trained on this model and tokenizer."""
+    config_path = Path(where) / CONFIG_NAME
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{where}: the model has no output layer, so its last hidden states cannot be read")
+    hidden = model.config.get_text_config().hidden_size
+    problems = []
+    if head_config["hidden_size"] != hidden:
+        problems.append(f"hidden_size {head_config['hidden_size']} but the model's is {hidden}")
+    if head_config.get("vocab_size") is not None and head_config["vocab_size"] != len(tokenizer):
+        problems.append(f"vocab_size {head_config['vocab_size']} but the tokenizer has {len(tokenizer)} tokens")
+    if head_config.get("eos_token_id") is not None and head_config["eos_token_id"] != tokenizer.eos_token_id:
+        problems.append(f"eos_token_id {head_config['eos_token_id']} but the tokenizer's is {tokenizer.eos_token_id}")
+    model_type = head_config.get("base_model_type")
+    if model_type is not None and model_type != model.config.model_type:
+        problems.append(f"base_model_type {model_type!r} but the model is {model.config.model_type!r}")
+    if head_config.get("reward_input", "next_state") not in ("next_state", "state"):
+        problems.append(f"unknown reward_input {head_config['reward_input']!r} (expected 'next_state' or 'state')")
+    if problems:
+        raise ValueError(
+            f"{config_path} does not belong to this model: " + "; ".join(problems) + ". The reward head reads "
+            "this student's own hidden states, so it must come from the same X-KD run; copy the model, tokenizer "
+            "and xkd_reward_head.* files of one output_dir together."
+        )
