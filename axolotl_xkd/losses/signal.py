@@ -35,4 +35,17 @@ class TopKSignal:
         return torch.isfinite(self.logprobs)
 
 
+@dataclass(frozen=True)
+class DenseHiddenSignal:
+    """Full-vocabulary teacher given as its last hidden states (B, T, H_T) and output layer (V, H_T).
+
+    Bias (V,) optional. The chunked loss forms the teacher logits hidden @ weight^T (+ bias) a chunk
+    of positions at a time, so the full (B, T, V) teacher logits never exist.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+
 TeacherSignal = DenseSignal | TopKSignal
