@@ -1,0 +1,73 @@
+"""Bad `xkd:` blocks fail Axolotl's own config validation with an error that names the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import base_config, merged, write_config
+
+
+@pytest.fixture()
+def load(tmp_path, tiny_assets):
+    """Validate an `xkd:` override through axolotl.cli.config.load_cfg, as `axolotl train` does."""
+    from axolotl.cli.config import load_cfg
+
+    def _load(xkd_override: dict, **top_level):
+        config = merged(base_config(tiny_assets, tmp_path), {"xkd": xkd_override, **top_level})
+        if xkd_override.get("teacher") == "REPLACE":
+            config["xkd"]["teacher"] = {"source": "model"}
+        return load_cfg(str(write_config(tmp_path / "cfg.yml", config)))
+
+    return _load
+
+
+def test_valid_block_passes_with_defaults(load):
+    cfg = load({"divergence": "jsd", "beta": 0.3})
+    assert cfg.xkd["divergence"] == "jsd" and cfg.xkd["beta"] == 0.3
+    assert cfg.xkd["td_weight"] == 1.0 and cfg.xkd["q_form"] == "logits"
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ({"td_weight": -1.0}, "xkd.td_weight"),
+        ({"reward_kl_weight": -0.5}, "xkd.reward_kl_weight"),
+        ({"alpha_kd": -1}, "xkd.alpha_kd"),
+        ({"beta": 1.5}, "xkd.beta"),
+        ({"beta": -0.1}, "xkd.beta"),
+        ({"divergence": "kl"}, "xkd.divergence"),
+        ({"q_form": "values"}, "xkd.q_form"),
+        ({"temperature": 0}, "xkd.temperature"),
+        ({"tempurature": 2.0}, "xkd.tempurature"),
+        ({"teacher": "REPLACE"}, "xkd.teacher.model.path"),
+        ({"teacher": {"source": "hub", "path": "x"}}, "xkd.teacher"),
+        ({"log_std_min": 3.0, "log_std_max": 1.0}, "xkd.log_std_min"),
+        ({"alpha_kd": 0.0, "reward_kl_weight": 0.0, "td_weight": 0.0}, "all 0"),
+    ],
+)
+def test_bad_values_name_the_key(load, override, fragment):
+    with pytest.raises(Exception) as info:
+        load(override)
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_missing_teacher_when_divergence_needs_it(load, tiny_assets, tmp_path):
+    from axolotl.cli.config import load_cfg
+
+    config = base_config(tiny_assets, tmp_path)
+    config["xkd"] = {"divergence": "reverse_kl"}
+    with pytest.raises(Exception, match="xkd.teacher is missing"):
+        load_cfg(str(write_config(tmp_path / "cfg.yml", config)))
+
+
+def test_sequence_divergence_needs_no_teacher(tiny_assets, tmp_path):
+    from axolotl.cli.config import load_cfg
+
+    config = base_config(tiny_assets, tmp_path)
+    config["xkd"] = {"divergence": "sequence"}
+    assert load_cfg(str(write_config(tmp_path / "cfg.yml", config))).xkd["divergence"] == "sequence"
+
+
+def test_rl_is_refused(load):
+    with pytest.raises(Exception, match="rl"):
+        load({}, rl="dpo")
