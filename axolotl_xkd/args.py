@@ -37,12 +37,30 @@ class ModelTeacher(BaseModel):
     trust_remote_code: bool = Field(False, description="Passed to from_pretrained.")
 
 
+class PrecomputedTeacher(BaseModel):
+    """Teacher top-k log-probs stored with the data by `axolotl xkd precompute` (or Axolotl's KD v2 format)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["precomputed"] = Field("precomputed", description="Train from stored teacher top-k.")
+    path: str = Field(description="Folder written by `axolotl xkd precompute` (or a KD v2 dataset, see format).")
+    top_k: int | None = Field(None, ge=1, description="k expected in the data; default: whatever was stored.")
+    format: Literal["xkd", "axolotl_kd_v2"] = Field(
+        "xkd",
+        description="xkd: a precompute folder with manifest.json; axolotl_kd_v2: a tokenized dataset (folder "
+        "saved with save_to_disk, or .jsonl/.json/.parquet) with input_ids, labels, target_token_ids, logprobs.",
+    )
+    model_path: str | None = Field(
+        None, description="Teacher model `axolotl xkd precompute` runs (else pass --teacher)."
+    )
+
+
 class XKDConfig(BaseModel):
     """Every option of XKD_METHOD.md; defaults are the spec's."""
 
     model_config = ConfigDict(extra="forbid")
 
-    teacher: ModelTeacher | None = Field(
+    teacher: ModelTeacher | PrecomputedTeacher | None = Field(
         None, description="Where the teacher distribution p_T comes from.", discriminator="source"
     )
     divergence: Divergence = Field("forward_kl", description="The distillation term D_i.")

@@ -73,9 +73,14 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
     """The teacher source the loss needs, or None when no term reads the teacher."""
     if config.teacher is None or not hyperparams(config).needs_teacher:
         return None
+    teacher = config.teacher
+    if teacher.source == "precomputed":
+        from axolotl_xkd.precomputed_data import store_top_k
+        from axolotl_xkd.teachers.precomputed import PrecomputedTeacherSource
+
+        return PrecomputedTeacherSource(store_top_k(teacher))
     from axolotl_xkd.teachers.model import ModelTeacherSource
 
-    teacher = config.teacher
     dtype = _DTYPES[teacher.dtype] if teacher.dtype else base_model(student).dtype
     attn = teacher.attn_implementation or getattr(base_model(student).config, "_attn_implementation", None)
     return ModelTeacherSource.load(

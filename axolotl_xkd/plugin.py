@@ -36,6 +36,23 @@ class XKDPlugin(BasePlugin):
 
         attach_reward_head(model, config)
 
+    def load_datasets(self, cfg, preprocess: bool = False):
+        config = _xkd_config(cfg)
+        if config is None or getattr(config.teacher, "source", None) != "precomputed":
+            return None
+        from axolotl_xkd.precomputed_data import load_datasets_meta
+
+        return load_datasets_meta(cfg, config.teacher)
+
+    def get_collator_cls_and_kwargs(self, cfg, is_eval: bool = False):
+        config = _xkd_config(cfg)
+        if config is None or getattr(config.teacher, "source", None) != "precomputed":
+            return None
+        from axolotl_xkd.collator import collator_for
+        from axolotl_xkd.precomputed_data import store_top_k
+
+        return collator_for(cfg, is_eval=is_eval, top_k=store_top_k(config.teacher))
+
     def get_trainer_cls(self, cfg):
         if cfg.get("xkd") is None:
             return None

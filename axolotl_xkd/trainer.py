@@ -23,6 +23,8 @@ LOG = logging.getLogger(__name__)
 
 # Logged per response token, under xkd/<name> (train) and eval_xkd/<name> (eval).
 METRICS = ("distill", "ce", "reward_kl", "td_nll", "reward_mu", "reward_sigma")
+# Batch keys and dataset columns that carry a precomputed teacher, not model inputs.
+TEACHER_PREFIX = "xkd_"
 
 
 class XKDTrainer(AxolotlTrainer):
@@ -59,13 +61,21 @@ class XKDTrainer(AxolotlTrainer):
         self.xkd_eos_token_id = eos_token_id
         self.xkd_vocab_size = vocab_size
 
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the precomputed teacher's dataset columns, which are not arguments of the model's forward."""
+        super()._set_signature_columns_if_needed()
+        columns = self.train_dataset.column_names if hasattr(self.train_dataset, "column_names") else []
+        keep = self._signature_columns
+        keep += [c for c in columns or [] if c.startswith(TEACHER_PREFIX) and c not in keep]
+
     def _forward_with_hidden(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[object, Tensor]:
         """Student forward; also returns the last hidden states, read as the input of the output layer."""
         output_layer = self.accelerator.unwrap_model(model).get_output_embeddings()
         captured: dict[str, Tensor] = {}
         handle = output_layer.register_forward_hook(lambda _m, args, _o: captured.__setitem__("h", args[0]))
         try:
-            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+            model_inputs = {k: v for k, v in inputs.items() if k != "labels" and not k.startswith(TEACHER_PREFIX)}
+            outputs = model(**model_inputs, use_cache=False)
         finally:
             handle.remove()
         return outputs, captured["h"]

@@ -11,6 +11,7 @@ import click
 # name -> "module:attribute" of a click command
 SUBCOMMANDS: dict[str, str] = {
     "score": "axolotl_xkd.cli.score:score",
+    "precompute": "axolotl_xkd.cli.precompute:precompute",
 }
 
 

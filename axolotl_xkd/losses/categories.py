@@ -54,10 +54,15 @@ def paired_categories(
     """(student, teacher) log-probs over the same categories; student_logprobs is log_softmax(z / tau)."""
     if isinstance(teacher, DenseSignal):
         return student_logprobs, torch.log_softmax(upcast(teacher.logits) / temperature, dim=-1)
-    return (
-        student_topk_categories(student_logprobs, teacher, tail=topk_tail),
-        teacher_topk_categories(teacher, temperature=temperature, tail=topk_tail),
-    )
+    student = student_topk_categories(student_logprobs, teacher, tail=topk_tail)
+    teacher_cat = teacher_topk_categories(teacher, temperature=temperature, tail=topk_tail)
+    if topk_tail:
+        # Where the top k cover the whole vocabulary the tail is empty: float16 rounding of the stored
+        # log-probs must not leave teacher mass there, or KL(p_T || pi) is infinite (issue 3, k = V).
+        empty = torch.isneginf(student[..., -1:])
+        no_tail = torch.cat([teacher_cat[..., :-1], torch.full_like(teacher_cat[..., -1:], -math.inf)], dim=-1)
+        teacher_cat = torch.where(empty, torch.log_softmax(no_tail, dim=-1), teacher_cat)
+    return student, teacher_cat
 
 
 def teacher_expectation(values: Tensor, student_logprobs: Tensor, teacher: TeacherSignal, *,

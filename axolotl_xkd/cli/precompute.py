@@ -1,0 +1,45 @@
+"""`axolotl xkd precompute CONFIG.yml`: store the teacher's top-k log-probs for the config's data once."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+
+@click.command("precompute")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="Teacher entries kept per position (default: xkd.teacher.top_k, else 64).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: xkd.teacher.path when the block is `source: precomputed`).")
+@click.option("--teacher", "teacher_path", default=None,
+              help="Teacher model (default: xkd.teacher.path for source: model, model_path for precomputed).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Rows per forward.")
+@click.option("--rows-per-shard", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Rows per shard; a finished shard is never recomputed.")
+@click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+def precompute(config: str, top_k: int | None, out: str | None, teacher_path: str | None, batch_size: int,
+               rows_per_shard: int, logprob_dtype: str) -> None:
+    """Run the teacher of CONFIG.yml over its tokenized rows and write top-k log-probs (resumable)."""
+    from axolotl.cli.config import load_cfg
+
+    from axolotl_xkd.args import XKDConfig
+    from axolotl_xkd.precompute import PrecomputeSettings, run_precompute
+
+    cfg = load_cfg(config)
+    block = XKDConfig.model_validate(dict(cfg["xkd"])) if cfg.get("xkd") is not None else None
+    teacher = block.teacher if block is not None else None
+    precomputed = getattr(teacher, "source", None) == "precomputed"
+    teacher_path = teacher_path or (teacher.model_path if precomputed else getattr(teacher, "path", None))
+    out = out or (teacher.path if precomputed else None)
+    if teacher_path is None:
+        raise click.UsageError("no teacher model: pass --teacher PATH or set xkd.teacher.model_path / path")
+    if out is None:
+        raise click.UsageError("no output folder: pass --out DIR or set `xkd.teacher: {source: precomputed, path: DIR}`")
+    top_k = top_k or (teacher.top_k if precomputed and teacher.top_k else 64)
+    settings = PrecomputeSettings(out=out, teacher=teacher_path, top_k=top_k, batch_size=batch_size,
+                                  rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype)
+    manifest = run_precompute(cfg, settings, rank=int(os.environ.get("RANK", "0")),
+                              world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    click.echo(f"xkd precompute: {out} (k={manifest.top_k}, {manifest.splits} rows, {manifest.encoding})")

@@ -1,0 +1,193 @@
+"""`axolotl xkd precompute`: run the teacher once over the training rows and store its top-k.
+
+Rows come from Axolotl's own dataset preparation (axolotl.common.datasets.load_datasets), so they are
+tokenized, filtered and split exactly as `axolotl train` will see them. Shards of `rows_per_shard`
+rows are written atomically (tmp folder + rename) and skipped when present, so an interrupted run
+resumes without duplicating or losing rows; under torchrun, rank r takes shards r, r + W, ...
+Imports transformers and Axolotl; the CLI module imports it lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from axolotl_xkd.topk_store import (
+    Manifest,
+    choose_encoding,
+    encode,
+    missing_shards,
+    response_mask,
+    tokenizer_hash,
+    write_shard,
+)
+
+LOG = logging.getLogger("axolotl_xkd")
+
+_ARROW_TYPES = {"xkd_topk": pa.uint32(), "xkd_topk_ids": pa.int32(), "float16": pa.float16(),
+                "float32": pa.float32()}
+
+
+@dataclass(frozen=True)
+class PrecomputeSettings:
+    """What a precompute run needs besides the Axolotl config."""
+
+    out: str
+    teacher: str
+    top_k: int
+    batch_size: int = 8
+    rows_per_shard: int = 1024
+    logprob_dtype: str = "float16"
+
+
+def pad_batch(rows: list[dict], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and the response-position mask (B, T) of `rows`."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    response = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[b, :n] = torch.as_tensor(row["input_ids"])
+        attention[b, :n] = 1
+        response[b, :n] = torch.from_numpy(response_mask(np.asarray(row["labels"])))
+    return ids.to(device), attention.to(device), response.to(device)
+
+
+@torch.no_grad()
+def score_rows(model: nn.Module, rows: list[dict], *, top_k: int, vocab_size: int, pad_id: int,
+               device: torch.device) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row, the teacher's top-k (ids, log-probs), each (R_row, k), at its response positions.
+
+    Log-probs are over the full tokenizer vocabulary at temperature 1, computed in float32; only the
+    response positions are normalised and ranked (on the device), so the extra cost over the bare
+    forward is small.
+    """
+    ids, attention, response = pad_batch(rows, pad_id, device)
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    picked = logits[response][:, :vocab_size].float()
+    values, indices = torch.log_softmax(picked, dim=-1).topk(top_k, dim=-1)
+    values, indices = values.cpu().numpy(), indices.cpu().numpy()
+    counts = response.sum(-1).tolist()
+    bounds = np.cumsum([0, *counts])
+    return [(indices[a:b], values[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def shard_table(rows: list[dict], scored: list[tuple[np.ndarray, np.ndarray]], *, encoding: str,
+                logprob_dtype: str) -> pa.Table:
+    """The Arrow table of one shard: input_ids, labels (int32) and the encoded top-k columns."""
+    columns: dict[str, list[np.ndarray]] = {"input_ids": [], "labels": []}
+    for row, (ids, logprobs) in zip(rows, scored):
+        columns["input_ids"].append(np.asarray(row["input_ids"], dtype=np.int32))
+        columns["labels"].append(np.asarray(row["labels"], dtype=np.int32))
+        for name, values in encode(ids, logprobs, encoding, logprob_dtype).items():
+            columns.setdefault(name, []).append(values)
+    arrays = {}
+    for name, parts in columns.items():
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int32)
+        kind = _ARROW_TYPES.get(name, pa.int32()) if name != "xkd_topk_logprobs" else _ARROW_TYPES[logprob_dtype]
+        values = pa.array(np.concatenate(parts) if parts else np.zeros(0), type=kind)
+        arrays[name] = pa.ListArray.from_arrays(pa.array(offsets), values)
+    return pa.table(arrays)
+
+
+def load_teacher_model(path: str, student_tokenizer, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The teacher in eval mode on `device`, after checking it shares the student's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from axolotl_xkd.teachers.model import check_same_tokenizer
+
+    check_same_tokenizer(student_tokenizer, AutoTokenizer.from_pretrained(path), f"teacher {path!r}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < len(student_tokenizer):
+        raise ValueError(f"teacher {path!r}: output layer has {rows} rows for {len(student_tokenizer)} tokens")
+    return model.requires_grad_(False).eval().to(device)
+
+
+def prepared_splits(cfg) -> dict:
+    """Axolotl's own train (and eval) rows for `cfg`, exactly as `axolotl train` prepares them."""
+    from axolotl.common.datasets import load_datasets
+
+    meta = load_datasets(cfg=cfg)
+    splits = {"train": meta.train_dataset}
+    if meta.eval_dataset is not None:
+        splits["eval"] = meta.eval_dataset
+    return splits
+
+
+def check_resume(existing: Manifest, wanted: Manifest, out: str) -> None:
+    """A rerun into a folder must use the same settings, or rows would mix two teachers."""
+    theirs, ours = existing.__dict__, wanted.__dict__
+    differ = [k for k in ours if theirs.get(k) != ours[k]]
+    if differ:
+        k = differ[0]
+        raise ValueError(
+            f"{Path(out) / 'manifest.json'}: {k} is {theirs.get(k)!r} there but {ours[k]!r} now; this folder holds "
+            "another precompute. Use another --out, or delete the folder to start over."
+        )
+
+
+def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_size: int = 1,
+                   progress: bool = True) -> Manifest:
+    """Write (or finish) the store at settings.out; returns its manifest."""
+    from axolotl.loaders import load_tokenizer
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    tokenizer = load_tokenizer(cfg)
+    splits = prepared_splits(cfg)
+    vocab_size = len(tokenizer)
+    if not 1 <= settings.top_k <= vocab_size:
+        raise ValueError(f"--top-k {settings.top_k} must lie in [1, {vocab_size}] (the vocabulary size)")
+    manifest = Manifest(
+        teacher=str(settings.teacher),
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        vocab_size=vocab_size,
+        top_k=settings.top_k,
+        sequence_len=int(cfg.sequence_len),
+        encoding=choose_encoding(vocab_size, settings.logprob_dtype),
+        logprob_dtype=settings.logprob_dtype,
+        rows_per_shard=settings.rows_per_shard,
+        splits={name: len(ds) for name, ds in splits.items()},
+    )
+    manifest_path = Path(settings.out) / "manifest.json"
+    if manifest_path.is_file():
+        check_resume(Manifest.read(settings.out), manifest, settings.out)
+    else:
+        manifest.write(settings.out)
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    todo = [(name, i) for name in splits for i in missing_shards(settings.out, manifest, name)
+            if i % world_size == rank]
+    if not todo:
+        LOG.info("xkd precompute: %s is complete", settings.out)
+        return manifest
+    model = load_teacher_model(settings.teacher, tokenizer, device, dtype)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    lengths = {name: np.asarray([len(x) for x in ds["input_ids"]]) for name, ds in splits.items()}
+    total = int(sum(lengths[name][i * settings.rows_per_shard:(i + 1) * settings.rows_per_shard].sum()
+                    for name, i in todo))
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"xkd precompute (rank {rank})", disable=not progress)
+    for name, index in todo:
+        start = index * settings.rows_per_shard
+        rows = splits[name].select(range(start, min(start + settings.rows_per_shard, len(splits[name]))))
+        rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+        scored = []
+        for b in range(0, len(rows), settings.batch_size):
+            batch = rows[b: b + settings.batch_size]
+            scored += score_rows(model, batch, top_k=settings.top_k, vocab_size=vocab_size, pad_id=pad_id,
+                                 device=device)
+            bar.update(sum(len(r["input_ids"]) for r in batch))
+        table = shard_table(rows, scored, encoding=manifest.encoding, logprob_dtype=manifest.logprob_dtype)
+        write_shard(Dataset(table), settings.out, name, index)
+    bar.close()
+    return manifest
