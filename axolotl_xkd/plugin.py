@@ -25,6 +25,8 @@ class XKDPlugin(BasePlugin):
         return "axolotl_xkd.args.XKDArgs"
 
     def register(self, cfg) -> None:
+        # Our loggers are not under "axolotl.", so give them Axolotl's level to show up beside its own.
+        LOG.setLevel(logging.getLogger("axolotl").getEffectiveLevel())
         if cfg.get("xkd") is None:
             LOG.warning("axolotl_xkd.XKDPlugin is listed in plugins but the config has no `xkd:` block; X-KD is off")
 
