@@ -232,7 +232,8 @@ def shard_dir(folder: str | Path, split: str, index: int) -> Path:
 def write_shard(dataset, folder: str | Path, split: str, index: int) -> Path:
     """Save a `datasets.Dataset` as shard `index` atomically: into a tmp folder, then one rename."""
     final = shard_dir(folder, split, index)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    # One rank writes a given shard, so the tmp name needs no pid; a rerun clears a killed run's leftovers.
+    tmp = final.parent / f".tmp-{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     dataset.save_to_disk(str(tmp))  # num_proc=None: no process pool (num_proc=1 spawns one)
