@@ -26,6 +26,17 @@ def masked_logsumexp(values: Tensor, keep: Tensor) -> Tensor:
     return torch.where(any_kept, torch.logsumexp(safe, dim=-1), -math.inf)
 
 
+def topk_mask(ids: Tensor, valid: Tensor, like: Tensor) -> Tensor:
+    """Bool mask shaped like `like`, True at the valid top-k ids.
+
+    Padded slots are redirected to the row's first valid id, so a padded slot whose placeholder id
+    equals a real top-k id cannot clear that id's entry (scatter_ keeps whichever write lands last).
+    """
+    first_valid = ids.gather(-1, valid.int().argmax(-1, keepdim=True)).expand_as(ids)
+    any_valid = valid.any(-1, keepdim=True).expand_as(ids)
+    return torch.zeros_like(like, dtype=torch.bool).scatter_(-1, torch.where(valid, ids, first_valid), any_valid)
+
+
 def teacher_topk_categories(signal: TopKSignal, *, temperature: float, tail: bool) -> Tensor:
     """Teacher log-probs over k (+1 tail) categories at temperature tau, (B, T, k[+1])."""
     logprobs = torch.where(signal.valid, upcast(signal.logprobs), -math.inf)
@@ -43,7 +54,7 @@ def student_topk_categories(student_logprobs: Tensor, signal: TopKSignal, *, tai
     gathered = torch.where(valid, student_logprobs.gather(-1, ids), -math.inf)
     if not tail:
         return torch.log_softmax(gathered, dim=-1)
-    in_topk = torch.zeros_like(student_logprobs, dtype=torch.bool).scatter_(-1, ids, valid)
+    in_topk = topk_mask(ids, valid, student_logprobs)
     tail_logprob = masked_logsumexp(student_logprobs, ~in_topk)
     return torch.cat([gathered, tail_logprob.unsqueeze(-1)], dim=-1)
 
@@ -81,7 +92,7 @@ def teacher_expectation(values: Tensor, student_logprobs: Tensor, teacher: Teach
     topk_values = torch.where(valid, values.gather(-1, ids), 0.0)
     expectation = (probs[..., : ids.shape[-1]] * topk_values).sum(-1)
     if topk_tail:
-        in_topk = torch.zeros_like(values, dtype=torch.bool).scatter_(-1, ids, valid)
+        in_topk = topk_mask(ids, valid, values)
         weights = torch.where(in_topk, 0.0, student_logprobs.exp())
         tail_mass = weights.sum(-1)
         tail_value = (weights * values).sum(-1) / tail_mass.clamp(min=torch.finfo(values.dtype).tiny)

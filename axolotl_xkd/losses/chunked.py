@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from axolotl_xkd.losses import fused
 from axolotl_xkd.losses.categories import paired_categories, teacher_expectation
 from axolotl_xkd.losses.divergence import divergence
 from axolotl_xkd.losses.precision import upcast
@@ -44,6 +45,7 @@ from axolotl_xkd.losses.td import (
 from axolotl_xkd.losses.xkd import XKDHyperparams, XKDLossOutput, align_reward
 
 ChunkedTeacher = DenseHiddenSignal | DenseSignal | TopKSignal
+MODES = ("fused", "autograd", "compiled")
 
 
 def _chunk_terms(
@@ -130,7 +132,7 @@ class _Plan:
     valid: Tensor
     nonterminal: Tensor | None
     chunk_size: int
-    compiled: bool
+    mode: str
 
     @property
     def teacher_kind(self) -> str:
@@ -138,18 +140,24 @@ class _Plan:
             return "none"
         return "topk" if isinstance(self.teacher, TopKSignal) else "dense"
 
-    def teacher_rows(self, start: int, stop: int) -> tuple[Tensor, ...]:
-        """The teacher's tensors for flat positions [start, stop): logits (dense) or (ids, logprobs)."""
+    def teacher_rows(self, start: int, stop: int, *, writable: bool = False) -> tuple[Tensor, ...]:
+        """The teacher's tensors for flat positions [start, stop): logits (dense) or (ids, logprobs).
+
+        writable: dense logits come as a fresh, at least float32 tensor the caller may overwrite.
+        """
         t = self.teacher
         if t is None:
             return ()
         if isinstance(t, TopKSignal):
             return t.token_ids[start:stop], t.logprobs[start:stop]
         if isinstance(t, DenseSignal):
-            return (t.logits[start:stop],)
+            logits = t.logits[start:stop]
+            fresh = upcast(logits)
+            return (fresh.clone() if writable and fresh is logits else fresh,)
         with torch.no_grad():
             logits = t.hidden[start:stop] @ t.weight.T
-            return ((logits + t.bias) if t.bias is not None else logits,)
+            logits = (logits + t.bias) if t.bias is not None else logits
+            return (upcast(logits) if writable else logits,)
 
 
 # Compiled chunk steps, one per (hyperparameters, teacher kind, differentiated arguments).
@@ -158,13 +166,14 @@ _COMPILED: dict[tuple, object] = {}
 
 def _chunk_step(plan: _Plan, argnums: tuple[int, ...] | None):
     """The per-chunk callable: value only (argnums None) or gradient and value w.r.t. `argnums`."""
-    key = (plan.params, plan.teacher_kind, argnums, plan.compiled)
+    compiled = plan.mode == "compiled"
+    key = (plan.params, plan.teacher_kind, argnums, compiled)
     if key in _COMPILED:
         return _COMPILED[key]
     fn = partial(_chunk_terms, params=plan.params, teacher_kind=plan.teacher_kind)
     if argnums is not None:
         fn = torch.func.grad_and_value(fn, argnums=argnums, has_aux=True)
-    if plan.compiled:
+    if compiled:
         fn = torch.compile(fn, dynamic=False)
     _COMPILED[key] = fn
     return fn
@@ -188,7 +197,12 @@ class _ChunkedXKDFunction(torch.autograd.Function):
         argnums = None
         if needs_logit_grad or grad_mean is not None or grad_log_std is not None:
             argnums = (0, 1, 2) if uses_td else (0,)
-        step = _chunk_step(plan, argnums)
+        by_hand = plan.mode == "fused" and fused.supports(plan.params, plan.teacher_kind, uses_td)
+        step = (
+            partial(fused.fused_chunk, params=plan.params, teacher_kind=plan.teacher_kind, need_grad=argnums is not None)
+            if by_hand
+            else _chunk_step(plan, argnums)
+        )
         sums = torch.zeros(4, dtype=acc, device=hidden.device)
         for start in range(0, n_rows, plan.chunk_size):
             stop = min(start + plan.chunk_size, n_rows)
@@ -201,15 +215,19 @@ class _ChunkedXKDFunction(torch.autograd.Function):
                 upcast(logits),
                 mean[start:stop] if uses_td else None,
                 log_std[start:stop] if uses_td else None,
-                plan.teacher_rows(start, ext),
+                plan.teacher_rows(start, ext, writable=by_hand),
                 plan.targets[start:ext],
                 plan.valid[start:stop],
                 plan.nonterminal[start:ext] if uses_td else None,
             )
-            if argnums is None:
+            if by_hand:
+                grad_logits, grad_m, grad_s, loss, parts = step(*args)
+                grads = (grad_logits, grad_m, grad_s)
+            elif argnums is None:
                 loss, parts = step(*args)
             else:
                 grads, (loss, parts) = step(*args)
+            if argnums is not None:
                 grad_logits = grads[0]
                 if want[0]:
                     grad_hidden[start:ext] += grad_logits.to(weight.dtype) @ weight
@@ -222,6 +240,7 @@ class _ChunkedXKDFunction(torch.autograd.Function):
                 if grad_log_std is not None:
                     grad_log_std[start:stop] = grads[2]
             sums += torch.stack([loss, *parts])
+            logits = args = grads = grad_logits = None  # free this chunk's (C, V) buffers before the next matmul
         ctx.save_for_backward(
             *(g if g is not None else None for g in (grad_hidden, grad_weight, grad_bias, grad_mean, grad_log_std))
         )
@@ -278,7 +297,7 @@ def chunked_xkd_loss(
     chunk_size: int = 1024,
     output_bias: Tensor | None = None,
     vocab_size: int | None = None,
-    compiled: bool = False,
+    mode: str = "fused",
 ) -> XKDLossOutput:
     """X-KD loss SUM over response tokens, equal to `xkd_loss(student_hidden @ output_weight.T, ...)`.
 
@@ -288,9 +307,15 @@ def chunked_xkd_loss(
     logits formed per chunk), a `DenseSignal` or a `TopKSignal`, aligned with the student; reward_mean /
     reward_log_std (B, T) the reward head at every position. Gradients reach student_hidden,
     output_weight (only if it requires grad: a frozen LoRA base layer gets none), output_bias and the
-    reward-head outputs. chunk_size positions are processed at a time; compiled runs each chunk's
-    loss and gradient under torch.compile.
+    reward-head outputs. chunk_size positions are processed at a time.
+
+    mode: "fused" (default) uses the hand-written gradients of fused.py where they cover the
+    configuration (forward_kl or sequence, q_form logits or logprobs, observed TD target) and
+    torch.func autograd per chunk elsewhere; "autograd" always uses autograd; "compiled" runs the
+    autograd step under torch.compile (worth it for the other divergences; compiles once per shape).
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     p = params
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
@@ -323,7 +348,7 @@ def chunked_xkd_loss(
         valid=valid.reshape(n_rows),
         nonterminal=nonterminal.reshape(n_rows) if uses_td else None,
         chunk_size=chunk_size,
-        compiled=compiled,
+        mode=mode,
     )
 
     hidden = student_hidden.reshape(n_rows, -1)
