@@ -105,7 +105,9 @@ class RewardScorer:
     ) -> list[ScoredResponse]:
         """Score each (prompt, response) pair with the reward head; one ScoredResponse per pair, in order."""
         if len(prompts) != len(responses):
-            raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt")
+            raise ValueError(
+                f"score: {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt"
+            )
         prompt_ids = [self._prompt_ids(p, row) for row, p in enumerate(prompts)]
         eos = [self.tokenizer.eos_token_id] if append_eos else []
         response_ids = []

@@ -42,7 +42,8 @@ def read_jsonl_field(path: Path, field: str, option: str, field_option: str) -> 
 @click.option("--responses", "responses_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSONL with one response per line, aligned with --prompts (may be the same file).")
 @click.option("--samples", type=click.IntRange(min=1), help="Generate this many responses per prompt and rerank them.")
-@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="Output JSONL (default: stdout).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output JSONL (default: stdout).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Pairs per forward pass (with --samples: prompts per generate call).")
 @click.option("--per-token", is_flag=True, help="Add token ids, tokens, mu_i and sigma_i per response token.")

@@ -47,16 +47,20 @@ def test_score_responses(trained_student, tiny_assets, tmp_path):
     assert [s.reward_sum for s in api] == pytest.approx([r["reward_sum"] for r in rows], abs=1e-4)
 
 
-def test_samples_reranked(trained_student, tiny_assets, tmp_path):
+def test_samples_reranked(trained_student, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"q": p}) + "\n" for p in ("12+34=", "50-7=", "3+3=")))
-    args = ["axolotl", "xkd", "score", "--model", str(trained_student), "--prompts", str(prompts), "--prompt-field",
-            "q", "--samples", "4", "--max-new-tokens", "6", "--seed", "3", "--batch-size", "2"]
-    first = run_cli([*args, "--out", str(tmp_path / "a.jsonl")])
-    run_cli([*args, "--out", str(tmp_path / "b.jsonl")])
+    args = ["--model", str(trained_student), "--prompts", str(prompts), "--prompt-field", "q", "--samples", "4",
+            "--max-new-tokens", "6", "--seed", "3", "--batch-size", "2"]
+    first = run_cli(["axolotl", "xkd", "score", *args, "--out", str(tmp_path / "a.jsonl")])
     assert "sampling+scoring" in first.stderr
-    rows = read_jsonl(tmp_path / "a.jsonl")
-    assert rows == read_jsonl(tmp_path / "b.jsonl")  # seeded
+    # The same command in this process gives the same samples: sampling is seeded.
+    assert invoke([*args, "--out", str(tmp_path / "b.jsonl")]).exit_code == 0
+    rows, again = read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "b.jsonl")
+    texts = lambda out: [[s["response"] for s in r["samples"]] for r in out]  # noqa: E731
+    assert texts(rows) == texts(again)
+    assert [s["reward_sum"] for r in rows for s in r["samples"]] == pytest.approx(
+        [s["reward_sum"] for r in again for s in r["samples"]], abs=1e-5)
     assert [r["prompt"] for r in rows] == ["12+34=", "50-7=", "3+3="]
     for row in rows:
         sums = [s["reward_sum"] for s in row["samples"]]
@@ -65,21 +69,32 @@ def test_samples_reranked(trained_student, tiny_assets, tmp_path):
         assert all(1 <= s["num_tokens"] <= 6 for s in row["samples"])
 
 
+def invoke(args: list[str]):
+    """The `score` command run in this process (click's test runner), for the cheap error paths."""
+    from click.testing import CliRunner
+
+    from axolotl_xkd.cli.score import score
+
+    return CliRunner().invoke(score, args)
+
+
 def test_errors(trained_student, tiny_assets, tmp_path):
     eval_file = str(tiny_assets["data"] / "eval.jsonl")
     # The untrained base student has no reward head beside it.
-    proc = run_cli(["axolotl", "xkd", "score", "--model", str(tiny_assets["student"]), "--prompts", eval_file,
-                    "--responses", eval_file], check=False)
-    assert proc.returncode != 0 and "has no X-KD reward head" in proc.stderr
+    result = invoke(["--model", str(tiny_assets["student"]), "--prompts", eval_file, "--responses", eval_file])
+    assert result.exit_code != 0 and "has no X-KD reward head" in result.output
     # Both or neither of --responses / --samples.
-    proc = run_cli(["axolotl", "xkd", "score", "--model", str(trained_student), "--prompts", eval_file], check=False)
-    assert proc.returncode != 0 and "exactly one of --responses FILE" in proc.stderr
+    for extra in ([], ["--responses", eval_file, "--samples", "2"]):
+        result = invoke(["--model", str(trained_student), "--prompts", eval_file, *extra])
+        assert result.exit_code != 0 and "exactly one of --responses FILE" in result.output
     # A prompts file without the field, and misaligned files.
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1="}\n{"text": "2+2="}\n')
-    proc = run_cli(["axolotl", "xkd", "score", "--model", str(trained_student), "--prompts", str(bad),
-                    "--samples", "2"], check=False)
-    assert proc.returncode != 0 and f"{bad}:2 has no string field 'prompt'" in proc.stderr
-    proc = run_cli(["axolotl", "xkd", "score", "--model", str(trained_student), "--prompts", eval_file,
-                    "--responses", str(bad)], check=False)
-    assert proc.returncode != 0 and "has no string field 'response'" in proc.stderr
+    result = invoke(["--model", str(trained_student), "--prompts", str(bad), "--samples", "2"])
+    assert result.exit_code != 0 and f"{bad}:2 has no string field 'prompt'" in result.output
+    result = invoke(["--model", str(trained_student), "--prompts", eval_file, "--responses", str(bad)])
+    assert result.exit_code != 0 and "has no string field 'response'" in result.output
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"response": "2"}\n')
+    result = invoke(["--model", str(trained_student), "--prompts", eval_file, "--responses", str(short)])
+    assert result.exit_code != 0 and "has 1 responses but" in result.output
