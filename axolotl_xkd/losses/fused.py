@@ -102,7 +102,7 @@ def fused_chunk(
         ce_sum = torch.where(row_mask, lse_z - z_a, 0.0).sum()
         at_target -= p.alpha_ce * row_valid
     x = logits.div_(tau) if tau != 1.0 else logits
-    lse_x = logsumexp_rows(x)
+    lse_x = lse_z if lse_z is not None and tau == 1.0 else logsumexp_rows(x)
     x_a = z_a / tau
 
     if nonterminal is not None:  # TD: c = d loss / d Q(s_i, a_i) by autograd over (m,) vectors
@@ -125,7 +125,7 @@ def fused_chunk(
             pi_coef += kd_weight
             at_target -= kd_weight
         elif teacher_kind == "dense":
-            teacher_logprobs = teacher_rows[0].div_(tau)
+            teacher_logprobs = teacher_rows[0].div_(tau) if tau != 1.0 else teacher_rows[0]
             teacher_logprobs -= logsumexp_rows(teacher_logprobs).unsqueeze(-1)
             # sum p (log p - log pi) = sum p (log p - x) + lse_x, as sum p = 1
             per_token = (_kl_rows(teacher_logprobs, x) + lse_x) * scale
