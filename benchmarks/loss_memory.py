@@ -11,7 +11,8 @@ Not a test. Variants, all at the same chunk size and in the same run:
 Each variant runs in its own process: it builds the inputs, runs one warm-up step (which also
 compiles), takes its baseline, resets the peak (CPU: /proc/self/clear_refs 5 resets VmHWM; CUDA:
 reset_peak_memory_stats) and then times `--repeats` fwd+bwd steps; peak memory is the high-water
-mark above the baseline (CPU: resident set; CUDA: max_memory_allocated).
+mark above the baseline (CPU: resident set, with glibc's mmap threshold pinned at 1 MiB so freed
+tensors leave it; CUDA: max_memory_allocated).
 
     python benchmarks/loss_memory.py                    # CPU, N=2048, H=512, V=32000 and 128256, fp32
     python benchmarks/loss_memory.py --device cuda      # N=8192, H=4096, V=128256, bf16 (needs CUDA)
@@ -195,7 +196,10 @@ def run_variant(args: argparse.Namespace, variant: str, vocab: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--vocab", str(vocab), "--device", args.device,
            "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
            "--repeats", str(args.repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # Every allocation of 1 MiB or more is mmapped and unmapped when freed, so the resident set follows
+    # the live tensors (glibc would otherwise keep freed blocks and raise its threshold on the fly).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
         return {"variant": variant, "error": tail[0]}

@@ -92,11 +92,11 @@ def assert_same(ref, got, **tol) -> None:
         torch.testing.assert_close(grads[name], ref_grad, **tol, msg=lambda m: f"d loss / d {name}: {m}")
 
 
-@pytest.mark.parametrize("chunk_size", [6, 5, 64])
+@pytest.mark.parametrize("chunk_size", [6, 5])
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
 @pytest.mark.parametrize("name", ALL_DIVERGENCES)
 def test_every_divergence_matches_unchunked(name, teacher_kind, chunk_size):
-    """Chunk sizes 6 (divides N = 24), 5 (does not) and 64 (one chunk), with CE and both AVRIL terms on."""
+    """Chunk sizes 6 (divides N = 24) and 5 (does not), with CE and both AVRIL terms on."""
     params = XKDHyperparams(divergence=name, alpha_ce=0.3, temperature=1.7, beta=0.3, skew_alpha=0.2)
     assert_same(*run_both(params, teacher_kind, chunk_size), **FP32)
 
