@@ -157,6 +157,14 @@ def load_precomputed(cfg, config: PrecomputedTeacher, tokenizer):
     return train, evaluation, manifest.top_k
 
 
+def with_length(dataset):
+    """`dataset` plus Axolotl's `length` column (tokens per row), held in memory."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(dataset.data.column("input_ids")).to_numpy(zero_copy_only=False)
+    return dataset.add_column("length", lengths.astype(np.int64).tolist())
+
+
 def load_datasets_meta(cfg, config: PrecomputedTeacher):
     """Axolotl's TrainDatasetMeta for the precomputed data, with the step count Axolotl would compute."""
     from axolotl.common.datasets import TrainDatasetMeta
@@ -164,6 +172,11 @@ def load_datasets_meta(cfg, config: PrecomputedTeacher):
     from axolotl.utils.trainer import calculate_total_num_steps
 
     train, evaluation, _ = load_precomputed(cfg, config, load_tokenizer(cfg))
+    # Axolotl's multipack sampler and step estimate read a `length` column, as its own packing prep adds.
+    if cfg.sample_packing:
+        train = with_length(train)
+    if evaluation is not None and cfg.eval_sample_packing:
+        evaluation = with_length(evaluation)
     total = calculate_total_num_steps(cfg, train)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
