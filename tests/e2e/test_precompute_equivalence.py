@@ -57,6 +57,7 @@ def test_full_vocab_store_matches_model_teacher(small_assets, store, tmp_path, p
     # float16 log-probs: relative error about 2^-11 per entry, so the distillation term agrees to ~1e-3.
     assert stored["xkd/distill"] == pytest.approx(model["xkd/distill"], rel=2e-3, abs=1e-4)
     assert stored["loss"] == pytest.approx(model["loss"], rel=2e-3, abs=2e-3)
+    # The teacher-free terms see the same student on the same batch (float summation order aside).
     for name in ("xkd/td_nll", "xkd/reward_kl"):
-        assert stored[name] == pytest.approx(model[name], rel=1e-5, abs=1e-6), name
+        assert stored[name] == pytest.approx(model[name], rel=2e-4, abs=1e-6), name
     assert model["xkd/distill"] > 0.05  # an untrained student is far from the teacher: the check has teeth
