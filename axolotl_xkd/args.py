@@ -35,6 +35,11 @@ class ModelTeacher(BaseModel):
         None, description="Attention kernel of the teacher; default: the student's."
     )
     trust_remote_code: bool = Field(False, description="Passed to from_pretrained.")
+    offload: bool = Field(
+        False,
+        description="DeepSpeed ZeRO-3 only: keep the sharded teacher's parameters in CPU memory (gathered to the "
+        "device layer by layer in its forward). Without ZeRO-3 the teacher is placed whole on every rank.",
+    )
 
 
 class PrecomputedTeacher(BaseModel):

@@ -57,3 +57,75 @@ def gathered_output_weight(model: nn.Module) -> Iterator[tuple[Tensor, Tensor | 
     bias = getattr(layer, "bias", None)
     with gathered([layer.weight, bias]):
         yield layer.weight, bias
+
+
+def full_shape(param: Tensor) -> tuple[int, ...]:
+    """The parameter's whole shape, also when ZeRO-3 holds only a shard of it on this rank."""
+    return tuple(param.ds_shape) if is_partitioned(param) else tuple(param.shape)
+
+
+def zero_stage(ds_config: dict | None) -> int:
+    """The ZeRO stage of a DeepSpeed config dict (0 without DeepSpeed or without `zero_optimization`)."""
+    return int(((ds_config or {}).get("zero_optimization") or {}).get("stage", 0))
+
+
+def _without_auto(config: dict) -> dict:
+    """`config` without its unresolved "auto" values: the teacher's engine gets no optimizer to resolve them."""
+    return {
+        k: _without_auto(v) if isinstance(v, dict) else v
+        for k, v in config.items()
+        if not (isinstance(v, str) and v == "auto")
+    }
+
+
+def teacher_inference_config(train_config: dict, *, hidden_size: int, offload: bool) -> dict:
+    """A ZeRO-3 inference config for the frozen teacher, derived from the student's training config.
+
+    No optimizer, scheduler or gradient settings (the teacher has no optimizer state); the same
+    precision and micro batch size as the student; bucket sizes from the teacher's hidden size as
+    TRL's `prepare_deepspeed` sets them; `offload=True` keeps the parameter shards in CPU memory.
+    """
+    zero = _without_auto(dict(train_config.get("zero_optimization") or {}))
+    for key in ("offload_optimizer", "offload_param", "stage3_gather_16bit_weights_on_model_save"):
+        zero.pop(key, None)
+    zero.update(
+        stage=3,
+        reduce_bucket_size=hidden_size * hidden_size,
+        stage3_param_persistence_threshold=10 * hidden_size,
+        stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+    )
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    config = {"zero_optimization": zero, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+    for key in ("bf16", "fp16", "train_micro_batch_size_per_gpu"):
+        value = train_config.get(key)
+        if isinstance(value, dict):
+            config[key] = _without_auto(value)
+        elif value is not None and value != "auto":
+            config[key] = value
+    return config
+
+
+def place_teacher(model: nn.Module, *, device, ds_config: dict | None, offload: bool = False) -> nn.Module:
+    """Put the frozen teacher where each rank runs it; returns the module to call.
+
+    Under ZeRO-3 (`ds_config` stage 3) the teacher becomes a DeepSpeed stage-3 inference engine:
+    its parameters are sharded across ranks and gathered layer by layer in its forward, with no
+    optimizer (TRL's `prepare_deepspeed`). Otherwise (no DeepSpeed, ZeRO-1/2) the whole teacher is
+    moved once to this rank's device. `offload` (ZeRO-3 only) keeps the shards in CPU memory.
+    """
+    if zero_stage(ds_config) != 3:
+        if offload:
+            raise ValueError(
+                "xkd.teacher.offload: true needs DeepSpeed ZeRO-3 (the teacher is sharded and offloaded by its "
+                f"stage-3 inference engine), but the run uses ZeRO stage {zero_stage(ds_config)}; set "
+                "`deepspeed:` to a stage-3 JSON such as example_configs/deepspeed/zero3.json, or remove offload."
+            )
+        return model.to(device)
+    import deepspeed
+
+    hidden_size = model.config.get_text_config().hidden_size
+    config = teacher_inference_config(ds_config, hidden_size=hidden_size, offload=offload)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine

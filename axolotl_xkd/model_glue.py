@@ -91,6 +91,8 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
         tokenizer_path=teacher.tokenizer_path,
         attn_implementation=attn,
         trust_remote_code=teacher.trust_remote_code,
+        ds_config=trainer.accelerator.state.deepspeed_plugin.deepspeed_config if trainer.is_deepspeed_enabled else None,
+        offload=teacher.offload,
     )
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from axolotl_xkd.distributed import full_shape, place_teacher
 from axolotl_xkd.losses.signal import DenseSignal
 
 LOG = logging.getLogger(__name__)
@@ -48,9 +49,12 @@ def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTo
 class ModelTeacherSource:
     """Runs a frozen teacher on the student's batch and returns its logits over the shared vocabulary."""
 
-    def __init__(self, model: nn.Module, vocab_size: int) -> None:
+    def __init__(self, model: nn.Module, vocab_size: int, engine: nn.Module | None = None) -> None:
         self.model = model
         self.vocab_size = vocab_size
+        # Under ZeRO-3, the DeepSpeed inference engine whose hooks (installed on `model` itself) gather
+        # the sharded parameters in every forward; kept alive here.
+        self.engine = engine
 
     @classmethod
     def load(
@@ -63,8 +67,16 @@ class ModelTeacherSource:
         tokenizer_path: str | None = None,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
+        ds_config: dict | None = None,
+        offload: bool = False,
     ) -> ModelTeacherSource:
-        """Load the teacher once, check its tokenizer and output size, freeze it and move it to `device`."""
+        """Load the teacher once, check its tokenizer and output size, freeze it and place it on this rank.
+
+        `ds_config` is the student's DeepSpeed config (None without DeepSpeed): under ZeRO-3 the teacher
+        is sharded across ranks (its shards kept in CPU memory with `offload`) and gathered layer by layer
+        by the hooks of a DeepSpeed inference engine; otherwise it is moved whole to `device`
+        (distributed.place_teacher).
+        """
         teacher_tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_path or path, trust_remote_code=trust_remote_code
         )
@@ -74,7 +86,7 @@ class ModelTeacherSource:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         vocab_size = len(student_tokenizer)
-        rows = model.get_output_embeddings().weight.shape[0]
+        rows = full_shape(model.get_output_embeddings().weight)[0]
         if rows < vocab_size:
             raise ValueError(
                 f"xkd.teacher.path={path!r}: the teacher's output layer has {rows} rows but the tokenizer has "
@@ -82,9 +94,11 @@ class ModelTeacherSource:
             )
         model.requires_grad_(False)
         model.eval()
-        model.to(device)
-        LOG.info("X-KD teacher %s loaded (%s, %s, output rows %d)", path, dtype, device, rows)
-        return cls(model, vocab_size)
+        placed = place_teacher(model, device=device, ds_config=ds_config, offload=offload)
+        engine = None if placed is model else placed
+        where = device if engine is None else "ZeRO-3 sharded" + (", offloaded to CPU" if offload else "")
+        LOG.info("X-KD teacher %s loaded (%s, %s, output rows %d)", path, dtype, where, rows)
+        return cls(model, vocab_size, engine)
 
     @torch.no_grad()
     def get_signal(self, batch: dict[str, Tensor]) -> DenseSignal:
