@@ -82,7 +82,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output.to(grad_weight.dtype), None, None
+        scale = grad_output.to(grad_hidden.dtype)
+        return grad_hidden * scale, grad_weight * scale, None, None
 
 
 def build_inputs(n_tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: str) -> dict:
@@ -210,19 +211,25 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    return f"{model.group(1) if model else platform.processor()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    name = model.group(1) if model else platform.processor()
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def table(rows: list[dict]) -> list[str]:
     floor = next((r for r in rows if r["variant"] == "ce_floor" and "error" not in r), None)
-    lines = ["| variant | time (s) | peak (MB) | time / floor | memory / floor | loss |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | time (s) | peak (MB) | time / floor | memory / floor | loss |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['variant']} | failed: {r['error']} | | | | |")
             continue
         ratio_t = f"{r['time_s'] / floor['time_s']:.2f}x" if floor else "-"
         ratio_m = f"{r['peak_mb'] / floor['peak_mb']:.2f}x" if floor else "-"
-        lines.append(f"| {r['variant']} | {r['time_s']:.3f} | {r['peak_mb']:.0f} | {ratio_t} | {ratio_m} | {r['loss']:.6g} |")
+        lines.append(
+            f"| {r['variant']} | {r['time_s']:.3f} | {r['peak_mb']:.0f} | {ratio_t} | {ratio_m} | {r['loss']:.6g} |"
+        )
     return lines
 
 

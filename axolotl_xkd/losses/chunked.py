@@ -124,7 +124,7 @@ def _accumulation_dtype(tensor: Tensor) -> torch.dtype:
 
 @dataclass(frozen=True)
 class _Plan:
-    """Everything the autograd Function needs besides its differentiable inputs; all per-position tensors are flat (N, ...)."""
+    """What the autograd Function needs besides its differentiable inputs; per-position tensors are flat (N, ...)."""
 
     params: XKDHyperparams
     teacher: ChunkedTeacher | None
@@ -133,6 +133,7 @@ class _Plan:
     nonterminal: Tensor | None
     chunk_size: int
     mode: str
+    grad_enabled: bool  # Function.forward sees needs_input_grad True even under no_grad (evaluation)
 
     @property
     def teacher_kind(self) -> str:
@@ -186,7 +187,7 @@ class _ChunkedXKDFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, mean, log_std, plan: _Plan):  # noqa: D102
         n_rows = hidden.shape[0]
         uses_td = plan.nonterminal is not None
-        want = ctx.needs_input_grad
+        want = ctx.needs_input_grad if plan.grad_enabled else (False,) * 6
         acc = _accumulation_dtype(hidden)
         grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if want[0] else None
         grad_weight = torch.zeros_like(weight) if want[1] else None
@@ -199,7 +200,9 @@ class _ChunkedXKDFunction(torch.autograd.Function):
             argnums = (0, 1, 2) if uses_td else (0,)
         by_hand = plan.mode == "fused" and fused.supports(plan.params, plan.teacher_kind, uses_td)
         step = (
-            partial(fused.fused_chunk, params=plan.params, teacher_kind=plan.teacher_kind, need_grad=argnums is not None)
+            partial(
+                fused.fused_chunk, params=plan.params, teacher_kind=plan.teacher_kind, need_grad=argnums is not None
+            )
             if by_hand
             else _chunk_step(plan, argnums)
         )
@@ -329,6 +332,7 @@ def chunked_xkd_loss(
         output_bias = output_bias[:vocab_size] if output_bias is not None else None
     kd_needs_teacher = p.alpha_kd > 0 and p.divergence != "sequence"
     td_needs_teacher = p.uses_reward and p.td_weight > 0 and p.td_target == "teacher_expected"
+    teacher_needed = kd_needs_teacher or td_needs_teacher
     if teacher is None and kd_needs_teacher:
         raise ValueError(f"divergence {p.divergence!r} needs a teacher signal")
     if teacher is None and td_needs_teacher:
@@ -343,12 +347,13 @@ def chunked_xkd_loss(
     nonterminal = nonterminal_next(targets, ignore_index=p.ignore_index, eos_token_id=eos_token_id) if uses_td else None
     plan = _Plan(
         params=p,
-        teacher=_flat_teacher(teacher, output_weight.shape[0], n_rows) if kd_needs_teacher or td_needs_teacher else None,
+        teacher=_flat_teacher(teacher, output_weight.shape[0], n_rows) if teacher_needed else None,
         targets=targets.reshape(n_rows),
         valid=valid.reshape(n_rows),
         nonterminal=nonterminal.reshape(n_rows) if uses_td else None,
         chunk_size=chunk_size,
         mode=mode,
+        grad_enabled=torch.is_grad_enabled(),
     )
 
     hidden = student_hidden.reshape(n_rows, -1)
@@ -364,7 +369,9 @@ def chunked_xkd_loss(
             kl = gaussian_kl_to_prior(mu, log_std, prior_std=p.prior_std)
             kl_sum = torch.where(valid, kl, 0.0).sum()
         mu, log_std = mu.reshape(n_rows), log_std.reshape(n_rows)
-    logit_loss, div_sum, ce_sum, td_sum = _ChunkedXKDFunction.apply(hidden, output_weight, output_bias, mu, log_std, plan)
+    logit_loss, div_sum, ce_sum, td_sum = _ChunkedXKDFunction.apply(
+        hidden, output_weight, output_bias, mu, log_std, plan
+    )
     return XKDLossOutput(
         loss=logit_loss + p.reward_kl_weight * kl_sum,
         divergence=div_sum,

@@ -5,7 +5,9 @@ Used by chunked.py for the configurations it covers (`supports`): divergence for
 target. The others go through torch.func autograd. Why by hand: autograd keeps every (C, V)
 intermediate of log_softmax / KL / CE alive for the backward pass (7-9 buffers of the chunk's size);
 written out, the gradient is a per-row combination of the student softmax pi, the teacher's
-probabilities and a few sparse entries, built in the logits buffer itself (2-4 buffers).
+probabilities and a few sparse entries, built in the logits buffer itself (the dense teacher's
+probabilities live in its own logits buffer). The elementwise work runs over blocks of a few rows
+(about 4 MB), so that the several passes over a block hit the cache instead of memory.
 
 Gradients w.r.t. the logits z of a row (x = z / tau, pi = softmax(x), w the term's weight):
   forward KL, dense teacher p:     w * tau^2_scale / tau * (pi - p)
@@ -29,6 +31,9 @@ from axolotl_xkd.losses.signal import TopKSignal
 from axolotl_xkd.losses.td import td_consistency, td_difference
 from axolotl_xkd.losses.xkd import XKDHyperparams
 
+# Elements per block of rows: 2^20 float32 values (4 MB) stay in cache across the passes over a block.
+_BLOCK_ELEMENTS = 2**20
+
 
 def supports(params: XKDHyperparams, teacher_kind: str, uses_td: bool) -> bool:
     """Whether `fused_chunk` computes this configuration (else chunked.py uses autograd)."""
@@ -36,8 +41,12 @@ def supports(params: XKDHyperparams, teacher_kind: str, uses_td: bool) -> bool:
     kd_ok = p.alpha_kd == 0 or p.divergence == "sequence" or (
         p.divergence == "forward_kl" and (teacher_kind == "dense" or (teacher_kind == "topk" and p.topk_tail))
     )
+    # With a top-k teacher the logits buffer holds pi outside the top k only, so softmax(z) for CE at
+    # tau != 1 cannot be rebuilt from it.
+    topk_kl = p.alpha_kd > 0 and p.divergence == "forward_kl" and teacher_kind == "topk"
+    ce_ok = p.alpha_ce == 0 or p.temperature == 1.0 or not topk_kl
     td_ok = not uses_td or (p.q_form in ("logits", "logprobs") and p.td_target == "observed")
-    return kd_ok and td_ok
+    return kd_ok and ce_ok and td_ok
 
 
 def _td_loss(q: Tensor, mean: Tensor, log_std: Tensor, nonterminal: Tensor, valid: Tensor, *, gamma: float,
@@ -48,22 +57,19 @@ def _td_loss(q: Tensor, mean: Tensor, log_std: Tensor, nonterminal: Tensor, vali
     return weight * total, total.detach()
 
 
-# Row reductions run over blocks of rows so that their temporaries stay a fraction of the chunk.
-_BLOCK_ROWS = 128
+def _blocks(rows: int, vocab: int) -> list[slice]:
+    step = max(1, _BLOCK_ELEMENTS // max(vocab, 1))
+    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 def logsumexp_rows(values: Tensor) -> Tensor:
-    """logsumexp over the last dim of (m, V), (m,), with (block, V) temporaries."""
-    return torch.cat([torch.logsumexp(block, dim=-1) for block in values.split(_BLOCK_ROWS)])
+    """logsumexp over the last dim of (m, V), (m,), with cache-sized (block, V) temporaries."""
+    return torch.cat([torch.logsumexp(values[b], dim=-1) for b in _blocks(*values.shape)])
 
 
-def _kl_rows(teacher_logprobs: Tensor, scaled_logits: Tensor) -> Tensor:
-    """sum_j p_j (log p_j - x_j) per row, p = exp(teacher_logprobs); entries with p = 0 give 0."""
-    low = torch.finfo(teacher_logprobs.dtype).min
-    return torch.cat([
-        (t.exp() * (t.clamp(min=low) - x)).sum(-1)
-        for t, x in zip(teacher_logprobs.split(_BLOCK_ROWS), scaled_logits.split(_BLOCK_ROWS))
-    ])
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_j a_ij * b_ij per row without an (rows, V) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def fused_chunk(
@@ -85,7 +91,9 @@ def fused_chunk(
     gradient); valid (n,) with n = m or m - 1 (the look-ahead row); teacher_rows (m rows) writable.
     """
     p, tau = params, params.temperature
-    m, n = logits.shape[0], valid.shape[0]
+    m, vocab = logits.shape
+    n = valid.shape[0]
+    blocks = _blocks(m, vocab)
     row_mask = torch.cat([valid, valid.new_zeros(m - n)])  # False on the look-ahead row
     row_valid = row_mask.to(logits.dtype)
     safe = torch.where(targets != p.ignore_index, targets, 0).unsqueeze(-1)
@@ -93,18 +101,54 @@ def fused_chunk(
     zero = logits.new_zeros(())
     div_sum = ce_sum = td_sum = zero
     grad_mean = grad_log_std = None
-    pi_coef = torch.zeros_like(z_a)  # per-row factor on pi in the gradient
-    at_target = torch.zeros_like(z_a)  # per-row gradient entry added at the target token
+    kd_on, ce_on = p.alpha_kd > 0, p.alpha_ce > 0
+    dense_kl = kd_on and p.divergence == "forward_kl" and teacher_kind == "dense"
+    topk_kl = kd_on and p.divergence == "forward_kl" and teacher_kind == "topk"
+    lse_z = torch.empty_like(z_a) if ce_on else None
+    lse_x = torch.empty_like(z_a)
+    dense_kl_rows = torch.empty_like(z_a) if dense_kl else None
+    if topk_kl:
+        signal = TopKSignal(*teacher_rows)
+        topk_valid = signal.valid
+        ids = torch.where(topk_valid, signal.token_ids, 0).long()
+        x_ids, pi_ids = (torch.empty(ids.shape, dtype=logits.dtype, device=logits.device) for _ in range(2))
+        tail = torch.empty_like(z_a)
+        empty_tail = torch.empty(m, 1, dtype=torch.bool, device=logits.device)
+    teacher = teacher_rows[0] if dense_kl else None
 
-    lse_z = None
-    if p.alpha_ce > 0:
-        lse_z = logsumexp_rows(logits)
+    # Pass 1, per block: log-normalisers, the dense KL value, pi in the logits buffer (top-k: its tail part).
+    for b in blocks:
+        z = logits[b]
+        if ce_on:
+            lse_z[b] = torch.logsumexp(z, dim=-1)
+        if tau != 1.0:
+            z.div_(tau)  # x = z / tau
+        lse_x[b] = lse_z[b] if ce_on and tau == 1.0 else torch.logsumexp(z, dim=-1)
+        if dense_kl:
+            t = teacher[b].div_(tau) if tau != 1.0 else teacher[b]
+            t.sub_(torch.logsumexp(t, dim=-1, keepdim=True)).clamp_(min=torch.finfo(t.dtype).min)  # log p
+            probs = t.exp()
+            # sum p (log p - log pi) = sum p log p - sum p x + lse_x, as sum p = 1
+            dense_kl_rows[b] = _rowdot(probs, t) - _rowdot(probs, z) + lse_x[b]
+            t.copy_(probs)  # the teacher's buffer now holds p
+        if topk_kl:
+            x_ids[b] = z.gather(-1, ids[b])
+        z.sub_(lse_x[b].unsqueeze(-1)).exp_()  # pi
+        if topk_kl:
+            pi_ids[b] = z.gather(-1, ids[b])
+            in_topk = topk_mask(ids[b], topk_valid[b], z)
+            empty_tail[b] = in_topk.all(-1, keepdim=True)
+            tail[b] = z.masked_fill_(in_topk, 0.0).sum(-1)  # pi outside the top k stays in the buffer
+
+    # Per-row coefficients of the gradient: pi_coef * pi + at_target * e_a (+ the teacher terms).
+    pi_coef = torch.zeros_like(z_a)
+    at_target = torch.zeros_like(z_a)
+    if ce_on:
         ce_sum = torch.where(row_mask, lse_z - z_a, 0.0).sum()
         at_target -= p.alpha_ce * row_valid
-    x = logits.div_(tau) if tau != 1.0 else logits
-    lse_x = lse_z if lse_z is not None and tau == 1.0 else logsumexp_rows(x)
+        if tau == 1.0:
+            pi_coef += p.alpha_ce * row_valid
     x_a = z_a / tau
-
     if nonterminal is not None:  # TD: c = d loss / d Q(s_i, a_i) by autograd over (m,) vectors
         q = x_a if p.q_form == "logits" else x_a - lse_x
         fn = torch.func.grad_and_value(_td_loss, argnums=(0, 1, 2), has_aux=True)
@@ -114,67 +158,48 @@ def fused_chunk(
         at_target += grad_q / tau
         if p.q_form == "logprobs":
             pi_coef -= grad_q / tau
-
-    teacher_logprobs = None  # dense teacher, (m, V) in the teacher's own buffer
     kd_weight = zero
-    if p.alpha_kd > 0:
+    if kd_on:
         scale = p.temperature**2 if p.scale_by_tau_squared and p.divergence != "sequence" else 1.0
         kd_weight = p.alpha_kd * scale / tau * row_valid
+        pi_coef += kd_weight
         if p.divergence == "sequence":
             per_token = lse_x - x_a
-            pi_coef += kd_weight
             at_target -= kd_weight
-        elif teacher_kind == "dense":
-            teacher_logprobs = teacher_rows[0].div_(tau) if tau != 1.0 else teacher_rows[0]
-            teacher_logprobs -= logsumexp_rows(teacher_logprobs).unsqueeze(-1)
-            # sum p (log p - log pi) = sum p (log p - x) + lse_x, as sum p = 1
-            per_token = (_kl_rows(teacher_logprobs, x) + lse_x) * scale
-            pi_coef += kd_weight
+        elif dense_kl:
+            per_token = dense_kl_rows * scale
         else:
-            signal = TopKSignal(*teacher_rows)
             t_cat = teacher_topk_categories(signal, temperature=tau, tail=True)
-            topk_valid = signal.valid
-            ids = torch.where(topk_valid, signal.token_ids, 0).long()
-            x_ids = x.gather(-1, ids)
-
-    pi = x.sub_(lse_x.unsqueeze(-1)).exp_()  # the logits buffer now holds pi = softmax(z / tau)
-    if p.alpha_ce > 0 and tau != 1.0:
-        ce_softmax = pi.pow(tau).mul_((tau * lse_x - lse_z).exp().mul_(p.alpha_ce * row_valid).unsqueeze(-1))
-    elif p.alpha_ce > 0:
-        ce_softmax = None
-        pi_coef += p.alpha_ce * row_valid
-
-    if p.alpha_kd > 0 and teacher_kind == "topk" and p.divergence == "forward_kl":
-        pi_ids = pi.gather(-1, ids)
-        in_topk = topk_mask(ids, topk_valid, pi)
-        empty_tail = in_topk.all(-1, keepdim=True)
-        pi.masked_fill_(in_topk, 0.0)  # pi outside the top k: the tail part of the gradient
-        del in_topk
-        tail = pi.sum(-1)
-        # As paired_categories: with no token outside the top k the teacher's tail mass is dropped (issue 3).
-        no_tail = torch.cat([t_cat[:, :-1], torch.full_like(t_cat[:, -1:], -math.inf)], dim=-1)
-        t_cat = torch.where(empty_tail, torch.log_softmax(no_tail, dim=-1), t_cat)
-        s_cat = torch.cat(
-            [torch.where(topk_valid, x_ids - lse_x.unsqueeze(-1), -math.inf), tail.log().unsqueeze(-1)], dim=-1
-        )
-        per_token = kl(t_cat, s_cat)
-        if p.scale_by_tau_squared:
-            per_token = per_token * p.temperature**2
-        teacher_p = t_cat.exp()
-        tail_ratio = teacher_p[:, -1] / tail.clamp(min=torch.finfo(tail.dtype).tiny)
-        # tail tokens: (pi_coef + kd_weight - kd_weight * tail_ratio) * pi; top-k tokens: (pi_coef + kd_weight) * pi - kd_weight * p_k
-        full_coef = pi_coef + kd_weight
-        grad = pi.mul_((full_coef - kd_weight * tail_ratio).unsqueeze(-1))
-        at_ids = full_coef.unsqueeze(-1) * pi_ids - kd_weight.unsqueeze(-1) * teacher_p[:, :-1]
-        grad.scatter_add_(-1, ids, torch.where(topk_valid, at_ids, 0.0))
-    else:
-        grad = pi.mul_(pi_coef.unsqueeze(-1))
-        if teacher_logprobs is not None:  # - kd_weight * p, p made in the teacher's buffer
-            grad -= teacher_logprobs.exp_().mul_(kd_weight.unsqueeze(-1))
-    if p.alpha_kd > 0:
+            # As paired_categories: with no token outside the top k the teacher's tail mass is dropped (issue 3).
+            no_tail = torch.cat([t_cat[:, :-1], torch.full_like(t_cat[:, -1:], -math.inf)], dim=-1)
+            t_cat = torch.where(empty_tail, torch.log_softmax(no_tail, dim=-1), t_cat)
+            s_cat = torch.cat(
+                [torch.where(topk_valid, x_ids - lse_x.unsqueeze(-1), -math.inf), tail.log().unsqueeze(-1)], dim=-1
+            )
+            per_token = kl(t_cat, s_cat) * scale
+            teacher_p = t_cat.exp()
+            tail_ratio = teacher_p[:, -1] / tail.clamp(min=torch.finfo(tail.dtype).tiny)
+            # top-k tokens: pi_coef * pi - kd_weight * p_k; tail tokens: (pi_coef - kd_weight * tail_ratio) * pi
+            at_ids = torch.where(
+                topk_valid, pi_coef.unsqueeze(-1) * pi_ids - kd_weight.unsqueeze(-1) * teacher_p[:, :-1], 0.0
+            )
+            pi_coef = pi_coef - kd_weight * tail_ratio
         div_sum = torch.where(row_mask, per_token, 0.0).sum()
-    if p.alpha_ce > 0 and ce_softmax is not None:
-        grad += ce_softmax
-    grad.scatter_add_(-1, safe, at_target.unsqueeze(-1))
     loss = p.alpha_kd * div_sum + p.alpha_ce * ce_sum + p.td_weight * td_sum
-    return (grad if need_grad else None), grad_mean, grad_log_std, loss, (div_sum, ce_sum, td_sum)
+    if not need_grad:
+        return None, grad_mean, grad_log_std, loss, (div_sum, ce_sum, td_sum)
+
+    # Pass 2, per block: the gradient, in place of pi.
+    ce_scale = (p.alpha_ce * row_valid * (tau * lse_x - lse_z).exp()).unsqueeze(-1) if ce_on and tau != 1.0 else None
+    for b in blocks:
+        g = logits[b]
+        ce_softmax = g.pow(tau).mul_(ce_scale[b]) if ce_scale is not None else None  # alpha_ce * softmax(z)
+        g.mul_(pi_coef[b].unsqueeze(-1))
+        if dense_kl:
+            g.sub_(teacher[b].mul_(kd_weight[b].unsqueeze(-1)))
+        if topk_kl:
+            g.scatter_add_(-1, ids[b], at_ids[b])
+        if ce_softmax is not None:
+            g.add_(ce_softmax)
+        g.scatter_add_(-1, safe[b], at_target[b].unsqueeze(-1))
+    return logits, grad_mean, grad_log_std, loss, (div_sum, ce_sum, td_sum)

@@ -68,7 +68,8 @@ def run_both(params: XKDHyperparams, teacher_kind: str, chunk_size: int, *, pack
         common = dict(reward_mean=leaves["mean"], reward_log_std=leaves["log_std"], params=params,
                       position_ids=x["position_ids"], eos_token_id=EOS)
         if chunked:
-            teacher = x["topk"] if teacher_kind == "topk" else DenseHiddenSignal(x["teacher_hidden"], x["teacher_weight"])
+            dense = DenseHiddenSignal(x["teacher_hidden"], x["teacher_weight"])
+            teacher = x["topk"] if teacher_kind == "topk" else dense
             out = chunked_xkd_loss(leaves["hidden"], leaves["weight"], x["labels"], teacher=teacher,
                                    chunk_size=chunk_size, output_bias=bias, **common)
         else:
@@ -170,7 +171,8 @@ def test_frozen_output_layer_gets_no_gradient():
     out.loss.backward()
     assert frozen.grad is None
     ref_leaves = [x[k].clone().requires_grad_(True) for k in ("hidden", "mean", "log_std")]
-    ref = xkd_loss(ref_leaves[0] @ frozen.T, x["labels"], teacher=DenseSignal(x["teacher_hidden"] @ x["teacher_weight"].T),
+    dense = DenseSignal(x["teacher_hidden"] @ x["teacher_weight"].T)
+    ref = xkd_loss(ref_leaves[0] @ frozen.T, x["labels"], teacher=dense,
                    reward_mean=ref_leaves[1], reward_log_std=ref_leaves[2], params=params, eos_token_id=EOS)
     ref.loss.backward()
     for leaf, ref_leaf in zip(leaves, ref_leaves):
@@ -238,3 +240,15 @@ def test_autograd_mode_equals_hand_written_gradients(teacher_kind):
     torch.testing.assert_close(results[0][0], results[1][0], **FP32)
     for got, ref in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(got, ref, **FP32)
+
+
+@pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
+def test_row_blocks_inside_a_chunk(monkeypatch, teacher_kind):
+    """The hand-written kernel walks each chunk in cache-sized row blocks; force 2-row blocks (3 per chunk of 5)."""
+    from axolotl_xkd.losses import fused
+
+    monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", 2 * V)
+    for params in (XKDHyperparams(alpha_ce=0.5, q_form="logprobs"),
+                   XKDHyperparams(divergence="sequence", alpha_ce=0.5, temperature=1.4)):
+        assert fused.supports(params, teacher_kind, True)
+        assert_same(*run_both(params, teacher_kind, 5), **FP32)
