@@ -7,7 +7,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 rm -rf runs/tiny
-python -m axolotl_xkd.tiny --out runs/tiny --teacher-steps "${XKD_TEACHER_STEPS:-600}"
+python -m axolotl_xkd.tiny --out runs/tiny --teacher-steps "${XKD_TEACHER_STEPS:-800}"
 axolotl train example_configs/xkd_tiny.yml
 OUT=runs/tiny/xkd_student
 test -f "$OUT/model.safetensors" && test -f "$OUT/xkd_reward_head.safetensors"

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from axolotl_xkd.distributed import full_shape, place_teacher
-from axolotl_xkd.losses.signal import DenseSignal
+from axolotl_xkd.losses.signal import DenseHiddenSignal, DenseSignal
 
 LOG = logging.getLogger(__name__)
 
@@ -44,6 +44,17 @@ def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTo
             LOG.warning(
                 "%s: %s is %s for the student but %s for the teacher; X-KD uses the student's", where, name, s_id, t_id
             )
+
+
+def output_layer_is_linear(model: nn.Module) -> bool:
+    """True when `model`'s logits are its decoder's last hidden state times a plain Linear output layer.
+
+    Softcapped (Gemma 2), scaled (Cohere) or adapter-wrapped output layers are not, and keep full logits.
+    """
+    config = model.config.get_text_config()
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return False
+    return type(model.get_output_embeddings()) is nn.Linear and hasattr(model, "get_decoder")
 
 
 class ModelTeacherSource:
@@ -99,6 +110,19 @@ class ModelTeacherSource:
         where = device if engine is None else "ZeRO-3 sharded" + (", offloaded to CPU" if offload else "")
         LOG.info("X-KD teacher %s loaded (%s, %s, output rows %d)", path, dtype, where, rows)
         return cls(model, vocab_size, engine)
+
+    @property
+    def fusable(self) -> bool:
+        """Whether logits are exactly hidden @ W^T (+ b), so the chunked loss may form them itself."""
+        return output_layer_is_linear(self.model)
+
+    @torch.no_grad()
+    def get_hidden_signal(self, batch: dict[str, Tensor]) -> DenseHiddenSignal:
+        """Teacher last hidden states and output layer: the chunked loss forms its logits per chunk."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        head = self.model.get_output_embeddings()
+        return DenseHiddenSignal(hidden=hidden, weight=head.weight, bias=head.bias)
 
     @torch.no_grad()
     def get_signal(self, batch: dict[str, Tensor]) -> DenseSignal:
