@@ -96,6 +96,12 @@ class _Recorder(TrainerCallback):
 class ProbePlugin(BasePlugin):
     """Records the run's distributed state for the e2e tests; see the module docstring."""
 
+    def pre_model_load(self, cfg) -> None:
+        # Axolotl 0.19 pins device_map to {"": LOCAL_RANK} whenever world_size > 1 (a CUDA index); without
+        # a GPU (this CI: DDP or ZeRO-1/2 over gloo) that is no device, so load on the CPU. ZeRO-3 drops it.
+        if not torch.cuda.is_available() and isinstance(cfg.device_map, dict):
+            cfg.device_map = "cpu"
+
     def post_trainer_create(self, cfg, trainer) -> None:
         recorder = _Recorder(trainer)
 
