@@ -36,7 +36,9 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
     if teacher_path is None:
         raise click.UsageError("no teacher model: pass --teacher PATH or set xkd.teacher.model_path / path")
     if out is None:
-        raise click.UsageError("no output folder: pass --out DIR or set `xkd.teacher: {source: precomputed, path: DIR}`")
+        raise click.UsageError(
+            "no output folder: pass --out DIR or set `xkd.teacher: {source: precomputed, path: DIR}`"
+        )
     top_k = top_k or (teacher.top_k if precomputed and teacher.top_k else 64)
     settings = PrecomputeSettings(out=out, teacher=teacher_path, top_k=top_k, batch_size=batch_size,
                                   rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype)

@@ -121,8 +121,8 @@ def test_float16_rounding_of_a_full_distribution_is_tolerated():
     logprobs = torch.log_softmax(torch.from_numpy(rng.normal(size=(6, V)) * 0.1).float(), -1)
     values, ids = logprobs.topk(V, -1)
     labels = [-100] + [5] * 6
-    row = {"input_ids": [5] * 7, "labels": labels, **{k: v.tolist() for k, v in
-                                                      encode(ids.numpy(), values.numpy(), "packed_u32", "float16").items()}}
+    encoded = encode(ids.numpy(), values.numpy(), "packed_u32", "float16")
+    row = {"input_ids": [5] * 7, "labels": labels, **{k: v.tolist() for k, v in encoded.items()}}
     validate_rows(table([row]), top_k=V, vocab_size=V)
 
 
