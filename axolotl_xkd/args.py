@@ -60,12 +60,40 @@ class PrecomputedTeacher(BaseModel):
     )
 
 
+class ServerTeacher(BaseModel):
+    """An OpenAI-compatible completions server (vLLM, or `axolotl xkd serve-teacher`) returning prompt_logprobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["server"] = Field("server", description="Ask a teacher server for top-k log-probs.")
+    base_url: str = Field(description="Server root, e.g. http://127.0.0.1:8000 (requests go to /v1/...).")
+    model: str | None = Field(None, description="Served model name; default: the first one /v1/models lists.")
+    top_k: int = Field(20, ge=1, description="Teacher log-probs per position (vLLM: at most its --max-logprobs).")
+    timeout_s: float = Field(120.0, gt=0, description="Limit of one HTTP attempt, connect to last byte.")
+    max_retries: int = Field(3, ge=0, description="Retries of a failed request before the run stops.")
+    retry_backoff_s: float = Field(0.5, ge=0, description="Wait before the first retry; doubles on each further one.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once (one request per sequence).")
+    prefetch: int = Field(2, ge=0, description="Training batches whose requests are sent ahead of their step.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (sent as a Bearer token)."
+    )
+
+    @model_validator(mode="after")
+    def _http_url(self) -> ServerTeacher:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"xkd.teacher.base_url={self.base_url!r} must start with http:// or https://, "
+                "e.g. http://127.0.0.1:8000"
+            )
+        return self
+
+
 class XKDConfig(BaseModel):
     """Every option of XKD_METHOD.md; defaults are the spec's."""
 
     model_config = ConfigDict(extra="forbid")
 
-    teacher: ModelTeacher | PrecomputedTeacher | None = Field(
+    teacher: ModelTeacher | PrecomputedTeacher | ServerTeacher | None = Field(
         None, description="Where the teacher distribution p_T comes from.", discriminator="source"
     )
     divergence: Divergence = Field("forward_kl", description="The distillation term D_i.")

@@ -79,6 +79,8 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
         from axolotl_xkd.teachers.precomputed import PrecomputedTeacherSource
 
         return PrecomputedTeacherSource(store_top_k(teacher))
+    if teacher.source == "server":
+        return load_server_teacher(teacher, trainer.processing_class)
     from axolotl_xkd.teachers.model import ModelTeacherSource
 
     dtype = _DTYPES[teacher.dtype] if teacher.dtype else base_model(student).dtype
@@ -94,6 +96,24 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
         ds_config=trainer.accelerator.state.deepspeed_plugin.deepspeed_config if trainer.is_deepspeed_enabled else None,
         offload=teacher.offload,
     )
+
+
+def load_server_teacher(teacher, tokenizer) -> TeacherSource:
+    """A teacher server client for `xkd.teacher` (source: server), checked once against the student's tokenizer."""
+    from axolotl_xkd.teachers.server import ServerSettings, ServerTeacherSource, TeacherServerClient
+    from axolotl_xkd.topk_store import tokenizer_hash
+
+    api_key = None
+    if teacher.api_key_env:
+        api_key = os.environ.get(teacher.api_key_env)
+        if not api_key:
+            raise ValueError(f"xkd.teacher.api_key_env={teacher.api_key_env!r}: that environment variable is not set "
+                             "or empty; export the teacher server's API key in it (it is never read from the YAML).")
+    fields = ServerSettings.__dataclass_fields__
+    settings = ServerSettings(**{k: v for k, v in teacher.model_dump().items() if k in fields}, api_key=api_key)
+    client = TeacherServerClient(settings)
+    client.check_server(tokenizer, tokenizer_hash(tokenizer))
+    return ServerTeacherSource(client)
 
 
 def configure_trainer(trainer, config: XKDConfig, cfg) -> None:

@@ -68,6 +68,13 @@ class XKDTrainer(AxolotlTrainer):
         keep = self._signature_columns
         keep += [c for c in columns or [] if c.startswith(TEACHER_PREFIX) and c not in keep]
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Hand the batches out through the teacher's lookahead (a server teacher sends requests ahead)."""
+        prefetched = getattr(self.xkd_teacher, "prefetched", None)
+        if prefetched is not None:
+            epoch_iterator = prefetched(epoch_iterator)
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
     def _forward_with_hidden(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[object, Tensor]:
         """Student forward; also returns the last hidden states, read as the input of the output layer."""
         output_layer = self.accelerator.unwrap_model(model).get_output_embeddings()

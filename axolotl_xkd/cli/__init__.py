@@ -12,6 +12,7 @@ import click
 SUBCOMMANDS: dict[str, str] = {
     "score": "axolotl_xkd.cli.score:score",
     "precompute": "axolotl_xkd.cli.precompute:precompute",
+    "serve-teacher": "axolotl_xkd.cli.serve_teacher:serve_teacher",
 }
 
 

@@ -1,0 +1,39 @@
+"""`axolotl xkd serve-teacher --model PATH`: serve a teacher's prompt log-probs over HTTP (vLLM's protocol subset)."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+
+@click.command("serve-teacher")
+@click.option("--model", "model_path", required=True, help="Teacher model directory (or hub id) for from_pretrained.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; the default keeps the server on this machine (it has no authentication).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to bind; 0 picks a free one (printed at start).")
+@click.option("--top-k-max", type=click.IntRange(min=1), default=None,
+              help="Largest prompt_logprobs answered (default: the vocabulary size).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--served-model-name", default=None, help="Model name in /v1/models (default: --model).")
+def serve_teacher(model_path: str, host: str, port: int, top_k_max: int | None, dtype: str, device: str | None,
+                  served_model_name: str | None) -> None:
+    """Answer POST /v1/completions with prompt_logprobs and GET /v1/models, until interrupted."""
+    from axolotl_xkd.teacher_server import TeacherScorer, make_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"xkd serve-teacher: WARNING: binding {host}; the server has no authentication", err=True)
+    scorer = TeacherScorer.load(model_path, dtype=dtype, device=device, top_k_max=top_k_max, name=served_model_name)
+    server = make_server(scorer, host, port)
+    bound_host, bound_port = server.server_address[:2]
+    click.echo(f"xkd serve-teacher: {scorer.name} on http://{bound_host}:{bound_port} "
+               f"(vocab {scorer.vocab_size}, top-k max {scorer.top_k_max})", nl=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,206 @@
+"""`axolotl xkd serve-teacher`: a small teacher server speaking the subset of vLLM's OpenAI API that the
+server teacher (axolotl_xkd.teachers.server) uses, backed by transformers.
+
+    GET  /v1/models       the model card, plus the tokenizer fingerprint (xkd_tokenizer_hash), vocabulary
+                          size and largest prompt_logprobs this server answers
+    POST /v1/completions  {"prompt": [token ids] or a list of them, "prompt_logprobs": k, "max_tokens": 1}
+                          -> choices[i].prompt_logprobs: [None, {"<id>": {"logprob", "rank", "decoded_token"}}, ...]
+                          (top k per position plus the prompt token, as vLLM answers); the one generated
+                          token is the greedy one.
+
+The standard library's ThreadingHTTPServer handles connections; the model runs one request at a time.
+Imports transformers; the CLI module imports it lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from axolotl_xkd.teachers.server import INFO_TOKENIZER_HASH, INFO_TOP_K_MAX, INFO_VOCAB_SIZE
+from axolotl_xkd.topk_store import tokenizer_hash
+
+LOG = logging.getLogger("axolotl_xkd")
+# vLLM sends -9999.0 where a log-prob is -inf (JSON has no infinity).
+_FLOOR = -9999.0
+_MAX_BODY = 64 << 20
+
+
+class BadRequest(ValueError):
+    """The request cannot be served; answered with HTTP 400 and this message."""
+
+
+class TeacherScorer:
+    """A causal LM and its tokenizer answering prompt_logprobs requests."""
+
+    def __init__(self, model, tokenizer, *, name: str, top_k_max: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.vocab_size = len(tokenizer)
+        self.top_k_max = min(top_k_max or self.vocab_size, self.vocab_size)
+        config = model.config.get_text_config()
+        self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+        self.fingerprint = tokenizer_hash(tokenizer)
+        self.device = next(model.parameters()).device
+        self._decoded = tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str, *, dtype: str = "float32", device: str | None = None, top_k_max: int | None = None,
+             name: str | None = None) -> TeacherScorer:
+        """Load a model directory (or hub id) in eval mode on `device` (default: cuda if present, else cpu)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = model.requires_grad_(False).eval().to(device)
+        return cls(model, tokenizer, name=name or path, top_k_max=top_k_max)
+
+    def model_card(self) -> dict:
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "axolotl_xkd",
+            "max_model_len": self.max_model_len,
+            INFO_TOKENIZER_HASH: self.fingerprint,
+            INFO_VOCAB_SIZE: self.vocab_size,
+            INFO_TOP_K_MAX: self.top_k_max,
+        }
+
+    def _prompts(self, request: dict) -> list[list[int]]:
+        prompt = request.get("prompt")
+        prompts = [prompt] if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(
+            isinstance(p, list) and p and all(isinstance(t, int) and 0 <= t < self.vocab_size for t in p)
+            for p in prompts
+        ):
+            raise BadRequest(f"prompt must be a non-empty list of token ids in [0, {self.vocab_size}) (or a list "
+                             "of such lists); this server takes no text prompts")
+        for p in prompts:
+            if self.max_model_len and len(p) + 1 > self.max_model_len:
+                raise BadRequest(f"prompt of {len(p)} tokens plus max_tokens 1 exceeds max_model_len "
+                                 f"{self.max_model_len}")
+        return prompts
+
+    def complete(self, request: dict) -> dict:
+        """The completions answer for `request` (one choice per prompt)."""
+        model = request.get("model")
+        if model is not None and model != self.name:
+            raise BadRequest(f"model {model!r} is not served here; this server serves {self.name!r}")
+        k = request.get("prompt_logprobs")
+        if k is not None and (not isinstance(k, int) or not 0 <= k <= self.top_k_max):
+            raise BadRequest(f"prompt_logprobs must be an integer in [0, {self.top_k_max}] (--top-k-max)")
+        if request.get("max_tokens", 16) != 1:
+            raise BadRequest("this server scores prompts only: max_tokens must be 1")
+        if request.get("stream"):
+            raise BadRequest("stream is not supported")
+        prompts = self._prompts(request)
+        choices = [self._choice(i, p, k) for i, p in enumerate(prompts)]
+        tokens = sum(len(p) for p in prompts)
+        return {
+            "id": f"cmpl-{time.time_ns():x}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": choices,
+            "usage": {"prompt_tokens": tokens, "completion_tokens": len(prompts), "total_tokens": tokens + len(prompts)},
+        }
+
+    @torch.no_grad()
+    def _choice(self, index: int, prompt: list[int], k: int | None) -> dict:
+        ids = torch.tensor([prompt], device=self.device)
+        with self._lock:
+            logits = self.model(input_ids=ids, use_cache=False).logits[0, :, : self.vocab_size]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        next_id = int(logprobs[-1].argmax())
+        entries = None
+        if k is not None:
+            entries = [None] + [self._entry(logprobs[j - 1], prompt[j], k) for j in range(1, len(prompt))]
+        return {"index": index, "text": self.tokenizer.decode([next_id]), "logprobs": None,
+                "finish_reason": "length", "stop_reason": None, "token_ids": [next_id],
+                "prompt_logprobs": entries}
+
+    def _entry(self, row: torch.Tensor, actual: int, k: int) -> dict:
+        """Top k of one position, plus the prompt token when it is not among them (vLLM's layout)."""
+        values, indices = row.topk(k) if k else (row[:0], row[:0].long())
+        out = {}
+        for rank, (token, value) in enumerate(zip(indices.tolist(), values.tolist()), start=1):
+            out[str(token)] = self._logprob(token, value, rank)
+        if str(actual) not in out:
+            value = float(row[actual])
+            out[str(actual)] = self._logprob(actual, value, int((row > row[actual]).sum()) + 1)
+        return out
+
+    def _logprob(self, token: int, value: float, rank: int) -> dict:
+        return {"logprob": value if math.isfinite(value) else _FLOOR, "rank": rank, "decoded_token": self._decoded[token]}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _TeacherHTTPServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+        LOG.debug("serve-teacher %s - %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, {"object": "error", "message": message, "type": "BadRequestError", "code": status})
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.rstrip("/") == "/v1/models":
+            self._send(200, {"object": "list", "data": [self.server.scorer.model_card()]})
+        elif self.path.rstrip("/") == "/health":
+            self._send(200, {})
+        else:
+            self._error(404, f"no route {self.path}")
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path.rstrip("/") != "/v1/completions":
+            self._error(404, f"no route {self.path}")
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if not 0 < length <= _MAX_BODY:
+            self._error(400, f"a JSON body of 1 to {_MAX_BODY} bytes is required")
+            return
+        try:
+            request = json.loads(self.rfile.read(length))
+            if not isinstance(request, dict):
+                raise BadRequest("the body must be a JSON object")
+            answer = self.server.scorer.complete(request)
+        except (json.JSONDecodeError, BadRequest) as error:
+            self._error(400, str(error))
+            return
+        except Exception as error:  # the server keeps serving; the client retries 5xx
+            LOG.exception("serve-teacher: request failed")
+            self._error(500, f"{type(error).__name__}: {error}")
+            return
+        self._send(200, answer)
+
+
+class _TeacherHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], scorer: TeacherScorer) -> None:
+        super().__init__(address, _Handler)
+        self.scorer = scorer
+
+
+def make_server(scorer: TeacherScorer, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """Bind (port 0: a free port, read back from server_address) without serving yet."""
+    return _TeacherHTTPServer((host, port), scorer)
