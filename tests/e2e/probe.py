@@ -77,7 +77,8 @@ class _Recorder(TrainerCallback):
             t_total, t_local = _numel(teacher.model.parameters())
             self.state["teacher"] = {
                 "engine": type(teacher.engine).__name__ if teacher.engine is not None else None,
-                "has_optimizer": getattr(teacher.engine, "optimizer", None) is not None,
+                # Without an optimizer, a ZeRO-3 engine holds a DeepSpeedZeRoOffload (partitioning only, no state).
+                "optimizer": type(teacher.engine.optimizer).__name__ if teacher.engine is not None else None,
                 "numel": t_total,
                 "local_numel": t_local,
                 "requires_grad": any(p.requires_grad for p in teacher.model.parameters()),
