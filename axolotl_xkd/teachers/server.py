@@ -113,6 +113,9 @@ class TeacherServerClient:
                     if time.monotonic() > deadline:
                         raise _Retryable(f"the answer took longer than timeout_s={timeout}s")
                 raw = b"".join(chunks)
+                length = response.headers.get("Content-Length")
+                if length is not None and length.isdigit() and len(raw) != int(length):
+                    raise _Retryable(f"truncated answer: the connection closed after {len(raw)} of {length} bytes")
         except urllib.error.HTTPError as error:
             detail = error.read(_ERROR_BODY_CHARS).decode(errors="replace")
             kind = _Retryable if error.code >= 500 or error.code == 429 else _Fatal
@@ -180,14 +183,6 @@ class TeacherServerClient:
                                      f"{self.model!r}; set xkd.teacher.model to one of them.")
         entry = models[names.index(self.model)]
         vocab_size = len(tokenizer)
-        self.vocab_size = vocab_size
-        if self.settings.top_k > vocab_size:
-            raise ValueError(f"xkd.teacher.top_k={self.settings.top_k} exceeds the vocabulary ({vocab_size} tokens)")
-        limit = entry.get(INFO_TOP_K_MAX)
-        if limit is not None and self.settings.top_k > limit:
-            raise TeacherServerError(f"xkd.teacher.base_url={self.base_url}: serves at most {limit} log-probs per "
-                                     f"position, xkd.teacher.top_k is {self.settings.top_k}; lower top_k or restart "
-                                     f"the server with --top-k-max {self.settings.top_k}.")
         if INFO_TOKENIZER_HASH in entry:
             theirs = entry[INFO_TOKENIZER_HASH]
             if theirs != tokenizer_hash or entry.get(INFO_VOCAB_SIZE, vocab_size) != vocab_size:
@@ -198,11 +193,20 @@ class TeacherServerClient:
                     "id, so both must use the same tokenizer: serve a teacher with the student's tokenizer.")
         else:
             self._probe_tokenizer(tokenizer)
+        if self.settings.top_k > vocab_size:
+            raise ValueError(f"xkd.teacher.top_k={self.settings.top_k} exceeds the vocabulary ({vocab_size} tokens)")
+        limit = entry.get(INFO_TOP_K_MAX)
+        if limit is not None and self.settings.top_k > limit:
+            raise TeacherServerError(f"xkd.teacher.base_url={self.base_url}: serves at most {limit} log-probs per "
+                                     f"position, xkd.teacher.top_k is {self.settings.top_k}; lower top_k or restart "
+                                     f"the server with --top-k-max {self.settings.top_k}.")
+        self.vocab_size = vocab_size  # marks the server as checked
         LOG.info("xkd teacher server %s: model %r, top_k %d", self.base_url, self.model, self.settings.top_k)
 
     def _probe_tokenizer(self, tokenizer) -> None:
         """Servers without a fingerprint: compare how both tokenize the same text (vLLM's /tokenize)."""
-        ids = [i for i in range(min(len(tokenizer), 4096)) if i not in set(tokenizer.all_special_ids)]
+        special = set(tokenizer.all_special_ids)
+        ids = [i for i in range(min(len(tokenizer), 4096)) if i not in special]
         text = tokenizer.decode(ids[:: max(1, len(ids) // 512)])
         payload = {"model": self.model, "prompt": text, "add_special_tokens": False}
         try:

@@ -1,0 +1,268 @@
+"""The server teacher's client against `axolotl xkd serve-teacher`'s server (in a thread) and against a
+fault-injecting server on loopback: retries as configured, then a named error; never a hang."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from axolotl_xkd.teacher_server import TeacherScorer, make_server
+from axolotl_xkd.teachers.server import (
+    TICKET,
+    ServerSettings,
+    ServerTeacherSource,
+    TeacherServerClient,
+    TeacherServerError,
+    segments,
+)
+from axolotl_xkd.tiny import build_model, build_tokenizer
+from axolotl_xkd.topk_store import tokenizer_hash
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, hidden=32, layers=1, seed=0).eval()
+    return tokenizer, model
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    """`axolotl xkd serve-teacher`'s server on a free loopback port, in a thread."""
+    tokenizer, model = tiny
+    server = make_server(TeacherScorer(model, tokenizer, name="tiny"), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def client_for(url: str, tokenizer, **overrides) -> TeacherServerClient:
+    settings = {"base_url": url, "top_k": len(tokenizer), "timeout_s": 5.0, "max_retries": 2,
+                "retry_backoff_s": 0.01, "concurrency": 2, **overrides}
+    client = TeacherServerClient(ServerSettings(**settings))
+    client.check_server(tokenizer, tokenizer_hash(tokenizer))
+    return client
+
+
+def feature(tokenizer, text: str, prompt_len: int) -> dict:
+    ids = tokenizer(text)["input_ids"]
+    return {"input_ids": ids, "labels": [-100] * prompt_len + ids[prompt_len:], "attention_mask": [1] * len(ids),
+            "position_ids": list(range(len(ids)))}
+
+
+def packed_batch(tokenizer) -> dict:
+    """Two packed rows built by Axolotl's own V2 multipack collator (padding, position_ids restarts)."""
+    from axolotl.utils.collators.batching import V2BatchSamplerDataCollatorForSeq2Seq
+
+    collator = V2BatchSamplerDataCollatorForSeq2Seq(tokenizer, return_tensors="pt", padding=True, pad_to_multiple_of=16)
+    return dict(collator([[feature(tokenizer, "1+2=3", 4), feature(tokenizer, "22+33=55", 6)],
+                          [feature(tokenizer, "9-1=8", 4)]]))
+
+
+def test_packed_batch_matches_in_process_teacher(tiny, served):
+    """k = |V|: the server's signal equals the teacher's own log-softmax, segment by segment, at position i
+    = p_T(. | u_<=i); the last position of a segment and padding get no entry."""
+    tokenizer, model = tiny
+    batch = packed_batch(tokenizer)
+    assert segments(batch) == [(0, 0, 6), (0, 6, 15), (1, 0, 6)]
+    signal = ServerTeacherSource(client_for(served, tokenizer)).get_signal(batch)
+    dense = torch.full((*batch["input_ids"].shape, len(tokenizer)), -torch.inf)
+    dense.scatter_(-1, signal.token_ids, signal.logprobs)
+    with torch.no_grad():
+        for b, start, end in segments(batch):
+            logits = model(input_ids=batch["input_ids"][b: b + 1, start:end]).logits[0]
+            expected = torch.log_softmax(logits.float(), dim=-1)
+            torch.testing.assert_close(dense[b, start: end - 1], expected[:-1], atol=1e-5, rtol=5e-4)
+            assert torch.isinf(dense[b, end - 1]).all()
+    assert torch.isinf(dense[0, 15]).all() and torch.isinf(dense[1, 6:]).all()
+
+
+def test_prefetch_sends_requests_ahead(tiny, served):
+    """Drawing the first batch sends the requests of `prefetch` more batches; every batch then resolves."""
+    tokenizer, _ = tiny
+    source = ServerTeacherSource(client_for(served, tokenizer, prefetch=2, top_k=5))
+    batches = [packed_batch(tokenizer) for _ in range(4)]
+    epoch = iter(batches)
+    stream = source.prefetched(epoch)
+    first = next(stream)
+    assert source.prefetched(epoch) is stream  # the trainer passes the same epoch iterator at every step
+    assert [TICKET in b for b in batches] == [True, True, True, False]
+    signals = [source.get_signal(first)] + [source.get_signal(b) for b in stream]
+    assert len(signals) == 4 and all(s.logprobs.shape == (2, 16, 5) for s in signals)
+    assert all(torch.isfinite(s.logprobs).all(-1).sum() == 18 for s in signals)
+
+
+def test_other_tokenizer_is_refused_at_start(tiny, served):
+    tokenizer, _ = tiny
+    other = build_tokenizer()
+    other.add_tokens(["<extra>"])
+    with pytest.raises(TeacherServerError, match=rf"base_url={served}: model 'tiny' uses another tokenizer"):
+        client_for(served, other, top_k=5)
+
+
+class FaultServer(ThreadingHTTPServer):
+    """Answers /v1/models correctly and /v1/completions with the fault named by `mode`; counts requests."""
+
+    daemon_threads = True
+
+    def __init__(self, tokenizer, mode: str, *, fail_first: int | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), _FaultHandler)
+        self.tokenizer, self.mode, self.fail_first = tokenizer, mode, fail_first
+        self.hits: Counter = Counter()
+        self.auth: list[str | None] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _FaultHandler(BaseHTTPRequestHandler):
+    server: FaultServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, status: int, data: bytes, length: int | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data) if length is None else length))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def do_GET(self) -> None:  # noqa: N802
+        tok = self.server.tokenizer
+        card = {"id": "fault", "xkd_tokenizer_hash": tokenizer_hash(tok), "xkd_vocab_size": len(tok)}
+        if self.server.mode == "tokenizer":
+            card["xkd_tokenizer_hash"] = "0" * 64
+        self.server.hits["models"] += 1
+        self._send(200, json.dumps({"object": "list", "data": [card]}).encode())
+
+    def do_POST(self) -> None:  # noqa: N802
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        server, mode = self.server, self.server.mode
+        server.hits["completions"] += 1
+        server.auth.append(self.headers.get("Authorization"))
+        n = len(request["prompt"])
+        entry = {str(t): {"logprob": -float(t + 1), "rank": t + 1} for t in range(request["prompt_logprobs"])}
+        good = json.dumps({"choices": [{"index": 0, "prompt_logprobs": [None] + [entry] * (n - 1)}]}).encode()
+        if server.fail_first is not None and server.hits["completions"] > server.fail_first:
+            mode = "ok"
+        if mode == "ok":
+            self._send(200, good)
+        elif mode == "timeout":
+            time.sleep(1.0)
+            self._send(200, good)
+        elif mode == "5xx":
+            self._send(503, b'{"message": "overloaded"}')
+        elif mode == "4xx":
+            self._send(400, b'{"message": "prompt_logprobs above --max-logprobs"}')
+        elif mode == "malformed":
+            self._send(200, b'{"choices": [{"prompt_logprobs": [null, {"3": ')
+        elif mode == "truncated":
+            self._send(200, good[: len(good) // 2], length=len(good))
+            self.close_connection = True
+        elif mode == "positions":
+            short = {"choices": [{"index": 0, "prompt_logprobs": [None] + [entry] * (n - 2)}]}
+            self._send(200, json.dumps(short).encode())
+
+
+@pytest.fixture()
+def fault_server(tiny):
+    servers = []
+
+    def start(mode: str, **kwargs) -> FaultServer:
+        server = FaultServer(tiny[0], mode, **kwargs)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+FAULTS = {
+    "timeout": "no answer within timeout_s=0.3s",
+    "5xx": "HTTP 503",
+    "malformed": "malformed JSON",
+    "truncated": "truncated answer: the connection closed after",
+    "positions": "prompt_logprobs has 6 positions for a prompt of 7 tokens",
+}
+
+
+@pytest.mark.parametrize("mode", list(FAULTS))
+def test_fault_is_retried_then_named(tiny, fault_server, mode):
+    """1 + max_retries attempts reach the server, then TeacherServerError names the URL and the cause."""
+    tokenizer, _ = tiny
+    server = fault_server(mode)
+    client = client_for(server.url, tokenizer, top_k=4, timeout_s=0.3, max_retries=2)
+    started = time.monotonic()
+    with pytest.raises(TeacherServerError) as error:
+        client.score(list(range(1, 8)))
+    assert time.monotonic() - started < 10
+    assert server.hits["completions"] == 3
+    message = str(error.value)
+    assert f"xkd.teacher.base_url={server.url}" in message and "after 3 attempt(s)" in message
+    assert FAULTS[mode] in message
+
+
+def test_connection_refused_is_retried_then_named(tiny, caplog):
+    tokenizer, _ = tiny
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with caplog.at_level(logging.WARNING, logger="axolotl_xkd.teachers.server"), \
+            pytest.raises(TeacherServerError, match=rf"base_url={url}: GET /v1/models failed after 3 attempt"):
+        client_for(url, tokenizer, max_retries=2)
+    assert "cannot connect" in caplog.text and caplog.text.count("retry") == 2
+
+
+def test_client_error_is_not_retried(tiny, fault_server):
+    tokenizer, _ = tiny
+    server = fault_server("4xx")
+    with pytest.raises(TeacherServerError, match="after 1 attempt.*HTTP 400.*max-logprobs"):
+        client_for(server.url, tokenizer, top_k=4).score([1, 2, 3])
+    assert server.hits["completions"] == 1
+
+
+def test_transient_fault_recovers_and_sends_api_key(tiny, fault_server):
+    """Two 503s, then an answer: the third attempt's result is used (alignment: row i <- entry i + 1)."""
+    tokenizer, _ = tiny
+    server = fault_server("5xx", fail_first=2)
+    client = client_for(server.url, tokenizer, top_k=4, max_retries=2, api_key="s3cret")
+    ids, logprobs = client.score([1, 2, 3])
+    assert server.hits["completions"] == 3 and server.auth == ["Bearer s3cret"] * 3
+    assert ids[:2].tolist() == [[0, 1, 2, 3]] * 2 and logprobs[0].tolist() == [-1.0, -2.0, -3.0, -4.0]
+    assert torch.isinf(torch.from_numpy(logprobs[2])).all()
+    assert "s3cret" not in repr(client.settings)
+
+
+def test_wrong_tokenizer_fault_server_is_refused(tiny, fault_server):
+    tokenizer, _ = tiny
+    server = fault_server("tokenizer")
+    with pytest.raises(TeacherServerError, match="uses another tokenizer"):
+        client_for(server.url, tokenizer)
+    assert server.hits["models"] == 1 and server.hits["completions"] == 0
+
+
+def test_failed_batch_is_never_handed_to_the_loss(tiny, fault_server):
+    """get_signal raises (and drops the queued requests) instead of returning a batch with missing targets."""
+    tokenizer, _ = tiny
+    server = fault_server("5xx")
+    source = ServerTeacherSource(client_for(server.url, tokenizer, top_k=4, max_retries=1))
+    with pytest.raises(TeacherServerError, match="HTTP 503"):
+        source.get_signal(packed_batch(tokenizer))
+    with pytest.raises(RuntimeError, match="shutdown"):
+        source.client.submit([1, 2, 3])
