@@ -121,6 +121,9 @@ class XKDConfig(BaseModel):
     log_std_min: float = Field(-5.0, description="Lower clamp of log sigma_i.")
     log_std_max: float = Field(5.0, description="Upper clamp of log sigma_i.")
     topk_tail: bool = Field(True, description="Top-k teachers: keep the tail category (false: renormalise).")
+    chunk_size: int = Field(
+        1024, ge=0, description="Positions per chunk of the fused, chunked loss; 0 = unchunked reference path."
+    )
     sequences: Literal["dataset"] = Field("dataset", description="Where the training sequences come from.")
 
     @model_validator(mode="after")

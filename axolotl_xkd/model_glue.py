@@ -15,6 +15,7 @@ from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams
 from axolotl_xkd.reward_store import ATTRIBUTE, save_reward_head
 from axolotl_xkd.teachers.base import TeacherSource
+from axolotl_xkd.trainer import base_model
 
 LOG = logging.getLogger("axolotl_xkd")
 
@@ -25,11 +26,6 @@ def hyperparams(config: XKDConfig) -> XKDHyperparams:
     """The loss's plain hyperparameters from the validated config block."""
     fields = XKDHyperparams.__dataclass_fields__
     return XKDHyperparams(**{k: v for k, v in config.model_dump().items() if k in fields})
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def find_reward_head(model: nn.Module) -> VariationalRewardHead | None:
@@ -138,6 +134,7 @@ def configure_trainer(trainer, config: XKDConfig, cfg) -> None:
         detach_backbone=config.reward_detach_backbone,
         eos_token_id=tokenizer.eos_token_id,
         vocab_size=vocab_size,
+        chunk_size=config.chunk_size,
     )
     LOG.info("axolotl_xkd %s active: %s", __version__, config.model_dump_json(exclude_none=True))
 

@@ -14,12 +14,20 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from torch import Tensor, nn
 
+from axolotl_xkd.distributed import gathered_output_weight
+from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams, XKDLossOutput, xkd_loss
 from axolotl_xkd.reward_store import WEIGHTS_NAME, head_state_from, load_reward_head, save_reward_head
 from axolotl_xkd.teachers.base import TeacherSource
+from axolotl_xkd.teachers.model import output_layer_is_linear
 
 LOG = logging.getLogger(__name__)
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
 
 # Logged per response token, under xkd/<name> (train) and eval_xkd/<name> (eval).
 METRICS = ("distill", "ce", "reward_kl", "td_nll", "reward_mu", "reward_sigma")
@@ -38,6 +46,7 @@ class XKDTrainer(AxolotlTrainer):
         self.xkd_detach_backbone = False
         self.xkd_eos_token_id: int | None = None
         self.xkd_vocab_size = 0
+        self.xkd_chunk_size = 0
         self._xkd_sums: dict[str, dict[str, Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         # The loss divides by num_items_in_batch itself, so the Trainer must count it and not
         # divide by the accumulation steps again.
@@ -52,6 +61,7 @@ class XKDTrainer(AxolotlTrainer):
         detach_backbone: bool,
         eos_token_id: int | None,
         vocab_size: int,
+        chunk_size: int = 1024,
     ) -> None:
         """Install the loss settings; called once by the plugin after the trainer is built."""
         self.xkd_params = params
@@ -60,6 +70,7 @@ class XKDTrainer(AxolotlTrainer):
         self.xkd_detach_backbone = detach_backbone
         self.xkd_eos_token_id = eos_token_id
         self.xkd_vocab_size = vocab_size
+        self.xkd_chunk_size = chunk_size
 
     def _set_signature_columns_if_needed(self) -> None:
         """Keep the precomputed teacher's dataset columns, which are not arguments of the model's forward."""
@@ -75,40 +86,68 @@ class XKDTrainer(AxolotlTrainer):
             epoch_iterator = prefetched(epoch_iterator)
         return super().get_batch_samples(epoch_iterator, num_batches, device)
 
-    def _forward_with_hidden(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[object, Tensor]:
-        """Student forward; also returns the last hidden states, read as the input of the output layer."""
-        output_layer = self.accelerator.unwrap_model(model).get_output_embeddings()
+    def _forward_with_hidden(self, model: nn.Module, inputs: dict[str, Tensor], *, fused: bool):
+        """Student forward; also returns the last hidden states (the input of the output layer).
+
+        fused: read them off the decoder and let the model form logits for the last position only, since
+        the chunked loss forms the rest chunk by chunk; else hook the output layer's input.
+        """
+        student = base_model(self.accelerator.unwrap_model(model))
         captured: dict[str, Tensor] = {}
-        handle = output_layer.register_forward_hook(lambda _m, args, _o: captured.__setitem__("h", args[0]))
+        if fused:
+            handle = student.get_decoder().register_forward_hook(
+                lambda _m, _a, out: captured.__setitem__("h", out[0])
+            )
+            kwargs = {"logits_to_keep": 1}
+        else:
+            handle = student.get_output_embeddings().register_forward_hook(
+                lambda _m, args, _o: captured.__setitem__("h", args[0])
+            )
+            kwargs = {}
         try:
-            model_inputs = {k: v for k, v in inputs.items() if k != "labels" and not k.startswith(TEACHER_PREFIX)}
-            outputs = model(**model_inputs, use_cache=False)
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False, **kwargs)
         finally:
             handle.remove()
         return outputs, captured["h"]
+
+    def _uses_fused_loss(self, model: nn.Module) -> bool:
+        """The chunked loss is the default; full logits are kept for output layers it cannot fuse."""
+        return self.xkd_chunk_size > 0 and output_layer_is_linear(base_model(self.accelerator.unwrap_model(model)))
+
+    def _teacher_signal(self, inputs: dict[str, Tensor], *, fused: bool):
+        if not self.xkd_params.needs_teacher:
+            return None
+        if fused and getattr(self.xkd_teacher, "fusable", False):
+            return self.xkd_teacher.get_hidden_signal(inputs)
+        return self.xkd_teacher.get_signal(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.xkd_params is None:
             raise RuntimeError("XKDTrainer.configure_xkd was not called; use it through axolotl_xkd.XKDPlugin")
         params = self.xkd_params
-        outputs, hidden = self._forward_with_hidden(model, inputs)
-        logits = outputs.logits
-        if logits.shape[-1] != self.xkd_vocab_size:
-            logits = logits[..., : self.xkd_vocab_size]
-        teacher = self.xkd_teacher.get_signal(inputs) if params.needs_teacher else None
+        fused = self._uses_fused_loss(model)
+        outputs, hidden = self._forward_with_hidden(model, inputs, fused=fused)
+        teacher = self._teacher_signal(inputs, fused=fused)
         mean = log_std = None
         if params.uses_reward:
             mean, log_std = self.xkd_reward_head(hidden.detach() if self.xkd_detach_backbone else hidden)
-        out = xkd_loss(
-            logits,
-            inputs["labels"],
-            teacher=teacher,
-            reward_mean=mean,
-            reward_log_std=log_std,
-            params=params,
-            position_ids=inputs.get("position_ids"),
-            eos_token_id=self.xkd_eos_token_id,
-        )
+        common = {
+            "teacher": teacher,
+            "reward_mean": mean,
+            "reward_log_std": log_std,
+            "params": params,
+            "position_ids": inputs.get("position_ids"),
+            "eos_token_id": self.xkd_eos_token_id,
+        }
+        if fused:
+            with gathered_output_weight(model) as (weight, bias):
+                out = chunked_xkd_loss(hidden, weight, inputs["labels"], output_bias=bias,
+                                       vocab_size=self.xkd_vocab_size, chunk_size=self.xkd_chunk_size, **common)
+        else:
+            logits = outputs.logits
+            if logits.shape[-1] != self.xkd_vocab_size:
+                logits = logits[..., : self.xkd_vocab_size]
+            out = xkd_loss(logits, inputs["labels"], **common)
         self._accumulate(out, "train" if model.training else "eval")
         if num_items_in_batch is None:
             loss = out.loss / out.num_tokens.clamp(min=1)

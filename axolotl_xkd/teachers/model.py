@@ -113,8 +113,9 @@ class ModelTeacherSource:
 
     @property
     def fusable(self) -> bool:
-        """Whether logits are exactly hidden @ W^T (+ b), so the chunked loss may form them itself."""
-        return output_layer_is_linear(self.model)
+        """Whether the chunked loss may form the teacher's logits itself: a plain Linear output layer that
+        is whole on this rank (under ZeRO-3 the teacher's layers are gathered only inside its forward)."""
+        return self.engine is None and output_layer_is_linear(self.model)
 
     @torch.no_grad()
     def get_hidden_signal(self, batch: dict[str, Tensor]) -> DenseHiddenSignal:

@@ -129,3 +129,19 @@ def test_example_llama_config_passes_validation():
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
     assert proc.returncode == 0 and "valid" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_fused_chunked_loss_equals_unchunked_reference(tiny_assets, tmp_path):
+    """The default training path (chunked loss fused with the output layer, teacher logits formed per
+    chunk from its hidden states) logs the same losses as the unchunked reference path."""
+    logged = {}
+    for name, chunk in (("fused", 5), ("reference", 0)):
+        config = merged(base_config(tiny_assets, tmp_path / name), {
+            "max_steps": 2, "save_steps": 2,
+            "xkd": {"chunk_size": chunk, "divergence": "jsd", "alpha_ce": 0.2, "td_target": "teacher_expected"},
+        })
+        train(write_config(tmp_path / f"{name}.yml", config))
+        logged[name] = [e for e in log_history(Path(config["output_dir"])) if "loss" in e]
+    for fused, reference in zip(logged["fused"], logged["reference"], strict=True):
+        for key in ("loss", *XKD_METRICS):
+            assert fused[key] == pytest.approx(reference[key], rel=1e-4, abs=2e-6), key
