@@ -14,7 +14,7 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from torch import Tensor, nn
 
-from axolotl_xkd.distributed import gathered_output_weight
+from axolotl_xkd.distributed import gathered_output_weight, is_partitioned
 from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams, XKDLossOutput, xkd_loss
@@ -111,8 +111,17 @@ class XKDTrainer(AxolotlTrainer):
         return outputs, captured["h"]
 
     def _uses_fused_loss(self, model: nn.Module) -> bool:
-        """The chunked loss is the default; full logits are kept for output layers it cannot fuse."""
-        return self.xkd_chunk_size > 0 and output_layer_is_linear(base_model(self.accelerator.unwrap_model(model)))
+        """The chunked loss is the default; full logits are kept for output layers it cannot fuse.
+
+        Under ZeRO-3 the output layer is partitioned again before the backward pass would hand the
+        chunked loss's weight gradient to it, so ZeRO-3 runs keep the unchunked path for now.
+        """
+        student = base_model(self.accelerator.unwrap_model(model))
+        return (
+            self.xkd_chunk_size > 0
+            and output_layer_is_linear(student)
+            and not is_partitioned(student.get_output_embeddings().weight)
+        )
 
     def _teacher_signal(self, inputs: dict[str, Tensor], *, fused: bool):
         if not self.xkd_params.needs_teacher:
