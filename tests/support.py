@@ -3,11 +3,15 @@ run for real in a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -115,3 +119,33 @@ def log_history(output_dir: Path) -> list[dict]:
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
     return state["log_history"]
+
+
+@contextlib.contextmanager
+def serve_teacher(model_dir: Path, *extra: str, start_timeout: float = 180) -> Iterator[str]:
+    """`axolotl xkd serve-teacher --port 0` in a subprocess on loopback; yields its URL (read from the line it
+    prints once bound) and stops it on exit."""
+    full_env = {**os.environ, **ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(
+        [str(BIN / "axolotl"), "xkd", "serve-teacher", "--model", str(model_dir), "--host", "127.0.0.1",
+         "--port", "0", *extra],
+        env=full_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen: list[str] = []
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=start_timeout)
+            except queue.Empty:
+                raise AssertionError(f"serve-teacher printed no URL in {start_timeout}s:\n{''.join(seen)}") from None
+            seen.append(line)
+            if line.startswith("xkd serve-teacher:") and " on http://127.0.0.1:" in line:
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"serve-teacher exited ({proc.returncode}):\n{''.join(seen)}")
+        yield line.split(" on ")[1].split()[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -3,18 +3,14 @@ loopback port): with k = |V| its first logged loss equals the in-process teacher
 
 from __future__ import annotations
 
-import queue
-import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import BIN, ENV, REPO, base_config, log_history, merged, train, write_config
+from tests.support import base_config, log_history, merged, serve_teacher, train, write_config
 
 ROWS = 64
-START_TIMEOUT_S = 180
 
 
 @pytest.fixture(scope="module")
@@ -27,31 +23,8 @@ def small_assets(tiny_assets, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def teacher_url(small_assets) -> Iterator[str]:
-    """`axolotl xkd serve-teacher --port 0` in a subprocess; its URL read from the line it prints at start."""
-    import os
-
-    env = {**os.environ, **ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen(
-        [str(BIN / "axolotl"), "xkd", "serve-teacher", "--model", str(small_assets["teacher"]), "--port", "0"],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    seen = []
-    try:
-        while True:
-            try:
-                line = lines.get(timeout=START_TIMEOUT_S)
-            except queue.Empty:
-                raise AssertionError(f"serve-teacher printed no URL in {START_TIMEOUT_S}s:\n{''.join(seen)}") from None
-            seen.append(line)
-            if line.startswith("xkd serve-teacher:") and " on http://127.0.0.1:" in line:
-                yield line.split(" on ")[1].split()[0]
-                break
-            assert proc.poll() is None, f"serve-teacher exited:\n{''.join(seen)}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with serve_teacher(small_assets["teacher"]) as url:
+        yield url
 
 
 def test_server_teacher_matches_model_teacher(small_assets, teacher_url, tmp_path):

@@ -266,3 +266,21 @@ def test_failed_batch_is_never_handed_to_the_loss(tiny, fault_server):
         source.get_signal(packed_batch(tokenizer))
     with pytest.raises(RuntimeError, match="shutdown"):
         source.client.submit([1, 2, 3])
+
+
+def test_config_checks_url_and_reads_key_from_named_variable(tiny, served, monkeypatch):
+    from pydantic import ValidationError
+
+    from axolotl_xkd.args import ServerTeacher
+    from axolotl_xkd.model_glue import load_server_teacher
+
+    with pytest.raises(ValidationError, match="xkd.teacher.base_url='localhost:8000' must start with http"):
+        ServerTeacher(base_url="localhost:8000")
+    monkeypatch.delenv("XKD_TEST_TEACHER_KEY", raising=False)
+    config = ServerTeacher(base_url=served, top_k=5, api_key_env="XKD_TEST_TEACHER_KEY")
+    with pytest.raises(ValueError, match="api_key_env='XKD_TEST_TEACHER_KEY': that environment variable is not set"):
+        load_server_teacher(config, tiny[0])
+    monkeypatch.setenv("XKD_TEST_TEACHER_KEY", "k3y")
+    source = load_server_teacher(config, tiny[0])
+    assert source.client.settings.api_key == "k3y" and "k3y" not in repr(source.client.settings)
+    assert source.client.model == "tiny"
