@@ -67,11 +67,6 @@ def logsumexp_rows(values: Tensor) -> Tensor:
     return torch.cat([torch.logsumexp(values[b], dim=-1) for b in _blocks(*values.shape)])
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """sum_j a_ij * b_ij per row without an (rows, V) temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-
 def fused_chunk(
     logits: Tensor,
     mean: Tensor | None,
@@ -111,7 +106,7 @@ def fused_chunk(
         signal = TopKSignal(*teacher_rows)
         topk_valid = signal.valid
         ids = torch.where(topk_valid, signal.token_ids, 0).long()
-        x_ids, pi_ids = (torch.empty(ids.shape, dtype=logits.dtype, device=logits.device) for _ in range(2))
+        logpi_ids, pi_ids = (torch.empty(ids.shape, dtype=logits.dtype, device=logits.device) for _ in range(2))
         tail = torch.empty_like(z_a)
         empty_tail = torch.empty(m, 1, dtype=torch.bool, device=logits.device)
     teacher = teacher_rows[0] if dense_kl else None
@@ -124,16 +119,17 @@ def fused_chunk(
         if tau != 1.0:
             z.div_(tau)  # x = z / tau
         lse_x[b] = lse_z[b] if ce_on and tau == 1.0 else torch.logsumexp(z, dim=-1)
+        z.sub_(lse_x[b].unsqueeze(-1))  # log pi
         if dense_kl:
             t = teacher[b].div_(tau) if tau != 1.0 else teacher[b]
             t.sub_(torch.logsumexp(t, dim=-1, keepdim=True)).clamp_(min=torch.finfo(t.dtype).min)  # log p
             probs = t.exp()
-            # sum p (log p - log pi) = sum p log p - sum p x + lse_x, as sum p = 1
-            dense_kl_rows[b] = _rowdot(probs, t) - _rowdot(probs, z) + lse_x[b]
+            # sum p (log p - log pi) term by term, as kl() does: two separate large sums would cancel
+            dense_kl_rows[b] = (probs * (t - z)).sum(-1)
             t.copy_(probs)  # the teacher's buffer now holds p
         if topk_kl:
-            x_ids[b] = z.gather(-1, ids[b])
-        z.sub_(lse_x[b].unsqueeze(-1)).exp_()  # pi
+            logpi_ids[b] = z.gather(-1, ids[b])
+        z.exp_()  # pi
         if topk_kl:
             pi_ids[b] = z.gather(-1, ids[b])
             in_topk = topk_mask(ids[b], topk_valid[b], z)
@@ -174,7 +170,7 @@ def fused_chunk(
             no_tail = torch.cat([t_cat[:, :-1], torch.full_like(t_cat[:, -1:], -math.inf)], dim=-1)
             t_cat = torch.where(empty_tail, torch.log_softmax(no_tail, dim=-1), t_cat)
             s_cat = torch.cat(
-                [torch.where(topk_valid, x_ids - lse_x.unsqueeze(-1), -math.inf), tail.log().unsqueeze(-1)], dim=-1
+                [torch.where(topk_valid, logpi_ids, -math.inf), tail.log().unsqueeze(-1)], dim=-1
             )
             per_token = kl(t_cat, s_cat) * scale
             teacher_p = t_cat.exp()
