@@ -104,7 +104,7 @@ class TeacherScorer:
         if request.get("stream"):
             raise BadRequest("stream is not supported")
         prompts = self._prompts(request)
-        choices = [self._choice(i, p, k) for i, p in enumerate(prompts)]
+        choices = self._choices(prompts, k)
         tokens = sum(len(p) for p in prompts)
         return {
             "id": f"cmpl-{time.time_ns():x}",
@@ -112,36 +112,50 @@ class TeacherScorer:
             "created": int(time.time()),
             "model": self.name,
             "choices": choices,
-            "usage": {"prompt_tokens": tokens, "completion_tokens": len(prompts), "total_tokens": tokens + len(prompts)},
+            "usage": {"prompt_tokens": tokens, "completion_tokens": len(prompts),
+                      "total_tokens": tokens + len(prompts)},
         }
 
     @torch.no_grad()
-    def _choice(self, index: int, prompt: list[int], k: int | None) -> dict:
-        ids = torch.tensor([prompt], device=self.device)
+    def _choices(self, prompts: list[list[int]], k: int | None) -> list[dict]:
+        """One right-padded forward over all prompts; a choice per prompt."""
+        ids = torch.zeros((len(prompts), max(map(len, prompts))), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, prompt in enumerate(prompts):
+            ids[i, : len(prompt)] = torch.tensor(prompt)
+            mask[i, : len(prompt)] = 1
         with self._lock:
-            logits = self.model(input_ids=ids, use_cache=False).logits[0, :, : self.vocab_size]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        next_id = int(logprobs[-1].argmax())
-        entries = None
-        if k is not None:
-            entries = [None] + [self._entry(logprobs[j - 1], prompt[j], k) for j in range(1, len(prompt))]
-        return {"index": index, "text": self.tokenizer.decode([next_id]), "logprobs": None,
-                "finish_reason": "length", "stop_reason": None, "token_ids": [next_id],
-                "prompt_logprobs": entries}
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                use_cache=False).logits[..., : self.vocab_size]
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        choices = []
+        for i, prompt in enumerate(prompts):
+            rows = logprobs[i, : len(prompt)]
+            next_id = int(rows[-1].argmax())
+            entries = None if k is None else [None] + self._entries(rows[:-1], prompt[1:], k)
+            choices.append({"index": i, "text": self.tokenizer.decode([next_id]), "logprobs": None,
+                            "finish_reason": "length", "stop_reason": None, "token_ids": [next_id],
+                            "prompt_logprobs": entries})
+        return choices
 
-    def _entry(self, row: torch.Tensor, actual: int, k: int) -> dict:
-        """Top k of one position, plus the prompt token when it is not among them (vLLM's layout)."""
-        values, indices = row.topk(k) if k else (row[:0], row[:0].long())
-        out = {}
-        for rank, (token, value) in enumerate(zip(indices.tolist(), values.tolist()), start=1):
-            out[str(token)] = self._logprob(token, value, rank)
-        if str(actual) not in out:
-            value = float(row[actual])
-            out[str(actual)] = self._logprob(actual, value, int((row > row[actual]).sum()) + 1)
+    def _entries(self, rows: torch.Tensor, actual: list[int], k: int) -> list[dict]:
+        """Per position, the top k plus the prompt token when it is not among them (vLLM's layout)."""
+        values, indices = rows.topk(k, dim=-1)
+        actual_ids = torch.tensor(actual, dtype=torch.long)[:, None]
+        actual_values = rows.gather(-1, actual_ids)
+        actual_ranks = (rows > actual_values).sum(-1) + 1
+        out = []
+        for top_ids, top_values, token, value, rank in zip(indices.tolist(), values.tolist(), actual,
+                                                           actual_values[:, 0].tolist(), actual_ranks.tolist()):
+            entry = {str(t): self._logprob(t, v, r) for r, (t, v) in enumerate(zip(top_ids, top_values), start=1)}
+            if str(token) not in entry:
+                entry[str(token)] = self._logprob(token, value, rank)
+            out.append(entry)
         return out
 
     def _logprob(self, token: int, value: float, rank: int) -> dict:
-        return {"logprob": value if math.isfinite(value) else _FLOOR, "rank": rank, "decoded_token": self._decoded[token]}
+        logprob = value if math.isfinite(value) else _FLOOR
+        return {"logprob": logprob, "rank": rank, "decoded_token": self._decoded[token]}
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -12,8 +12,8 @@ benchmarks/results/server_teacher.md and prints it.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -28,12 +28,12 @@ from tests.support import base_config, merged, run_cli, serve_teacher, train, wr
 RESULTS = REPO / "benchmarks" / "results" / "server_teacher.md"
 
 
-def step_seconds(output_dir: Path, steps: int) -> float:
-    """train_runtime / steps from the final trainer state."""
-    checkpoint = max(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
-    runtime = next(e["train_runtime"] for e in reversed(history) if "train_runtime" in e)
-    return runtime / steps
+def step_seconds(output: str, steps: int) -> float:
+    """train_runtime / steps, from the metrics line the trainer prints at the end of `axolotl train`."""
+    runtimes = re.findall(r"'train_runtime': '?([0-9.]+)", output)
+    if not runtimes:
+        raise RuntimeError(f"no train_runtime in the output of axolotl train:\n{output[-3000:]}")
+    return float(runtimes[-1]) / steps
 
 
 def main() -> None:
@@ -71,8 +71,8 @@ def main() -> None:
                 out = work / f"{name}-{r}"
                 run = merged(config, {"output_dir": str(out / "model"), "dataset_prepared_path": str(out / "prep")})
                 run["xkd"]["teacher"] = teacher
-                train(write_config(out / "cfg.yml", run))
-                times[name].append(step_seconds(out / "model", args.steps))
+                proc = train(write_config(out / "cfg.yml", run))
+                times[name].append(step_seconds(proc.stdout + proc.stderr, args.steps))
                 print(f"{name} repeat {r}: {times[name][-1] * 1000:.1f} ms/step", flush=True)
     pre, srv = statistics.median(times["precomputed"]), statistics.median(times["server"])
     command = "python benchmarks/server_teacher.py " + " ".join(sys.argv[1:])

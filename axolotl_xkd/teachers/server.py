@@ -1,13 +1,14 @@
 """The server teacher (`xkd.teacher.source: server`): top-k log-probs from an OpenAI-compatible server.
 
 The protocol is vLLM's completions API with its `prompt_logprobs` extension, which
-`axolotl xkd serve-teacher` also speaks. Each sequence (each packed segment) is one request:
+`axolotl xkd serve-teacher` also speaks. Each sequence (each packed segment, never one prompt across
+segments) is its own prompt; a request carries the prompts of up to `request_tokens` tokens:
 
     POST {base_url}/v1/completions
-    {"model": M, "prompt": [token ids], "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k}
+    {"model": M, "prompt": [[token ids], ...], "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k}
 
 vLLM rejects max_tokens < 1 (vllm-project/vllm#9336), so one token is generated and ignored.
-The answer's `choices[0].prompt_logprobs` has one entry per prompt token: None for token 0, then
+Choice c (by its "index") answers prompt c; its `prompt_logprobs` has one entry per prompt token: None for token 0, then
 {"<id>": {"logprob", "rank", "decoded_token"}} for token j, the distribution of u_j given u_<j: the
 top k plus the prompt token itself when it ranks below k. This plugin's position i holds
 p_T(. | u_<=i), so position i reads entry j = i + 1, and a sequence's last position has no entry.
@@ -76,6 +77,7 @@ class ServerSettings:
     retry_backoff_s: float = 0.5
     concurrency: int = 8
     prefetch: int = 2
+    request_tokens: int = 8192
     model: str | None = None
     api_key: str | None = field(default=None, repr=False)
 
@@ -226,35 +228,46 @@ class TeacherServerClient:
                 "distributions token id by token id: serve a teacher with the student's tokenizer.")
 
     # -- scoring -------------------------------------------------------------------------------------
-    def score(self, token_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(n, k) ids and log-probs for a sequence of n tokens; row i is p_T(. | u_<=i), row n-1 is empty (-inf)."""
+    def score(self, sequences: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per sequence of n tokens, (n, k) ids and log-probs: row i is p_T(. | u_<=i), row n-1 is empty (-inf).
+
+        One request with one prompt per sequence (vLLM answers a list of token-id prompts with one choice each).
+        """
         if self.vocab_size is None:
             raise RuntimeError("TeacherServerClient.check_server must run before score")
-        payload = {"model": self.model, "prompt": list(token_ids), "max_tokens": 1, "temperature": 1.0,
-                   "prompt_logprobs": self.settings.top_k}
+        payload = {"model": self.model, "prompt": [list(s) for s in sequences], "max_tokens": 1,
+                   "temperature": 1.0, "prompt_logprobs": self.settings.top_k}
 
-        def attempt() -> tuple[np.ndarray, np.ndarray]:
-            return parse_prompt_logprobs(self._exchange("POST", "/v1/completions", payload), len(token_ids),
-                                         top_k=self.settings.top_k, vocab_size=self.vocab_size)
+        def attempt() -> list[tuple[np.ndarray, np.ndarray]]:
+            choices = _choices(self._exchange("POST", "/v1/completions", payload), len(sequences))
+            return [parse_prompt_logprobs(c, len(s), top_k=self.settings.top_k, vocab_size=self.vocab_size)
+                    for c, s in zip(choices, sequences)]
 
-        return self._with_retries(f"POST /v1/completions ({len(token_ids)} tokens)", attempt)
+        tokens = sum(len(s) for s in sequences)
+        return self._with_retries(f"POST /v1/completions ({len(sequences)} sequences, {tokens} tokens)", attempt)
 
-    def submit(self, token_ids: list[int]) -> Future:
+    def submit(self, sequences: list[list[int]]) -> Future:
         """`score` in the thread pool."""
-        return self._pool.submit(self.score, token_ids)
+        return self._pool.submit(self.score, sequences)
 
     def close(self) -> None:
         """Drop queued requests; requests in flight end within their timeout."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def parse_prompt_logprobs(answer: object, n: int, *, top_k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A completions answer for an n-token prompt -> (n, k) int64 ids, float32 log-probs (decreasing), aligned
-    with the student (row i <- entry i + 1; row n-1 -inf). Raises _Retryable naming what is wrong."""
-    try:
-        entries = answer["choices"][0]["prompt_logprobs"]
-    except (KeyError, IndexError, TypeError):
-        raise _Retryable(f"the answer has no choices[0].prompt_logprobs: {str(answer)[:120]}") from None
+def _choices(answer: object, count: int) -> list[dict]:
+    """The answer's choices in prompt order; _Retryable unless there is exactly one per prompt."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list) or len(choices) != count or not all(isinstance(c, dict) for c in choices):
+        got = len(choices) if isinstance(choices, list) else "no"
+        raise _Retryable(f"the answer has {got} choices for {count} prompts: {str(answer)[:120]}")
+    return sorted(choices, key=lambda c: c.get("index", 0))
+
+
+def parse_prompt_logprobs(choice: dict, n: int, *, top_k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One choice of a completions answer for an n-token prompt -> (n, k) int64 ids, float32 log-probs
+    (decreasing), aligned with the student (row i <- entry i + 1; row n-1 -inf). _Retryable names what is wrong."""
+    entries = choice.get("prompt_logprobs")
     if not isinstance(entries, list) or len(entries) != n:
         got = len(entries) if isinstance(entries, list) else type(entries).__name__
         raise _Retryable(f"prompt_logprobs has {got} positions for a prompt of {n} tokens")
@@ -312,24 +325,35 @@ class ServerTeacherSource:
     def __init__(self, client: TeacherServerClient) -> None:
         self.client = client
         self.top_k = client.settings.top_k
-        self._pending: dict[int, list[tuple[int, int, int, Future | None]]] = {}
+        self._pending: dict[int, list[tuple[Future, list[tuple[int, int, int]]]]] = {}
         self._tickets = itertools.count()
         self._lock = threading.Lock()
         self._lookahead: _Lookahead | None = None
 
     def submit(self, batch: dict[str, Tensor]) -> None:
-        """Send the requests of every sequence of `batch` and tag it with their ticket (once per batch)."""
+        """Send the requests for every sequence of `batch` and tag it with their ticket (once per batch).
+
+        Each sequence (packed segment) is its own prompt; prompts are grouped into requests of at most
+        `request_tokens` tokens, so a batch costs a few HTTP round trips rather than one per sequence.
+        """
         if TICKET in batch:
             return
         input_ids = batch["input_ids"].cpu().numpy()
         labels = batch.get("labels")
         labels = None if labels is None else labels.cpu().numpy()
-        work = []
+        budget = self.client.settings.request_tokens
+        work: list[tuple[Future, list[tuple[int, int, int]]]] = []
+        group: list[tuple[int, int, int]] = []
         for b, start, end in segments(batch):
             # A sequence with no response token needs no teacher (its positions are not trained).
-            needed = labels is None or bool((labels[b, start + 1:end] != IGNORE_INDEX).any())
-            future = self.client.submit(input_ids[b, start:end].tolist()) if needed and end - start > 1 else None
-            work.append((b, start, end, future))
+            if end - start < 2 or (labels is not None and not (labels[b, start + 1:end] != IGNORE_INDEX).any()):
+                continue
+            if group and sum(e - s for _, s, e in group) + end - start > budget:
+                work.append((self.client.submit([input_ids[g, s:e].tolist() for g, s, e in group]), group))
+                group = []
+            group.append((b, start, end))
+        if group:
+            work.append((self.client.submit([input_ids[g, s:e].tolist() for g, s, e in group]), group))
         with self._lock:
             ticket = next(self._tickets)
             self._pending[ticket] = work
@@ -354,9 +378,8 @@ class ServerTeacherSource:
         ids = torch.zeros(shape, dtype=torch.long)
         logprobs = torch.full(shape, -torch.inf, dtype=torch.float32)
         try:
-            for b, start, end, future in work:
-                if future is not None:
-                    row_ids, row_logprobs = future.result()
+            for future, group in work:
+                for (b, start, end), (row_ids, row_logprobs) in zip(group, future.result()):
                     ids[b, start:end] = torch.from_numpy(row_ids)
                     logprobs[b, start:end] = torch.from_numpy(row_logprobs)
         except BaseException:

@@ -68,13 +68,17 @@ def packed_batch(tokenizer) -> dict:
                           [feature(tokenizer, "9-1=8", 4)]]))
 
 
-def test_packed_batch_matches_in_process_teacher(tiny, served):
+@pytest.mark.parametrize("request_tokens", [8, 8192], ids=["request_per_sequence", "one_request"])
+def test_packed_batch_matches_in_process_teacher(tiny, served, request_tokens):
     """k = |V|: the server's signal equals the teacher's own log-softmax, segment by segment, at position i
     = p_T(. | u_<=i); the last position of a segment and padding get no entry."""
     tokenizer, model = tiny
     batch = packed_batch(tokenizer)
     assert segments(batch) == [(0, 0, 6), (0, 6, 15), (1, 0, 6)]
-    signal = ServerTeacherSource(client_for(served, tokenizer)).get_signal(batch)
+    source = ServerTeacherSource(client_for(served, tokenizer, request_tokens=request_tokens))
+    source.submit(batch)
+    assert len(source._pending[batch[TICKET]]) == (3 if request_tokens == 8 else 1)
+    signal = source.get_signal(batch)
     dense = torch.full((*batch["input_ids"].shape, len(tokenizer)), -torch.inf)
     dense.scatter_(-1, signal.token_ids, signal.logprobs)
     with torch.no_grad():
@@ -153,7 +157,7 @@ class _FaultHandler(BaseHTTPRequestHandler):
         server, mode = self.server, self.server.mode
         server.hits["completions"] += 1
         server.auth.append(self.headers.get("Authorization"))
-        n = len(request["prompt"])
+        n = len(request["prompt"][0])  # the client sends a list of token-id prompts (here: one)
         entry = {str(t): {"logprob": -float(t + 1), "rank": t + 1} for t in range(request["prompt_logprobs"])}
         good = json.dumps({"choices": [{"index": 0, "prompt_logprobs": [None] + [entry] * (n - 1)}]}).encode()
         if server.fail_first is not None and server.hits["completions"] > server.fail_first:
@@ -210,7 +214,7 @@ def test_fault_is_retried_then_named(tiny, fault_server, mode):
     client = client_for(server.url, tokenizer, top_k=4, timeout_s=0.3, max_retries=2)
     started = time.monotonic()
     with pytest.raises(TeacherServerError) as error:
-        client.score(list(range(1, 8)))
+        client.score([list(range(1, 8))])
     assert time.monotonic() - started < 10
     assert server.hits["completions"] == 3
     message = str(error.value)
@@ -233,7 +237,7 @@ def test_client_error_is_not_retried(tiny, fault_server):
     tokenizer, _ = tiny
     server = fault_server("4xx")
     with pytest.raises(TeacherServerError, match="after 1 attempt.*HTTP 400.*max-logprobs"):
-        client_for(server.url, tokenizer, top_k=4).score([1, 2, 3])
+        client_for(server.url, tokenizer, top_k=4).score([[1, 2, 3]])
     assert server.hits["completions"] == 1
 
 
@@ -242,7 +246,7 @@ def test_transient_fault_recovers_and_sends_api_key(tiny, fault_server):
     tokenizer, _ = tiny
     server = fault_server("5xx", fail_first=2)
     client = client_for(server.url, tokenizer, top_k=4, max_retries=2, api_key="s3cret")
-    ids, logprobs = client.score([1, 2, 3])
+    [(ids, logprobs)] = client.score([[1, 2, 3]])
     assert server.hits["completions"] == 3 and server.auth == ["Bearer s3cret"] * 3
     assert ids[:2].tolist() == [[0, 1, 2, 3]] * 2 and logprobs[0].tolist() == [-1.0, -2.0, -3.0, -4.0]
     assert torch.isinf(torch.from_numpy(logprobs[2])).all()
@@ -265,7 +269,7 @@ def test_failed_batch_is_never_handed_to_the_loss(tiny, fault_server):
     with pytest.raises(TeacherServerError, match="HTTP 503"):
         source.get_signal(packed_batch(tokenizer))
     with pytest.raises(RuntimeError, match="shutdown"):
-        source.client.submit([1, 2, 3])
+        source.client.submit([[1, 2, 3]])
 
 
 def test_config_checks_url_and_reads_key_from_named_variable(tiny, served, monkeypatch):
