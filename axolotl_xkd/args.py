@@ -72,7 +72,10 @@ class ServerTeacher(BaseModel):
     timeout_s: float = Field(120.0, gt=0, description="Limit of one HTTP attempt, connect to last byte.")
     max_retries: int = Field(3, ge=0, description="Retries of a failed request before the run stops.")
     retry_backoff_s: float = Field(0.5, ge=0, description="Wait before the first retry; doubles on each further one.")
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once (one request per sequence).")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    request_tokens: int = Field(
+        8192, ge=1, description="Tokens per request: a batch's sequences go out as prompts of a few requests."
+    )
     prefetch: int = Field(2, ge=0, description="Training batches whose requests are sent ahead of their step.")
     api_key_env: str | None = Field(
         None, description="Name of the environment variable holding the API key (sent as a Bearer token)."
