@@ -32,12 +32,6 @@ def save_reward_head(state: dict[str, torch.Tensor], config: dict, directory: st
     return weights
 
 
-def head_state_from(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The head's entries of a whole-model state dict (any wrapper prefix), keyed relative to the head."""
-    marker = f"{ATTRIBUTE}."
-    return {k.split(marker, 1)[1]: v for k, v in model_state.items() if marker in k}
-
-
 def load_reward_head(directory: str | os.PathLike) -> tuple[VariationalRewardHead, dict]:
     """Rebuild the head saved in `directory`; returns (head, its config)."""
     directory = Path(directory)

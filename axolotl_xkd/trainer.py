@@ -14,11 +14,11 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from torch import Tensor, nn
 
-from axolotl_xkd.distributed import gathered_output_weight, is_partitioned
+from axolotl_xkd.distributed import gathered, gathered_output_weight, is_partitioned
 from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams, XKDLossOutput, xkd_loss
-from axolotl_xkd.reward_store import WEIGHTS_NAME, head_state_from, load_reward_head, save_reward_head
+from axolotl_xkd.reward_store import WEIGHTS_NAME, load_reward_head, save_reward_head
 from axolotl_xkd.teachers.base import TeacherSource
 from axolotl_xkd.teachers.model import output_layer_is_linear
 
@@ -47,6 +47,7 @@ class XKDTrainer(AxolotlTrainer):
         self.xkd_eos_token_id: int | None = None
         self.xkd_vocab_size = 0
         self.xkd_chunk_size = 0
+        self._xkd_head_state: dict[str, Tensor] | None = None
         self._xkd_sums: dict[str, dict[str, Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         # The loss divides by num_items_in_batch itself, so the Trainer must count it and not
         # divide by the accumulation steps again.
@@ -188,11 +189,20 @@ class XKDTrainer(AxolotlTrainer):
             self._xkd_sums[mode] = defaultdict(float)
         super().log(logs, start_time)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Every rank comes here; under ZeRO-3 the head is gathered (a collective) and copied now, so that
+        # _save, which runs on the main process only, writes the whole head.
+        if self.xkd_reward_head is not None:
+            with gathered(list(self.xkd_reward_head.parameters())):
+                self._xkd_head_state = {k: v.detach().to("cpu", copy=True) for k, v in
+                                        self.xkd_reward_head.state_dict().items()}
+        super().save_model(output_dir, _internal_call)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         if self.xkd_reward_head is None:
             return
-        head_state = head_state_from(state_dict) if state_dict is not None else self.xkd_reward_head.state_dict()
+        head_state = self._xkd_head_state or self.xkd_reward_head.state_dict()
         path = save_reward_head(head_state, self.xkd_reward_head.config(), output_dir or self.args.output_dir)
         LOG.info("X-KD reward head saved to %s", path)
 

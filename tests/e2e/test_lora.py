@@ -23,6 +23,10 @@ LORA = {
     "lora_alpha": 8,
     "lora_dropout": 0.0,
     "lora_target_linear": True,
+    # Axolotl's fused LoRA kernels are Triton (CUDA only); the CPU run uses peft's plain layers.
+    "lora_mlp_kernel": False,
+    "lora_qkv_kernel": False,
+    "lora_o_kernel": False,
     "max_steps": 2,
     "save_steps": 2,
 }
