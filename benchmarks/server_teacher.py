@@ -3,6 +3,7 @@
 stored by `axolotl xkd precompute`), measured in the same run, runs alternating.
 
     python benchmarks/server_teacher.py [--steps 30] [--top-k 20] [--repeats 2] [--prefetch 2] [--concurrency 4]
+        [--server-threads 1]
 
 Builds the tiny assets in code (axolotl_xkd.tiny; nothing is downloaded). Step time = the trainer's
 train_runtime / steps (model loading and data preparation excluded). Writes
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--server-threads", type=int, default=1, help="serve-teacher --num-threads")
     args = parser.parse_args()
     import torch
 
@@ -60,7 +62,7 @@ def main() -> None:
     run_cli(["axolotl", "xkd", "precompute", str(write_config(work / "precompute.yml", config)), "--out", str(store),
              "--top-k", str(args.top_k), "--teacher", str(assets["teacher"])])
     times: dict[str, list[float]] = {"precomputed": [], "server": []}
-    with serve_teacher(assets["teacher"]) as url:
+    with serve_teacher(assets["teacher"], "--num-threads", str(args.server_threads)) as url:
         teachers = {
             "precomputed": {"source": "precomputed", "path": str(store)},
             "server": {"source": "server", "base_url": url, "top_k": args.top_k, "prefetch": args.prefetch,
@@ -86,7 +88,8 @@ def main() -> None:
         f"torch {torch.__version__}, device {device}, {platform.processor() or platform.machine()}",
         f"- tiny Llama student and teacher (axolotl_xkd.tiny), micro_batch_size {args.micro_batch_size}, "
         f"sequence_len {config['sequence_len']}, {args.steps} steps per run, top_k {args.top_k}; server: "
-        f"`axolotl xkd serve-teacher` on 127.0.0.1 (same machine), prefetch {args.prefetch}, "
+        f"`axolotl xkd serve-teacher --num-threads {args.server_threads}` on 127.0.0.1 (same machine), "
+        f"prefetch {args.prefetch}, "
         f"concurrency {args.concurrency}",
         "- step time = train_runtime / steps, median of the repeats (runs alternate precomputed, server)",
         "",

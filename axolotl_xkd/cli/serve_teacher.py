@@ -18,10 +18,17 @@ import click
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--served-model-name", default=None, help="Model name in /v1/models (default: --model).")
+@click.option("--num-threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (default: torch's); on a CPU shared with the trainer, 1 avoids oversubscription.")
 def serve_teacher(model_path: str, host: str, port: int, top_k_max: int | None, dtype: str, device: str | None,
-                  served_model_name: str | None) -> None:
+                  served_model_name: str | None, num_threads: int | None) -> None:
     """Answer POST /v1/completions with prompt_logprobs and GET /v1/models, until interrupted."""
+    import torch
+
     from axolotl_xkd.teacher_server import TeacherScorer, make_server
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if host not in ("127.0.0.1", "localhost", "::1"):
