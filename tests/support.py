@@ -149,3 +149,11 @@ def serve_teacher(model_dir: Path, *extra: str, start_timeout: float = 180) -> I
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def with_first_rows(assets: dict[str, Path], folder: Path, rows: int) -> dict[str, Path]:
+    """`assets` with a training file cut to its first `rows` rows (written into `folder`), for short runs."""
+    lines = (assets["data"] / "train.jsonl").read_text().splitlines()[:rows]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return {**assets, "data": folder}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import base_config, log_history, merged, run_cli, train, write_config
+from tests.support import base_config, log_history, merged, run_cli, train, with_first_rows, write_config
 
 ROWS = 128
 
@@ -16,10 +16,7 @@ ROWS = 128
 @pytest.fixture(scope="module")
 def small_assets(tiny_assets, tmp_path_factory) -> dict[str, Path]:
     """The tiny assets with a 128-row training file, to keep the runs short."""
-    folder = tmp_path_factory.mktemp("small_data")
-    lines = (tiny_assets["data"] / "train.jsonl").read_text().splitlines()[:ROWS]
-    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
-    return {**tiny_assets, "data": folder}
+    return with_first_rows(tiny_assets, tmp_path_factory.mktemp("small_data"), ROWS)
 
 
 def one_step(config: dict) -> dict:

@@ -8,17 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import base_config, log_history, merged, serve_teacher, train, write_config
+from tests.support import base_config, log_history, merged, serve_teacher, train, with_first_rows, write_config
 
 ROWS = 64
 
 
 @pytest.fixture(scope="module")
 def small_assets(tiny_assets, tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("small_data")
-    lines = (tiny_assets["data"] / "train.jsonl").read_text().splitlines()[:ROWS]
-    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
-    return {**tiny_assets, "data": folder}
+    """The tiny assets with a 64-row training file, to keep the runs short."""
+    return with_first_rows(tiny_assets, tmp_path_factory.mktemp("small_data"), ROWS)
 
 
 @pytest.fixture(scope="module")
