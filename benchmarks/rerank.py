@@ -52,6 +52,12 @@ def held_out_prompts(train_rows: list[dict], eval_rows: list[dict], count: int, 
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
             rows.append(row)
+    if not rows:
+        raise SystemExit(
+            "rerank.py: no held-out prompts: every arithmetic prompt of the tiny task is in the training rows "
+            "(single-digit operands give only 200 distinct prompts). Lower --train-rows, or widen the task's "
+            "operands (axolotl_xkd.tiny.arithmetic_rows(max_operand=...)) for a held-out split."
+        )
     return rows[:count]
 
 
