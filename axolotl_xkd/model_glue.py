@@ -11,6 +11,7 @@ from torch import nn
 
 from axolotl_xkd import __version__
 from axolotl_xkd.args import XKDConfig
+from axolotl_xkd.distributed import is_partitioned
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams
 from axolotl_xkd.reward_store import ATTRIBUTE, save_reward_head
@@ -148,7 +149,7 @@ def save_final_reward_head(model: nn.Module, config: XKDConfig, cfg) -> None:
     head = find_reward_head(model)
     if head is None or int(os.environ.get("RANK", "0")) != 0:
         return
-    if any(hasattr(p, "ds_id") for p in head.parameters()):
+    if any(is_partitioned(p) for p in head.parameters()):
         return
     path = save_reward_head(head.state_dict(), head.config(), cfg.output_dir)
     LOG.info("X-KD student saved to %s; reward head saved to %s", cfg.output_dir, path)

@@ -332,7 +332,7 @@ def chunked_xkd_loss(
         output_bias = output_bias[:vocab_size] if output_bias is not None else None
     kd_needs_teacher = p.alpha_kd > 0 and p.divergence != "sequence"
     td_needs_teacher = p.uses_reward and p.td_weight > 0 and p.td_target == "teacher_expected"
-    teacher_needed = kd_needs_teacher or td_needs_teacher
+    teacher_needed = p.needs_teacher
     if teacher is None and kd_needs_teacher:
         raise ValueError(f"divergence {p.divergence!r} needs a teacher signal")
     if teacher is None and td_needs_teacher:
