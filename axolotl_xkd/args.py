@@ -91,6 +91,16 @@ class ServerTeacher(BaseModel):
         return self
 
 
+class GenerationSettings(BaseModel):
+    """How responses are sampled: by the teacher for `sequences: teacher`, by the student for `on_policy`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(128, ge=1, description="Longest response; a prompt's row never exceeds sequence_len.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+
+
 class XKDConfig(BaseModel):
     """Every option of XKD_METHOD.md; defaults are the spec's."""
 
@@ -127,7 +137,18 @@ class XKDConfig(BaseModel):
     chunk_size: int = Field(
         1024, ge=0, description="Positions per chunk of the fused, chunked loss; 0 = unchunked reference path."
     )
-    sequences: Literal["dataset"] = Field("dataset", description="Where the training sequences come from.")
+    sequences: Literal["dataset", "teacher", "on_policy"] = Field(
+        "dataset",
+        description="Training sequences: the dataset's; the teacher's generations (a precompute --generate store); "
+        "or, for on_policy_fraction of the steps, the student's own samples for the batch's prompts.",
+    )
+    on_policy_fraction: float = Field(
+        0.5, ge=0, le=1, description="sequences: on_policy: share of optimizer steps trained on student samples "
+        "(GKD's lambda); the other steps use the dataset's sequences."
+    )
+    generation: GenerationSettings = Field(
+        default_factory=GenerationSettings, description="Sampling settings of sequences: teacher / on_policy."
+    )
 
     @model_validator(mode="after")
     def _log_std_bounds(self) -> XKDConfig:
@@ -155,6 +176,22 @@ class XKDConfig(BaseModel):
             raise ValueError(
                 f"xkd.teacher is missing, but {why} needs the teacher's distribution; add e.g. "
                 "`teacher: {source: model, path: /path/to/teacher}`"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _sequences_have_their_teacher(self) -> XKDConfig:
+        source = getattr(self.teacher, "source", None)
+        if self.sequences == "teacher" and source != "precomputed":
+            raise ValueError(
+                "xkd.sequences: teacher trains on responses the teacher generated once with `axolotl xkd precompute "
+                "CONFIG.yml --generate`; set `teacher: {source: precomputed, path: DIR}` to that store "
+                f"(xkd.teacher.source is {source!r})"
+            )
+        if self.sequences == "on_policy" and source == "precomputed":
+            raise ValueError(
+                "xkd.sequences: on_policy scores the student's fresh samples, which no precomputed store holds; use "
+                "xkd.teacher.source: model or server"
             )
         return self
 

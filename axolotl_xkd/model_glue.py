@@ -14,7 +14,9 @@ from axolotl_xkd.args import XKDConfig
 from axolotl_xkd.distributed import is_partitioned
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams
+from axolotl_xkd.on_policy import OnPolicySampler
 from axolotl_xkd.reward_store import ATTRIBUTE, save_reward_head
+from axolotl_xkd.sequences import Sampling
 from axolotl_xkd.teachers.base import TeacherSource
 from axolotl_xkd.trainer import base_model
 
@@ -136,8 +138,19 @@ def configure_trainer(trainer, config: XKDConfig, cfg) -> None:
         eos_token_id=tokenizer.eos_token_id,
         vocab_size=vocab_size,
         chunk_size=config.chunk_size,
+        sampler=on_policy_sampler(config, cfg, tokenizer),
     )
     LOG.info("axolotl_xkd %s active: %s", __version__, config.model_dump_json(exclude_none=True))
+
+
+def on_policy_sampler(config: XKDConfig, cfg, tokenizer) -> OnPolicySampler | None:
+    """The sampler of `sequences: on_policy`, or None when every step trains on the dataset's sequences."""
+    if config.sequences != "on_policy":
+        return None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return OnPolicySampler(Sampling(**config.generation.model_dump()), fraction=config.on_policy_fraction,
+                           seed=int(cfg.seed or 0), pad_id=pad_id, eos_id=tokenizer.eos_token_id,
+                           max_length=int(cfg.sequence_len))
 
 
 def save_final_reward_head(model: nn.Module, config: XKDConfig, cfg) -> None:

@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.reward_store import CONFIG_NAME, WEIGHTS_NAME, load_reward_head
+from axolotl_xkd.sequences import Sampling, sample_responses
 
 RankBy = Literal["sum", "mean"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,6 +110,9 @@ class RewardScorer:
                 f"score: {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt"
             )
         prompt_ids = [self._prompt_ids(p, row) for row, p in enumerate(prompts)]
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         eos = [self.tokenizer.eos_token_id] if append_eos else []
         response_ids = []
         for row, response in enumerate(responses):
@@ -251,12 +255,14 @@ class RewardScorer:
         if seed is not None:
             torch.manual_seed(seed)
         prompt_ids = [self._prompt_ids(p, row) for row, p in enumerate(prompts)]
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         results: list[list[ScoredResponse]] = []
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="sampling+scoring", unit="batch", disable=not progress):
             batch_prompts = prompt_ids[start : start + batch_size]
-            samples = self._sample(batch_prompts, n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p)
+            samples = sample_responses(self.model, batch_prompts, sampling, pad_id=pad, eos_id=eos, n=n)
             flat_prompts = [p for p in batch_prompts for _ in range(n)]
             texts = [prompts[start + k // n] for k in range(len(samples))]
             scored = self.score_ids(flat_prompts, samples, prompts=texts, batch_size=len(samples))
@@ -264,25 +270,6 @@ class RewardScorer:
             for k in range(len(batch_prompts)):
                 results.append(sorted(scored[k * n : (k + 1) * n], key=key, reverse=True))
         return results
-
-    @torch.inference_mode()
-    def _sample(self, prompt_ids: list[list[int]], n: int, *, max_new_tokens: int, temperature: float,
-                top_p: float) -> list[list[int]]:
-        """n sampled continuations per prompt (prompt-major), each cut after its first EOS."""
-        width = max(map(len, prompt_ids))
-        eos = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
-        generated = self.model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p, top_k=None,
-            max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=pad, eos_token_id=eos,
-        )
-        samples = []
-        for row in generated[:, width:].tolist():
-            cut = row.index(eos) + 1 if eos in row else len(row)
-            samples.append(row[:cut])
-        return samples
 
 
 def load_scorer(

@@ -6,6 +6,7 @@ hands it plain hyperparameters, a teacher source and the reward head in `configu
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections import defaultdict
@@ -18,6 +19,7 @@ from axolotl_xkd.distributed import gathered, gathered_output_weight, is_partiti
 from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams, XKDLossOutput, xkd_loss
+from axolotl_xkd.on_policy import OnPolicySampler
 from axolotl_xkd.reward_store import WEIGHTS_NAME, load_reward_head, save_reward_head
 from axolotl_xkd.teachers.base import TeacherSource
 from axolotl_xkd.teachers.model import output_layer_is_linear
@@ -47,6 +49,7 @@ class XKDTrainer(AxolotlTrainer):
         self.xkd_eos_token_id: int | None = None
         self.xkd_vocab_size = 0
         self.xkd_chunk_size = 0
+        self.xkd_sampler: OnPolicySampler | None = None
         self._xkd_head_state: dict[str, Tensor] | None = None
         self._xkd_sums: dict[str, dict[str, Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         # The loss divides by num_items_in_batch itself, so the Trainer must count it and not
@@ -63,8 +66,10 @@ class XKDTrainer(AxolotlTrainer):
         eos_token_id: int | None,
         vocab_size: int,
         chunk_size: int = 1024,
+        sampler: OnPolicySampler | None = None,
     ) -> None:
         """Install the loss settings; called once by the plugin after the trainer is built."""
+        self.xkd_sampler = sampler
         self.xkd_params = params
         self.xkd_teacher = teacher
         self.xkd_reward_head = reward_head
@@ -81,11 +86,25 @@ class XKDTrainer(AxolotlTrainer):
         keep += [c for c in columns or [] if c.startswith(TEACHER_PREFIX) and c not in keep]
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Hand the batches out through the teacher's lookahead (a server teacher sends requests ahead)."""
-        prefetched = getattr(self.xkd_teacher, "prefetched", None)
-        if prefetched is not None:
-            epoch_iterator = prefetched(epoch_iterator)
-        return super().get_batch_samples(epoch_iterator, num_batches, device)
+        """A step's batches: through the teacher's lookahead (a server teacher sends requests ahead), or, with
+        on-policy steps, drawn now, replaced by the student's samples on an on-policy step, then sent to the teacher.
+        """
+        if self.xkd_sampler is None:
+            prefetched = getattr(self.xkd_teacher, "prefetched", None)
+            if prefetched is not None:
+                epoch_iterator = prefetched(epoch_iterator)
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        if batches and self.xkd_sampler.is_on_policy(self.state.global_step):
+            from trl.models.utils import unwrap_model_for_generation
+
+            # Under ZeRO-3 the student's parameters are gathered once for the whole generation.
+            with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as student:
+                batches = self.xkd_sampler.sample(student, batches)
+        submit = getattr(self.xkd_teacher, "submit", None)
+        for batch in batches if submit is not None else ():
+            submit(batch)
+        return batches, self._get_num_items_in_batch(batches, device)
 
     def _forward_with_hidden(self, model: nn.Module, inputs: dict[str, Tensor], *, fused: bool):
         """Student forward; also returns the last hidden states (the input of the output layer).
@@ -187,6 +206,8 @@ class XKDTrainer(AxolotlTrainer):
             for name, total in zip(METRICS, totals[1:]):
                 logs[prefix + name] = round(total / tokens, 6)
             self._xkd_sums[mode] = defaultdict(float)
+        if mode == "train" and self.xkd_sampler is not None:
+            logs.update({f"xkd/{k}": round(v, 6) for k, v in self.xkd_sampler.metrics().items()})
         super().log(logs, start_time)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from axolotl_xkd.losses.signal import TopKSignal
+from axolotl_xkd.sequences import segments
 
 LOG = logging.getLogger(__name__)
 
@@ -293,30 +294,6 @@ def parse_prompt_logprobs(choice: dict, n: int, *, top_k: int, vocab_size: int) 
         ids[j - 1] = [token for token, _ in top]
         logprobs[j - 1] = [min(value, 0.0) for _, value in top]
     return ids, logprobs
-
-
-def segments(batch: dict[str, Tensor]) -> list[tuple[int, int, int]]:
-    """(row, start, end) of every sequence in a collated batch: padding (attention_mask 0) left out, packed rows
-    split where position_ids restart at 0 (or the attention_mask's segment number changes)."""
-    input_ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    mask = (torch.ones_like(input_ids) if mask is None else mask).cpu().numpy()
-    positions = batch.get("position_ids")
-    positions = None if positions is None else positions.cpu().numpy()
-    out = []
-    for b in range(input_ids.shape[0]):
-        valid = np.flatnonzero(mask[b] != 0)
-        if valid.size == 0:
-            continue
-        start = prev = int(valid[0])
-        for t in valid[1:].tolist():
-            restart = positions is not None and positions[b, t] == 0
-            if restart or t != prev + 1 or mask[b, t] != mask[b, prev]:
-                out.append((b, start, prev + 1))
-                start = t
-            prev = t
-        out.append((b, start, prev + 1))
-    return out
 
 
 class ServerTeacherSource:

@@ -21,8 +21,8 @@ from axolotl_xkd.teachers.server import (
     ServerTeacherSource,
     TeacherServerClient,
     TeacherServerError,
-    segments,
 )
+from axolotl_xkd.sequences import segments
 from axolotl_xkd.tiny import build_model, build_tokenizer
 from axolotl_xkd.topk_store import tokenizer_hash
 

@@ -1,0 +1,117 @@
+"""Training sequences that are not the dataset's: prompts cut out of collated batches, responses sampled
+from a causal LM, and batches rebuilt from the two.
+
+Used by `axolotl xkd precompute --generate` (the teacher's responses), by on-policy steps (the student's)
+and by best-of-n reranking. Imports torch and numpy only; the model is anything with HF's `generate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def segments(batch: dict[str, Tensor]) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every sequence in a collated batch: padding (attention_mask 0) left out, packed rows
+    split where position_ids restart at 0 (or the attention_mask's segment number changes)."""
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = (torch.ones_like(input_ids) if mask is None else mask).cpu().numpy()
+    positions = batch.get("position_ids")
+    positions = None if positions is None else positions.cpu().numpy()
+    out = []
+    for b in range(input_ids.shape[0]):
+        valid = np.flatnonzero(mask[b] != 0)
+        if valid.size == 0:
+            continue
+        start = prev = int(valid[0])
+        for t in valid[1:].tolist():
+            restart = positions is not None and positions[b, t] == 0
+            if restart or t != prev + 1 or mask[b, t] != mask[b, prev]:
+                out.append((b, start, prev + 1))
+                start = t
+            prev = t
+        out.append((b, start, prev + 1))
+    return out
+
+
+def prompts_of(batch: dict[str, Tensor]) -> list[list[int]]:
+    """The prompt of every sequence of `batch` that has a response: its tokens before the first label.
+
+    A multi-turn row keeps only its first prompt; sequences without any label (nothing to answer) are left out.
+    """
+    input_ids = batch["input_ids"].cpu().numpy()
+    labels = batch["labels"].cpu().numpy()
+    prompts = []
+    for b, start, end in segments(batch):
+        answered = np.flatnonzero(labels[b, start:end] != IGNORE_INDEX)
+        if answered.size:
+            prompts.append(input_ids[b, start : start + max(int(answered[0]), 1)].tolist())
+    return prompts
+
+
+@torch.inference_mode()
+def sample_responses(model: nn.Module, prompts: list[list[int]], sampling: Sampling, *, pad_id: int, eos_id: int | None,
+                     n: int = 1, max_length: int | None = None) -> list[list[int]]:
+    """n responses per prompt (prompt-major), each cut after its first EOS and to `max_length` tokens with its
+    prompt. Prompts are left-padded into one batch; sampling draws from torch's global generator."""
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    budget = sampling.max_new_tokens
+    if max_length is not None:
+        budget = min(budget, max_length - min(map(len, prompts)))
+    if budget < 1:
+        return [[] for _ in range(len(prompts) * n)]
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    greedy = sampling.temperature == 0
+    decoding = {"do_sample": False} if greedy else {
+        "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": None}
+    generated = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=budget, num_return_sequences=n, pad_token_id=pad_id,
+        eos_token_id=eos_id, **decoding,
+    )
+    responses = []
+    for k, row in enumerate(generated[:, width:].tolist()):
+        cut = row.index(eos_id) + 1 if eos_id in row else len(row)
+        room = budget if max_length is None else max_length - len(prompts[k // n])
+        responses.append(row[: min(cut, room)])
+    return responses
+
+
+def response_rows(prompts: list[list[int]], responses: list[list[int]]) -> list[dict[str, list[int]]]:
+    """Axolotl's tokenized rows: input_ids = prompt + response, labels masked (-100) over the prompt."""
+    return [{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r} for p, r in zip(prompts, responses)]
+
+
+def collate_rows(rows: list[dict[str, list[int]]], *, pad_id: int, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Right-padded input_ids, labels, attention_mask (and position_ids when `like` has them), one sequence per
+    row, on the device and with the dtypes of the batch `like`."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[b, :n] = torch.as_tensor(row["input_ids"])
+        labels[b, :n] = torch.as_tensor(row["labels"])
+        mask[b, :n] = 1
+    device = like["input_ids"].device
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if "position_ids" in like:
+        batch["position_ids"] = torch.arange(width).expand(len(rows), width).clone()
+    return {k: v.to(device=device, dtype=like[k].dtype if k in like else v.dtype) for k, v in batch.items()}
