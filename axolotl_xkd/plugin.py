@@ -44,7 +44,7 @@ class XKDPlugin(BasePlugin):
             return None
         from axolotl_xkd.precomputed_data import load_datasets_meta
 
-        return load_datasets_meta(cfg, config.teacher)
+        return load_datasets_meta(cfg, config.teacher, sequences=config.sequences)
 
     def get_collator_cls_and_kwargs(self, cfg, is_eval: bool = False):
         config = _xkd_config(cfg)

@@ -4,6 +4,8 @@ Rows come from Axolotl's own dataset preparation (axolotl.common.datasets.load_d
 tokenized, filtered and split exactly as `axolotl train` will see them. Shards of `rows_per_shard`
 rows are written atomically (tmp folder + rename) and skipped when present, so an interrupted run
 resumes without duplicating or losing rows; under torchrun, rank r takes shards r, r + W, ...
+With `generate`, each row's response is first replaced by one the teacher samples for its prompt
+(seeded per shard, so resuming stays row-for-row identical), and the top-k is taken on that sequence.
 Imports transformers and Axolotl; the CLI module imports it lazily.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from axolotl_xkd.sequences import Sampling, prompt_of, response_rows, sample_responses
 from axolotl_xkd.topk_store import (
     Manifest,
     choose_encoding,
@@ -45,6 +48,8 @@ class PrecomputeSettings:
     batch_size: int = 8
     rows_per_shard: int = 1024
     logprob_dtype: str = "float16"
+    generate: Sampling | None = None  # --generate: store the teacher's responses instead of the dataset's
+    seed: int = 0
 
 
 def pad_batch(rows: list[dict], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,6 +83,17 @@ def score_rows(model: nn.Module, rows: list[dict], *, top_k: int, vocab_size: in
     counts = response.sum(-1).tolist()
     bounds = np.cumsum([0, *counts])
     return [(indices[a:b], values[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def teacher_rows(model: nn.Module, rows: list[dict], sampling: Sampling, *, pad_id: int, eos_id: int | None,
+                 max_length: int) -> list[dict]:
+    """`rows` with each response replaced by the teacher's sample for the row's prompt (rows without a
+    response stay as they are)."""
+    prompts = [prompt_of(r["input_ids"], r["labels"]) for r in rows]
+    asked = [p for p in prompts if p is not None]
+    answers = iter(sample_responses(model, asked, sampling, pad_id=pad_id, eos_id=eos_id, max_length=max_length)
+                   if asked else [])
+    return [row if p is None else response_rows([p], [next(answers)])[0] for row, p in zip(rows, prompts)]
 
 
 def shard_table(rows: list[dict], scored: list[tuple[np.ndarray, np.ndarray]], *, encoding: str,
@@ -157,6 +173,8 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
         logprob_dtype=settings.logprob_dtype,
         rows_per_shard=settings.rows_per_shard,
         splits={name: len(ds) for name, ds in splits.items()},
+        sequences="dataset" if settings.generate is None else "teacher",
+        generation=None if settings.generate is None else {**asdict(settings.generate), "seed": settings.seed},
     )
     manifest_path = Path(settings.out) / "manifest.json"
     if manifest_path.is_file():
@@ -181,9 +199,16 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
         start = index * settings.rows_per_shard
         rows = splits[name].select(range(start, min(start + settings.rows_per_shard, len(splits[name]))))
         rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+        if settings.generate is not None:
+            # Seeded per shard, so a resumed run samples exactly what an uninterrupted one would.
+            torch.manual_seed(settings.seed * 1_000_003 + index * 2 + (name != "train"))
         scored = []
         for b in range(0, len(rows), settings.batch_size):
             batch = rows[b: b + settings.batch_size]
+            if settings.generate is not None:
+                batch = teacher_rows(model, batch, settings.generate, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
+                                     max_length=manifest.sequence_len)
+                rows[b: b + settings.batch_size] = batch
             scored += score_rows(model, batch, top_k=settings.top_k, vocab_size=vocab_size, pad_id=pad_id,
                                  device=device)
             bar.update(sum(len(r["input_ids"]) for r in batch))

@@ -31,9 +31,17 @@ LOG = logging.getLogger("axolotl_xkd")
 KD_V2_IDS, KD_V2_LOGPROBS = "target_token_ids", "logprobs"
 
 
-def check_manifest(manifest: Manifest, folder: str, *, tokenizer, sequence_len: int, top_k: int | None) -> None:
-    """Refuse a store made for another tokenizer, sequence_len or k; the error names the file and field."""
+def check_manifest(manifest: Manifest, folder: str, *, tokenizer, sequence_len: int, top_k: int | None,
+                   sequences: str = "dataset") -> None:
+    """Refuse a store made for another tokenizer, sequence_len, k or kind of sequences; the error names the file
+    and field."""
     where = Path(folder) / MANIFEST
+    if manifest.sequences != sequences:
+        how = "with" if sequences == "teacher" else "without"
+        raise ValueError(
+            f"{where}: sequences {manifest.sequences!r} differs from xkd.sequences {sequences!r}; set xkd.sequences: "
+            f"{manifest.sequences}, or precompute again {how} --generate."
+        )
     expected = tokenizer_hash(tokenizer)
     if manifest.tokenizer_hash != expected:
         raise ValueError(
@@ -130,7 +138,7 @@ def store_top_k(config: PrecomputedTeacher) -> int:
     raise ValueError(f"xkd.teacher.path={config.path!r}: no response position carries target_token_ids")
 
 
-def load_precomputed(cfg, config: PrecomputedTeacher, tokenizer):
+def load_precomputed(cfg, config: PrecomputedTeacher, tokenizer, *, sequences: str = "dataset"):
     """(train, eval or None, k): the validated training rows of a precomputed teacher."""
     from datasets import Dataset
 
@@ -146,7 +154,8 @@ def load_precomputed(cfg, config: PrecomputedTeacher, tokenizer):
                     config.path)
         return Dataset(table), None, k
     manifest = Manifest.read(config.path)
-    check_manifest(manifest, config.path, tokenizer=tokenizer, sequence_len=cfg.sequence_len, top_k=config.top_k)
+    check_manifest(manifest, config.path, tokenizer=tokenizer, sequence_len=cfg.sequence_len, top_k=config.top_k,
+                   sequences=sequences)
     wants_eval = bool(cfg.val_set_size) or bool(cfg.test_datasets)
     if wants_eval and "eval" not in manifest.splits:
         raise ValueError(f"{Path(config.path) / MANIFEST}: splits {sorted(manifest.splits)} have no 'eval', but the "
@@ -165,13 +174,13 @@ def with_length(dataset):
     return dataset.add_column("length", lengths.astype(np.int64).tolist())
 
 
-def load_datasets_meta(cfg, config: PrecomputedTeacher):
+def load_datasets_meta(cfg, config: PrecomputedTeacher, *, sequences: str = "dataset"):
     """Axolotl's TrainDatasetMeta for the precomputed data, with the step count Axolotl would compute."""
     from axolotl.common.datasets import TrainDatasetMeta
     from axolotl.loaders import load_tokenizer
     from axolotl.utils.trainer import calculate_total_num_steps
 
-    train, evaluation, _ = load_precomputed(cfg, config, load_tokenizer(cfg))
+    train, evaluation, _ = load_precomputed(cfg, config, load_tokenizer(cfg), sequences=sequences)
     # Axolotl's multipack sampler and step estimate read a `length` column, as its own packing prep adds.
     if cfg.sample_packing:
         train = with_length(train)

@@ -110,9 +110,6 @@ class RewardScorer:
                 f"score: {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt"
             )
         prompt_ids = [self._prompt_ids(p, row) for row, p in enumerate(prompts)]
-        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-        eos = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         eos = [self.tokenizer.eos_token_id] if append_eos else []
         response_ids = []
         for row, response in enumerate(responses):

@@ -49,19 +49,21 @@ def segments(batch: dict[str, Tensor]) -> list[tuple[int, int, int]]:
     return out
 
 
-def prompts_of(batch: dict[str, Tensor]) -> list[list[int]]:
-    """The prompt of every sequence of `batch` that has a response: its tokens before the first label.
+def prompt_of(input_ids, labels) -> list[int] | None:
+    """A sequence's prompt: its tokens before the first label (at least one); None when it has no label.
 
-    A multi-turn row keeps only its first prompt; sequences without any label (nothing to answer) are left out.
+    A multi-turn sequence keeps only its first prompt: the responses replace everything after it.
     """
+    answered = np.flatnonzero(np.asarray(labels) != IGNORE_INDEX)
+    return None if answered.size == 0 else [int(t) for t in input_ids[: max(int(answered[0]), 1)]]
+
+
+def prompts_of(batch: dict[str, Tensor]) -> list[list[int]]:
+    """The prompt of every sequence of `batch` that has a response (sequences without labels are left out)."""
     input_ids = batch["input_ids"].cpu().numpy()
     labels = batch["labels"].cpu().numpy()
-    prompts = []
-    for b, start, end in segments(batch):
-        answered = np.flatnonzero(labels[b, start:end] != IGNORE_INDEX)
-        if answered.size:
-            prompts.append(input_ids[b, start : start + max(int(answered[0]), 1)].tolist())
-    return prompts
+    prompts = (prompt_of(input_ids[b, start:end], labels[b, start:end]) for b, start, end in segments(batch))
+    return [p for p in prompts if p is not None]
 
 
 @torch.inference_mode()

@@ -19,13 +19,18 @@ import click
 @click.option("--rows-per-shard", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Rows per shard; a finished shard is never recomputed.")
 @click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--generate", is_flag=True,
+              help="Store the teacher's own responses to the rows' prompts (sampled with xkd.generation); "
+              "implied by xkd.sequences: teacher.")
+@click.option("--seed", type=int, default=None, help="Seed of --generate's sampling (default: the config's seed, else 0).")
 def precompute(config: str, top_k: int | None, out: str | None, teacher_path: str | None, batch_size: int,
-               rows_per_shard: int, logprob_dtype: str) -> None:
+               rows_per_shard: int, logprob_dtype: str, generate: bool, seed: int | None) -> None:
     """Run the teacher of CONFIG.yml over its tokenized rows and write top-k log-probs (resumable)."""
     from axolotl.cli.config import load_cfg
 
     from axolotl_xkd.args import XKDConfig
     from axolotl_xkd.precompute import PrecomputeSettings, run_precompute
+    from axolotl_xkd.sequences import Sampling
 
     cfg = load_cfg(config)
     block = XKDConfig.model_validate(dict(cfg["xkd"])) if cfg.get("xkd") is not None else None
@@ -40,8 +45,13 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
             "no output folder: pass --out DIR or set `xkd.teacher: {source: precomputed, path: DIR}`"
         )
     top_k = top_k or (teacher.top_k if precomputed and teacher.top_k else 64)
+    sampling = None
+    if generate or (block is not None and block.sequences == "teacher"):
+        sampling = Sampling(**(block.generation.model_dump() if block is not None else {}))
     settings = PrecomputeSettings(out=out, teacher=teacher_path, top_k=top_k, batch_size=batch_size,
-                                  rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype)
+                                  rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype, generate=sampling,
+                                  seed=seed if seed is not None else int(cfg.get("seed") or 0))
     manifest = run_precompute(cfg, settings, rank=int(os.environ.get("RANK", "0")),
                               world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    click.echo(f"xkd precompute: {out} (k={manifest.top_k}, {manifest.splits} rows, {manifest.encoding})")
+    click.echo(f"xkd precompute: {out} (k={manifest.top_k}, {manifest.splits} rows, {manifest.encoding}, "
+               f"sequences: {manifest.sequences})")

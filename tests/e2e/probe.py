@@ -2,7 +2,8 @@
 
 Listed after axolotl_xkd.XKDPlugin in a test config's `plugins:`, it observes the real trainer (it
 changes nothing) and writes `probe_rank{R}.json` into the output directory at the end of training:
-the world size, a hash of every batch the student's forward received on this rank, DeepSpeed's
+the world size, a hash of every batch the student's forward received on this rank (and the first
+batches' input_ids), DeepSpeed's
 partition state of the student, the optimizer and the teacher, and whether the reward head is
 trainable and optimised.
 """
@@ -20,6 +21,8 @@ from transformers import TrainerCallback
 
 from axolotl_xkd.distributed import is_partitioned
 from axolotl_xkd.model_glue import find_reward_head
+
+FIRST_INPUTS = 4
 
 
 def _numel(params) -> tuple[int, int]:
@@ -48,6 +51,7 @@ class _Recorder(TrainerCallback):
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         self.batches: list[str] = []
+        self.first_inputs: list[list[list[int]]] = []  # input_ids of the first FIRST_INPUTS training forwards
         self.state: dict = {}
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -88,7 +92,7 @@ class _Recorder(TrainerCallback):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         record = {"rank": rank, "world_size": world, "node_rank": os.environ.get("GROUP_RANK"),
-                  "batches": self.batches, **self.state}
+                  "batches": self.batches, "first_inputs": self.first_inputs, **self.state}
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"probe_rank{rank}.json").write_text(json.dumps(record, indent=1))
@@ -110,6 +114,8 @@ class ProbePlugin(BasePlugin):
             ids = kwargs.get("input_ids")
             if ids is not None and torch.is_grad_enabled():
                 recorder.batches.append(hashlib.sha1(ids.cpu().numpy().tobytes()).hexdigest()[:16])
+                if len(recorder.first_inputs) < FIRST_INPUTS:
+                    recorder.first_inputs.append(ids.tolist())
 
         trainer.model.register_forward_pre_hook(record_batch, with_kwargs=True)
         trainer.add_callback(recorder)

@@ -43,6 +43,13 @@ def test_valid_block_passes_with_defaults(load):
         ({"teacher": {"source": "hub", "path": "x"}}, "xkd.teacher"),
         ({"log_std_min": 3.0, "log_std_max": 1.0}, "xkd.log_std_min"),
         ({"alpha_kd": 0.0, "reward_kl_weight": 0.0, "td_weight": 0.0}, "all 0"),
+        ({"sequences": "teacher"}, "xkd.sequences: teacher"),
+        ({"sequences": "on_policy", "teacher": {"source": "precomputed", "path": "x"}}, "xkd.sequences: on_policy"),
+        ({"sequences": "student"}, "xkd.sequences"),
+        ({"on_policy_fraction": 1.5}, "xkd.on_policy_fraction"),
+        ({"generation": {"temperature": -1}}, "xkd.generation.temperature"),
+        ({"generation": {"top_p": 0}}, "xkd.generation.top_p"),
+        ({"generation": {"max_tokens": 8}}, "xkd.generation.max_tokens"),
     ],
 )
 def test_bad_values_name_the_key(load, override, fragment):

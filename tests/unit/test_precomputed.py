@@ -181,6 +181,15 @@ def test_manifest_mismatch_names_file_and_field(tokenizer, tmp_path, changes, to
                        top_k=top_k)
 
 
+@pytest.mark.parametrize(("stored", "wanted"), [("teacher", "dataset"), ("dataset", "teacher")])
+def test_manifest_of_other_sequences_is_refused(tokenizer, tmp_path, stored, wanted):
+    from axolotl_xkd.precomputed_data import check_manifest
+
+    with pytest.raises(ValueError, match=rf"manifest.json: sequences '{stored}' differs from xkd.sequences '{wanted}'"):
+        check_manifest(manifest_for(tokenizer, sequences=stored), str(tmp_path), tokenizer=tokenizer, sequence_len=32,
+                       top_k=K, sequences=wanted)
+
+
 def test_other_tokenizer_has_another_hash(tokenizer):
     other = build_tokenizer()
     other.add_tokens(["<extra>"])
