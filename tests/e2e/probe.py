@@ -3,7 +3,7 @@
 Listed after axolotl_xkd.XKDPlugin in a test config's `plugins:`, it observes the real trainer (it
 changes nothing) and writes `probe_rank{R}.json` into the output directory at the end of training:
 the world size, a hash of every batch the student's forward received on this rank (and the first
-batches' input_ids), DeepSpeed's
+batches' input_ids, -1 at padding), DeepSpeed's
 partition state of the student, the optimizer and the teacher, and whether the reward head is
 trainable and optimised.
 """
@@ -115,7 +115,8 @@ class ProbePlugin(BasePlugin):
             if ids is not None and torch.is_grad_enabled():
                 recorder.batches.append(hashlib.sha1(ids.cpu().numpy().tobytes()).hexdigest()[:16])
                 if len(recorder.first_inputs) < FIRST_INPUTS:
-                    recorder.first_inputs.append(ids.tolist())
+                    mask = kwargs.get("attention_mask")
+                    recorder.first_inputs.append((ids if mask is None else ids.masked_fill(mask == 0, -1)).tolist())
 
         trainer.model.register_forward_pre_hook(record_batch, with_kwargs=True)
         trainer.add_callback(recorder)
