@@ -108,3 +108,20 @@ def test_resumed_run_continues_with_the_same_loss(zero):
     final_resumed = load_file(zero["resumed"] / "xkd_reward_head.safetensors")
     for key, value in final_straight.items():
         torch.testing.assert_close(final_resumed[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_on_policy_steps_under_zero3(tiny_assets, tmp_path):
+    """Every step on-policy: both ranks generate with the gathered student, score with the sharded teacher, train."""
+    deepspeed = str(REPO / "example_configs" / "deepspeed" / "zero3.json")
+    xkd = {"sequences": "on_policy", "on_policy_fraction": 1.0, "generation": {"max_new_tokens": 6}}
+    config = merged(base_config(tiny_assets, tmp_path),
+                    {**DISTRIBUTED, "gradient_accumulation_steps": 1, "max_steps": 2, "deepspeed": deepspeed,
+                     "xkd": xkd})
+    torchrun(write_config(tmp_path / "cfg.yml", config))
+    out = Path(config["output_dir"])
+    logs = list(losses(out).values())
+    assert len(logs) == 2 and all(e["xkd/on_policy_fraction"] == 1.0 and e["xkd/gen_length"] > 0 for e in logs)
+    ranks = probes(out)
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["student_local_numel"] <= r["student_numel"] // 2 + 64 for r in ranks)
+    assert (out / "xkd_reward_head.safetensors").is_file()
