@@ -44,3 +44,25 @@ def test_server_teacher_matches_model_teacher(small_assets, teacher_url, tmp_pat
     assert served["xkd/distill"] == pytest.approx(model["xkd/distill"], rel=1e-4, abs=1e-6)
     assert served["loss"] == pytest.approx(model["loss"], rel=1e-4, abs=1e-6)
     assert model["xkd/distill"] > 0.05  # an untrained student is far from the teacher: the check has teeth
+
+
+def test_on_policy_steps_scored_by_the_server_match_the_model_teacher(small_assets, teacher_url, tmp_path):
+    """Greedy on-policy steps: both runs train on the same student answers; the server scores them like the model."""
+    from transformers import AutoTokenizer
+
+    k = len(AutoTokenizer.from_pretrained(small_assets["tokenizer"]))
+    xkd = {"sequences": "on_policy", "on_policy_fraction": 1.0, "generation": {"max_new_tokens": 6, "temperature": 0}}
+    first = {}
+    for source in ("model", "server"):
+        config = merged(base_config(small_assets, tmp_path / source),
+                        {"max_steps": 1, "save_steps": 1, "learning_rate": 1e-6, "xkd": xkd})
+        if source == "server":
+            config["xkd"]["teacher"] = {"source": "server", "base_url": teacher_url, "top_k": k, "timeout_s": 60,
+                                        "max_retries": 1}
+        train(write_config(tmp_path / f"{source}.yml", config))
+        first[source] = log_history(tmp_path / source / "model")[0]
+    model, served = first["model"], first["server"]
+    assert served["xkd/on_policy_fraction"] == model["xkd/on_policy_fraction"] == 1.0
+    assert served["xkd/gen_length"] == model["xkd/gen_length"]
+    assert served["xkd/distill"] == pytest.approx(model["xkd/distill"], rel=1e-4, abs=1e-6)
+    assert served["loss"] == pytest.approx(model["loss"], rel=1e-4, abs=1e-6)
