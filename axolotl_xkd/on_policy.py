@@ -32,10 +32,12 @@ class OnPolicySampler:
     def _reset(self) -> None:
         self.steps = self.on_policy_steps = self.sequences = self.tokens = 0
         self.generation_s = 0.0
-        self._since = time.perf_counter()
+        self._since: float | None = None  # the window opens at the first step after a reset
 
     def is_on_policy(self, step: int) -> bool:
         """Whether optimizer step `step` trains on samples; the same on every rank and after a resume."""
+        if self._since is None:
+            self._since = time.perf_counter()
         self.steps += 1
         chosen = random.Random(f"xkd-on-policy:{self.seed}:{step}").random() < self.fraction
         self.on_policy_steps += chosen
@@ -69,7 +71,7 @@ class OnPolicySampler:
     def metrics(self) -> dict[str, float]:
         """Share of on-policy steps, generation's share of wall time and (when anything was generated) the mean
         response length, since the last call; then starts a new window."""
-        elapsed = max(time.perf_counter() - self._since, 1e-9)
+        elapsed = max(time.perf_counter() - (self._since or time.perf_counter()), 1e-9)
         logs = {
             "on_policy_fraction": self.on_policy_steps / max(self.steps, 1),
             "gen_time_share": min(self.generation_s / elapsed, 1.0),
