@@ -2,6 +2,7 @@
 
 Builds the tiny assets (axolotl_xkd.tiny), trains one X-KD student per variant with a real
 `axolotl train` (config from tests/support.base_config), samples n responses per held-out prompt
+(a share of the task's distinct prompts removed from the student's training rows)
 and compares exact-match accuracy of:
   random-of-n     expected accuracy of a uniformly random pick = mean accuracy of the n samples
   reward-sum      the sample with the highest summed mu_i (the spec's reranker)
@@ -39,26 +40,15 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def held_out_prompts(train_rows: list[dict], eval_rows: list[dict], count: int, *, seed: int) -> list[dict]:
-    """eval.jsonl plus fresh arithmetic rows whose prompts are not in the training set."""
-    from axolotl_xkd.tiny import arithmetic_rows
-
-    seen = {r["prompt"] for r in train_rows}
-    rows = [r for r in eval_rows if r["prompt"] not in seen]
-    seen |= {r["prompt"] for r in rows}
-    for row in arithmetic_rows(20 * count, seed=seed):
-        if len(rows) >= count:
-            break
-        if row["prompt"] not in seen:
-            seen.add(row["prompt"])
-            rows.append(row)
-    if not rows:
-        raise SystemExit(
-            "rerank.py: no held-out prompts: every arithmetic prompt of the tiny task is in the training rows "
-            "(single-digit operands give only 200 distinct prompts). Lower --train-rows, or widen the task's "
-            "operands (axolotl_xkd.tiny.arithmetic_rows(max_operand=...)) for a held-out split."
-        )
-    return rows[:count]
+def held_out_split(train_rows: list[dict], fraction: float, *, seed: int) -> tuple[list[dict], list[dict]]:
+    """(student training rows, one row per held-out prompt): a seeded `fraction` of the distinct training
+    prompts is taken out of the student's data. The teacher was trained on every prompt: it knows the task,
+    and the student and its reward are scored on prompts they never trained on."""
+    prompts = sorted({r["prompt"] for r in train_rows})
+    held = set(random.Random(seed).sample(prompts, max(1, round(fraction * len(prompts)))))
+    kept = [r for r in train_rows if r["prompt"] not in held]
+    answers = {r["prompt"]: r["response"] for r in train_rows}
+    return kept, [{"prompt": p, "response": answers[p]} for p in sorted(held)]
 
 
 def greedy_answers(scorer, prompts: list[str], *, batch_size: int = 64) -> list[str]:
@@ -137,7 +127,8 @@ def write_report(path: Path, results: dict, args: argparse.Namespace, n_prompts:
         f"Command: `{command}`  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {platform.processor() or platform.machine()}, "
         f"CPU only; n = {args.samples} samples per prompt at temperature 1; {n_prompts} held-out prompts "
-        f"(tiny eval.jsonl plus fresh prompts not in train.jsonl); student trained {args.steps} steps "
+        f"(a seeded {args.held_out:.0%} of the task's distinct prompts, removed from the student's training rows; "
+        f"the teacher saw every prompt); student trained {args.steps} steps "
         f"(micro batch {args.micro_batch_size}) by `axolotl train` with the plugin; tiny task with "
         f"{args.train_rows} training rows, teacher trained {args.teacher_steps} steps.",
         "",
@@ -180,21 +171,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per student (default: 150)")
     parser.add_argument("--micro-batch-size", type=int, default=32)
     parser.add_argument("--samples", type=int, default=8, help="n of best-of-n (default: 8)")
-    parser.add_argument("--prompts", type=int, default=256, help="held-out prompts (default: 256)")
+    parser.add_argument("--held-out", type=float, default=0.3,
+                        help="share of the task's distinct prompts kept out of the student's data (default: 0.3)")
     parser.add_argument("--train-rows", type=int, default=4096, help="tiny task training rows (default: 4096)")
     parser.add_argument("--teacher-steps", type=int, default=1500, help="tiny teacher steps (default: 1500)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "rerank.md")
     args = parser.parse_args()
 
-    from axolotl_xkd.tiny import build_all
+    from axolotl_xkd.tiny import build_all, write_jsonl
 
     assets = build_all(
         args.work / "tiny", teacher_steps=args.teacher_steps, train_rows=args.train_rows, seed=args.seed
     )
     read = lambda p: [json.loads(line) for line in p.read_text().splitlines()]  # noqa: E731
-    rows = held_out_prompts(read(assets["data"] / "train.jsonl"), read(assets["data"] / "eval.jsonl"),
-                            args.prompts, seed=args.seed + 1000)
+    kept, rows = held_out_split(read(assets["data"] / "train.jsonl"), args.held_out, seed=args.seed + 1000)
+    student_data = args.work / "student_data"
+    write_jsonl(student_data / "train.jsonl", kept)
+    assets = {**assets, "data": student_data}
     results = {}
     for name in args.variants:
         out = args.work / name
