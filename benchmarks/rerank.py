@@ -37,6 +37,9 @@ VARIANTS: dict[str, dict] = {
     "default": {},  # the spec's defaults: forward_kl, q_form logits, w_kl = lambda = 1, gamma = 1
     "q_logprobs": {"xkd": {"q_form": "logprobs"}},
     "q_logprobs_gamma0.9": {"xkd": {"q_form": "logprobs", "gamma": 0.9}},
+    # Q(s', a') replaced by its expectation under the teacher: the rewards no longer telescope to Q(s_0, a_0).
+    "teacher_expected": {"xkd": {"td_target": "teacher_expected"}},
+    "teacher_expected_q_logprobs": {"xkd": {"td_target": "teacher_expected", "q_form": "logprobs"}},
 }
 
 
@@ -126,7 +129,8 @@ def write_report(path: Path, results: dict, args: argparse.Namespace, n_prompts:
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {platform.processor() or platform.machine()}, "
-        f"CPU only; n = {args.samples} samples per prompt at temperature 1; {n_prompts} held-out prompts "
+        f"CPU only; n = {args.samples} samples per prompt at temperature 1; {n_prompts} held-out prompts, each "
+        f"sampled in {args.rounds} independent groups of n "
         f"(a seeded {args.held_out:.0%} of the task's distinct prompts, removed from the student's training rows; "
         f"the teacher saw every prompt); student trained {args.steps} steps "
         f"(micro batch {args.micro_batch_size}) by `axolotl train` with the plugin; tiny task with "
@@ -175,6 +179,7 @@ def main() -> None:
                         help="share of the task's distinct prompts kept out of the student's data (default: 0.3)")
     parser.add_argument("--train-rows", type=int, default=4096, help="tiny task training rows (default: 4096)")
     parser.add_argument("--teacher-steps", type=int, default=1500, help="tiny teacher steps (default: 1500)")
+    parser.add_argument("--rounds", type=int, default=4, help="groups of n samples per held-out prompt (default: 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "rerank.md")
     args = parser.parse_args()
@@ -201,7 +206,9 @@ def main() -> None:
         started = time.perf_counter()
         train(write_config(out / "config.yml", config))
         seconds = time.perf_counter() - started
-        results[name] = {**evaluate(out / "model", rows, n=args.samples, seed=args.seed), "train_seconds": seconds}
+        # Each held-out prompt is drawn --rounds times (independent groups of n samples) to narrow the noise.
+        results[name] = {**evaluate(out / "model", rows * args.rounds, n=args.samples, seed=args.seed),
+                         "train_seconds": seconds}
         print(name, json.dumps(results[name]), flush=True)
     command = "python benchmarks/rerank.py " + " ".join(sys.argv[1:])
     write_report(args.out, results, args, len(rows), command.strip())

@@ -1,4 +1,5 @@
-"""`axolotl xkd precompute` killed midway and rerun gives the same rows as an uninterrupted run."""
+"""`axolotl xkd precompute` killed midway and rerun, or launched on two processes, gives the same rows as one
+uninterrupted process."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support import BIN, ENV, REPO, base_config, run_cli, write_config
+import pytest
+
+from tests.support import BIN, ENV, REPO, base_config, run_cli, with_first_rows, write_config
 
 ROWS, PER_SHARD = 96, 8
 
@@ -19,16 +22,37 @@ def command(cfg: Path, out: Path) -> list[str]:
             "--rows-per-shard", str(PER_SHARD)]
 
 
-def test_killed_precompute_resumes_to_identical_rows(tiny_assets, tmp_path):
+def assert_same_shards(got: Path, want: Path) -> None:
+    """Both stores hold the same shards, row for row."""
     from datasets import load_from_disk
 
-    data = tmp_path / "data"
-    data.mkdir()
-    lines = (tiny_assets["data"] / "train.jsonl").read_text().splitlines()[:ROWS]
-    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
-    cfg = write_config(tmp_path / "cfg.yml", base_config({**tiny_assets, "data": data}, tmp_path))
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    run_cli(command(cfg, reference))
+    rows = json.loads((want / "manifest.json").read_text())["splits"]["train"]
+    shards = [f"shard-{i:05d}" for i in range(-(-rows // PER_SHARD))]
+    for name in shards:
+        assert load_from_disk(str(got / "train" / name)).to_dict() == load_from_disk(str(want / "train" / name)).to_dict(), name
+    assert sorted(p.name for p in (got / "train").iterdir() if p.name.startswith("shard-")) == shards
+
+
+@pytest.fixture()
+def reference(tiny_assets, tmp_path) -> tuple[Path, Path]:
+    """(config, store of one uninterrupted process) on the first ROWS rows."""
+    cfg = write_config(tmp_path / "cfg.yml", base_config(with_first_rows(tiny_assets, tmp_path / "data", ROWS), tmp_path))
+    run_cli(command(cfg, tmp_path / "reference"))
+    return cfg, tmp_path / "reference"
+
+
+def test_two_process_precompute_writes_the_same_rows(reference, tmp_path):
+    """Under torchrun, rank r takes shards r, r + 2, ...; together they are the single process's store."""
+    cfg, want = reference
+    got = tmp_path / "two_ranks"
+    args = command(cfg, got)[1:]
+    run_cli(["torchrun", "--nproc_per_node", "2", "-m", "axolotl.cli.main", *args])
+    assert_same_shards(got, want)
+
+
+def test_killed_precompute_resumes_to_identical_rows(reference, tmp_path):
+    cfg, reference = reference
+    resumed = tmp_path / "resumed"
 
     env = {**os.environ, **ENV, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     args = command(cfg, resumed)
@@ -45,13 +69,4 @@ def test_killed_precompute_resumes_to_identical_rows(tiny_assets, tmp_path):
 
     result = run_cli(command(cfg, resumed))
     assert "k=8" in result.stdout
-    rows = json.loads((reference / "manifest.json").read_text())["splits"]["train"]
-    shards = -(-rows // PER_SHARD)
-    for index in range(shards):
-        name = f"shard-{index:05d}"
-        got = load_from_disk(str(resumed / "train" / name)).to_dict()
-        want = load_from_disk(str(reference / "train" / name)).to_dict()
-        assert got == want, name
-    assert sorted(p.name for p in (resumed / "train").iterdir() if p.name.startswith("shard-")) == [
-        f"shard-{i:05d}" for i in range(shards)
-    ]
+    assert_same_shards(resumed, reference)

@@ -1,0 +1,302 @@
+"""Quality study: does X-KD beat GKD, SeqKD and SFT? One command, on the CPU, deterministic and resumable.
+
+    python benchmarks/quality/study.py [--seeds 3] [--steps 150] [--jobs 2] [--tasks ...] [--methods ...]
+
+Per task (benchmarks/quality/tasks.py) it trains a teacher once (cached under --work), stores the
+teacher's generations for the sequence-level arms (`axolotl xkd precompute --generate`), then trains
+the same tiny student with every method for the same number of steps through the real `axolotl train`
+and the plugin (SFT and GKD are X-KD with the reward terms off, so only the method changes), for each
+seed, on all the data and (the data-efficiency arm) on 10% of it. Each student is scored on held-out
+prompts (greedy decoding) and, for diversity, on n samples per prompt at temperature 1 (distinct-2 over
+tokens, self-BLEU between a prompt's samples). Every finished run is appended to runs.csv at once, so an
+interrupted study continues where it stopped. Writes, under --out: runs.csv, table.md, quality_diversity.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from evaluation import diversity, generate, load  # noqa: E402
+from tasks import TASKS, Task  # noqa: E402
+
+from tests.support import base_config, merged, run_cli, write_config  # noqa: E402 (sets the offline env first)
+
+SEQUENCE_LEN = 48
+MAX_NEW_TOKENS = 32
+REWARD_OFF = {"reward_kl_weight": 0.0, "td_weight": 0.0}
+ON_POLICY = {"sequences": "on_policy", "on_policy_fraction": 0.5,
+             "generation": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0}}
+DIVERGENCES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd"}
+TEACHER_SEQUENCES = "TEACHER_SEQUENCES"  # replaced by the task's `precompute --generate` store
+
+
+def methods() -> dict[str, dict]:
+    """Method name -> `xkd:` overrides. GKD = X-KD with w_kl = lambda = 0; SFT = CE on the gold data only."""
+    table: dict[str, dict] = {
+        "sft": {"alpha_kd": 0.0, "alpha_ce": 1.0, **REWARD_OFF, "teacher": None},
+        "seqkd": {"sequences": "teacher", "divergence": "sequence", **REWARD_OFF, "teacher": TEACHER_SEQUENCES},
+        "xkd_seqkd": {"sequences": "teacher", "divergence": "sequence", "teacher": TEACHER_SEQUENCES},
+    }
+    for short, divergence in DIVERGENCES.items():
+        for source, extra in (("off", {}), ("on", ON_POLICY)):
+            table[f"gkd_{short}_{source}"] = {"divergence": divergence, **REWARD_OFF, **extra}
+            table[f"xkd_{short}_{source}"] = {"divergence": divergence, **extra}
+    return table
+
+
+METHODS = methods()
+FIELDS = ["task", "method", "seed", "data_fraction", "metric_name", "metric", "distinct2", "self_bleu",
+          "steps", "train_seconds"]
+
+
+# ---- per task: data, teacher, teacher generations --------------------------------------------------
+
+
+def prepare_task(task: Task, work: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """Data files, tokenizer, the trained teacher and the untrained student of `task` (cached in `work`)."""
+    import torch
+
+    from axolotl_xkd.tiny import build_model, build_tokenizer, train_teacher, write_jsonl
+
+    folder = work / task.name
+    stamp = folder / "assets.json"
+    settings = {"train_rows": args.train_rows, "eval_rows": args.eval_rows, "teacher_steps": args.teacher_steps,
+                "teacher_hidden": args.teacher_hidden, "student_hidden": args.student_hidden}
+    paths = {name: folder / name for name in ("tokenizer", "teacher", "student", "data")}
+    if stamp.is_file() and json.loads(stamp.read_text()).get("settings") == settings:
+        return paths
+    train, evaluation = task.splits(args.train_rows, args.eval_rows, seed=0)
+    write_jsonl(paths["data"] / "train.jsonl", train)
+    write_jsonl(paths["data"] / "eval.jsonl", evaluation)
+    write_jsonl(paths["data"] / "train_10pct.jsonl", train[: max(1, len(train) // 10)])
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(paths["tokenizer"])
+    torch.manual_seed(0)
+    teacher = build_model(tokenizer, hidden=args.teacher_hidden, layers=2, seed=0)
+    loss = train_teacher(teacher, tokenizer, train, steps=args.teacher_steps, seed=0)
+    teacher.save_pretrained(paths["teacher"])
+    tokenizer.save_pretrained(paths["teacher"])
+    student = build_model(tokenizer, hidden=args.student_hidden, layers=2, seed=1)
+    student.save_pretrained(paths["student"])
+    tokenizer.save_pretrained(paths["student"])
+    score = evaluate(paths["teacher"], task, evaluation, samples=0)["metric"]
+    stamp.write_text(json.dumps({"settings": settings, "teacher_loss": loss, "teacher_metric": score}))
+    print(f"{task.name}: teacher trained ({args.teacher_steps} steps, loss {loss:.3f}), "
+          f"held-out {task.metric_name} {score:.1f}", flush=True)
+    return paths
+
+
+def teacher_store(task: Task, assets: dict[str, Path], data_file: str, work: Path) -> Path:
+    """The teacher's greedy answers to the training prompts of `data_file`, with top-k (precompute --generate)."""
+    store = work / task.name / f"teacher_sequences_{Path(data_file).stem}"
+    if (store / "manifest.json").is_file():
+        return store
+    config = student_config(task, assets, work / task.name / "precompute", data_file, seed=0, steps=1,
+                            xkd={"sequences": "teacher", "divergence": "sequence", "generation":
+                                 {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0},
+                                 "teacher": {"source": "precomputed", "path": str(store),
+                                             "model_path": str(assets["teacher"])}})
+    run_cli(["axolotl", "xkd", "precompute", str(write_config(store.parent / "precompute.yml", config)),
+             "--top-k", "16", "--batch-size", "64"])
+    return store
+
+
+# ---- one run ---------------------------------------------------------------------------------------
+
+
+def student_config(task: Task, assets: dict[str, Path], out: Path, data_file: str, *, seed: int, steps: int,
+                   xkd: dict) -> dict:
+    """tests/support.base_config for this task's student and `data_file`, with `xkd` merged into its block."""
+    config = base_config(assets, out)
+    config["datasets"][0]["path"] = str(assets["data"] / data_file)
+    return merged(config, {
+        "xkd": xkd, "sequence_len": SEQUENCE_LEN, "micro_batch_size": 32, "gradient_accumulation_steps": 1,
+        "max_steps": steps, "num_epochs": 1000, "save_steps": steps, "logging_steps": max(1, steps // 5),
+        "seed": seed, "dataset_prepared_path": str(out / "prepared"),
+    })
+
+
+def train_one(task: Task, assets: dict[str, Path], work: Path, method: str, seed: int, fraction: float,
+              args: argparse.Namespace) -> dict:
+    """Train one student with `axolotl train`, score it, delete its weights; returns its CSV row."""
+    import shutil
+
+    data_file = "train.jsonl" if fraction == 1.0 else "train_10pct.jsonl"
+    xkd = json.loads(json.dumps(METHODS[method]))
+    if xkd.get("teacher") == TEACHER_SEQUENCES:
+        xkd["teacher"] = {"source": "precomputed", "path": str(teacher_store(task, assets, data_file, work))}
+    elif "teacher" not in xkd:
+        xkd["teacher"] = {"source": "model", "path": str(assets["teacher"])}
+    out = work / task.name / "runs" / f"{method}-seed{seed}-data{fraction:g}"
+    config = student_config(task, assets, out, data_file, seed=seed, steps=args.steps, xkd=xkd)
+    started = time.perf_counter()
+    env = {"OMP_NUM_THREADS": str(args.threads)}
+    run_cli(["axolotl", "train", str(write_config(out / "cfg.yml", config))], env=env)
+    seconds = time.perf_counter() - started
+    evaluation = [json.loads(line) for line in (assets["data"] / "eval.jsonl").read_text().splitlines()]
+    scores = evaluate(Path(config["output_dir"]), task, evaluation, samples=args.samples, seed=seed)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"task": task.name, "method": method, "seed": seed, "data_fraction": fraction,
+            "metric_name": task.metric_name, **scores, "steps": args.steps, "train_seconds": round(seconds, 1)}
+
+
+def evaluate(model_dir: Path, task: Task, rows: list[dict], *, samples: int, seed: int = 0) -> dict:
+    """Greedy metric on `rows`; with samples > 0 also distinct-2 and self-BLEU of that many samples per prompt."""
+    model, tokenizer = load(model_dir)
+    prompts = [r["prompt"] for r in rows]
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, max_length=SEQUENCE_LEN)
+    result = {"metric": round(task.metric(greedy, [r["response"] for r in rows]), 3), "distinct2": "",
+              "self_bleu": ""}
+    if samples:
+        drawn = generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, max_length=SEQUENCE_LEN,
+                         temperature=1.0, n=samples, seed=seed)
+        result.update(diversity(drawn, samples, tokenizer))
+    return result
+
+
+# ---- reports ---------------------------------------------------------------------------------------
+
+
+def read_runs(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def summarize(runs: list[dict], tasks: list[str]) -> dict[tuple[str, str, float], tuple[float, float, int]]:
+    """(task, method, data_fraction) -> (mean, std, seeds) of the metric."""
+    groups: dict[tuple[str, str, float], list[float]] = {}
+    for r in runs:
+        if r["task"] in tasks:
+            groups.setdefault((r["task"], r["method"], float(r["data_fraction"])), []).append(float(r["metric"]))
+    return {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
+
+
+def write_table(runs: list[dict], tasks: list[str], path: Path, command: str, teacher: dict[str, float]) -> str:
+    """Markdown: mean ± std per method and task (full data and 10%), and X-KD's best against the best baseline."""
+    stats = summarize(runs, tasks)
+    names = [m for m in METHODS if any(k[1] == m for k in stats)]
+    lines = ["# Quality study (generated tasks, CPU)", "", f"`{command}`, finished "
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Mean ± std over seeds (n = seeds); greedy decoding "
+             "on held-out prompts. Teacher (held-out): " + ", ".join(f"{t} {v:.1f}" for t, v in teacher.items()), ""]
+    for fraction in sorted({k[2] for k in stats}, reverse=True):
+        lines += [f"## {fraction:.0%} of the training data", "",
+                  "| method | " + " | ".join(f"{t} ({TASKS[t].metric_name})" for t in tasks) + " |",
+                  "|---" * (len(tasks) + 1) + "|"]
+        for m in names:
+            cells = []
+            for t in tasks:
+                s = stats.get((t, m, fraction))
+                cells.append(f"{s[0]:.1f} ± {s[1]:.1f} (n={s[2]})" if s else "")
+            if any(cells):
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for t in tasks:
+            ours = {m: stats[(t, m, fraction)] for m in names if m.startswith("xkd") and (t, m, fraction) in stats}
+            theirs = {m: stats[(t, m, fraction)] for m in names if not m.startswith("xkd") and (t, m, fraction) in stats}
+            if ours and theirs:
+                best_ours = max(ours, key=lambda m: ours[m][0])
+                best_theirs = max(theirs, key=lambda m: theirs[m][0])
+                (mo, so, _), (mt, st, _) = ours[best_ours], theirs[best_theirs]
+                verdict = "X-KD ahead" if mo - so > mt + st else "X-KD behind" if mo + so < mt - st else "within spread"
+                lines.append(f"- {t}: best X-KD {best_ours} {mo:.1f} ± {so:.1f} vs best baseline {best_theirs} "
+                             f"{mt:.1f} ± {st:.1f}: {verdict}")
+        lines.append("")
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def write_plot(runs: list[dict], tasks: list[str], path: Path) -> None:
+    """Quality against diversity (distinct-2), one panel per task, one point per method (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for m in METHODS:
+            rows = [r for r in runs if r["task"] == t and r["method"] == m and float(r["data_fraction"]) == 1.0
+                    and r["distinct2"] != ""]
+            if not rows:
+                continue
+            x = statistics.fmean(float(r["distinct2"]) for r in rows)
+            y = statistics.fmean(float(r["metric"]) for r in rows)
+            ax.scatter(x, y, marker="o" if m.startswith("xkd") else "x", label=m)
+            ax.annotate(m, (x, y), fontsize=6)
+        ax.set_title(t)
+        ax.set_xlabel("distinct-2 (samples at T=1)")
+        ax.set_ylabel(TASKS[t].metric_name + " (greedy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---- driver ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--low-data-methods", nargs="*", default=["sft", "gkd_jsd_on", "xkd_jsd_on"],
+                        choices=list(METHODS), help="methods of the 10%%-data arm")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per student (micro batch 32)")
+    parser.add_argument("--train-rows", type=int, default=2000)
+    parser.add_argument("--eval-rows", type=int, default=100)
+    parser.add_argument("--teacher-steps", type=int, default=1500)
+    parser.add_argument("--teacher-hidden", type=int, default=128)
+    parser.add_argument("--student-hidden", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=4, help="samples per prompt for the diversity measures")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality")
+    args = parser.parse_args()
+    from tqdm.auto import tqdm
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = args.out / "runs.csv"
+    done = {(r["task"], r["method"], int(r["seed"]), float(r["data_fraction"])) for r in read_runs(csv_path)}
+    assets = {t: prepare_task(TASKS[t], args.work, args) for t in args.tasks}
+    todo = [(t, m, s, f) for t in args.tasks for f in (1.0, 0.1)
+            for m in (args.methods if f == 1.0 else [x for x in args.low_data_methods if x in args.methods])
+            for s in range(args.seeds) if (t, m, s, f) not in done]
+    for t in args.tasks:  # the teacher stores are shared by runs; build them before the parallel runs
+        if any(METHODS[m].get("teacher") == TEACHER_SEQUENCES for _, m, _, _ in todo):
+            for data_file in ("train.jsonl", "train_10pct.jsonl"):
+                teacher_store(TASKS[t], assets[t], data_file, args.work)
+    write_header = not csv_path.is_file()
+    with csv_path.open("a", newline="") as f, ThreadPoolExecutor(args.jobs) as pool:
+        writer = csv.DictWriter(f, FIELDS)
+        if write_header:
+            writer.writeheader()
+        futures = [pool.submit(train_one, TASKS[t], assets[t], args.work, m, s, frac, args) for t, m, s, frac in todo]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="quality study", unit="run"):
+            writer.writerow(future.result())
+            f.flush()
+    teacher = {t: json.loads((args.work / t / "assets.json").read_text())["teacher_metric"] for t in args.tasks}
+    runs = read_runs(csv_path)
+    command = "python benchmarks/quality/study.py " + " ".join(sys.argv[1:])
+    print(write_table(runs, args.tasks, args.out / "table.md", command.strip(), teacher))
+    write_plot(runs, args.tasks, args.out / "quality_diversity.png")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
