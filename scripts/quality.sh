@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The quality study (benchmarks/quality/study.py) from a fresh clone: set up, add the benchmark extra, run.
+# Resumable: rerun to continue; arguments go to study.py (e.g. --seeds 3 --jobs 2).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/setup.sh
+. "$ROOT/scripts/setup.sh"
+python -m pip install -q -e "$ROOT[bench]"
+cd "$ROOT"
+python benchmarks/quality/study.py "$@"

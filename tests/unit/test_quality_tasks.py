@@ -1,0 +1,46 @@
+"""benchmarks/quality/tasks.py: the study's generated tasks are deterministic, hold out their eval prompts,
+answer correctly by construction, and their metrics score a perfect and an empty prediction as expected."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.support import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks" / "quality"))
+
+from tasks import LEXICON, TASKS, final_number, gsm8k_accuracy, rouge_2  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_splits_are_deterministic_and_disjoint(name):
+    task = TASKS[name]
+    train, evaluation = task.splits(500, 40, seed=0)
+    assert (train, evaluation) == task.splits(500, 40, seed=0)
+    assert len(train) == 500 and len({r["prompt"] for r in evaluation}) == 40
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evaluation}
+    references = [r["response"] for r in evaluation]
+    assert task.metric(references, references) == pytest.approx(100.0)
+    assert task.metric([""] * len(references), references) == pytest.approx(0.0)
+
+
+def test_rows_are_right_by_construction():
+    train, _ = TASKS["arithmetic"].splits(300, 10, seed=1)
+    for row in train:
+        # The worked steps are valid equations and the last one answers the prompt.
+        for step in row["response"].split(","):
+            left, right = step.split("=")
+            assert eval(left) == int(right), row  # noqa: S307 (digits and + - * only)
+        assert eval(row["prompt"][:-1]) == int(final_number(row["response"])), row  # noqa: S307
+    for row in TASKS["translation"].splits(50, 5, seed=1)[0]:
+        source = row["prompt"][:-1].split()
+        assert row["response"].split() == [LEXICON[w] for w in reversed(source)]
+    for row in TASKS["summary"].splits(50, 5, seed=1)[0]:
+        assert row["response"].split() == [w for w in row["prompt"][:-1].split() if w[0].isupper()]
+
+
+def test_paper_scale_metrics():
+    assert gsm8k_accuracy(["so 1,234 apples.", "it is 5"], ["work #### 1234", "work #### 6"]) == 50.0
+    assert rouge_2(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
