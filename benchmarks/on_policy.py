@@ -15,16 +15,15 @@ import argparse
 import platform
 import statistics
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from server_teacher import step_seconds
+from server_teacher import step_seconds, timing_setup
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support import base_config, log_history, merged, train, write_config  # noqa: E402
+from tests.support import log_history, merged, train, write_config  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "on_policy.md"
 
@@ -39,14 +38,8 @@ def main() -> None:
     import torch
 
     from axolotl_xkd import __version__
-    from axolotl_xkd.tiny import build_all
 
-    work = Path(tempfile.mkdtemp(prefix="xkd_on_policy_bench_"))
-    assets = build_all(work / "tiny", teacher_steps=100)
-    config = merged(base_config(assets, work / "prep"), {
-        "max_steps": args.steps, "save_steps": args.steps, "gradient_accumulation_steps": 1,
-        "micro_batch_size": args.micro_batch_size, "logging_steps": args.steps,
-    })
+    work, _, config = timing_setup("xkd_on_policy_bench_", args.steps, args.micro_batch_size)
     sources = {
         "dataset": {"sequences": "dataset"},
         "on_policy": {"sequences": "on_policy", "on_policy_fraction": 1.0,

@@ -37,6 +37,20 @@ def step_seconds(output: str, steps: int) -> float:
     return float(runtimes[-1]) / steps
 
 
+def timing_setup(prefix: str, steps: int, micro_batch_size: int) -> tuple[Path, dict, dict]:
+    """(scratch folder, tiny assets built in it, base config) for step-time runs of `steps` steps with one log
+    line and one checkpoint each."""
+    from axolotl_xkd.tiny import build_all
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    assets = build_all(work / "tiny", teacher_steps=100)
+    config = merged(base_config(assets, work / "prep"), {
+        "max_steps": steps, "save_steps": steps, "gradient_accumulation_steps": 1,
+        "micro_batch_size": micro_batch_size, "logging_steps": steps,
+    })
+    return work, assets, config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -50,14 +64,8 @@ def main() -> None:
     import torch
 
     from axolotl_xkd import __version__
-    from axolotl_xkd.tiny import build_all
 
-    work = Path(tempfile.mkdtemp(prefix="xkd_server_bench_"))
-    assets = build_all(work / "tiny", teacher_steps=100)
-    config = merged(base_config(assets, work / "prep"), {
-        "max_steps": args.steps, "save_steps": args.steps, "gradient_accumulation_steps": 1,
-        "micro_batch_size": args.micro_batch_size, "logging_steps": args.steps,
-    })
+    work, assets, config = timing_setup("xkd_server_bench_", args.steps, args.micro_batch_size)
     store = work / "topk"
     run_cli(["axolotl", "xkd", "precompute", str(write_config(work / "precompute.yml", config)), "--out", str(store),
              "--top-k", str(args.top_k), "--teacher", str(assets["teacher"])])
