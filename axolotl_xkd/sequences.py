@@ -85,7 +85,7 @@ def sample_responses(model: nn.Module, prompts: list[list[int]], sampling: Sampl
         "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": None}
     generated = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=budget, num_return_sequences=n, pad_token_id=pad_id,
-        eos_token_id=eos_id, **decoding,
+        eos_token_id=eos_id, use_cache=True, **decoding,  # training configs often turn the model's cache off
     )
     responses = []
     for k, row in enumerate(generated[:, width:].tolist()):
