@@ -21,8 +21,10 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +42,7 @@ REWARD_OFF = {"reward_kl_weight": 0.0, "td_weight": 0.0}
 ON_POLICY = {"sequences": "on_policy", "on_policy_fraction": 0.5,
              "generation": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0}}
 DIVERGENCES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd"}
+DEV_ROWS = 100
 TEACHER_SEQUENCES = "TEACHER_SEQUENCES"  # replaced by the task's `precompute --generate` store
 
 
@@ -58,8 +61,9 @@ def methods() -> dict[str, dict]:
 
 
 METHODS = methods()
+LOGGED = ["distill", "td_nll", "reward_sigma"]  # the trainer's xkd/* metrics at the last logging step
 FIELDS = ["task", "method", "seed", "data_fraction", "metric_name", "metric", "distinct2", "self_bleu",
-          "steps", "train_seconds"]
+          "steps", "train_seconds", *LOGGED]
 
 
 # ---- per task: data, teacher, teacher generations --------------------------------------------------
@@ -76,6 +80,7 @@ def prepare_task(task: Task, work: Path, args: argparse.Namespace) -> dict[str, 
     settings = {"train_rows": args.train_rows, "eval_rows": args.eval_rows, "teacher_steps": args.teacher_steps,
                 "teacher_hidden": args.teacher_hidden, "student_hidden": args.student_hidden}
     paths = {name: folder / name for name in ("tokenizer", "teacher", "student", "data")}
+    write_jsonl(paths["data"] / "dev.jsonl", dev_rows(task, args.train_rows, args.eval_rows))
     if stamp.is_file() and json.loads(stamp.read_text()).get("settings") == settings:
         return paths
     train, evaluation = task.splits(args.train_rows, args.eval_rows, seed=0)
@@ -97,6 +102,18 @@ def prepare_task(task: Task, work: Path, args: argparse.Namespace) -> dict[str, 
     print(f"{task.name}: teacher trained ({args.teacher_steps} steps, loss {loss:.3f}), "
           f"held-out {task.metric_name} {score:.1f}", flush=True)
     return paths
+
+
+def dev_rows(task: Task, train_rows: int, eval_rows: int) -> list[dict]:
+    """DEV_ROWS rows whose prompts are in neither the training nor the eval split: the sweep tunes on these.
+    They continue the training split's random stream, so the training rows stay exactly as they were."""
+    rows, _ = task.splits(train_rows + 4 * DEV_ROWS, eval_rows, seed=0)
+    seen = {r["prompt"] for r in rows[:train_rows]}
+    dev: dict[str, dict] = {}
+    for row in rows[train_rows:]:
+        if row["prompt"] not in seen:
+            dev.setdefault(row["prompt"], row)
+    return list(dev.values())[:DEV_ROWS]
 
 
 def teacher_store(task: Task, assets: dict[str, Path], data_file: str, work: Path) -> Path:
@@ -130,12 +147,13 @@ def student_config(task: Task, assets: dict[str, Path], out: Path, data_file: st
 
 
 def train_one(task: Task, assets: dict[str, Path], work: Path, method: str, seed: int, fraction: float,
-              args: argparse.Namespace) -> dict:
-    """Train one student with `axolotl train`, score it, delete its weights; returns its CSV row."""
+              args: argparse.Namespace, *, xkd: dict | None = None, split: str = "eval") -> dict:
+    """Train one student with `axolotl train`, score it on `split` (eval: the test prompts; dev: the tuning
+    prompts), delete its weights; returns its CSV row with the last logged X-KD metrics."""
     import shutil
 
     data_file = "train.jsonl" if fraction == 1.0 else "train_10pct.jsonl"
-    xkd = json.loads(json.dumps(METHODS[method]))
+    xkd = json.loads(json.dumps(METHODS[method] if xkd is None else xkd))
     if xkd.get("teacher") == TEACHER_SEQUENCES:
         xkd["teacher"] = {"source": "precomputed", "path": str(teacher_store(task, assets, data_file, work))}
     elif "teacher" not in xkd:
@@ -146,11 +164,14 @@ def train_one(task: Task, assets: dict[str, Path], work: Path, method: str, seed
     env = {"OMP_NUM_THREADS": str(args.threads)}
     run_cli(["axolotl", "train", str(write_config(out / "cfg.yml", config))], env=env)
     seconds = time.perf_counter() - started
-    evaluation = [json.loads(line) for line in (assets["data"] / "eval.jsonl").read_text().splitlines()]
+    evaluation = [json.loads(line) for line in (assets["data"] / f"{split}.jsonl").read_text().splitlines()]
     scores = evaluate(Path(config["output_dir"]), task, evaluation, samples=args.samples, seed=seed)
+    state = json.loads(max(out.glob("checkpoint-*/trainer_state.json")).read_text())
+    last = [e for e in state["log_history"] if "loss" in e][-1]
     shutil.rmtree(out, ignore_errors=True)
     return {"task": task.name, "method": method, "seed": seed, "data_fraction": fraction,
-            "metric_name": task.metric_name, **scores, "steps": args.steps, "train_seconds": round(seconds, 1)}
+            "metric_name": task.metric_name, **scores, "steps": args.steps, "train_seconds": round(seconds, 1),
+            **{k: round(last[f"xkd/{k}"], 4) for k in LOGGED if f"xkd/{k}" in last}}
 
 
 def evaluate(model_dir: Path, task: Task, rows: list[dict], *, samples: int, seed: int = 0) -> dict:
@@ -177,6 +198,24 @@ def read_runs(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def run_all(jobs: list[Callable[[], dict]], csv_path: Path, parallel: int, desc: str) -> None:
+    """Run `jobs` `parallel` at a time, appending each finished row to `csv_path` at once (resumable).
+    A file written with other columns is rewritten first with the current FIELDS (missing cells empty)."""
+    from tqdm.auto import tqdm
+
+    old = read_runs(csv_path)
+    if not csv_path.is_file() or (old and list(old[0]) != FIELDS):
+        with csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, FIELDS, restval="")
+            writer.writeheader()
+            writer.writerows(old)
+    with csv_path.open("a", newline="") as f, ThreadPoolExecutor(parallel) as pool:
+        writer = csv.DictWriter(f, FIELDS, restval="")
+        for future in tqdm(as_completed([pool.submit(job) for job in jobs]), total=len(jobs), desc=desc, unit="run"):
+            writer.writerow(future.result())
+            f.flush()
+
+
 def summarize(runs: list[dict], tasks: list[str]) -> dict[tuple[str, str, float], tuple[float, float, int]]:
     """(task, method, data_fraction) -> (mean, std, seeds) of the metric."""
     groups: dict[tuple[str, str, float], list[float]] = {}
@@ -190,6 +229,7 @@ def write_table(runs: list[dict], tasks: list[str], path: Path, command: str, te
     """Markdown: mean ± std per method and task (full data and 10%), and X-KD's best against the best baseline."""
     stats = summarize(runs, tasks)
     names = [m for m in METHODS if any(k[1] == m for k in stats)]
+    names += sorted({k[1] for k in stats} - set(names))  # arms added by sweep.py
     lines = ["# Quality study (generated tasks, CPU)", "", f"`{command}`, finished "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Mean ± std over seeds (n = seeds); greedy decoding "
              "on held-out prompts. Teacher (held-out): " + ", ".join(f"{t} {v:.1f}" for t, v in teacher.items()), ""]
@@ -230,7 +270,7 @@ def write_plot(runs: list[dict], tasks: list[str], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
-        for m in METHODS:
+        for m in dict.fromkeys(r["method"] for r in runs):
             rows = [r for r in runs if r["task"] == t and r["method"] == m and float(r["data_fraction"]) == 1.0
                     and r["distinct2"] != ""]
             if not rows:
@@ -249,7 +289,7 @@ def write_plot(runs: list[dict], tasks: list[str], path: Path) -> None:
 # ---- driver ----------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -267,34 +307,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality")
-    args = parser.parse_args()
-    from tqdm.auto import tqdm
+    return parser
 
+
+def report(args: argparse.Namespace, runs: list[dict], command: str) -> None:
+    """Print and write table.md and quality_diversity.png under args.out from every run in `runs`."""
+    teacher = {t: json.loads((args.work / t / "assets.json").read_text())["teacher_metric"] for t in args.tasks}
+    print(write_table(runs, args.tasks, args.out / "table.md", command, teacher))
+    write_plot(runs, args.tasks, args.out / "quality_diversity.png")
+
+
+def main() -> None:
+    args = parser().parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "runs.csv"
     done = {(r["task"], r["method"], int(r["seed"]), float(r["data_fraction"])) for r in read_runs(csv_path)}
     assets = {t: prepare_task(TASKS[t], args.work, args) for t in args.tasks}
-    todo = [(t, m, s, f) for t in args.tasks for f in (1.0, 0.1)
+    # Seed-major, so that an interrupted study already has every arm at its first seeds.
+    todo = [(t, m, s, f) for s in range(args.seeds) for t in args.tasks for f in (1.0, 0.1)
             for m in (args.methods if f == 1.0 else [x for x in args.low_data_methods if x in args.methods])
-            for s in range(args.seeds) if (t, m, s, f) not in done]
+            if (t, m, s, f) not in done]
     for t in args.tasks:  # the teacher stores are shared by runs; build them before the parallel runs
         if any(METHODS[m].get("teacher") == TEACHER_SEQUENCES for _, m, _, _ in todo):
             for data_file in ("train.jsonl", "train_10pct.jsonl"):
                 teacher_store(TASKS[t], assets[t], data_file, args.work)
-    write_header = not csv_path.is_file()
-    with csv_path.open("a", newline="") as f, ThreadPoolExecutor(args.jobs) as pool:
-        writer = csv.DictWriter(f, FIELDS)
-        if write_header:
-            writer.writeheader()
-        futures = [pool.submit(train_one, TASKS[t], assets[t], args.work, m, s, frac, args) for t, m, s, frac in todo]
-        for future in tqdm(as_completed(futures), total=len(futures), desc="quality study", unit="run"):
-            writer.writerow(future.result())
-            f.flush()
-    teacher = {t: json.loads((args.work / t / "assets.json").read_text())["teacher_metric"] for t in args.tasks}
-    runs = read_runs(csv_path)
-    command = "python benchmarks/quality/study.py " + " ".join(sys.argv[1:])
-    print(write_table(runs, args.tasks, args.out / "table.md", command.strip(), teacher))
-    write_plot(runs, args.tasks, args.out / "quality_diversity.png")
+    jobs = [partial(train_one, TASKS[t], assets[t], args.work, m, s, frac, args) for t, m, s, frac in todo]
+    run_all(jobs, csv_path, args.jobs, "quality study")
+    report(args, read_runs(csv_path), ("python benchmarks/quality/study.py " + " ".join(sys.argv[1:])).strip())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,129 @@
+"""X-KD variant sweep: which reward weight, gamma, q_form or td_target makes X-KD work here? Tuned on a dev
+split, reported on the test split.
+
+    python benchmarks/quality/sweep.py [--seeds 2] [--final-seeds 3] [--jobs 2] [--tasks ...] [--variants ...]
+
+Phase 1 trains the study's X-KD forward-KL off-policy arm with each variant in VARIANTS (and the GKD arm
+as the reference) on every task, and scores it on dev.jsonl: prompts held out from both the training and
+the test split (study.dev_rows), so nothing is tuned on the test prompts. The chosen variant is the one
+with the highest mean, over tasks, of its dev metric divided by GKD's. Phase 2 trains the chosen variant
+with the study's seeds and scores it on the test split, appending to the study's runs.csv as method
+`xkd_fkl_off+VARIANT`, and rewrites table.md and the plot. Writes sweep.csv and sweep.md beside them;
+both phases resume from their CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import study  # noqa: E402 (puts the repository on sys.path)
+from tasks import TASKS  # noqa: E402
+
+BASE = "xkd_fkl_off"
+REFERENCE = "gkd_fkl_off"
+VARIANTS: dict[str, dict] = {
+    "spec_defaults": {},
+    "q_logprobs": {"q_form": "logprobs"},
+    "q_ava": {"q_form": "ava"},
+    "lambda_0.1": {"td_weight": 0.1, "reward_kl_weight": 0.1},
+    "lambda_0.01": {"td_weight": 0.01, "reward_kl_weight": 0.01},
+    "w_kl_10": {"reward_kl_weight": 10.0},
+    "gamma_0.9": {"gamma": 0.9},
+    "teacher_expected": {"td_target": "teacher_expected"},
+    "q_logprobs_lambda_0.1": {"q_form": "logprobs", "td_weight": 0.1, "reward_kl_weight": 0.1},
+}
+
+
+def arm(variant: str) -> dict:
+    """The `xkd:` block of BASE with `variant`'s overrides (REFERENCE for the GKD reference)."""
+    if variant == REFERENCE:
+        return study.METHODS[REFERENCE]
+    return {**study.METHODS[BASE], **VARIANTS[variant]}
+
+
+def relative_scores(rows: list[dict], tasks: list[str]) -> dict[str, tuple[float, dict[str, float]]]:
+    """variant -> (mean over tasks of dev metric / GKD's dev metric, {task: mean dev metric})."""
+    means: dict[tuple[str, str], float] = {}
+    for key in {(r["task"], r["method"]) for r in rows}:
+        means[key] = statistics.fmean(float(r["metric"]) for r in rows if (r["task"], r["method"]) == key)
+    out = {}
+    for variant in {m for _, m in means} - {REFERENCE}:
+        per_task = {t: means[(t, variant)] for t in tasks if (t, variant) in means}
+        ratios = [per_task[t] / max(means.get((t, REFERENCE), 0.0), 1e-9) for t in per_task]
+        if len(per_task) == len(tasks):
+            out[variant] = (statistics.fmean(ratios), per_task)
+    return out
+
+
+def write_report(rows: list[dict], tasks: list[str], path: Path, command: str) -> str:
+    """sweep.md: dev metric per variant and task (mean over seeds), the ratio to GKD and the choice."""
+    scores = relative_scores(rows, tasks)
+    reference = {t: statistics.fmean(float(r["metric"]) for r in rows if (r["task"], r["method"]) == (t, REFERENCE))
+                 for t in tasks if any((r["task"], r["method"]) == (t, REFERENCE) for r in rows)}
+    sigma = {(r["task"], r["method"]): r.get("reward_sigma", "") for r in rows}
+    lines = ["# X-KD variant sweep (dev split)", "", f"`{command}`. Base arm: {BASE} (forward KL, off-policy). "
+             "Dev metric, mean over seeds; `vs GKD`: mean over tasks of the ratio to the GKD arm on dev; "
+             "sigma: the reward head's mean sigma at the last logging step (first seed).", "",
+             "| variant | " + " | ".join(f"{t} ({TASKS[t].metric_name})" for t in tasks) + " | vs GKD | sigma |",
+             "|---" * (len(tasks) + 3) + "|",
+             f"| {REFERENCE} (reference) | " + " | ".join(f"{reference.get(t, float('nan')):.1f}" for t in tasks)
+             + " | 1.00 | |"]
+    for variant, (ratio, per_task) in sorted(scores.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"| {variant} | " + " | ".join(f"{per_task[t]:.1f}" for t in tasks)
+                     + f" | {ratio:.2f} | " + " / ".join(str(sigma.get((t, variant), "")) for t in tasks) + " |")
+    if scores:
+        lines += ["", f"Chosen: **{max(scores, key=lambda v: scores[v][0])}**"]
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per variant on the dev split")
+    parser.add_argument("--final-seeds", type=int, default=3, help="seeds of the chosen variant on the test split")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--work", type=Path, default=study.REPO / "runs" / "quality")
+    parser.add_argument("--out", type=Path, default=study.REPO / "benchmarks" / "results" / "quality")
+    args = parser.parse_args()
+    defaults = study.parser().parse_args([])
+    for name in ("train_rows", "eval_rows", "teacher_steps", "teacher_hidden", "student_hidden"):
+        setattr(args, name, getattr(defaults, name))
+    args.out.mkdir(parents=True, exist_ok=True)
+    assets = {t: study.prepare_task(TASKS[t], args.work, args) for t in args.tasks}
+    command = ("python benchmarks/quality/sweep.py " + " ".join(sys.argv[1:])).strip()
+
+    sweep_csv = args.out / "sweep.csv"
+    done = {(r["task"], r["method"], int(r["seed"])) for r in study.read_runs(sweep_csv)}
+    dev_args = argparse.Namespace(**{**vars(args), "samples": 0})
+    jobs = [partial(study.train_one, TASKS[t], assets[t], args.work, v, s, 1.0, dev_args, xkd=arm(v), split="dev")
+            for t in args.tasks for v in [REFERENCE, *args.variants] for s in range(args.seeds)
+            if (t, v, s) not in done]
+    study.run_all(jobs, sweep_csv, args.jobs, "sweep (dev)")
+    rows = [r for r in study.read_runs(sweep_csv) if r["method"] in (REFERENCE, *args.variants)]
+    print(write_report(rows, args.tasks, args.out / "sweep.md", command))
+    scores = relative_scores(rows, args.tasks)
+    chosen = max(scores, key=lambda v: scores[v][0])
+
+    runs_csv = args.out / "runs.csv"
+    method = f"{BASE}+{chosen}"
+    done = {(r["task"], r["method"], int(r["seed"])) for r in study.read_runs(runs_csv)}
+    jobs = [partial(study.train_one, TASKS[t], assets[t], args.work, method, s, 1.0, args, xkd=arm(chosen))
+            for t in args.tasks for s in range(args.final_seeds) if (t, method, s) not in done]
+    study.run_all(jobs, runs_csv, args.jobs, f"{method} (test)")
+    study.report(args, study.read_runs(runs_csv), f"python benchmarks/quality/study.py && {command}")
+
+
+if __name__ == "__main__":
+    main()
