@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The quality study (benchmarks/quality/study.py) from a fresh clone: set up, add the benchmark extra, run.
+# Then the X-KD variant sweep (benchmarks/quality/sweep.py: tuned on the dev split, reported on the test split).
 # Resumable: rerun to continue; arguments go to study.py (e.g. --seeds 3 --jobs 2).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -8,3 +9,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python -m pip install -q -e "$ROOT[bench]"
 cd "$ROOT"
 python benchmarks/quality/study.py "$@"
+python benchmarks/quality/sweep.py

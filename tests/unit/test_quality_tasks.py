@@ -44,3 +44,26 @@ def test_rows_are_right_by_construction():
 def test_paper_scale_metrics():
     assert gsm8k_accuracy(["so 1,234 apples.", "it is 5"], ["work #### 1234", "work #### 6"]) == 50.0
     assert rouge_2(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_dev_split_is_held_out_and_leaves_training_rows_unchanged(name):
+    from study import dev_rows
+
+    task = TASKS[name]
+    train, evaluation = task.splits(500, 40, seed=0)
+    dev = dev_rows(task, 500, 40)
+    assert len({r["prompt"] for r in dev}) == len(dev) > 0
+    assert not {r["prompt"] for r in dev} & ({r["prompt"] for r in train} | {r["prompt"] for r in evaluation})
+    assert task.splits(500 + 400, 40, seed=0)[0][:500] == train
+
+
+def test_sweep_choice_is_the_best_mean_ratio_to_gkd():
+    from sweep import REFERENCE, relative_scores
+
+    rows = [{"task": t, "method": m, "metric": v} for t, m, v in [
+        ("a", REFERENCE, 50), ("b", REFERENCE, 10), ("a", "x", 25), ("a", "x", 75), ("b", "x", 5),
+        ("a", "y", 10), ("b", "y", 20)]]
+    scores = relative_scores(rows, ["a", "b"])
+    assert scores["x"][0] == pytest.approx(0.75) and scores["x"][1] == {"a": 50.0, "b": 5.0}
+    assert scores["y"][0] == pytest.approx((0.2 + 2.0) / 2)
