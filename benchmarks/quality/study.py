@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluation import diversity, generate, load  # noqa: E402
 from tasks import TASKS, Task  # noqa: E402
 
-from tests.support import base_config, merged, run_cli, write_config  # noqa: E402 (sets the offline env first)
+from tests.support import base_config, log_history, merged, run_cli, write_config  # noqa: E402 (sets the offline env first)
 
 SEQUENCE_LEN = 48
 MAX_NEW_TOKENS = 32
@@ -166,8 +166,7 @@ def train_one(task: Task, assets: dict[str, Path], work: Path, method: str, seed
     seconds = time.perf_counter() - started
     evaluation = [json.loads(line) for line in (assets["data"] / f"{split}.jsonl").read_text().splitlines()]
     scores = evaluate(Path(config["output_dir"]), task, evaluation, samples=args.samples, seed=seed)
-    state = json.loads(max(out.glob("checkpoint-*/trainer_state.json")).read_text())
-    last = [e for e in state["log_history"] if "loss" in e][-1]
+    last = [e for e in log_history(Path(config["output_dir"])) if "loss" in e][-1]
     shutil.rmtree(out, ignore_errors=True)
     return {"task": task.name, "method": method, "seed": seed, "data_fraction": fraction,
             "metric_name": task.metric_name, **scores, "steps": args.steps, "train_seconds": round(seconds, 1),
