@@ -313,7 +313,7 @@ def chunked_xkd_loss(
     reward-head outputs. chunk_size positions are processed at a time.
 
     mode: "fused" (default) uses the hand-written gradients of fused.py where they cover the
-    configuration (forward_kl or sequence, q_form logits or logprobs, observed TD target) and
+    configuration (forward_kl or sequence, any q_form, observed TD target) and
     torch.func autograd per chunk elsewhere; "autograd" always uses autograd; "compiled" runs the
     autograd step under torch.compile (worth it for the other divergences; compiles once per shape).
     """

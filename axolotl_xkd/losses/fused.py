@@ -1,8 +1,7 @@
 """Hand-written value and gradient of one chunk of the X-KD logit terms, in place on the chunk's logits.
 
 Used by chunked.py for the configurations it covers (`supports`): divergence forward_kl or sequence
-(or alpha_kd = 0), a dense or top-k-with-tail teacher, q_form logits or logprobs with the observed TD
-target. The others go through torch.func autograd. Why by hand: autograd keeps every (C, V)
+(or alpha_kd = 0), a dense or top-k-with-tail teacher, any q_form with the observed TD target. The others go through torch.func autograd. Why by hand: autograd keeps every (C, V)
 intermediate of log_softmax / KL / CE alive for the backward pass (7-9 buffers of the chunk's size);
 written out, the gradient is a per-row combination of the student softmax pi, the teacher's
 probabilities and a few sparse entries, built in the logits buffer itself (the dense teacher's
@@ -15,6 +14,9 @@ Gradients w.r.t. the logits z of a row (x = z / tau, pi = softmax(x), w the term
   sequence (-log pi[a]):           w / tau * (pi - e_a)
   CE(z, a):                        w * (softmax(z) - e_a)
   Q = z[a] / tau (q_form logits):  c / tau * e_a;   Q = log pi[a] (logprobs): c / tau * (e_a - pi)
+  Q = alpha pi[a] - log sum_b exp(alpha pi_b) (ava):
+                                   c alpha / tau * (pi_a e_a - (pi_a - S) pi - s * pi),
+                                   s = softmax(alpha pi), S = sum_b s_b pi_b
 where c = d loss / d Q comes from autograd over the small (C,) TD vectors. Imports torch only.
 """
 
@@ -45,7 +47,7 @@ def supports(params: XKDHyperparams, teacher_kind: str, uses_td: bool) -> bool:
     # tau != 1 cannot be rebuilt from it.
     topk_kl = p.alpha_kd > 0 and p.divergence == "forward_kl" and teacher_kind == "topk"
     ce_ok = p.alpha_ce == 0 or p.temperature == 1.0 or not topk_kl
-    td_ok = not uses_td or (p.q_form in ("logits", "logprobs") and p.td_target == "observed")
+    td_ok = not uses_td or p.td_target == "observed"
     return kd_ok and ce_ok and td_ok
 
 
@@ -110,6 +112,9 @@ def fused_chunk(
         tail = torch.empty_like(z_a)
         empty_tail = torch.empty(m, 1, dtype=torch.bool, device=logits.device)
     teacher = teacher_rows[0] if dense_kl else None
+    ava = nonterminal is not None and p.q_form == "ava"
+    if ava:  # per row: log sum_b exp(alpha pi_b) and S = sum_b softmax(alpha pi)_b pi_b
+        lse_ava, s_ava = torch.empty_like(z_a), torch.empty_like(z_a)
 
     # Pass 1, per block: log-normalisers, the dense KL value, pi in the logits buffer (top-k: its tail part).
     for b in blocks:
@@ -130,6 +135,10 @@ def fused_chunk(
         if topk_kl:
             logpi_ids[b] = z.gather(-1, ids[b])
         z.exp_()  # pi
+        if ava:
+            scaled = z * p.ava_alpha
+            lse_ava[b] = torch.logsumexp(scaled, dim=-1)
+            s_ava[b] = (scaled.sub_(lse_ava[b].unsqueeze(-1)).exp_() * z).sum(-1)
         if topk_kl:
             pi_ids[b] = z.gather(-1, ids[b])
             in_topk = topk_mask(ids[b], topk_valid[b], z)
@@ -146,14 +155,23 @@ def fused_chunk(
             pi_coef += p.alpha_ce * row_valid
     x_a = z_a / tau
     if nonterminal is not None:  # TD: c = d loss / d Q(s_i, a_i) by autograd over (m,) vectors
-        q = x_a if p.q_form == "logits" else x_a - lse_x
+        if p.q_form == "ava":
+            pi_a = (x_a - lse_x).exp()
+            q = p.ava_alpha * pi_a - lse_ava
+        else:
+            q = x_a if p.q_form == "logits" else x_a - lse_x
         fn = torch.func.grad_and_value(_td_loss, argnums=(0, 1, 2), has_aux=True)
         (grad_q, grad_mean, grad_log_std), (_, td_sum) = fn(
             q, mean, log_std, nonterminal, valid, gamma=p.gamma, weight=p.td_weight
         )
-        at_target += grad_q / tau
-        if p.q_form == "logprobs":
-            pi_coef -= grad_q / tau
+        if p.q_form == "ava":
+            ava_coef = grad_q * p.ava_alpha / tau  # its - s * pi part is added per element in pass 2
+            at_target += ava_coef * pi_a
+            pi_coef -= ava_coef * (pi_a - s_ava)
+        else:
+            at_target += grad_q / tau
+            if p.q_form == "logprobs":
+                pi_coef -= grad_q / tau
     kd_weight = zero
     if kd_on:
         scale = p.temperature**2 if p.scale_by_tau_squared and p.divergence != "sequence" else 1.0
@@ -180,6 +198,9 @@ def fused_chunk(
                 topk_valid, pi_coef.unsqueeze(-1) * pi_ids - kd_weight.unsqueeze(-1) * teacher_p[:, :-1], 0.0
             )
             pi_coef = pi_coef - kd_weight * tail_ratio
+            if ava:  # the buffer holds 0 at the top-k ids, so their - s * pi part goes in here
+                s_ids = (pi_ids * p.ava_alpha - lse_ava.unsqueeze(-1)).exp()
+                at_ids -= torch.where(topk_valid, ava_coef.unsqueeze(-1) * s_ids * pi_ids, 0.0)
         div_sum = torch.where(row_mask, per_token, 0.0).sum()
     loss = p.alpha_kd * div_sum + p.alpha_ce * ce_sum + p.td_weight * td_sum
     if not need_grad:
@@ -190,7 +211,12 @@ def fused_chunk(
     for b in blocks:
         g = logits[b]
         ce_softmax = g.pow(tau).mul_(ce_scale[b]) if ce_scale is not None else None  # alpha_ce * softmax(z)
+        ava_part = None
+        if ava:  # ava_coef * s * pi, s = softmax(alpha pi)
+            ava_part = (g * p.ava_alpha).sub_(lse_ava[b].unsqueeze(-1)).exp_().mul_(g).mul_(ava_coef[b].unsqueeze(-1))
         g.mul_(pi_coef[b].unsqueeze(-1))
+        if ava_part is not None:
+            g.sub_(ava_part)
         if dense_kl:
             g.sub_(teacher[b].mul_(kd_weight[b].unsqueeze(-1)))
         if topk_kl:

@@ -39,6 +39,7 @@ from tests.support import base_config, log_history, merged, run_cli, write_confi
 SEQUENCE_LEN = 48
 MAX_NEW_TOKENS = 32
 REWARD_OFF = {"reward_kl_weight": 0.0, "td_weight": 0.0}
+AVRIL = {"q_form": "logits", "reward_kl_weight": 1.0, "td_weight": 1.0, "gamma": 1.0}  # the spec's X-KD, pinned
 ON_POLICY = {"sequences": "on_policy", "on_policy_fraction": 0.5,
              "generation": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0}}
 DIVERGENCES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd"}
@@ -51,12 +52,12 @@ def methods() -> dict[str, dict]:
     table: dict[str, dict] = {
         "sft": {"alpha_kd": 0.0, "alpha_ce": 1.0, **REWARD_OFF, "teacher": None},
         "seqkd": {"sequences": "teacher", "divergence": "sequence", **REWARD_OFF, "teacher": TEACHER_SEQUENCES},
-        "xkd_seqkd": {"sequences": "teacher", "divergence": "sequence", "teacher": TEACHER_SEQUENCES},
+        "xkd_seqkd": {"sequences": "teacher", "divergence": "sequence", **AVRIL, "teacher": TEACHER_SEQUENCES},
     }
     for short, divergence in DIVERGENCES.items():
         for source, extra in (("off", {}), ("on", ON_POLICY)):
             table[f"gkd_{short}_{source}"] = {"divergence": divergence, **REWARD_OFF, **extra}
-            table[f"xkd_{short}_{source}"] = {"divergence": divergence, **extra}
+            table[f"xkd_{short}_{source}"] = {"divergence": divergence, **AVRIL, **extra}
     return table
 
 

@@ -248,7 +248,7 @@ def test_row_blocks_inside_a_chunk(monkeypatch, teacher_kind):
     from axolotl_xkd.losses import fused
 
     monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", 2 * V)
-    for params in (XKDHyperparams(alpha_ce=0.5, q_form="logprobs"),
+    for params in (XKDHyperparams(alpha_ce=0.5, q_form="logprobs"), XKDHyperparams(q_form="ava", ava_alpha=2.0),
                    XKDHyperparams(divergence="sequence", alpha_ce=0.5, temperature=1.4)):
         assert fused.supports(params, teacher_kind, True)
         assert_same(*run_both(params, teacher_kind, 5), **FP32)
