@@ -122,7 +122,7 @@ class XKDConfig(BaseModel):
     td_weight: float = Field(1.0, ge=0, description="lambda: weight of the TD-consistency term.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount in TD_i.")
     prior_std: float = Field(1.0, gt=0, description="Standard deviation of the reward prior N(0, s^2).")
-    q_form: Literal["logits", "logprobs", "ava"] = Field("logits", description="How Q(s, a) is read off z_i.")
+    q_form: Literal["logits", "logprobs", "ava"] = Field("ava", description="How Q(s, a) is read off z_i.")
     ava_alpha: float = Field(1.0, gt=0, description="Band width of q_form: ava.")
     td_target: Literal["observed", "teacher_expected"] = Field(
         "observed", description="Q at the observed tokens, or its expectation under the teacher."

@@ -34,11 +34,11 @@ from tests.support import base_config, merged, train, write_config  # noqa: E402
 
 # name -> overrides of the tests/support.base_config dict
 VARIANTS: dict[str, dict] = {
-    "default": {},  # the spec's defaults: forward_kl, q_form logits, w_kl = lambda = 1, gamma = 1
+    "default": {"xkd": {"q_form": "logits"}},  # the spec's AVRIL form: forward_kl, w_kl = lambda = 1, gamma = 1
     "q_logprobs": {"xkd": {"q_form": "logprobs"}},
     "q_logprobs_gamma0.9": {"xkd": {"q_form": "logprobs", "gamma": 0.9}},
     # Q(s', a') replaced by its expectation under the teacher: the rewards no longer telescope to Q(s_0, a_0).
-    "teacher_expected": {"xkd": {"td_target": "teacher_expected"}},
+    "teacher_expected": {"xkd": {"td_target": "teacher_expected", "q_form": "logits"}},
     "teacher_expected_q_logprobs": {"xkd": {"td_target": "teacher_expected", "q_form": "logprobs"}},
 }
 

@@ -45,7 +45,7 @@ class XKDHyperparams:
     td_weight: float = 1.0
     gamma: float = 1.0
     prior_std: float = 1.0
-    q_form: str = "logits"
+    q_form: str = "ava"
     ava_alpha: float = 1.0
     td_target: str = "observed"
     reward_input: str = "next_state"

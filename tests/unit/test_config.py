@@ -24,7 +24,7 @@ def load(tmp_path, tiny_assets):
 def test_valid_block_passes_with_defaults(load):
     cfg = load({"divergence": "jsd", "beta": 0.3})
     assert cfg.xkd["divergence"] == "jsd" and cfg.xkd["beta"] == 0.3
-    assert cfg.xkd["td_weight"] == 1.0 and cfg.xkd["q_form"] == "logits"
+    assert cfg.xkd["td_weight"] == 1.0 and cfg.xkd["q_form"] == "ava"
 
 
 @pytest.mark.parametrize(

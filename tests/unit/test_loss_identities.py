@@ -105,7 +105,7 @@ def test_golden_value_by_hand():
     labels = torch.tensor([[-100, 1, 2, 3], [-100, -100, 0, 1]])
     teacher = TopKSignal(torch.tensor([[[1], [2], [3], [0]], [[0], [0], [1], [0]]]), torch.zeros(2, 4, 1))
     out = xkd_loss(logits, labels, teacher=teacher, reward_mean=torch.zeros(2, 4), reward_log_std=torch.zeros(2, 4),
-                   params=XKDHyperparams())
+                   params=XKDHyperparams(q_form="logits"))
     assert int(out.num_tokens) == 5
     torch.testing.assert_close(out.loss, torch.tensor(5 * (math.log(4) + 0.5 * math.log(2 * math.pi))))
 
