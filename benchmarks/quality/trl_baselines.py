@@ -1,0 +1,134 @@
+"""TRL's own GKDTrainer as an independent baseline for the quality study: same teacher, student, data,
+steps, batch, learning rate and scoring, trained outside Axolotl and outside this plugin.
+
+    python benchmarks/quality/trl_baselines.py [--seeds 3] [--jobs 2] [--tasks ...] [--methods ...]
+
+Checks that the study's GKD arms (X-KD with the reward terms off, through `axolotl train`) are a fair
+GKD. Arms: TRL's generalized JSD with beta 0 (forward KL in TRL's convention) and beta 0.5, off-policy
+(lmbda 0) and on-policy (lmbda 0.5, temperature 1, the study's max_new_tokens). The rows are tokenized
+as prompt tokens (with BOS) + response tokens + EOS, passed to TRL's DataCollatorForChatML pre-tokenized
+with a completion mask. Each run is scored by study.evaluate and appended to the study's runs.csv as
+`trl_gkd_*`; table.md and the plot are rewritten. Run study.py first (it builds the cached teachers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import study  # noqa: E402 (puts the repository on sys.path)
+from tasks import TASKS, Task  # noqa: E402
+
+ARMS: dict[str, dict] = {
+    "trl_gkd_fkl_off": {"beta": 0.0, "lmbda": 0.0},
+    "trl_gkd_jsd_off": {"beta": 0.5, "lmbda": 0.0},
+    "trl_gkd_jsd_on": {"beta": 0.5, "lmbda": 0.5},
+}
+
+
+def tokenized_rows(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    """prompt (+BOS) + response + EOS token ids and a completion mask; rows longer than max_length are
+    dropped, as Axolotl drops them at sequence_len."""
+    out = []
+    for row in rows:
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(prompt) + len(response) <= max_length:
+            out.append({"prompt": row["prompt"], "input_ids": prompt + response,
+                        "completion_mask": [0] * len(prompt) + [1] * len(response)})
+    return out
+
+
+def train_trl(task: Task, assets: dict[str, Path], work: Path, method: str, seed: int,
+              args: argparse.Namespace) -> dict:
+    """One TRL GKDTrainer run on the task's full training data, scored like the study's runs."""
+    import shutil
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    torch.set_num_threads(args.threads)
+    out = work / task.name / "runs" / f"{method}-seed{seed}"
+    tokenizer = AutoTokenizer.from_pretrained(assets["student"])
+    rows = [json.loads(line) for line in (assets["data"] / "train.jsonl").read_text().splitlines()]
+    dataset = Dataset.from_list(tokenized_rows(tokenizer, rows, study.SEQUENCE_LEN))
+    config = GKDConfig(
+        output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=32, gradient_accumulation_steps=1,
+        learning_rate=0.003, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        optim="adamw_torch", seed=seed, data_seed=seed, logging_steps=max(1, args.steps // 5), save_strategy="no",
+        report_to="none", bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0,
+        max_length=study.SEQUENCE_LEN, max_new_tokens=study.MAX_NEW_TOKENS, temperature=1.0,
+        **ARMS[method],
+    )
+    model = AutoModelForCausalLM.from_pretrained(assets["student"], attn_implementation="sdpa")
+    teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"], attn_implementation="sdpa")
+    trainer = GKDTrainer(model=model, teacher_model=teacher, args=config, train_dataset=dataset,
+                         processing_class=tokenizer)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    trainer.save_model(str(out / "model"))
+    tokenizer.save_pretrained(out / "model")
+    evaluation = [json.loads(line) for line in (assets["data"] / "eval.jsonl").read_text().splitlines()]
+    scores = study.evaluate(out / "model", task, evaluation, samples=args.samples, seed=seed)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"task": task.name, "method": method, "seed": seed, "data_fraction": 1.0,
+            "metric_name": task.metric_name, **scores, "steps": args.steps, "train_seconds": round(seconds, 1)}
+
+
+def run_subprocess(task: str, method: str, seed: int, args: argparse.Namespace) -> dict:
+    """train_trl in its own process (accelerate's state is per process); returns its CSV row."""
+    import subprocess
+
+    command = [sys.executable, __file__, "--one", task, method, str(seed), "--steps", str(args.steps),
+               "--samples", str(args.samples), "--threads", str(args.threads), "--work", str(args.work)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ,
+                          "OMP_NUM_THREADS": str(args.threads)})
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", nargs=3, metavar=("TASK", "METHOD", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--methods", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, each in its own process")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--work", type=Path, default=study.REPO / "runs" / "quality")
+    parser.add_argument("--out", type=Path, default=study.REPO / "benchmarks" / "results" / "quality")
+    args = parser.parse_args()
+    defaults = study.parser().parse_args([])
+    for name in ("train_rows", "eval_rows", "teacher_steps", "teacher_hidden", "student_hidden"):
+        setattr(args, name, getattr(defaults, name))
+    if args.one:
+        task, method, seed = args.one
+        assets = study.prepare_task(TASKS[task], args.work, args)
+        print(json.dumps(train_trl(TASKS[task], assets, args.work, method, int(seed), args)))
+        return
+    for t in args.tasks:
+        study.prepare_task(TASKS[t], args.work, args)
+    runs_csv = args.out / "runs.csv"
+    done = {(r["task"], r["method"], int(r["seed"])) for r in study.read_runs(runs_csv)}
+    jobs = [partial(run_subprocess, t, m, s, args)
+            for s in range(args.seeds) for t in args.tasks for m in args.methods if (t, m, s) not in done]
+    study.run_all(jobs, runs_csv, args.jobs, "TRL GKD baselines")
+    command = ("python benchmarks/quality/trl_baselines.py " + " ".join(sys.argv[1:])).strip()
+    study.report(args, study.read_runs(runs_csv), f"python benchmarks/quality/study.py && {command}")
+
+
+if __name__ == "__main__":
+    main()
