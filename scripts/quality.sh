@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The quality study (benchmarks/quality/study.py) from a fresh clone: set up, add the benchmark extra, run.
-# Then the X-KD variant sweep (benchmarks/quality/sweep.py: tuned on the dev split, reported on the test split).
+# Then the X-KD variant sweep (benchmarks/quality/sweep.py: tuned on the dev split, reported on the test split)
+# and the TRL GKDTrainer baselines (benchmarks/quality/trl_baselines.py).
 # Resumable: rerun to continue; arguments go to study.py (e.g. --seeds 3 --jobs 2).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,3 +11,4 @@ python -m pip install -q -e "$ROOT[bench]"
 cd "$ROOT"
 python benchmarks/quality/study.py "$@"
 python benchmarks/quality/sweep.py
+python benchmarks/quality/trl_baselines.py

@@ -1,14 +1,15 @@
-"""TRL's own GKDTrainer as an independent baseline for the quality study: same teacher, student, data,
+"""TRL's own GKDTrainer and MiniLLMTrainer as independent baselines for the quality study: same teacher, student, data,
 steps, batch, learning rate and scoring, trained outside Axolotl and outside this plugin.
 
     python benchmarks/quality/trl_baselines.py [--seeds 3] [--jobs 2] [--tasks ...] [--methods ...]
 
 Checks that the study's GKD arms (X-KD with the reward terms off, through `axolotl train`) are a fair
-GKD. Arms: TRL's generalized JSD with beta 0 (forward KL in TRL's convention) and beta 0.5, off-policy
-(lmbda 0) and on-policy (lmbda 0.5, temperature 1, the study's max_new_tokens). The rows are tokenized
+GKD, and measures the paper's other named baseline. GKD arms: TRL's generalized JSD with beta 0 (forward KL in TRL's convention) and beta 0.5, off-policy
+(lmbda 0) and on-policy (lmbda 0.5, temperature 1, the study's max_new_tokens); MiniLLM: TRL's defaults
+with 4 samples per prompt, 32 sequences per step, the same completion length. The GKD rows are tokenized
 as prompt tokens (with BOS) + response tokens + EOS, passed to TRL's DataCollatorForChatML pre-tokenized
 with a completion mask. Each run is scored by study.evaluate and appended to the study's runs.csv as
-`trl_gkd_*`; table.md and the plot are rewritten. Run study.py first (it builds the cached teachers).
+`trl_*`; table.md and the plot are rewritten. Run study.py first (it builds the cached teachers).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ ARMS: dict[str, dict] = {
     "trl_gkd_fkl_off": {"beta": 0.0, "lmbda": 0.0},
     "trl_gkd_jsd_off": {"beta": 0.5, "lmbda": 0.0},
     "trl_gkd_jsd_on": {"beta": 0.5, "lmbda": 0.5},
+    # MiniLLM (policy gradient on the reverse KL, on top of TRL's GRPO): 8 prompts x 4 samples = 32 sequences
+    # per step, the study's micro batch.
+    "trl_minillm": {"num_generations": 4},
 }
 
 
@@ -55,24 +59,31 @@ def train_trl(task: Task, assets: dict[str, Path], work: Path, method: str, seed
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
+    from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
 
     torch.set_num_threads(args.threads)
     out = work / task.name / "runs" / f"{method}-seed{seed}"
     tokenizer = AutoTokenizer.from_pretrained(assets["student"])
     rows = [json.loads(line) for line in (assets["data"] / "train.jsonl").read_text().splitlines()]
-    dataset = Dataset.from_list(tokenized_rows(tokenizer, rows, study.SEQUENCE_LEN))
-    config = GKDConfig(
+    common = dict(
         output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=32, gradient_accumulation_steps=1,
         learning_rate=0.003, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         optim="adamw_torch", seed=seed, data_seed=seed, logging_steps=max(1, args.steps // 5), save_strategy="no",
-        report_to="none", bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0,
-        max_length=study.SEQUENCE_LEN, max_new_tokens=study.MAX_NEW_TOKENS, temperature=1.0,
+        report_to="none", bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0, temperature=1.0,
         **ARMS[method],
     )
     model = AutoModelForCausalLM.from_pretrained(assets["student"], attn_implementation="sdpa")
     teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"], attn_implementation="sdpa")
-    trainer = GKDTrainer(model=model, teacher_model=teacher, args=config, train_dataset=dataset,
-                         processing_class=tokenizer)
+    if method == "trl_minillm":
+        dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
+        config = MiniLLMConfig(max_completion_length=study.MAX_NEW_TOKENS, **common)
+        trainer = MiniLLMTrainer(model=model, teacher_model=teacher, args=config, train_dataset=dataset,
+                                 processing_class=tokenizer)
+    else:
+        dataset = Dataset.from_list(tokenized_rows(tokenizer, rows, study.SEQUENCE_LEN))
+        config = GKDConfig(max_length=study.SEQUENCE_LEN, max_new_tokens=study.MAX_NEW_TOKENS, **common)
+        trainer = GKDTrainer(model=model, teacher_model=teacher, args=config, train_dataset=dataset,
+                             processing_class=tokenizer)
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
