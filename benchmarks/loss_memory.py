@@ -30,11 +30,12 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from axolotl_xkd.losses import DenseSignal, TopKSignal, XKDHyperparams, xkd_loss
+from axolotl_xkd.losses import Q_FORMS, DenseSignal, TopKSignal, XKDHyperparams, xkd_loss
 from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.fused import logsumexp_rows
 from axolotl_xkd.losses.signal import DenseHiddenSignal
@@ -50,7 +51,7 @@ VARIANTS = (
     "liger_jsd_c",
 )
 TOP_K = 64
-PARAMS = XKDHyperparams(alpha_ce=0.5)  # forward KL, q_form logits, observed TD target, every term on
+PARAMS = XKDHyperparams(alpha_ce=0.5)  # forward KL, the default q_form, observed TD target, every term on
 RESULTS = Path(__file__).parent / "results" / "loss_memory.md"
 
 
@@ -117,8 +118,8 @@ def build_inputs(n_tokens: int, hidden: int, vocab: int, dtype: torch.dtype, dev
     return x
 
 
-def make_step(variant: str, x: dict, chunk: int):
-    """A closure running one fwd+bwd of `variant`; returns the loss value."""
+def make_step(variant: str, x: dict, chunk: int, params: XKDHyperparams = PARAMS):
+    """A closure running one fwd+bwd of `variant` with the X-KD `params`; returns the loss value."""
     hidden, weight, labels = x["hidden"], x["weight"], x["labels"]
     leaves = [hidden, weight, x["mean"], x["log_std"]]
     compiled = variant.endswith("_c")
@@ -140,7 +141,7 @@ def make_step(variant: str, x: dict, chunk: int):
             DenseHiddenSignal(x["teacher_hidden"], x["teacher_weight"]) if "dense" in variant else x["topk"]
         )
         return lambda: backward(
-            chunked_xkd_loss(hidden, weight, labels, teacher=teacher, params=PARAMS, chunk_size=chunk,
+            chunked_xkd_loss(hidden, weight, labels, teacher=teacher, params=params, chunk_size=chunk,
                              mode="compiled" if compiled else "fused", **reward).loss
         )
     if variant == "xkd_unchunked":
@@ -148,7 +149,7 @@ def make_step(variant: str, x: dict, chunk: int):
         def unchunked() -> float:
             with torch.no_grad():
                 teacher = DenseSignal(x["teacher_hidden"] @ x["teacher_weight"].T)
-            return backward(xkd_loss(hidden @ weight.T, labels, teacher=teacher, params=PARAMS, **reward).loss)
+            return backward(xkd_loss(hidden @ weight.T, labels, teacher=teacher, params=params, **reward).loss)
 
         return unchunked
     if variant.startswith("liger_jsd"):
@@ -173,7 +174,7 @@ def worker(args: argparse.Namespace) -> None:
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x = build_inputs(args.tokens, args.hidden, args.vocab, dtype, device)
-    step = make_step(args.worker, x, args.chunk)
+    step = make_step(args.worker, x, args.chunk, replace(PARAMS, q_form=args.q_form))
     loss = step()  # warm-up (and compile)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -196,7 +197,7 @@ def worker(args: argparse.Namespace) -> None:
 def run_variant(args: argparse.Namespace, variant: str, vocab: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--vocab", str(vocab), "--device", args.device,
            "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
-           "--repeats", str(args.repeats)]
+           "--repeats", str(args.repeats), "--q-form", args.q_form]
     # Every allocation of 1 MiB or more is mmapped and unmapped when freed, so the resident set follows
     # the live tensors (glibc would otherwise keep freed blocks and raise its threshold on the fly).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
@@ -241,6 +242,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, help="default: 512 (cpu), 4096 (cuda)")
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--q-form", choices=Q_FORMS, default=PARAMS.q_form, help="X-KD's Q form (default: the default)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="Markdown file the table is appended to")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -263,7 +265,7 @@ def main() -> None:
         f"Command: `{command.strip()}`  ",
         f"Machine: {machine()}, torch {torch.__version__}  ",
         f"N={args.tokens} tokens, H={args.hidden}, {'bf16' if cuda else 'fp32'}, chunks of {args.chunk}, "
-        f"median of {args.repeats} fwd+bwd steps after one warm-up; X-KD: {PARAMS}",
+        f"median of {args.repeats} fwd+bwd steps after one warm-up; X-KD: {replace(PARAMS, q_form=args.q_form)}",
         "",
     ]
     for vocab in vocabs:
