@@ -7,8 +7,9 @@ Phase 1 trains the study's X-KD forward-KL off-policy arm with each variant in V
 as the reference) on every task, and scores it on dev.jsonl: prompts held out from both the training and
 the test split (study.dev_rows), so nothing is tuned on the test prompts. The chosen variant is the one
 with the highest mean, over tasks, of its dev metric divided by GKD's. Phase 2 trains the chosen variant
-with the study's seeds and scores it on the test split, appending to the study's runs.csv as method
-`xkd_fkl_off+VARIANT`, and rewrites table.md and the plot. Writes sweep.csv and sweep.md beside them;
+on the study's X-KD arms in --final-arms (off-policy, on-policy and sequence-level by default) with the
+study's seeds and scores them on the test split, appending to the study's runs.csv as `ARM+VARIANT`, and
+rewrites table.md and the plot. Writes sweep.csv and sweep.md beside them;
 both phases resume from their CSV.
 """
 
@@ -27,6 +28,7 @@ from tasks import TASKS  # noqa: E402
 
 BASE = "xkd_fkl_off"
 REFERENCE = "gkd_fkl_off"
+FINAL_ARMS = [BASE, "xkd_jsd_on", "xkd_seqkd"]  # off-policy, on-policy, sequence-level
 VARIANTS: dict[str, dict] = {
     "spec_defaults": {},
     "q_logprobs": {"q_form": "logprobs"},
@@ -40,11 +42,11 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def arm(variant: str) -> dict:
-    """The `xkd:` block of BASE with `variant`'s overrides (REFERENCE for the GKD reference)."""
+def arm(variant: str, base: str = BASE) -> dict:
+    """The `xkd:` block of the study's `base` arm with `variant`'s overrides (REFERENCE: the GKD reference)."""
     if variant == REFERENCE:
         return study.METHODS[REFERENCE]
-    return {**study.METHODS[BASE], **VARIANTS[variant]}
+    return {**study.METHODS[base], **VARIANTS[variant]}
 
 
 def relative_scores(rows: list[dict], tasks: list[str]) -> dict[str, tuple[float, dict[str, float]]]:
@@ -90,6 +92,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=2, help="seeds per variant on the dev split")
     parser.add_argument("--final-seeds", type=int, default=3, help="seeds of the chosen variant on the test split")
+    parser.add_argument("--final-arms", nargs="+", default=FINAL_ARMS, choices=[m for m in study.METHODS if "xkd" in m],
+                        help="the study's X-KD arms rerun on the test split with the chosen variant")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=150)
@@ -117,11 +121,12 @@ def main() -> None:
     chosen = max(scores, key=lambda v: scores[v][0])
 
     runs_csv = args.out / "runs.csv"
-    method = f"{BASE}+{chosen}"
     done = {(r["task"], r["method"], int(r["seed"])) for r in study.read_runs(runs_csv)}
-    jobs = [partial(study.train_one, TASKS[t], assets[t], args.work, method, s, 1.0, args, xkd=arm(chosen))
-            for t in args.tasks for s in range(args.final_seeds) if (t, method, s) not in done]
-    study.run_all(jobs, runs_csv, args.jobs, f"{method} (test)")
+    jobs = [partial(study.train_one, TASKS[t], assets[t], args.work, f"{base}+{chosen}", s, 1.0, args,
+                    xkd=arm(chosen, base))
+            for s in range(args.final_seeds) for base in args.final_arms for t in args.tasks
+            if (t, f"{base}+{chosen}", s) not in done]
+    study.run_all(jobs, runs_csv, args.jobs, f"+{chosen} (test)")
     study.report(args, study.read_runs(runs_csv), f"python benchmarks/quality/study.py && {command}")
 
 
