@@ -310,6 +310,29 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def follow_up_parser(description: str) -> argparse.ArgumentParser:
+    """The options shared by the scripts that add arms to the study (sweep.py, trl_baselines.py)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, each in its own process")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality")
+    return parser
+
+
+def follow_up_args(follow_up: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parsed follow-up options plus the study's default task settings (so the cached teachers are reused)."""
+    args = follow_up.parse_args()
+    defaults = parser().parse_args([])
+    for name in ("train_rows", "eval_rows", "teacher_steps", "teacher_hidden", "student_hidden"):
+        setattr(args, name, getattr(defaults, name))
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
 def report(args: argparse.Namespace, runs: list[dict], command: str) -> None:
     """Print and write table.md and quality_diversity.png under args.out from every run in `runs`."""
     teacher = {t: json.loads((args.work / t / "assets.json").read_text())["teacher_metric"] for t in args.tasks}

@@ -87,24 +87,13 @@ def write_report(rows: list[dict], tasks: list[str], path: Path, command: str) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser = study.follow_up_parser(__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=2, help="seeds per variant on the dev split")
     parser.add_argument("--final-seeds", type=int, default=3, help="seeds of the chosen variant on the test split")
     parser.add_argument("--final-arms", nargs="+", default=FINAL_ARMS, choices=[m for m in study.METHODS if "xkd" in m],
                         help="the study's X-KD arms rerun on the test split with the chosen variant")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--work", type=Path, default=study.REPO / "runs" / "quality")
-    parser.add_argument("--out", type=Path, default=study.REPO / "benchmarks" / "results" / "quality")
-    args = parser.parse_args()
-    defaults = study.parser().parse_args([])
-    for name in ("train_rows", "eval_rows", "teacher_steps", "teacher_hidden", "student_hidden"):
-        setattr(args, name, getattr(defaults, name))
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = study.follow_up_args(parser)
     assets = {t: study.prepare_task(TASKS[t], args.work, args) for t in args.tasks}
     command = ("python benchmarks/quality/sweep.py " + " ".join(sys.argv[1:])).strip()
 

@@ -110,21 +110,11 @@ def run_subprocess(task: str, method: str, seed: int, args: argparse.Namespace) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study.follow_up_parser(__doc__.splitlines()[0])
     parser.add_argument("--one", nargs=3, metavar=("TASK", "METHOD", "SEED"), help=argparse.SUPPRESS)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, each in its own process")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--work", type=Path, default=study.REPO / "runs" / "quality")
-    parser.add_argument("--out", type=Path, default=study.REPO / "benchmarks" / "results" / "quality")
-    args = parser.parse_args()
-    defaults = study.parser().parse_args([])
-    for name in ("train_rows", "eval_rows", "teacher_steps", "teacher_hidden", "student_hidden"):
-        setattr(args, name, getattr(defaults, name))
+    args = study.follow_up_args(parser)
     if args.one:
         task, method, seed = args.one
         assets = study.prepare_task(TASKS[task], args.work, args)
