@@ -1,12 +1,13 @@
 """Hand-written value and gradient of one chunk of the X-KD logit terms, in place on the chunk's logits.
 
 Used by chunked.py for the configurations it covers (`supports`): divergence forward_kl or sequence
-(or alpha_kd = 0), a dense or top-k-with-tail teacher, any q_form with the observed TD target. The others go through torch.func autograd. Why by hand: autograd keeps every (C, V)
-intermediate of log_softmax / KL / CE alive for the backward pass (7-9 buffers of the chunk's size);
-written out, the gradient is a per-row combination of the student softmax pi, the teacher's
-probabilities and a few sparse entries, built in the logits buffer itself (the dense teacher's
-probabilities live in its own logits buffer). The elementwise work runs over blocks of a few rows
-(about 4 MB), so that the several passes over a block hit the cache instead of memory.
+(or alpha_kd = 0), a dense or top-k-with-tail teacher, any q_form with the observed TD target. The
+others go through torch.func autograd. Why by hand: autograd keeps every (C, V) intermediate of
+log_softmax / KL / CE alive for the backward pass (7-9 buffers of the chunk's size); written out,
+the gradient is a per-row combination of the student softmax pi, the teacher's probabilities and a
+few sparse entries, built in the logits buffer itself (the dense teacher's probabilities live in its
+own logits buffer). The elementwise work runs over blocks of a few rows (about 4 MB), so that the
+several passes over a block hit the cache instead of memory.
 
 Gradients w.r.t. the logits z of a row (x = z / tau, pi = softmax(x), w the term's weight):
   forward KL, dense teacher p:     w * tau^2_scale / tau * (pi - p)

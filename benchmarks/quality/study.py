@@ -70,17 +70,21 @@ FIELDS = ["task", "method", "seed", "data_fraction", "metric_name", "metric", "d
 # ---- per task: data, teacher, teacher generations --------------------------------------------------
 
 
+def asset_paths(task: str, work: Path) -> dict[str, Path]:
+    """Where prepare_task keeps the task's tokenizer, teacher, untrained student and data files."""
+    return {name: work / task / name for name in ("tokenizer", "teacher", "student", "data")}
+
+
 def prepare_task(task: Task, work: Path, args: argparse.Namespace) -> dict[str, Path]:
     """Data files, tokenizer, the trained teacher and the untrained student of `task` (cached in `work`)."""
     import torch
 
     from axolotl_xkd.tiny import build_model, build_tokenizer, train_teacher, write_jsonl
 
-    folder = work / task.name
-    stamp = folder / "assets.json"
+    stamp = work / task.name / "assets.json"
     settings = {"train_rows": args.train_rows, "eval_rows": args.eval_rows, "teacher_steps": args.teacher_steps,
                 "teacher_hidden": args.teacher_hidden, "student_hidden": args.student_hidden}
-    paths = {name: folder / name for name in ("tokenizer", "teacher", "student", "data")}
+    paths = asset_paths(task.name, work)
     write_jsonl(paths["data"] / "dev.jsonl", dev_rows(task, args.train_rows, args.eval_rows))
     if stamp.is_file() and json.loads(stamp.read_text()).get("settings") == settings:
         return paths
@@ -289,37 +293,31 @@ def write_plot(runs: list[dict], tasks: list[str], path: Path) -> None:
 # ---- driver ----------------------------------------------------------------------------------------
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def follow_up_parser(description: str) -> argparse.ArgumentParser:
+    """The options of every script that trains arms of the study (study.py, sweep.py, trl_baselines.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--low-data-methods", nargs="*", default=["sft", "gkd_jsd_on", "xkd_jsd_on"],
-                        choices=list(METHODS), help="methods of the 10%%-data arm")
-    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per student (micro batch 32)")
-    parser.add_argument("--train-rows", type=int, default=2000)
-    parser.add_argument("--eval-rows", type=int, default=100)
-    parser.add_argument("--teacher-steps", type=int, default=1500)
-    parser.add_argument("--teacher-hidden", type=int, default=128)
-    parser.add_argument("--student-hidden", type=int, default=32)
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt for the diversity measures")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, each in its own process")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality")
     return parser
 
 
-def follow_up_parser(description: str) -> argparse.ArgumentParser:
-    """The options shared by the scripts that add arms to the study (sweep.py, trl_baselines.py)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, each in its own process")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality")
+def parser() -> argparse.ArgumentParser:
+    """study.py's options: the shared ones, the arms, and the task settings that the cached teachers depend on."""
+    parser = follow_up_parser(__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--low-data-methods", nargs="*", default=["sft", "gkd_jsd_on", "xkd_jsd_on"],
+                        choices=list(METHODS), help="methods of the 10%%-data arm")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--train-rows", type=int, default=2000)
+    parser.add_argument("--eval-rows", type=int, default=100)
+    parser.add_argument("--teacher-steps", type=int, default=1500)
+    parser.add_argument("--teacher-hidden", type=int, default=128)
+    parser.add_argument("--student-hidden", type=int, default=32)
     return parser
 
 

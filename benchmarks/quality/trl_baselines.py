@@ -117,7 +117,7 @@ def main() -> None:
     args = study.follow_up_args(parser)
     if args.one:
         task, method, seed = args.one
-        assets = study.prepare_task(TASKS[task], args.work, args)
+        assets = study.asset_paths(task, args.work)  # prepared by the parent process
         print(json.dumps(train_trl(TASKS[task], assets, args.work, method, int(seed), args)))
         return
     for t in args.tasks:
