@@ -7,9 +7,11 @@ and slow to import). Knows nothing of Axolotl, the trainer or the config schema.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 
 
@@ -18,6 +20,30 @@ def unwrap(model: nn.Module) -> nn.Module:
     while not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
+
+
+def count_cpu_ranks(accelerator) -> None:
+    """Make accelerate count every rank of a DeepSpeed run on CPUs only, so each rank gets its own data.
+
+    accelerate 1.x picks no backend for a DeepSpeed launch without an accelerator (its CPU branch needs
+    `cpu=True`, which also switches DeepSpeed off), so it reports one process although DeepSpeed has
+    started torch.distributed (gloo) over all of them: every rank then iterates the whole data set and
+    token counts are not summed across ranks. Sets the count and indices from torch.distributed; does
+    nothing on accelerators or when the count is already right. Call before the first dataloader.
+    """
+    from accelerate.state import AcceleratorState, DistributedType, PartialState
+
+    if (not torch.distributed.is_initialized() or accelerator.device.type != "cpu"
+            or accelerator.distributed_type != DistributedType.DEEPSPEED):
+        return
+    world = torch.distributed.get_world_size()
+    if accelerator.num_processes == world:
+        return
+    ranks = {"num_processes": world, "process_index": torch.distributed.get_rank(),
+             "local_process_index": int(os.environ.get("LOCAL_RANK", 0))}
+    # Both states keep class-level shared dicts; AcceleratorState copied PartialState's when it was made.
+    PartialState._shared_state.update(ranks)
+    AcceleratorState._shared_state.update(ranks)
 
 
 def is_partitioned(param: Tensor) -> bool:

@@ -4,6 +4,7 @@ because Axolotl logs a plugin's ImportError and carries on without it."""
 from __future__ import annotations
 
 import logging
+import os
 
 from axolotl.integrations.base import BasePlugin
 
@@ -18,6 +19,27 @@ def _xkd_config(cfg):
     return None if block is None else XKDConfig.model_validate(dict(block))
 
 
+def _cpu_ranks(cfg) -> None:
+    """Make a multi-process run on a machine without an accelerator work as it does on GPUs.
+
+    Axolotl 0.19's `normalize_config` sets `device_map: {"": LOCAL_RANK}` for any world size above 1,
+    which transformers reads as an accelerator index ("Cannot access accelerator device"), so DDP and
+    ZeRO-1/2 cannot start; the model loader has already put that same dict object into its
+    `from_pretrained` kwargs when this hook runs, so it is rewritten in place. Without DeepSpeed,
+    accelerate also needs ACCELERATE_USE_CPU to set up gloo DDP, or each rank trains alone;
+    DeepSpeed's own count is mended by `distributed.count_cpu_ranks` once the trainer exists.
+    """
+    if cfg.get("world_size", 1) <= 1 or cfg.get("device") != "cpu":
+        return
+    device_map = cfg.get("device_map")
+    if isinstance(device_map, dict):
+        for key, value in device_map.items():
+            if isinstance(value, int):
+                device_map[key] = "cpu"
+    if not cfg.get("deepspeed") and not cfg.get("fsdp_config"):
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
 class XKDPlugin(BasePlugin):
     """Adds the `xkd:` config block, the X-KD trainer and the reward head to an Axolotl run."""
 
@@ -29,6 +51,10 @@ class XKDPlugin(BasePlugin):
         LOG.setLevel(logging.getLogger("axolotl").getEffectiveLevel())
         if cfg.get("xkd") is None:
             LOG.warning("axolotl_xkd.XKDPlugin is listed in plugins but the config has no `xkd:` block; X-KD is off")
+
+    def pre_model_load(self, cfg) -> None:
+        if cfg.get("xkd") is not None:
+            _cpu_ranks(cfg)
 
     def post_model_load(self, cfg, model) -> None:
         config = _xkd_config(cfg)
@@ -66,8 +92,10 @@ class XKDPlugin(BasePlugin):
         config = _xkd_config(cfg)
         if config is None:
             return
+        from axolotl_xkd.distributed import count_cpu_ranks
         from axolotl_xkd.model_glue import configure_trainer
 
+        count_cpu_ranks(trainer.accelerator)
         configure_trainer(trainer, config, cfg)
 
     def post_train(self, cfg, model) -> None:

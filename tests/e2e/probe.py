@@ -3,9 +3,9 @@
 Listed after axolotl_xkd.XKDPlugin in a test config's `plugins:`, it observes the real trainer (it
 changes nothing) and writes `probe_rank{R}.json` into the output directory at the end of training:
 the world size, a hash of every batch the student's forward received on this rank (and the first
-batches' input_ids, -1 at padding), DeepSpeed's
-partition state of the student, the optimizer and the teacher, and whether the reward head is
-trainable and optimised.
+batches' input_ids, -1 at padding), how accelerate counted and wrapped the ranks, DeepSpeed's
+partition state of the student, the optimizer and the teacher, whether the reward head is
+trainable and optimised, and a hash of the final replicated parameters.
 """
 
 from __future__ import annotations
@@ -36,6 +36,17 @@ def _numel(params) -> tuple[int, int]:
             total += p.numel()
             local += p.numel()
     return total, local
+
+
+def _replicated_digest(model: torch.nn.Module) -> str:
+    """A hash of every parameter this rank holds whole (all of them unless ZeRO-3 partitions them): data
+    parallel ranks whose gradients were synchronised end with equal digests."""
+    digest = hashlib.sha1()
+    for name, p in sorted(model.named_parameters()):
+        if not is_partitioned(p):
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _optimized_ids(trainer) -> set[int]:
@@ -70,6 +81,9 @@ class _Recorder(TrainerCallback):
             "head_requires_grad": all(p.requires_grad for p in head.parameters()),
             "head_optimized": all(id(p) in optimized for p in head.parameters()),
             "trainable_names": [n for n, p in student.named_parameters() if p.requires_grad],
+            "accelerator_processes": trainer.accelerator.num_processes,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "wrapper": type(trainer.model_wrapped).__name__,
         }
         if engine is not None and self.state["zero_stage"] in (1, 2):
             # ZeRO-1/2: each rank holds the fp32 master weights and optimizer state of its partition only.
@@ -92,7 +106,8 @@ class _Recorder(TrainerCallback):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         record = {"rank": rank, "world_size": world, "node_rank": os.environ.get("GROUP_RANK"),
-                  "batches": self.batches, "first_inputs": self.first_inputs, **self.state}
+                  "batches": self.batches, "first_inputs": self.first_inputs,
+                  "replicated_digest": _replicated_digest(self.trainer.model), **self.state}
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"probe_rank{rank}.json").write_text(json.dumps(record, indent=1))
@@ -100,12 +115,6 @@ class _Recorder(TrainerCallback):
 
 class ProbePlugin(BasePlugin):
     """Records the run's distributed state for the e2e tests; see the module docstring."""
-
-    def pre_model_load(self, cfg) -> None:
-        # Axolotl 0.19 pins device_map to {"": LOCAL_RANK} whenever world_size > 1 (a CUDA index); without
-        # a GPU (this CI: DDP or ZeRO-1/2 over gloo) that is no device, so load on the CPU. ZeRO-3 drops it.
-        if not torch.cuda.is_available() and isinstance(cfg.device_map, dict):
-            cfg.device_map = "cpu"
 
     def post_trainer_create(self, cfg, trainer) -> None:
         recorder = _Recorder(trainer)
