@@ -8,11 +8,14 @@ and slow to import). Knows nothing of Axolotl, the trainer or the config schema.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+
+T = TypeVar("T")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -69,20 +72,24 @@ def gathered(params: Iterable[Tensor | None], *, modifier_rank: int | None = Non
         yield
 
 
-@contextmanager
-def gathered_output_weight(model: nn.Module) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """Yield the output layer's full (V, H) weight and its bias (or None), gathered once under ZeRO-3.
+def through_output_layer(model: nn.Module, loss_fn: Callable[[Tensor, Tensor | None, Tensor], T], hidden: Tensor) -> T:
+    """`loss_fn(weight, bias, hidden)` on the output layer's full (V, H) weight and its bias (or None).
 
-    `model` may be wrapped (DeepSpeed engine, DDP, peft). The yielded tensors are the parameters
-    themselves, so gradients reach them; under ZeRO-3 their data is full only inside the block, so a
-    loss used here must not need the weight's data in its backward (the chunked loss builds the
-    weight's gradient during the forward pass). DeepSpeed's gradient hooks then reduce-scatter the
-    full-size gradient like any other.
+    `model` may be wrapped (DeepSpeed engine, DDP, peft). Under ZeRO-3 the call runs as the output
+    layer's own forward, so DeepSpeed's module hooks gather the weight once for it and once again when
+    the backward pass reaches it, as for any layer: the weight gradient the chunked loss built in its
+    forward is then accumulated into a whole parameter and reduce-scattered like any other. Outputs
+    must be tensors or (named) tuples of them, which DeepSpeed's hooks can follow.
     """
     layer = unwrap(model).get_output_embeddings()
     bias = getattr(layer, "bias", None)
-    with gathered([layer.weight, bias]):
-        yield layer.weight, bias
+    if not is_partitioned(layer.weight):
+        return loss_fn(layer.weight, bias, hidden)
+    layer.forward = lambda h: loss_fn(layer.weight, bias, h)  # the instance attribute shadows Linear.forward
+    try:
+        return layer(hidden)
+    finally:
+        del layer.forward
 
 
 def full_shape(param: Tensor) -> tuple[int, ...]:

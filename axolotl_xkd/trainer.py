@@ -15,7 +15,7 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from torch import Tensor, nn
 
-from axolotl_xkd.distributed import gathered, gathered_output_weight, is_partitioned
+from axolotl_xkd.distributed import gathered, through_output_layer
 from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams, XKDLossOutput, xkd_loss
@@ -131,17 +131,10 @@ class XKDTrainer(AxolotlTrainer):
         return outputs, captured["h"]
 
     def _uses_fused_loss(self, model: nn.Module) -> bool:
-        """The chunked loss is the default; full logits are kept for output layers it cannot fuse.
-
-        Under ZeRO-3 the output layer is partitioned again before the backward pass would hand the
-        chunked loss's weight gradient to it, so ZeRO-3 runs keep the unchunked path for now.
-        """
+        """The chunked loss is the default (also under ZeRO-3, see `through_output_layer`); full logits
+        are kept for output layers it cannot fuse."""
         student = base_model(self.accelerator.unwrap_model(model))
-        return (
-            self.xkd_chunk_size > 0
-            and output_layer_is_linear(student)
-            and not is_partitioned(student.get_output_embeddings().weight)
-        )
+        return self.xkd_chunk_size > 0 and output_layer_is_linear(student)
 
     def _teacher_signal(self, inputs: dict[str, Tensor], *, fused: bool):
         if not self.xkd_params.needs_teacher:
@@ -169,9 +162,13 @@ class XKDTrainer(AxolotlTrainer):
             "eos_token_id": self.xkd_eos_token_id,
         }
         if fused:
-            with gathered_output_weight(model) as (weight, bias):
-                out = chunked_xkd_loss(hidden, weight, inputs["labels"], output_bias=bias,
-                                       vocab_size=self.xkd_vocab_size, chunk_size=self.xkd_chunk_size, **common)
+            out = through_output_layer(
+                model,
+                lambda weight, bias, h: chunked_xkd_loss(h, weight, inputs["labels"], output_bias=bias,
+                                                         vocab_size=self.xkd_vocab_size,
+                                                         chunk_size=self.xkd_chunk_size, **common),
+                hidden,
+            )
         else:
             logits = outputs.logits
             if logits.shape[-1] != self.xkd_vocab_size:

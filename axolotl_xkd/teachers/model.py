@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from axolotl_xkd.distributed import full_shape, place_teacher
+from axolotl_xkd.distributed import full_shape, gathered, place_teacher
 from axolotl_xkd.losses.signal import DenseHiddenSignal, DenseSignal
 
 LOG = logging.getLogger(__name__)
@@ -113,9 +113,8 @@ class ModelTeacherSource:
 
     @property
     def fusable(self) -> bool:
-        """Whether the chunked loss may form the teacher's logits itself: a plain Linear output layer that
-        is whole on this rank (under ZeRO-3 the teacher's layers are gathered only inside its forward)."""
-        return self.engine is None and output_layer_is_linear(self.model)
+        """Whether the chunked loss may form the teacher's logits itself: a plain Linear output layer."""
+        return output_layer_is_linear(self.model)
 
     @torch.no_grad()
     def get_hidden_signal(self, batch: dict[str, Tensor]) -> DenseHiddenSignal:
@@ -123,7 +122,14 @@ class ModelTeacherSource:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
         head = self.model.get_output_embeddings()
-        return DenseHiddenSignal(hidden=hidden, weight=head.weight, bias=head.bias)
+        if self.engine is None:
+            return DenseHiddenSignal(hidden=hidden, weight=head.weight, bias=head.bias)
+        # ZeRO-3: the head's shards are gathered into one whole copy per batch (its own forward would gather
+        # it once too); the chunked loss reads it chunk by chunk, so no (N, V) teacher logits are formed.
+        with gathered([head.weight, head.bias]):
+            weight = head.weight.detach().clone()
+            bias = None if head.bias is None else head.bias.detach().clone()
+        return DenseHiddenSignal(hidden=hidden, weight=weight, bias=bias)
 
     @torch.no_grad()
     def get_signal(self, batch: dict[str, Tensor]) -> DenseSignal:

@@ -84,6 +84,7 @@ class _Recorder(TrainerCallback):
             "accelerator_processes": trainer.accelerator.num_processes,
             "distributed_type": str(trainer.accelerator.distributed_type),
             "wrapper": type(trainer.model_wrapped).__name__,
+            "fused_loss": trainer._uses_fused_loss(trainer.model_wrapped),
         }
         if engine is not None and self.state["zero_stage"] in (1, 2):
             # ZeRO-1/2: each rank holds the fp32 master weights and optimizer state of its partition only.
@@ -100,6 +101,7 @@ class _Recorder(TrainerCallback):
                 "numel": t_total,
                 "local_numel": t_local,
                 "requires_grad": any(p.requires_grad for p in teacher.model.parameters()),
+                "fusable": teacher.fusable,
             }
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -170,6 +170,25 @@ def test_resumed_run_continues_with_the_same_loss(zero):
         torch.testing.assert_close(final_resumed[key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_chunked_loss_equals_the_unchunked_path(zero, tiny_assets, tmp_path):
+    """The default chunked loss, fused with the output layer (under ZeRO-3 it runs as the layer's own forward,
+    and the teacher's head is gathered once per batch), trains as the full-logit reference path does."""
+    out = distributed_run(tiny_assets, tmp_path, {"deepspeed": deepspeed_json(zero["stage"]), "save_steps": 4,
+                                                  "xkd": {"chunk_size": 0}})
+    chunked, reference = probes(zero["out"]), probes(out)
+    assert all(r["fused_loss"] and r["teacher"]["fusable"] for r in chunked)
+    assert not any(r["fused_loss"] for r in reference)
+    logged, expected = losses(zero["out"]), losses(out)
+    for step in range(1, 5):
+        for key in ("loss", "grad_norm", *COMPONENTS):
+            assert logged[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-6), (step, key)
+    for name in ("model.safetensors", "xkd_reward_head.safetensors"):
+        got, want = load_file(zero["out"] / name), load_file(out / name)
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "zero1"])
 def test_ddp_and_zero1(mode, tiny_assets, tmp_path, single):
     """Plain DDP (gloo) and ZeRO-1: the whole teacher on each rank, the data split, the gradients synced."""

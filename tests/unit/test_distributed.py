@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from axolotl_xkd.distributed import gathered_output_weight, place_teacher, teacher_inference_config, zero_stage
+from axolotl_xkd.distributed import place_teacher, teacher_inference_config, through_output_layer, zero_stage
 from tests.support import REPO
 
 
@@ -44,30 +44,53 @@ def test_plain_output_layer_passes_through():
             return self.out
 
     model = Tiny()
-    with gathered_output_weight(model) as (weight, bias):
-        assert weight is model.out.weight and bias is None
+    hidden = torch.randn(3, 4)
+    got = through_output_layer(model, lambda weight, bias, h: (weight, bias, h), hidden)
+    assert got[0] is model.out.weight and got[1] is None and got[2] is hidden
 
 
-def test_gathered_output_weight_under_zero3():
-    """Under zero.Init the output layer holds no data on the rank; inside the block it is whole, and a
-    gradient built there reaches the parameter."""
+def test_through_output_layer_under_zero3_delivers_a_gradient_built_in_the_forward():
+    """Under ZeRO-3 (one process, gloo) the output layer's weight is a shard; a loss that builds the weight's
+    gradient in its forward pass, as the chunked loss does, runs through the layer and its gradient reaches
+    DeepSpeed whole: it equals the gradient of the same loss on an unpartitioned copy."""
     code = """
-import os, torch, deepspeed
+import copy, os, torch, deepspeed
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 deepspeed.init_distributed(dist_backend="gloo")
-from axolotl_xkd.distributed import gathered_output_weight, is_partitioned
+from deepspeed.utils import safe_get_full_grad
+from axolotl_xkd.distributed import is_partitioned, through_output_layer
+
+class GradInForward(torch.autograd.Function):
+    # loss = sum((h W^T + b)^2); both gradients formed in the forward, as the chunked loss forms them.
+    @staticmethod
+    def forward(ctx, h, w, b):
+        z = h @ w.T + b
+        ctx.save_for_backward(2 * z @ w, 2 * z.T @ h, 2 * z.sum(0))
+        return z.square().sum()
+    @staticmethod
+    def backward(ctx, g):
+        return tuple(g * t for t in ctx.saved_tensors)
+
 class Tiny(torch.nn.Module):
     def __init__(self):
-        super().__init__(); self.out = torch.nn.Linear(4, 7)
+        super().__init__(); self.inner = torch.nn.Linear(4, 4); self.out = torch.nn.Linear(4, 300)
     def get_output_embeddings(self): return self.out
-with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}):
-    model = Tiny()
-w = model.out.weight
-assert is_partitioned(w) and w.numel() == 0, w.shape
-with gathered_output_weight(model) as (weight, bias):
-    assert weight is w and tuple(weight.shape) == (7, 4) and tuple(bias.shape) == (7,)
-    assert weight.abs().sum() > 0
-assert w.numel() == 0
+
+torch.manual_seed(0)
+reference = Tiny()
+config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+          "train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+          "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+engine, *_ = deepspeed.initialize(model=copy.deepcopy(reference), config=config)
+assert is_partitioned(engine.module.out.weight)
+x = torch.randn(5, 4)
+loss = through_output_layer(engine, lambda w, b, h: GradInForward.apply(h, w, b), engine.module.inner(x))
+engine.backward(loss)
+expected = GradInForward.apply(reference.inner(x), reference.out.weight, reference.out.bias)
+expected.backward()
+torch.testing.assert_close(loss, expected)
+for name in ("out.weight", "out.bias", "inner.weight"):
+    torch.testing.assert_close(safe_get_full_grad(engine.module.get_parameter(name)), reference.get_parameter(name).grad)
 print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
