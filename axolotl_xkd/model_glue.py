@@ -18,6 +18,7 @@ from axolotl_xkd.on_policy import OnPolicySampler
 from axolotl_xkd.reward_store import ATTRIBUTE, save_reward_head
 from axolotl_xkd.sequences import Sampling
 from axolotl_xkd.teachers.base import TeacherSource
+from axolotl_xkd.teachers.server import ServerSettings
 from axolotl_xkd.trainer import base_model
 
 LOG = logging.getLogger("axolotl_xkd")
@@ -97,11 +98,9 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
     )
 
 
-def load_server_teacher(teacher, tokenizer) -> TeacherSource:
-    """A teacher server client for `xkd.teacher` (source: server), checked once against the student's tokenizer."""
-    from axolotl_xkd.teachers.server import ServerSettings, ServerTeacherSource, TeacherServerClient
-    from axolotl_xkd.topk_store import tokenizer_hash
-
+def server_settings(teacher) -> ServerSettings:
+    """The client settings of an `xkd.teacher` block with `source: server`; the API key is read from the
+    environment variable the block names."""
     api_key = None
     if teacher.api_key_env:
         api_key = os.environ.get(teacher.api_key_env)
@@ -109,8 +108,15 @@ def load_server_teacher(teacher, tokenizer) -> TeacherSource:
             raise ValueError(f"xkd.teacher.api_key_env={teacher.api_key_env!r}: that environment variable is not set "
                              "or empty; export the teacher server's API key in it (it is never read from the YAML).")
     fields = ServerSettings.__dataclass_fields__
-    settings = ServerSettings(**{k: v for k, v in teacher.model_dump().items() if k in fields}, api_key=api_key)
-    client = TeacherServerClient(settings)
+    return ServerSettings(**{k: v for k, v in teacher.model_dump().items() if k in fields}, api_key=api_key)
+
+
+def load_server_teacher(teacher, tokenizer) -> TeacherSource:
+    """A teacher server client for `xkd.teacher` (source: server), checked once against the student's tokenizer."""
+    from axolotl_xkd.teachers.server import ServerTeacherSource, TeacherServerClient
+    from axolotl_xkd.topk_store import tokenizer_hash
+
+    client = TeacherServerClient(server_settings(teacher))
     client.check_server(tokenizer, tokenizer_hash(tokenizer))
     return ServerTeacherSource(client)
 

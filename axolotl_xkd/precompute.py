@@ -6,6 +6,8 @@ rows are written atomically (tmp folder + rename) and skipped when present, so a
 resumes without duplicating or losing rows; under torchrun, rank r takes shards r, r + W, ...
 With `generate`, each row's response is first replaced by one the teacher samples for its prompt
 (seeded per shard, so resuming stays row-for-row identical), and the top-k is taken on that sequence.
+With `server`, a running teacher server (vLLM's `vllm serve`, or `axolotl xkd serve-teacher`) is asked
+for the rows' prompt_logprobs instead of loading the teacher here.
 Imports transformers and Axolotl; the CLI module imports it lazily.
 """
 
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from axolotl_xkd.sequences import Sampling, prompt_of, response_rows, sample_responses
+from axolotl_xkd.teachers.server import ServerSettings, TeacherServerClient
 from axolotl_xkd.topk_store import (
     Manifest,
     choose_encoding,
@@ -50,6 +53,7 @@ class PrecomputeSettings:
     logprob_dtype: str = "float16"
     generate: Sampling | None = None  # --generate: store the teacher's responses instead of the dataset's
     seed: int = 0
+    server: ServerSettings | None = None  # --server: ask a running teacher server instead of loading the teacher
 
 
 def pad_batch(rows: list[dict], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,6 +87,16 @@ def score_rows(model: nn.Module, rows: list[dict], *, top_k: int, vocab_size: in
     counts = response.sum(-1).tolist()
     bounds = np.cumsum([0, *counts])
     return [(indices[a:b], values[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def response_entries(rows: list[dict], answers: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A teacher server's per-position top-k of each row (`TeacherServerClient.score`, rows aligned as the
+    student's logits) cut to the row's response positions, as `score_rows` returns them."""
+    picked = []
+    for row, (ids, logprobs) in zip(rows, answers):
+        mask = response_mask(np.asarray(row["labels"]))
+        picked.append((ids[mask].astype(np.int64), logprobs[mask].astype(np.float32)))
+    return picked
 
 
 def teacher_rows(model: nn.Module, rows: list[dict], sampling: Sampling, *, pad_id: int, eos_id: int | None,
@@ -163,8 +177,17 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
     vocab_size = len(tokenizer)
     if not 1 <= settings.top_k <= vocab_size:
         raise ValueError(f"--top-k {settings.top_k} must lie in [1, {vocab_size}] (the vocabulary size)")
+    client = None
+    teacher = str(settings.teacher)
+    if settings.server is not None:
+        if settings.generate is not None:
+            raise ValueError("--generate samples responses with the teacher model in this process; a teacher server "
+                             "(--server) is only asked for log-probs. Drop --server, or drop --generate.")
+        client = TeacherServerClient(settings.server)
+        client.check_server(tokenizer, tokenizer_hash(tokenizer))
+        teacher = f"{client.base_url} (model {client.model})"
     manifest = Manifest(
-        teacher=str(settings.teacher),
+        teacher=teacher,
         tokenizer_hash=tokenizer_hash(tokenizer),
         vocab_size=vocab_size,
         top_k=settings.top_k,
@@ -189,30 +212,40 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
     if not todo:
         LOG.info("xkd precompute: %s is complete", settings.out)
         return manifest
-    model = load_teacher_model(settings.teacher, tokenizer, device, dtype)
+    model = None if client is not None else load_teacher_model(settings.teacher, tokenizer, device, dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lengths = {name: np.asarray([len(x) for x in ds["input_ids"]]) for name, ds in splits.items()}
     total = int(sum(lengths[name][i * settings.rows_per_shard:(i + 1) * settings.rows_per_shard].sum()
                     for name, i in todo))
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"xkd precompute (rank {rank})", disable=not progress)
-    for name, index in todo:
-        start = index * settings.rows_per_shard
-        rows = splits[name].select(range(start, min(start + settings.rows_per_shard, len(splits[name]))))
-        rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
-        if settings.generate is not None:
-            # Seeded per shard, so a resumed run samples exactly what an uninterrupted one would.
-            torch.manual_seed(settings.seed * 1_000_003 + index * 2 + (name != "train"))
-        scored = []
-        for b in range(0, len(rows), settings.batch_size):
-            batch = rows[b: b + settings.batch_size]
+    try:
+        for name, index in todo:
+            start = index * settings.rows_per_shard
+            rows = splits[name].select(range(start, min(start + settings.rows_per_shard, len(splits[name]))))
+            rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
             if settings.generate is not None:
-                batch = teacher_rows(model, batch, settings.generate, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
-                                     max_length=manifest.sequence_len)
-                rows[b: b + settings.batch_size] = batch
-            scored += score_rows(model, batch, top_k=settings.top_k, vocab_size=vocab_size, pad_id=pad_id,
-                                 device=device)
-            bar.update(sum(len(r["input_ids"]) for r in batch))
-        table = shard_table(rows, scored, encoding=manifest.encoding, logprob_dtype=manifest.logprob_dtype)
-        write_shard(Dataset(table), settings.out, name, index)
+                # Seeded per shard, so a resumed run samples exactly what an uninterrupted one would.
+                torch.manual_seed(settings.seed * 1_000_003 + index * 2 + (name != "train"))
+            batches = [rows[b: b + settings.batch_size] for b in range(0, len(rows), settings.batch_size)]
+            # A server gets every batch of the shard at once; its client keeps `concurrency` requests in flight.
+            answers = [client.submit([r["input_ids"] for r in batch]) for batch in batches] if client else None
+            scored = []
+            for i, batch in enumerate(batches):
+                if answers is not None:
+                    scored += response_entries(batch, answers[i].result())
+                else:
+                    if settings.generate is not None:
+                        batch = teacher_rows(model, batch, settings.generate, pad_id=pad_id,
+                                             eos_id=tokenizer.eos_token_id, max_length=manifest.sequence_len)
+                        batches[i] = batch
+                    scored += score_rows(model, batch, top_k=settings.top_k, vocab_size=vocab_size, pad_id=pad_id,
+                                         device=device)
+                bar.update(sum(len(r["input_ids"]) for r in batch))
+            rows = [row for batch in batches for row in batch]
+            table = shard_table(rows, scored, encoding=manifest.encoding, logprob_dtype=manifest.logprob_dtype)
+            write_shard(Dataset(table), settings.out, name, index)
+    finally:
+        if client is not None:
+            client.close()
     bar.close()
     return manifest

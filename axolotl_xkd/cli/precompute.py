@@ -23,34 +23,50 @@ import click
               help="Store the teacher's own responses to the rows' prompts (sampled with xkd.generation); "
               "implied by xkd.sequences: teacher.")
 @click.option("--seed", type=int, default=None, help="Seed of --generate's sampling (default: the config's seed, else 0).")
+@click.option("--server", default=None,
+              help="Ask a running teacher server at this URL (vLLM `vllm serve MODEL`, or `axolotl xkd "
+              "serve-teacher`) instead of loading the teacher here; default: xkd.teacher.base_url when the "
+              "config's teacher is `source: server`.")
+@click.option("--server-model", default=None, help="Served model name (default: the first one the server lists).")
 def precompute(config: str, top_k: int | None, out: str | None, teacher_path: str | None, batch_size: int,
-               rows_per_shard: int, logprob_dtype: str, generate: bool, seed: int | None) -> None:
+               rows_per_shard: int, logprob_dtype: str, generate: bool, seed: int | None, server: str | None,
+               server_model: str | None) -> None:
     """Run the teacher of CONFIG.yml over its tokenized rows and write top-k log-probs (resumable)."""
     from axolotl.cli.config import load_cfg
 
-    from axolotl_xkd.args import XKDConfig
+    from axolotl_xkd.args import ServerTeacher, XKDConfig
+    from axolotl_xkd.model_glue import server_settings
     from axolotl_xkd.precompute import PrecomputeSettings, run_precompute
     from axolotl_xkd.sequences import Sampling
 
     cfg = load_cfg(config)
     block = XKDConfig.model_validate(dict(cfg["xkd"])) if cfg.get("xkd") is not None else None
     teacher = block.teacher if block is not None else None
-    precomputed = getattr(teacher, "source", None) == "precomputed"
-    teacher_path = teacher_path or (teacher.model_path if precomputed else getattr(teacher, "path", None))
+    source = getattr(teacher, "source", None)
+    precomputed = source == "precomputed"
+    top_k = top_k or (teacher.top_k if source in ("precomputed", "server") and teacher.top_k else 64)
+    server_block = None
+    if server is not None:
+        server_block = ServerTeacher(base_url=server, model=server_model, top_k=top_k)
+    elif source == "server" and teacher_path is None:
+        server_block = teacher.model_copy(update={"top_k": top_k, "model": server_model or teacher.model})
+    if server_block is None:
+        teacher_path = teacher_path or (teacher.model_path if precomputed else getattr(teacher, "path", None))
     out = out or (teacher.path if precomputed else None)
-    if teacher_path is None:
-        raise click.UsageError("no teacher model: pass --teacher PATH or set xkd.teacher.model_path / path")
+    if teacher_path is None and server_block is None:
+        raise click.UsageError("no teacher: pass --teacher PATH or --server URL, or set xkd.teacher.model_path / path")
     if out is None:
         raise click.UsageError(
             "no output folder: pass --out DIR or set `xkd.teacher: {source: precomputed, path: DIR}`"
         )
-    top_k = top_k or (teacher.top_k if precomputed and teacher.top_k else 64)
     sampling = None
     if generate or (block is not None and block.sequences == "teacher"):
         sampling = Sampling(**(block.generation.model_dump() if block is not None else {}))
-    settings = PrecomputeSettings(out=out, teacher=teacher_path, top_k=top_k, batch_size=batch_size,
+    settings = PrecomputeSettings(out=out, teacher=teacher_path or server_block.base_url, top_k=top_k,
+                                  batch_size=batch_size,
                                   rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype, generate=sampling,
-                                  seed=seed if seed is not None else int(cfg.get("seed") or 0))
+                                  seed=seed if seed is not None else int(cfg.get("seed") or 0),
+                                  server=None if server_block is None else server_settings(server_block))
     manifest = run_precompute(cfg, settings, rank=int(os.environ.get("RANK", "0")),
                               world_size=int(os.environ.get("WORLD_SIZE", "1")))
     click.echo(f"xkd precompute: {out} (k={manifest.top_k}, {manifest.splits} rows, {manifest.encoding}, "
