@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from axolotl_xkd.sequences import Sampling, prompt_of, response_rows, sample_responses
+from axolotl_xkd.teachers.model import output_layer_is_linear
 from axolotl_xkd.teachers.server import ServerSettings, TeacherServerClient
 from axolotl_xkd.topk_store import (
     Manifest,
@@ -75,14 +76,20 @@ def score_rows(model: nn.Module, rows: list[dict], *, top_k: int, vocab_size: in
                device: torch.device) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per row, the teacher's top-k (ids, log-probs), each (R_row, k), at its response positions.
 
-    Log-probs are over the full tokenizer vocabulary at temperature 1, computed in float32; only the
-    response positions are normalised and ranked (on the device), so the extra cost over the bare
-    forward is small.
+    Log-probs are over the full tokenizer vocabulary at temperature 1, computed in float32. With a plain
+    Linear output layer only the response positions' logits are formed (the decoder's hidden states are
+    picked first), so the output layer costs less than in a bare forward; only their top k are
+    normalised, with no (R, V) log_softmax copy.
     """
     ids, attention, response = pad_batch(rows, pad_id, device)
-    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-    picked = logits[response][:, :vocab_size].float()
-    values, indices = torch.log_softmax(picked, dim=-1).topk(top_k, dim=-1)
+    if output_layer_is_linear(model):
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+        picked = model.get_output_embeddings()(hidden[response])[:, :vocab_size].float()
+    else:
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        picked = logits[response][:, :vocab_size].float()
+    values, indices = picked.topk(top_k, dim=-1)  # ranking the logits ranks the log-probs
+    values -= torch.logsumexp(picked, dim=-1, keepdim=True)
     values, indices = values.cpu().numpy(), indices.cpu().numpy()
     counts = response.sum(-1).tolist()
     bounds = np.cumsum([0, *counts])
