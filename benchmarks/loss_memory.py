@@ -8,11 +8,12 @@ Not a test. Variants, all at the same chunk size and in the same run:
   liger_jsd[_c]       Liger's LigerFusedLinearJSDLoss
 (_c: under torch.compile.) X-KD runs with every term on: distillation, CE (alpha_ce=0.5), reward KL, TD.
 
-Each variant runs in its own process: it builds the inputs, runs one warm-up step (which also
-compiles), takes its baseline, resets the peak (CPU: /proc/self/clear_refs 5 resets VmHWM; CUDA:
-reset_peak_memory_stats) and then times `--repeats` fwd+bwd steps; peak memory is the high-water
-mark above the baseline (CPU: resident set, with glibc's mmap threshold pinned at 1 MiB so freed
-tensors leave it; CUDA: max_memory_allocated).
+Each variant runs in two processes of its own; each builds the inputs and runs one warm-up step
+(which also compiles). The first times `--repeats` fwd+bwd steps (median) with the default
+allocator. The second takes its baseline, resets the peak (CPU: /proc/self/clear_refs 5 resets
+VmHWM; CUDA: reset_peak_memory_stats) and runs one step; peak memory is the high-water mark above
+the baseline (CPU: resident set, with glibc's mmap threshold pinned at 1 MiB so freed tensors leave
+it, which slows allocation and is why it is not the timed process; CUDA: max_memory_allocated).
 
     python benchmarks/loss_memory.py                    # CPU, N=2048, H=512, V=32000 and 128256, fp32
     python benchmarks/loss_memory.py --device cuda      # N=8192, H=4096, V=128256, bf16 (needs CUDA)
@@ -176,6 +177,16 @@ def worker(args: argparse.Namespace) -> None:
     x = build_inputs(args.tokens, args.hidden, args.vocab, dtype, device)
     step = make_step(args.worker, x, args.chunk, replace(PARAMS, q_form=args.q_form))
     loss = step()  # warm-up (and compile)
+    if args.measure == "time":
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            loss = step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        print(json.dumps({"variant": args.worker, "time_s": statistics.median(times), "loss": loss}))
+        return
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -183,29 +194,27 @@ def worker(args: argparse.Namespace) -> None:
     else:
         base = _rss_mb()[0]
         Path("/proc/self/clear_refs").write_text("5")
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        loss = step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    loss = step()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else _rss_mb()[1] - base
-    print(json.dumps({"variant": args.worker, "time_s": statistics.median(times), "peak_mb": peak, "loss": loss}))
+    print(json.dumps({"variant": args.worker, "peak_mb": peak, "loss": loss}))
 
 
 def run_variant(args: argparse.Namespace, variant: str, vocab: int) -> dict:
+    """Time and peak memory of `variant`, each measured in a fresh process of its own."""
     cmd = [sys.executable, __file__, "--worker", variant, "--vocab", str(vocab), "--device", args.device,
            "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
            "--repeats", str(args.repeats), "--q-form", args.q_form]
-    # Every allocation of 1 MiB or more is mmapped and unmapped when freed, so the resident set follows
-    # the live tensors (glibc would otherwise keep freed blocks and raise its threshold on the fly).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        return {"variant": variant, "error": tail[0]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # Time runs with the default allocator, as training does. Memory: every allocation of 1 MiB or more
+    # is mmapped and unmapped when freed, so the resident set follows the live tensors (glibc would
+    # otherwise keep freed blocks); that costs a page fault per allocation, so it is not timed.
+    result = {"variant": variant}
+    for measure, env in (("time", dict(os.environ)), ("memory", {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)})):
+        proc = subprocess.run([*cmd, "--measure", measure], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+            return {"variant": variant, "error": tail[0]}
+        result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return result
 
 
 def machine() -> str:
@@ -246,6 +255,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="Markdown file the table is appended to")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("time", "memory"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = args.device == "cuda"
     args.tokens = args.tokens or (8192 if cuda else 2048)

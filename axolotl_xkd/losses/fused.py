@@ -116,6 +116,8 @@ def fused_chunk(
     ava = nonterminal is not None and p.q_form == "ava"
     if ava:  # per row: log sum_b exp(alpha pi_b) and S = sum_b softmax(alpha pi)_b pi_b
         lse_ava, s_ava = torch.empty_like(z_a), torch.empty_like(z_a)
+        # exp(alpha pi) stays finite for alpha up to ~80; beyond, shift by alpha (the largest possible value).
+        ava_shift = 0.0 if p.ava_alpha < 60.0 else p.ava_alpha
 
     # Pass 1, per block: log-normalisers, the dense KL value, pi in the logits buffer (top-k: its tail part).
     for b in blocks:
@@ -136,10 +138,11 @@ def fused_chunk(
         if topk_kl:
             logpi_ids[b] = z.gather(-1, ids[b])
         z.exp_()  # pi
-        if ava:
-            scaled = z * p.ava_alpha
-            lse_ava[b] = torch.logsumexp(scaled, dim=-1)
-            s_ava[b] = (scaled.sub_(lse_ava[b].unsqueeze(-1)).exp_() * z).sum(-1)
+        if ava:  # alpha pi <= alpha, so exp(alpha pi - shift) needs no per-row max pass
+            e = torch.mul(z, p.ava_alpha).sub_(ava_shift).exp_()
+            total = e.sum(-1)
+            lse_ava[b] = total.log() + ava_shift
+            s_ava[b] = torch.linalg.vecdot(e, z) / total
         if topk_kl:
             pi_ids[b] = z.gather(-1, ids[b])
             in_topk = topk_mask(ids[b], topk_valid[b], z)
@@ -212,12 +215,11 @@ def fused_chunk(
     for b in blocks:
         g = logits[b]
         ce_softmax = g.pow(tau).mul_(ce_scale[b]) if ce_scale is not None else None  # alpha_ce * softmax(z)
-        ava_part = None
-        if ava:  # ava_coef * s * pi, s = softmax(alpha pi)
-            ava_part = (g * p.ava_alpha).sub_(lse_ava[b].unsqueeze(-1)).exp_().mul_(g).mul_(ava_coef[b].unsqueeze(-1))
-        g.mul_(pi_coef[b].unsqueeze(-1))
-        if ava_part is not None:
-            g.sub_(ava_part)
+        if ava:  # (pi_coef - ava_coef * s) * pi, s = softmax(alpha pi)
+            factor = torch.mul(g, p.ava_alpha).sub_(lse_ava[b].unsqueeze(-1)).exp_()
+            g.mul_(factor.mul_(-ava_coef[b].unsqueeze(-1)).add_(pi_coef[b].unsqueeze(-1)))
+        else:
+            g.mul_(pi_coef[b].unsqueeze(-1))
         if dense_kl:
             g.sub_(teacher[b].mul_(kd_weight[b].unsqueeze(-1)))
         if topk_kl:

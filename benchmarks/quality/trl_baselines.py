@@ -2,6 +2,7 @@
 steps, batch, learning rate and scoring, trained outside Axolotl and outside this plugin.
 
     python benchmarks/quality/trl_baselines.py [--seeds 3] [--jobs 2] [--tasks ...] [--methods ...]
+    python benchmarks/quality/trl_baselines.py --tune-minillm [--seeds 3]
 
 Checks that the study's GKD arms (X-KD with the reward terms off, through `axolotl train`) are a fair
 GKD, and measures the paper's other named baseline. GKD arms: TRL's generalized JSD with beta 0 (forward KL in TRL's convention) and beta 0.5, off-policy
@@ -10,6 +11,11 @@ with 4 samples per prompt, 32 sequences per step, the same completion length. Th
 as prompt tokens (with BOS) + response tokens + EOS, passed to TRL's DataCollatorForChatML pre-tokenized
 with a completion mask. Each run is scored by study.evaluate and appended to the study's runs.csv as
 `trl_*`; table.md and the plot are rewritten. Run study.py first (it builds the cached teachers).
+
+--tune-minillm: MiniLLM collapses at the study's learning rate, so its learning rate is tuned as the
+X-KD sweep tunes X-KD: one seed per rate in MINILLM_LRS on every task, scored on the dev split
+(minillm_sweep.csv / .md); the rate with the highest mean over tasks of its dev metric divided by
+the best rate's on that task then trains --seeds seeds scored on the test split, as `trl_minillm_lrR`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from functools import partial
@@ -35,6 +42,13 @@ ARMS: dict[str, dict] = {
     # per step, the study's micro batch.
     "trl_minillm": {"num_generations": 4},
 }
+STUDY_LR = 0.003
+MINILLM_LRS = (3e-3, 1e-3, 3e-4, 1e-4)
+
+
+def method_name(method: str, lr: float) -> str:
+    """The runs.csv name of a TRL arm: the arm, with its learning rate when it is not the study's."""
+    return method if lr == STUDY_LR else f"{method}_lr{lr:g}"
 
 
 def tokenized_rows(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
@@ -67,7 +81,7 @@ def train_trl(task: Task, assets: dict[str, Path], work: Path, method: str, seed
     rows = [json.loads(line) for line in (assets["data"] / "train.jsonl").read_text().splitlines()]
     common = dict(
         output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=32, gradient_accumulation_steps=1,
-        learning_rate=0.003, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         optim="adamw_torch", seed=seed, data_seed=seed, logging_steps=max(1, args.steps // 5), save_strategy="no",
         report_to="none", bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0, temperature=1.0,
         **ARMS[method],
@@ -89,19 +103,21 @@ def train_trl(task: Task, assets: dict[str, Path], work: Path, method: str, seed
     seconds = time.perf_counter() - started
     trainer.save_model(str(out / "model"))
     tokenizer.save_pretrained(out / "model")
-    evaluation = [json.loads(line) for line in (assets["data"] / "eval.jsonl").read_text().splitlines()]
+    evaluation = [json.loads(line) for line in (assets["data"] / f"{args.split}.jsonl").read_text().splitlines()]
     scores = study.evaluate(out / "model", task, evaluation, samples=args.samples, seed=seed)
     shutil.rmtree(out, ignore_errors=True)
-    return {"task": task.name, "method": method, "seed": seed, "data_fraction": 1.0,
+    return {"task": task.name, "method": method_name(method, args.lr), "seed": seed, "data_fraction": 1.0,
             "metric_name": task.metric_name, **scores, "steps": args.steps, "train_seconds": round(seconds, 1)}
 
 
-def run_subprocess(task: str, method: str, seed: int, args: argparse.Namespace) -> dict:
+def run_subprocess(task: str, method: str, seed: int, args: argparse.Namespace, *, lr: float = STUDY_LR,
+                   split: str = "eval") -> dict:
     """train_trl in its own process (accelerate's state is per process); returns its CSV row."""
     import subprocess
 
     command = [sys.executable, __file__, "--one", task, method, str(seed), "--steps", str(args.steps),
-               "--samples", str(args.samples), "--threads", str(args.threads), "--work", str(args.work)]
+               "--samples", str(args.samples), "--threads", str(args.threads), "--work", str(args.work),
+               "--lr", str(lr), "--split", split]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ,
                           "OMP_NUM_THREADS": str(args.threads)})
     if done.returncode != 0:
@@ -114,6 +130,9 @@ def main() -> None:
     parser.add_argument("--one", nargs=3, metavar=("TASK", "METHOD", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--methods", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tune-minillm", action="store_true", help="tune MiniLLM's learning rate on dev, then test")
+    parser.add_argument("--lr", type=float, default=STUDY_LR, help=argparse.SUPPRESS)
+    parser.add_argument("--split", choices=("eval", "dev"), default="eval", help=argparse.SUPPRESS)
     args = study.follow_up_args(parser)
     if args.one:
         task, method, seed = args.one
@@ -124,11 +143,42 @@ def main() -> None:
         study.prepare_task(TASKS[t], args.work, args)
     runs_csv = args.out / "runs.csv"
     done = {(r["task"], r["method"], int(r["seed"])) for r in study.read_runs(runs_csv)}
-    jobs = [partial(run_subprocess, t, m, s, args)
-            for s in range(args.seeds) for t in args.tasks for m in args.methods if (t, m, s) not in done]
-    study.run_all(jobs, runs_csv, args.jobs, "TRL GKD baselines")
+    if args.tune_minillm:
+        lr = tune_minillm(args)
+        jobs = [partial(run_subprocess, t, "trl_minillm", s, args, lr=lr) for s in range(args.seeds)
+                for t in args.tasks if (t, method_name("trl_minillm", lr), s) not in done]
+    else:
+        jobs = [partial(run_subprocess, t, m, s, args)
+                for s in range(args.seeds) for t in args.tasks for m in args.methods if (t, m, s) not in done]
+    study.run_all(jobs, runs_csv, args.jobs, "TRL baselines")
     command = ("python benchmarks/quality/trl_baselines.py " + " ".join(sys.argv[1:])).strip()
     study.report(args, study.read_runs(runs_csv), f"python benchmarks/quality/study.py && {command}")
+
+
+def tune_minillm(args: argparse.Namespace) -> float:
+    """MiniLLM at each rate of MINILLM_LRS, one seed, scored on dev; writes minillm_sweep.csv / .md and
+    returns the chosen rate (highest mean over tasks of dev metric / the best rate's dev metric)."""
+    sweep_csv = args.out / "minillm_sweep.csv"
+    done = {(r["task"], r["method"]) for r in study.read_runs(sweep_csv)}
+    jobs = [partial(run_subprocess, t, "trl_minillm", 0, args, lr=lr, split="dev")
+            for lr in MINILLM_LRS for t in args.tasks if (t, method_name("trl_minillm", lr)) not in done]
+    study.run_all(jobs, sweep_csv, args.jobs, "MiniLLM learning rates (dev)")
+    dev = {(r["task"], r["method"]): float(r["metric"]) for r in study.read_runs(sweep_csv)}
+    best = {t: max(dev[(t, method_name("trl_minillm", lr))] for lr in MINILLM_LRS) for t in args.tasks}
+    score = {lr: statistics.fmean(dev[(t, method_name("trl_minillm", lr))] / max(best[t], 1e-9)
+                                  for t in args.tasks) for lr in MINILLM_LRS}
+    chosen = max(MINILLM_LRS, key=lambda lr: score[lr])
+    lines = ["# MiniLLM learning rate on the dev split", "",
+             "`python benchmarks/quality/trl_baselines.py --tune-minillm` (TRL MiniLLMTrainer, 1 seed per rate, "
+             "dev prompts held out from training and test).", "",
+             "| learning rate | " + " | ".join(args.tasks) + " | mean of metric / best rate's |",
+             "|---|" + "---:|" * (len(args.tasks) + 1)]
+    for lr in MINILLM_LRS:
+        cells = " | ".join(f"{dev[(t, method_name('trl_minillm', lr))]:.1f}" for t in args.tasks)
+        lines.append(f"| {lr:g}{' (chosen)' if lr == chosen else ''} | {cells} | {score[lr]:.2f} |")
+    (args.out / "minillm_sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return chosen
 
 
 if __name__ == "__main__":

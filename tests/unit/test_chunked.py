@@ -113,6 +113,14 @@ def test_every_td_form_matches_unchunked(teacher_kind, q_form, td_target, chunk_
     assert_same(*run_both(params, teacher_kind, chunk_size), **FP32)
 
 
+@pytest.mark.parametrize("alpha", [0.5, 70.0], ids=["small", "shifted"])
+@pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
+def test_ava_band_widths(teacher_kind, alpha):
+    """The kernel's exp(alpha pi) is taken without a row max; past alpha = 60 it is shifted by alpha instead."""
+    params = XKDHyperparams(q_form="ava", ava_alpha=alpha, alpha_ce=0.2, gamma=0.95)
+    assert_same(*run_both(params, teacher_kind, 5, dtype=torch.float64), atol=1e-10, rtol=1e-9)
+
+
 @pytest.mark.parametrize("chunk_size", [2, 4, 6])
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
 def test_packed_rows_with_segment_boundary_on_chunk_edge(teacher_kind, chunk_size):
