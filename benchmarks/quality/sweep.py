@@ -1,13 +1,13 @@
 """X-KD variant sweep: which reward weight, gamma, q_form or td_target makes X-KD work here? Tuned on a dev
 split, reported on the test split.
 
-    python benchmarks/quality/sweep.py [--seeds 2] [--final-seeds 3] [--jobs 2] [--tasks ...] [--variants ...]
+    python benchmarks/quality/sweep.py [--seeds 1] [--final-seeds 3] [--jobs 2] [--tasks ...] [--variants ...]
 
 Phase 1 trains the study's X-KD forward-KL off-policy arm with each variant in VARIANTS (and the GKD arm
 as the reference) on every task, and scores it on dev.jsonl: prompts held out from both the training and
 the test split (study.dev_rows), so nothing is tuned on the test prompts. The chosen variant is the one
 with the highest mean, over tasks, of its dev metric divided by GKD's. Phase 2 trains the chosen variant
-on the study's X-KD arms in --final-arms (off-policy, on-policy and sequence-level by default) with the
+on the study's X-KD arms in --final-arms (every X-KD arm by default) with the
 study's seeds and scores them on the test split, appending to the study's runs.csv as `ARM+VARIANT`, and
 rewrites table.md and the plot. Writes sweep.csv and sweep.md beside them;
 both phases resume from their CSV.
@@ -28,7 +28,8 @@ from tasks import TASKS  # noqa: E402
 
 BASE = "xkd_fkl_off"
 REFERENCE = "gkd_fkl_off"
-FINAL_ARMS = [BASE, "xkd_jsd_on", "xkd_seqkd"]  # off-policy, on-policy, sequence-level
+FINAL_ARMS = [BASE, "xkd_jsd_on", "xkd_seqkd", *(m for m in study.METHODS if m.startswith("xkd_") and m not in
+                                                (BASE, "xkd_jsd_on", "xkd_seqkd"))]  # every X-KD arm
 VARIANTS: dict[str, dict] = {
     "spec_defaults": {},
     "q_logprobs": {"q_form": "logprobs"},
@@ -89,7 +90,7 @@ def write_report(rows: list[dict], tasks: list[str], path: Path, command: str) -
 def main() -> None:
     parser = study.follow_up_parser(__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per variant on the dev split")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per variant on the dev split")
     parser.add_argument("--final-seeds", type=int, default=3, help="seeds of the chosen variant on the test split")
     parser.add_argument("--final-arms", nargs="+", default=FINAL_ARMS, choices=[m for m in study.METHODS if "xkd" in m],
                         help="the study's X-KD arms rerun on the test split with the chosen variant")

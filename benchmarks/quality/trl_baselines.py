@@ -13,9 +13,11 @@ with a completion mask. Each run is scored by study.evaluate and appended to the
 `trl_*`; table.md and the plot are rewritten. Run study.py first (it builds the cached teachers).
 
 --tune-minillm: MiniLLM collapses at the study's learning rate, so its learning rate is tuned as the
-X-KD sweep tunes X-KD: one seed per rate in MINILLM_LRS on every task, scored on the dev split
-(minillm_sweep.csv / .md); the rate with the highest mean over tasks of its dev metric divided by
-the best rate's on that task then trains --seeds seeds scored on the test split, as `trl_minillm_lrR`.
+X-KD sweep tunes X-KD, for MiniLLM from scratch and from an SFT start (`trl_minillm_sft`, the MiniLLM
+paper's recipe: half the steps SFT, half MiniLLM): one seed per rate in MINILLM_LRS on every task,
+scored on the dev split (minillm_sweep.csv / .md); the rate with the highest mean over tasks of its
+dev metric divided by the best rate's on that task then trains --seeds seeds scored on the test
+split, as `ARM_lrR` (`ARM` at the study's rate).
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ ARMS: dict[str, dict] = {
     # MiniLLM (policy gradient on the reverse KL, on top of TRL's GRPO): 8 prompts x 4 samples = 32 sequences
     # per step, the study's micro batch.
     "trl_minillm": {"num_generations": 4},
+    # The MiniLLM paper's recipe: SFT first (TRL's SFTTrainer, half the steps, the study's rate), then MiniLLM.
+    "trl_minillm_sft": {"num_generations": 4},
 }
+SFT_INIT = {"trl_minillm_sft"}
 STUDY_LR = 0.003
 MINILLM_LRS = (3e-3, 1e-3, 3e-4, 1e-4)
 
@@ -88,7 +93,18 @@ def train_trl(task: Task, assets: dict[str, Path], work: Path, method: str, seed
     )
     model = AutoModelForCausalLM.from_pretrained(assets["student"], attn_implementation="sdpa")
     teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"], attn_implementation="sdpa")
-    if method == "trl_minillm":
+    started = time.perf_counter()
+    if method in SFT_INIT:
+        from trl import SFTConfig, SFTTrainer
+
+        sft = {**common, "output_dir": str(out / "sft"), "max_steps": args.steps // 2, "learning_rate": STUDY_LR}
+        for key in (*ARMS[method], "temperature"):
+            sft.pop(key)
+        SFTTrainer(model=model, args=SFTConfig(max_length=study.SEQUENCE_LEN, completion_only_loss=True, **sft),
+                   train_dataset=Dataset.from_list(tokenized_rows(tokenizer, rows, study.SEQUENCE_LEN)),
+                   processing_class=tokenizer).train()
+        common["max_steps"] = args.steps - args.steps // 2
+    if method.startswith("trl_minillm"):
         dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
         config = MiniLLMConfig(max_completion_length=study.MAX_NEW_TOKENS, **common)
         trainer = MiniLLMTrainer(model=model, teacher_model=teacher, args=config, train_dataset=dataset,
@@ -98,7 +114,6 @@ def train_trl(task: Task, assets: dict[str, Path], work: Path, method: str, seed
         config = GKDConfig(max_length=study.SEQUENCE_LEN, max_new_tokens=study.MAX_NEW_TOKENS, **common)
         trainer = GKDTrainer(model=model, teacher_model=teacher, args=config, train_dataset=dataset,
                              processing_class=tokenizer)
-    started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
     trainer.save_model(str(out / "model"))
@@ -144,9 +159,11 @@ def main() -> None:
     runs_csv = args.out / "runs.csv"
     done = {(r["task"], r["method"], int(r["seed"])) for r in study.read_runs(runs_csv)}
     if args.tune_minillm:
-        lr = tune_minillm(args)
-        jobs = [partial(run_subprocess, t, "trl_minillm", s, args, lr=lr) for s in range(args.seeds)
-                for t in args.tasks if (t, method_name("trl_minillm", lr), s) not in done]
+        jobs = []
+        for method in ("trl_minillm", "trl_minillm_sft"):
+            lr = tune_minillm(args, method)
+            jobs += [partial(run_subprocess, t, method, s, args, lr=lr) for s in range(args.seeds)
+                     for t in args.tasks if (t, method_name(method, lr), s) not in done]
     else:
         jobs = [partial(run_subprocess, t, m, s, args)
                 for s in range(args.seeds) for t in args.tasks for m in args.methods if (t, m, s) not in done]
@@ -155,29 +172,37 @@ def main() -> None:
     study.report(args, study.read_runs(runs_csv), f"python benchmarks/quality/study.py && {command}")
 
 
-def tune_minillm(args: argparse.Namespace) -> float:
-    """MiniLLM at each rate of MINILLM_LRS, one seed, scored on dev; writes minillm_sweep.csv / .md and
-    returns the chosen rate (highest mean over tasks of dev metric / the best rate's dev metric)."""
+def tune_minillm(args: argparse.Namespace, method: str) -> float:
+    """`method` (a MiniLLM arm) at each rate of MINILLM_LRS, one seed, scored on dev; writes minillm_sweep.csv /
+    .md and returns the chosen rate (highest mean over tasks of dev metric / the best rate's dev metric)."""
     sweep_csv = args.out / "minillm_sweep.csv"
     done = {(r["task"], r["method"]) for r in study.read_runs(sweep_csv)}
-    jobs = [partial(run_subprocess, t, "trl_minillm", 0, args, lr=lr, split="dev")
-            for lr in MINILLM_LRS for t in args.tasks if (t, method_name("trl_minillm", lr)) not in done]
-    study.run_all(jobs, sweep_csv, args.jobs, "MiniLLM learning rates (dev)")
+    jobs = [partial(run_subprocess, t, method, 0, args, lr=lr, split="dev")
+            for lr in MINILLM_LRS for t in args.tasks if (t, method_name(method, lr)) not in done]
+    study.run_all(jobs, sweep_csv, args.jobs, f"{method} learning rates (dev)")
     dev = {(r["task"], r["method"]): float(r["metric"]) for r in study.read_runs(sweep_csv)}
-    best = {t: max(dev[(t, method_name("trl_minillm", lr))] for lr in MINILLM_LRS) for t in args.tasks}
-    score = {lr: statistics.fmean(dev[(t, method_name("trl_minillm", lr))] / max(best[t], 1e-9)
-                                  for t in args.tasks) for lr in MINILLM_LRS}
+    best = {t: max(dev[(t, method_name(method, lr))] for lr in MINILLM_LRS) for t in args.tasks}
+    score = {lr: statistics.fmean(dev[(t, method_name(method, lr))] / max(best[t], 1e-9) for t in args.tasks)
+             for lr in MINILLM_LRS}
     chosen = max(MINILLM_LRS, key=lambda lr: score[lr])
-    lines = ["# MiniLLM learning rate on the dev split", "",
-             "`python benchmarks/quality/trl_baselines.py --tune-minillm` (TRL MiniLLMTrainer, 1 seed per rate, "
-             "dev prompts held out from training and test).", "",
+    lines = [f"## {method}", "",
              "| learning rate | " + " | ".join(args.tasks) + " | mean of metric / best rate's |",
              "|---|" + "---:|" * (len(args.tasks) + 1)]
     for lr in MINILLM_LRS:
-        cells = " | ".join(f"{dev[(t, method_name('trl_minillm', lr))]:.1f}" for t in args.tasks)
+        cells = " | ".join(f"{dev[(t, method_name(method, lr))]:.1f}" for t in args.tasks)
         lines.append(f"| {lr:g}{' (chosen)' if lr == chosen else ''} | {cells} | {score[lr]:.2f} |")
-    (args.out / "minillm_sweep.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report = args.out / "minillm_sweep.md"
+    sections = {}
+    if report.is_file():
+        for part in report.read_text().split("\n## ")[1:]:
+            sections[part.split("\n", 1)[0].strip()] = "## " + part.strip()
+    sections[method] = "\n".join(lines)
+    header = ["# MiniLLM learning rate on the dev split", "",
+              "`python benchmarks/quality/trl_baselines.py --tune-minillm` (TRL MiniLLMTrainer, 1 seed per rate, dev "
+              "prompts held out from training and test; `trl_minillm_sft`: TRL's SFTTrainer for half the steps at "
+              "the study's rate, then MiniLLM at the tuned rate).", ""]
+    report.write_text("\n".join(header) + "\n" + "\n\n".join(sections[m] for m in sorted(sections)) + "\n")
+    print(sections[method])
     return chosen
 
 
