@@ -72,7 +72,8 @@ def gathered(params: Iterable[Tensor | None], *, modifier_rank: int | None = Non
         yield
 
 
-def through_output_layer(model: nn.Module, loss_fn: Callable[[Tensor, Tensor | None, Tensor], T], hidden: Tensor) -> T:
+def through_output_layer(model: nn.Module, loss_fn: Callable[[Tensor, Tensor | None, Tensor], T],
+                         hidden: Tensor) -> T:
     """`loss_fn(weight, bias, hidden)` on the output layer's full (V, H) weight and its bias (or None).
 
     `model` may be wrapped (DeepSpeed engine, DDP, peft). Under ZeRO-3 the call runs as the output

@@ -96,7 +96,8 @@ def score_rows(model: nn.Module, rows: list[dict], *, top_k: int, vocab_size: in
     return [(indices[a:b], values[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def response_entries(rows: list[dict], answers: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+def response_entries(rows: list[dict],
+                     answers: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """A teacher server's per-position top-k of each row (`TeacherServerClient.score`, rows aligned as the
     student's logits) cut to the row's response positions, as `score_rows` returns them."""
     picked = []

@@ -84,7 +84,8 @@ def assert_data_parallel_over(out: Path, single: Path) -> None:
     first, second = ranks[0]["batches"], ranks[1]["batches"]
     assert len(first) == len(second) == 8 and not set(first) & set(second)
     for step in range(4):
-        assert set(first[2 * step:2 * step + 2]) | set(second[2 * step:2 * step + 2]) == set(alone[4 * step:4 * step + 4])
+        together = set(first[2 * step:2 * step + 2]) | set(second[2 * step:2 * step + 2])
+        assert together == set(alone[4 * step:4 * step + 4]), step
     # Gradients were synchronised: every rank ends with the same replicated parameters.
     assert ranks[0]["replicated_digest"] == ranks[1]["replicated_digest"]
     logged, reference = losses(out), losses(single)
@@ -213,7 +214,8 @@ def free_port() -> int:
 def test_two_nodes_on_loopback(tiny_assets, tmp_path, single):
     """Two torchrun agents, one process each, meet at a c10d rendezvous on 127.0.0.1 as two nodes would,
     launched with the line the README gives for multi-node runs (ZeRO-2)."""
-    config = merged(base_config(tiny_assets, tmp_path), {**DISTRIBUTED, "save_steps": 4, "deepspeed": deepspeed_json(2)})
+    config = merged(base_config(tiny_assets, tmp_path),
+                    {**DISTRIBUTED, "save_steps": 4, "deepspeed": deepspeed_json(2)})
     path = write_config(tmp_path / "cfg.yml", config)
     launch = [str(BIN / "axolotl"), "train", str(path), "--launcher", "torchrun", "--", "--nnodes", "2",
               "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",

@@ -90,7 +90,8 @@ expected = GradInForward.apply(reference.inner(x), reference.out.weight, referen
 expected.backward()
 torch.testing.assert_close(loss, expected)
 for name in ("out.weight", "out.bias", "inner.weight"):
-    torch.testing.assert_close(safe_get_full_grad(engine.module.get_parameter(name)), reference.get_parameter(name).grad)
+    got = safe_get_full_grad(engine.module.get_parameter(name))
+    torch.testing.assert_close(got, reference.get_parameter(name).grad)
 print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
