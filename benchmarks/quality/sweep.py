@@ -2,6 +2,8 @@
 split, reported on the test split.
 
     python benchmarks/quality/sweep.py [--seeds 1] [--final-seeds 3] [--jobs 2] [--tasks ...] [--variants ...]
+    python benchmarks/quality/sweep.py --base xkd_jsd_on --variants q_ava q_ava_lambda_0.1 lambda_0.1 \
+        --final-arms xkd_jsd_on xkd_jsd_off     # the same question for JSD (sweep_xkd_jsd_on.md)
 
 Phase 1 trains the study's X-KD forward-KL off-policy arm with each variant in VARIANTS (and the GKD arm
 as the reference) on every task, and scores it on dev.jsonl: prompts held out from both the training and
@@ -40,42 +42,56 @@ VARIANTS: dict[str, dict] = {
     "gamma_0.9": {"gamma": 0.9},
     "teacher_expected": {"td_target": "teacher_expected"},
     "q_logprobs_lambda_0.1": {"q_form": "logprobs", "td_weight": 0.1, "reward_kl_weight": 0.1},
+    "q_ava_lambda_0.1": {"q_form": "ava", "td_weight": 0.1, "reward_kl_weight": 0.1},
 }
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "q_ava_lambda_0.1"]  # the sweep as first run on BASE
+
+
+def reference_of(base: str) -> str:
+    """The GKD arm with `base`'s divergence and sequences (X-KD with the reward terms off)."""
+    return base.replace("xkd_", "gkd_", 1)
+
+
+def variant_name(variant: str, base: str) -> str:
+    """A sweep.csv method name: the variant, tagged with its base arm unless that is BASE."""
+    return variant if base == BASE or variant == reference_of(base) else f"{variant}@{base}"
 
 
 def arm(variant: str, base: str = BASE) -> dict:
-    """The `xkd:` block of the study's `base` arm with `variant`'s overrides (REFERENCE: the GKD reference)."""
-    if variant == REFERENCE:
-        return study.METHODS[REFERENCE]
+    """The `xkd:` block of the study's `base` arm with `variant`'s overrides (or base's GKD reference arm)."""
+    if variant == reference_of(base):
+        return study.METHODS[variant]
     return {**study.METHODS[base], **VARIANTS[variant]}
 
 
-def relative_scores(rows: list[dict], tasks: list[str]) -> dict[str, tuple[float, dict[str, float]]]:
-    """variant -> (mean over tasks of dev metric / GKD's dev metric, {task: mean dev metric})."""
+def relative_scores(rows: list[dict], tasks: list[str],
+                    reference: str = REFERENCE) -> dict[str, tuple[float, dict[str, float]]]:
+    """variant -> (mean over tasks of dev metric / the GKD `reference` arm's dev metric, {task: mean dev metric})."""
     means: dict[tuple[str, str], float] = {}
     for key in {(r["task"], r["method"]) for r in rows}:
         means[key] = statistics.fmean(float(r["metric"]) for r in rows if (r["task"], r["method"]) == key)
     out = {}
-    for variant in {m for _, m in means} - {REFERENCE}:
+    for variant in {m for _, m in means} - {reference}:
         per_task = {t: means[(t, variant)] for t in tasks if (t, variant) in means}
-        ratios = [per_task[t] / max(means.get((t, REFERENCE), 0.0), 1e-9) for t in per_task]
+        ratios = [per_task[t] / max(means.get((t, reference), 0.0), 1e-9) for t in per_task]
         if len(per_task) == len(tasks):
             out[variant] = (statistics.fmean(ratios), per_task)
     return out
 
 
-def write_report(rows: list[dict], tasks: list[str], path: Path, command: str) -> str:
+def write_report(rows: list[dict], tasks: list[str], path: Path, command: str, base: str = BASE) -> str:
     """sweep.md: dev metric per variant and task (mean over seeds), the ratio to GKD and the choice."""
-    scores = relative_scores(rows, tasks)
-    reference = {t: statistics.fmean(float(r["metric"]) for r in rows if (r["task"], r["method"]) == (t, REFERENCE))
-                 for t in tasks if any((r["task"], r["method"]) == (t, REFERENCE) for r in rows)}
+    gkd = reference_of(base)
+    scores = relative_scores(rows, tasks, gkd)
+    reference = {t: statistics.fmean(float(r["metric"]) for r in rows if (r["task"], r["method"]) == (t, gkd))
+                 for t in tasks if any((r["task"], r["method"]) == (t, gkd) for r in rows)}
     sigma = {(r["task"], r["method"]): r.get("reward_sigma", "") for r in rows}
-    lines = ["# X-KD variant sweep (dev split)", "", f"`{command}`. Base arm: {BASE} (forward KL, off-policy). "
+    lines = ["# X-KD variant sweep (dev split)", "", f"`{command}`. Base arm: {base}. "
              "Dev metric, mean over seeds; `vs GKD`: mean over tasks of the ratio to the GKD arm on dev; "
              "sigma: the reward head's mean sigma at the last logging step (first seed).", "",
              "| variant | " + " | ".join(f"{t} ({TASKS[t].metric_name})" for t in tasks) + " | vs GKD | sigma |",
              "|---" * (len(tasks) + 3) + "|",
-             f"| {REFERENCE} (reference) | " + " | ".join(f"{reference.get(t, float('nan')):.1f}" for t in tasks)
+             f"| {gkd} (reference) | " + " | ".join(f"{reference.get(t, float('nan')):.1f}" for t in tasks)
              + " | 1.00 | |"]
     for variant, (ratio, per_task) in sorted(scores.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"| {variant} | " + " | ".join(f"{per_task[t]:.1f}" for t in tasks)
@@ -89,7 +105,9 @@ def write_report(rows: list[dict], tasks: list[str], path: Path, command: str) -
 
 def main() -> None:
     parser = study.follow_up_parser(__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    parser.add_argument("--base", default=BASE, choices=[m for m in study.METHODS if m.startswith("xkd_")],
+                        help="the X-KD arm the variants modify on dev (reports: sweep.md, or sweep_BASE.md)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per variant on the dev split")
     parser.add_argument("--final-seeds", type=int, default=3, help="seeds of the chosen variant on the test split")
     parser.add_argument("--final-arms", nargs="+", default=FINAL_ARMS, choices=[m for m in study.METHODS if "xkd" in m],
@@ -101,13 +119,17 @@ def main() -> None:
     sweep_csv = args.out / "sweep.csv"
     done = {(r["task"], r["method"], int(r["seed"])) for r in study.read_runs(sweep_csv)}
     dev_args = argparse.Namespace(**{**vars(args), "samples": 0})
-    jobs = [partial(study.train_one, TASKS[t], assets[t], args.work, v, s, 1.0, dev_args, xkd=arm(v), split="dev")
-            for t in args.tasks for v in [REFERENCE, *args.variants] for s in range(args.seeds)
-            if (t, v, s) not in done]
+    candidates = [reference_of(args.base), *args.variants]
+    jobs = [partial(study.train_one, TASKS[t], assets[t], args.work, variant_name(v, args.base), s, 1.0, dev_args,
+                    xkd=arm(v, args.base), split="dev")
+            for t in args.tasks for v in candidates for s in range(args.seeds)
+            if (t, variant_name(v, args.base), s) not in done]
     study.run_all(jobs, sweep_csv, args.jobs, "sweep (dev)")
-    rows = [r for r in study.read_runs(sweep_csv) if r["method"] in (REFERENCE, *args.variants)]
-    print(write_report(rows, args.tasks, args.out / "sweep.md", command))
-    scores = relative_scores(rows, args.tasks)
+    names = {variant_name(v, args.base): v for v in candidates}
+    rows = [{**r, "method": names[r["method"]]} for r in study.read_runs(sweep_csv) if r["method"] in names]
+    report = args.out / ("sweep.md" if args.base == BASE else f"sweep_{args.base}.md")
+    print(write_report(rows, args.tasks, report, command, args.base))
+    scores = relative_scores(rows, args.tasks, reference_of(args.base))
     chosen = max(scores, key=lambda v: scores[v][0])
 
     runs_csv = args.out / "runs.csv"
