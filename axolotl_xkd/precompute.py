@@ -185,6 +185,7 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
     vocab_size = len(tokenizer)
     if not 1 <= settings.top_k <= vocab_size:
         raise ValueError(f"--top-k {settings.top_k} must lie in [1, {vocab_size}] (the vocabulary size)")
+    fingerprint = tokenizer_hash(tokenizer)
     client = None
     teacher = str(settings.teacher)
     if settings.server is not None:
@@ -192,11 +193,11 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
             raise ValueError("--generate samples responses with the teacher model in this process; a teacher server "
                              "(--server) is only asked for log-probs. Drop --server, or drop --generate.")
         client = TeacherServerClient(settings.server)
-        client.check_server(tokenizer, tokenizer_hash(tokenizer))
+        client.check_server(tokenizer, fingerprint)
         teacher = f"{client.base_url} (model {client.model})"
     manifest = Manifest(
         teacher=teacher,
-        tokenizer_hash=tokenizer_hash(tokenizer),
+        tokenizer_hash=fingerprint,
         vocab_size=vocab_size,
         top_k=settings.top_k,
         sequence_len=int(cfg.sequence_len),

@@ -82,7 +82,6 @@ class _Recorder(TrainerCallback):
             "head_optimized": all(id(p) in optimized for p in head.parameters()),
             "trainable_names": [n for n, p in student.named_parameters() if p.requires_grad],
             "accelerator_processes": trainer.accelerator.num_processes,
-            "distributed_type": str(trainer.accelerator.distributed_type),
             "wrapper": type(trainer.model_wrapped).__name__,
             "fused_loss": trainer._uses_fused_loss(trainer.model_wrapped),
         }
