@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from axolotl.integrations.base import BasePlugin
 
-LOG = logging.getLogger("axolotl_xkd")
-
-
-def _xkd_config(cfg):
-    """The validated `xkd:` block, or None when the plugin is loaded but X-KD is off."""
+if TYPE_CHECKING:
     from axolotl_xkd.args import XKDConfig
 
-    block = cfg.get("xkd") if hasattr(cfg, "get") else None
-    return None if block is None else XKDConfig.model_validate(dict(block))
+LOG = logging.getLogger("axolotl_xkd")
 
 
 def _cpu_ranks(cfg) -> None:
@@ -43,12 +39,33 @@ def _cpu_ranks(cfg) -> None:
 class XKDPlugin(BasePlugin):
     """Adds the `xkd:` config block, the X-KD trainer and the reward head to an Axolotl run."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._validated: tuple[dict, XKDConfig] | None = None
+
+    def _xkd_config(self, cfg) -> XKDConfig | None:
+        """The validated `xkd:` block, or None when the plugin is loaded but X-KD is off.
+
+        Validated once per block (Axolotl hands every hook the same config), so its warnings show once.
+        """
+        from axolotl_xkd.args import XKDConfig
+
+        block = cfg.get("xkd") if hasattr(cfg, "get") else None
+        if block is None:
+            return None
+        if self._validated is None or self._validated[0] is not block:
+            self._validated = (block, XKDConfig.model_validate(dict(block)))
+        return self._validated[1]
+
     def get_input_args(self) -> str:
         return "axolotl_xkd.args.XKDArgs"
 
     def register(self, cfg) -> None:
+        from axolotl_xkd.compat import warn_if_untested
+
         # Our loggers are not under "axolotl.", so give them Axolotl's level to show up beside its own.
         LOG.setLevel(logging.getLogger("axolotl").getEffectiveLevel())
+        warn_if_untested()
         if cfg.get("xkd") is None:
             LOG.warning("axolotl_xkd.XKDPlugin is listed in plugins but the config has no `xkd:` block; X-KD is off")
 
@@ -57,7 +74,7 @@ class XKDPlugin(BasePlugin):
             _cpu_ranks(cfg)
 
     def post_model_load(self, cfg, model) -> None:
-        config = _xkd_config(cfg)
+        config = self._xkd_config(cfg)
         if config is None or not (config.reward_kl_weight > 0 or config.td_weight > 0):
             return
         from axolotl_xkd.model_glue import attach_reward_head
@@ -65,7 +82,7 @@ class XKDPlugin(BasePlugin):
         attach_reward_head(model, config)
 
     def load_datasets(self, cfg, preprocess: bool = False):
-        config = _xkd_config(cfg)
+        config = self._xkd_config(cfg)
         if config is None or getattr(config.teacher, "source", None) != "precomputed":
             return None
         from axolotl_xkd.precomputed_data import load_datasets_meta
@@ -73,7 +90,7 @@ class XKDPlugin(BasePlugin):
         return load_datasets_meta(cfg, config.teacher, sequences=config.sequences)
 
     def get_collator_cls_and_kwargs(self, cfg, is_eval: bool = False):
-        config = _xkd_config(cfg)
+        config = self._xkd_config(cfg)
         if config is None or getattr(config.teacher, "source", None) != "precomputed":
             return None
         from axolotl_xkd.collator import collator_for
@@ -89,7 +106,7 @@ class XKDPlugin(BasePlugin):
         return XKDTrainer
 
     def post_trainer_create(self, cfg, trainer) -> None:
-        config = _xkd_config(cfg)
+        config = self._xkd_config(cfg)
         if config is None:
             return
         from axolotl_xkd.distributed import count_cpu_ranks
@@ -99,9 +116,24 @@ class XKDPlugin(BasePlugin):
         configure_trainer(trainer, config, cfg)
 
     def post_train(self, cfg, model) -> None:
-        config = _xkd_config(cfg)
+        config = self._xkd_config(cfg)
         if config is None:
             return
-        from axolotl_xkd.model_glue import save_final_reward_head
+        from axolotl_xkd.compat import merge_hook_available, merge_instructions
+        from axolotl_xkd.model_glue import find_reward_head, save_final_reward_head
 
         save_final_reward_head(model, config, cfg)
+        if cfg.get("adapter") and find_reward_head(model) is not None and not merge_hook_available():
+            LOG.info(merge_instructions(cfg.output_dir))
+
+    def post_lora_merge(self, cfg, adapter_path: str, output_path: str) -> None:
+        """Axolotl >= 0.21, after `axolotl merge-lora`: put the reward head beside the merged student."""
+        if cfg.get("xkd") is None:
+            return
+        from axolotl_xkd.compat import copy_reward_head
+
+        copied = copy_reward_head(adapter_path, output_path)
+        if copied:
+            LOG.info("X-KD reward head copied into the merged model folder %s", output_path)
+        else:
+            LOG.warning("X-KD: %s holds no reward head to copy into %s", adapter_path, output_path)

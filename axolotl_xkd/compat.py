@@ -1,0 +1,70 @@
+"""What differs between the Axolotl releases the plugin supports (0.19 on Python 3.11, 0.20/0.21 on 3.12).
+
+Every version-specific decision lives here, so the hooks read the same on every release. Imports only
+the standard library and `packaging` at module level; Axolotl is imported lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from packaging.version import Version
+
+LOG = logging.getLogger("axolotl_xkd")
+
+# The releases CI runs the suite on; others may work, and get one warning.
+TESTED = ("0.19.0", "0.21.0")
+SUPPORTED_RANGE = ">=0.19,<0.22"
+
+
+def axolotl_version() -> Version:
+    """The installed Axolotl release (0.0 when it is not installed, e.g. in a loss-only environment)."""
+    try:
+        return Version(version("axolotl"))
+    except PackageNotFoundError:
+        return Version("0")
+
+
+def merge_hook_available() -> bool:
+    """Axolotl 0.21 calls `post_lora_merge` after `axolotl merge-lora`; 0.19 and 0.20 have no such hook."""
+    return axolotl_version() >= Version("0.21")
+
+
+def warn_if_untested() -> None:
+    """One warning when the installed Axolotl is outside the range CI tests."""
+    found = axolotl_version()
+    if not Version(TESTED[0]) <= found < Version("0.22"):
+        LOG.warning(
+            "axolotl %s is outside the range axolotl_xkd is tested on (%s, CI runs %s); if something breaks, "
+            "install one of those releases and report the failure.",
+            found, SUPPORTED_RANGE, " and ".join(TESTED),
+        )
+
+
+def copy_reward_head(source: str | Path, target: str | Path) -> list[Path]:
+    """Copy the reward head files (weights + JSON) from an adapter folder into a merged-model folder.
+
+    Returns the copied paths; nothing is copied (and [] returned) when `source` holds no head.
+    """
+    from axolotl_xkd.reward_store import CONFIG_NAME, WEIGHTS_NAME
+
+    source, target = Path(source), Path(target)
+    files = [source / name for name in (WEIGHTS_NAME, CONFIG_NAME)]
+    if not all(f.is_file() for f in files):
+        return []
+    target.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy2(f, target / f.name)) for f in files]
+
+
+def merge_instructions(adapter_dir: str | Path) -> str:
+    """What a user does with the reward head after `axolotl merge-lora` on a release without the merge hook."""
+    from axolotl_xkd.reward_store import CONFIG_NAME, WEIGHTS_NAME
+
+    return (
+        f"axolotl {axolotl_version()} has no post_lora_merge hook, so `axolotl merge-lora` will not carry the X-KD "
+        f"reward head: after merging, copy {WEIGHTS_NAME} and {CONFIG_NAME} from {adapter_dir} into the merged "
+        "folder (or use axolotl >= 0.21, where the plugin copies them)."
+    )
