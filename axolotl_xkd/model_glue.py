@@ -163,7 +163,8 @@ def save_final_reward_head(model: nn.Module, config: XKDConfig, cfg) -> None:
     """Write the trained head beside the final student in cfg.output_dir (rank 0 only).
 
     Under ZeRO-3 the parameters are partitioned; the trainer's save_model already wrote the head
-    from the gathered state dict there.
+    from the gathered state dict there. Axolotl calls post_train twice (after trainer.train and again
+    after saving the model): the head is written both times, the message logged once.
     """
     head = find_reward_head(model)
     if head is None or int(os.environ.get("RANK", "0")) != 0:
@@ -171,4 +172,6 @@ def save_final_reward_head(model: nn.Module, config: XKDConfig, cfg) -> None:
     if any(is_partitioned(p) for p in head.parameters()):
         return
     path = save_reward_head(head.state_dict(), head.config(), cfg.output_dir)
-    LOG.info("X-KD student saved to %s; reward head saved to %s", cfg.output_dir, path)
+    if getattr(head, "_xkd_announced", None) != path:
+        head._xkd_announced = path
+        LOG.info("X-KD student saved to %s; reward head saved to %s", cfg.output_dir, path)

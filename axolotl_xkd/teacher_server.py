@@ -9,6 +9,7 @@ server teacher (axolotl_xkd.teachers.server) uses, backed by transformers.
                           token is the greedy one.
 
 The standard library's ThreadingHTTPServer handles connections; the model runs one request at a time.
+Each request logs one access line (client, method, path, status, positions scored, seconds) at INFO.
 Imports transformers; the CLI module imports it lazily.
 """
 
@@ -19,6 +20,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -159,7 +161,7 @@ class TeacherScorer:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: _TeacherHTTPServer
+    server: TeacherHTTPServer
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
@@ -167,6 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
+        self._status = status
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -176,22 +179,41 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str) -> None:
         self._send(status, {"object": "error", "message": message, "type": "BadRequestError", "code": status})
 
+    def _logged(self, handle: Callable[[], int]) -> None:
+        """Run `handle` (it returns the positions it scored) and write the request's access-log line."""
+        start = time.perf_counter()
+        self._status = 0
+        positions = 0
+        try:
+            positions = handle()
+        finally:
+            self.server.record(positions)
+            LOG.info('serve-teacher %s "%s %s" %d positions=%d %.3fs', self.client_address[0], self.command,
+                     self.path, self._status, positions, time.perf_counter() - start)
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._logged(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._logged(self._post)
+
+    def _get(self) -> int:
         if self.path.rstrip("/") == "/v1/models":
             self._send(200, {"object": "list", "data": [self.server.scorer.model_card()]})
         elif self.path.rstrip("/") == "/health":
             self._send(200, {})
         else:
             self._error(404, f"no route {self.path}")
+        return 0
 
-    def do_POST(self) -> None:  # noqa: N802
+    def _post(self) -> int:
         if self.path.rstrip("/") != "/v1/completions":
             self._error(404, f"no route {self.path}")
-            return
+            return 0
         length = int(self.headers.get("Content-Length") or 0)
         if not 0 < length <= _MAX_BODY:
             self._error(400, f"a JSON body of 1 to {_MAX_BODY} bytes is required")
-            return
+            return 0
         try:
             request = json.loads(self.rfile.read(length))
             if not isinstance(request, dict):
@@ -199,22 +221,38 @@ class _Handler(BaseHTTPRequestHandler):
             answer = self.server.scorer.complete(request)
         except (json.JSONDecodeError, BadRequest) as error:
             self._error(400, str(error))
-            return
+            return 0
         except Exception as error:  # the server keeps serving; the client retries 5xx
             LOG.exception("serve-teacher: request failed")
             self._error(500, f"{type(error).__name__}: {error}")
-            return
+            return 0
         self._send(200, answer)
+        return answer["usage"]["prompt_tokens"]
 
 
-class _TeacherHTTPServer(ThreadingHTTPServer):
+class TeacherHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], scorer: TeacherScorer) -> None:
         super().__init__(address, _Handler)
         self.scorer = scorer
+        self.started = time.monotonic()
+        self.requests = 0
+        self.positions = 0
+        self._stats_lock = threading.Lock()
+
+    def record(self, positions: int) -> None:
+        """Count one answered request (handler threads run concurrently)."""
+        with self._stats_lock:
+            self.requests += 1
+            self.positions += positions
+
+    def summary(self) -> str:
+        """Requests and positions answered since the server was made, for the shutdown line."""
+        return (f"{self.requests} requests, {self.positions} positions scored, "
+                f"{time.monotonic() - self.started:.0f}s up")
 
 
-def make_server(scorer: TeacherScorer, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+def make_server(scorer: TeacherScorer, host: str = "127.0.0.1", port: int = 0) -> TeacherHTTPServer:
     """Bind (port 0: a free port, read back from server_address) without serving yet."""
-    return _TeacherHTTPServer((host, port), scorer)
+    return TeacherHTTPServer((host, port), scorer)

@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, str] = {
     "score": "axolotl_xkd.cli.score:score",
     "precompute": "axolotl_xkd.cli.precompute:precompute",
     "serve-teacher": "axolotl_xkd.cli.serve_teacher:serve_teacher",
+    "plot": "axolotl_xkd.cli.plot:plot",
 }
 
 

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Annotated
 
 import click
+import yaml
+from pydantic import Field, TypeAdapter, ValidationError
+
+from axolotl_xkd.args import ModelTeacher, PrecomputedTeacher, ServerTeacher, XKDConfig
+
+Teacher = ModelTeacher | PrecomputedTeacher | ServerTeacher
+# Validates `xkd.teacher` alone, as XKDConfig does, without the block-level checks (and their warnings).
+_TEACHER = TypeAdapter(Annotated[Teacher, Field(discriminator="source")])
 
 
 @click.command("precompute")
@@ -22,7 +32,8 @@ import click
 @click.option("--generate", is_flag=True,
               help="Store the teacher's own responses to the rows' prompts (sampled with xkd.generation); "
               "implied by xkd.sequences: teacher.")
-@click.option("--seed", type=int, default=None, help="Seed of --generate's sampling (default: the config's seed, else 0).")
+@click.option("--seed", type=int, default=None,
+              help="Seed of --generate's sampling (default: the config's seed, else 0).")
 @click.option("--server", default=None,
               help="Ask a running teacher server at this URL (vLLM `vllm serve MODEL`, or `axolotl xkd "
               "serve-teacher`) instead of loading the teacher here; default: xkd.teacher.base_url when the "
@@ -32,16 +43,9 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
                rows_per_shard: int, logprob_dtype: str, generate: bool, seed: int | None, server: str | None,
                server_model: str | None) -> None:
     """Run the teacher of CONFIG.yml over its tokenized rows and write top-k log-probs (resumable)."""
-    from axolotl.cli.config import load_cfg
-
-    from axolotl_xkd.args import ServerTeacher, XKDConfig
-    from axolotl_xkd.model_glue import server_settings
-    from axolotl_xkd.precompute import PrecomputeSettings, run_precompute
-    from axolotl_xkd.sequences import Sampling
-
-    cfg = load_cfg(config)
-    block = XKDConfig.model_validate(dict(cfg["xkd"])) if cfg.get("xkd") is not None else None
-    teacher = block.teacher if block is not None else None
+    # The command's own arguments are checked against the YAML's teacher block before Axolotl loads (and
+    # prints) the whole config, so a usage error is the first thing the user reads.
+    teacher = _teacher_block(config)
     source = getattr(teacher, "source", None)
     precomputed = source == "precomputed"
     top_k = top_k or (teacher.top_k if source in ("precomputed", "server") and teacher.top_k else 64)
@@ -59,6 +63,15 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
         raise click.UsageError(
             "no output folder: pass --out DIR or set `xkd.teacher: {source: precomputed, path: DIR}`"
         )
+
+    from axolotl.cli.config import load_cfg
+
+    from axolotl_xkd.model_glue import server_settings
+    from axolotl_xkd.precompute import PrecomputeSettings, run_precompute
+    from axolotl_xkd.sequences import Sampling
+
+    cfg = load_cfg(config)
+    block = XKDConfig.model_validate(dict(cfg["xkd"])) if cfg.get("xkd") is not None else None
     sampling = None
     if generate or (block is not None and block.sequences == "teacher"):
         sampling = Sampling(**(block.generation.model_dump() if block is not None else {}))
@@ -71,3 +84,23 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
                               world_size=int(os.environ.get("WORLD_SIZE", "1")))
     click.echo(f"xkd precompute: {out} (k={manifest.top_k}, {manifest.splits} rows, {manifest.encoding}, "
                f"sequences: {manifest.sequences})")
+
+
+def _teacher_block(config: str) -> Teacher | None:
+    """The validated `xkd.teacher` block of the YAML file `config` (None when it has none), read without
+    Axolotl, which prints the whole config as it loads it."""
+    try:
+        raw = yaml.safe_load(Path(config).read_text())
+    except yaml.YAMLError as error:
+        raise click.BadParameter(f"{config} is not valid YAML ({error})", param_hint="CONFIG") from None
+    xkd = raw.get("xkd") if isinstance(raw, dict) else None
+    teacher = xkd.get("teacher") if isinstance(xkd, dict) else None
+    if teacher is None:
+        return None
+    try:
+        return _TEACHER.validate_python(teacher)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(['xkd.teacher', *map(str, e['loc'][1:])])}: {e['msg']}" for e in error.errors(include_url=False)
+        )
+        raise click.BadParameter(f"{config}: {problems}", param_hint="CONFIG") from None

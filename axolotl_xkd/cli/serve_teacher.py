@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+from types import FrameType
 
 import click
 
@@ -22,7 +24,10 @@ import click
               help="torch CPU threads (default: torch's); on a CPU shared with the trainer, 1 avoids oversubscription.")
 def serve_teacher(model_path: str, host: str, port: int, top_k_max: int | None, dtype: str, device: str | None,
                   served_model_name: str | None, num_threads: int | None) -> None:
-    """Answer POST /v1/completions with prompt_logprobs and GET /v1/models, until interrupted."""
+    """Answer POST /v1/completions with prompt_logprobs and GET /v1/models, until interrupted (Ctrl-C or SIGTERM).
+
+    Logs one line per request (method, path, status, positions scored, seconds) and one when it stops.
+    """
     import torch
 
     from axolotl_xkd.teacher_server import TeacherScorer, make_server
@@ -30,7 +35,10 @@ def serve_teacher(model_path: str, host: str, port: int, top_k_max: int | None, 
     if num_threads:
         torch.set_num_threads(num_threads)
 
+    # Axolotl's CLI has configured logging already (root at WARNING), so basicConfig only applies outside it; the
+    # project logger gets INFO either way, for the access lines.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("axolotl_xkd").setLevel(logging.INFO)
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"xkd serve-teacher: WARNING: binding {host}; the server has no authentication", err=True)
     scorer = TeacherScorer.load(model_path, dtype=dtype, device=device, top_k_max=top_k_max, name=served_model_name)
@@ -38,9 +46,17 @@ def serve_teacher(model_path: str, host: str, port: int, top_k_max: int | None, 
     bound_host, bound_port = server.server_address[:2]
     click.echo(f"xkd serve-teacher: {scorer.name} on http://{bound_host}:{bound_port} "
                f"(vocab {scorer.vocab_size}, top-k max {scorer.top_k_max})", nl=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, docker stop, systemd: stop as on Ctrl-C, with the line
+    reason = "stopped"
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt as stop:
+        reason = f"stopped by {stop.args[0] if stop.args else 'SIGINT'}"
     finally:
         server.server_close()
+        click.echo(f"xkd serve-teacher: {reason} after {server.summary()}")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """Turn a termination signal into the KeyboardInterrupt that Ctrl-C raises, naming the signal."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
