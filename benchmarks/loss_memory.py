@@ -15,8 +15,8 @@ VmHWM; CUDA: reset_peak_memory_stats) and runs one step; peak memory is the high
 the baseline (CPU: resident set, with glibc's mmap threshold pinned at 1 MiB so freed tensors leave
 it, which slows allocation and is why it is not the timed process; CUDA: max_memory_allocated).
 
-    python benchmarks/loss_memory.py                    # CPU, N=2048, H=512, V=32000 and 128256, fp32
-    python benchmarks/loss_memory.py --device cuda      # N=8192, H=4096, V=128256, bf16 (needs CUDA)
+    python -m benchmarks.loss_memory                    # CPU, N=2048, H=512, V=32000 and 128256, fp32
+    python -m benchmarks.loss_memory --device cuda      # N=8192, H=4096, V=128256, bf16 (needs CUDA)
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ VARIANTS = (
 )
 TOP_K = 64
 PARAMS = XKDHyperparams(alpha_ce=0.5)  # forward KL, the default q_form, observed TD target, every term on
-RESULTS = Path(__file__).parent / "results" / "loss_memory.md"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "loss_memory.md"
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -201,15 +202,15 @@ def worker(args: argparse.Namespace) -> None:
 
 def run_variant(args: argparse.Namespace, variant: str, vocab: int) -> dict:
     """Time and peak memory of `variant`, each measured in a fresh process of its own."""
-    cmd = [sys.executable, __file__, "--worker", variant, "--vocab", str(vocab), "--device", args.device,
-           "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
-           "--repeats", str(args.repeats), "--q-form", args.q_form]
+    cmd = [sys.executable, "-m", "benchmarks.loss_memory", "--worker", variant, "--vocab", str(vocab),
+           "--device", args.device, "--tokens", str(args.tokens), "--hidden", str(args.hidden),
+           "--chunk", str(args.chunk), "--repeats", str(args.repeats), "--q-form", args.q_form]
     # Time runs with the default allocator, as training does. Memory: every allocation of 1 MiB or more
     # is mmapped and unmapped when freed, so the resident set follows the live tensors (glibc would
     # otherwise keep freed blocks); that costs a page fault per allocation, so it is not timed.
     result = {"variant": variant}
     for measure, env in (("time", dict(os.environ)), ("memory", {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)})):
-        proc = subprocess.run([*cmd, "--measure", measure], capture_output=True, text=True, env=env)
+        proc = subprocess.run([*cmd, "--measure", measure], capture_output=True, text=True, env=env, cwd=REPO)
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
             return {"variant": variant, "error": tail[0]}
@@ -268,7 +269,7 @@ def main() -> None:
         print("--device cuda: CUDA is not available here; nothing to run.")
         return
     vocabs = args.vocab or ([128256] if cuda else [32000, 128256])
-    command = "python benchmarks/loss_memory.py " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.loss_memory " + " ".join(sys.argv[1:])
     report = [
         f"## {datetime.datetime.now().isoformat(timespec='seconds')}: {args.device}",
         "",

@@ -2,7 +2,7 @@
 X-KD (every step on the student's samples) as a ratio to X-KD on the dataset's sequences, measured in
 the same run, runs alternating.
 
-    python benchmarks/on_policy.py [--steps 40] [--repeats 2] [--max-new-tokens 8] [--micro-batch-size 8]
+    python -m benchmarks.on_policy [--steps 40] [--repeats 2] [--max-new-tokens 8] [--micro-batch-size 8]
 
 Builds the tiny assets in code (axolotl_xkd.tiny; nothing is downloaded); the teacher runs in process.
 Step time = train_runtime / steps; the generation share is the trainer's own `xkd/gen_time_share`
@@ -18,12 +18,10 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from server_teacher import step_seconds, timing_setup
+from benchmarks.server_teacher import step_seconds, timing_setup
+from tests.support import log_history, merged, train, write_config
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.support import log_history, merged, train, write_config  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "on_policy.md"
 
@@ -60,7 +58,7 @@ def main() -> None:
                 lengths.append(logged["xkd/gen_length"])
             print(f"{name} repeat {r}: {times[name][-1] * 1000:.1f} ms/step", flush=True)
     base, on = statistics.median(times["dataset"]), statistics.median(times["on_policy"])
-    command = "python benchmarks/on_policy.py " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.on_policy " + " ".join(sys.argv[1:])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = "\n".join([
         "# On-policy benchmark",

@@ -1,7 +1,7 @@
 """Precomputed-teacher benchmark: stored bytes per token for k = 16, 64, 128, and precompute throughput as
 a ratio to a bare teacher forward pass over the same rows, measured in the same run.
 
-    python benchmarks/precompute.py [--teacher DIR] [--rows N] [--seq-len T] [--vocab V] [--batch-size B]
+    python -m benchmarks.precompute [--teacher DIR] [--rows N] [--seq-len T] [--vocab V] [--batch-size B]
 
 Without --teacher it builds a Llama-shaped random teacher in code (nothing is downloaded). Rows are
 synthetic prompt/response sequences (half of each row is response). Writes
@@ -133,7 +133,7 @@ def main() -> None:
     report = "\n".join([
         "# Precompute benchmark",
         "",
-        f"`python benchmarks/precompute.py {command}`",
+        f"`python -m benchmarks.precompute {command}`",
         "",
         f"- date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, axolotl_xkd "
         f"{axolotl_xkd.__version__}, torch {torch.__version__}, device {device_name} ({device.type}, {dtype})",

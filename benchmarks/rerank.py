@@ -12,8 +12,8 @@ and compares exact-match accuracy of:
   greedy          the student's greedy answer, for reference
 Writes benchmarks/results/rerank.md (and .json).
 
-    python benchmarks/rerank.py                       # all variants, about 10 minutes on 2 CPU cores
-    python benchmarks/rerank.py --variants default --steps 100
+    python -m benchmarks.rerank                       # all variants, about 10 minutes on 2 CPU cores
+    python -m benchmarks.rerank --variants default --steps 100
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from tests.support import base_config, merged, train, write_config  # sets the offline env first
 
-from tests.support import base_config, merged, train, write_config  # noqa: E402 (sets the offline env first)
+REPO = Path(__file__).resolve().parents[1]
 
 # name -> overrides of the tests/support.base_config dict
 VARIANTS: dict[str, dict] = {
@@ -210,7 +209,7 @@ def main() -> None:
         results[name] = {**evaluate(out / "model", rows * args.rounds, n=args.samples, seed=args.seed),
                          "train_seconds": seconds}
         print(name, json.dumps(results[name]), flush=True)
-    command = "python benchmarks/rerank.py " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.rerank " + " ".join(sys.argv[1:])
     write_report(args.out, results, args, len(rows), command.strip())
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -2,7 +2,7 @@
 `axolotl xkd serve-teacher` on loopback) as a ratio to `source: precomputed` (the same teacher's top-k
 stored by `axolotl xkd precompute`), measured in the same run, runs alternating.
 
-    python benchmarks/server_teacher.py [--steps 30] [--top-k 20] [--repeats 2] [--prefetch 2] [--concurrency 4]
+    python -m benchmarks.server_teacher [--steps 30] [--top-k 20] [--repeats 2] [--prefetch 2] [--concurrency 4]
         [--server-threads 1]
 
 Builds the tiny assets in code (axolotl_xkd.tiny; nothing is downloaded). Step time = the trainer's
@@ -21,10 +21,9 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from tests.support import base_config, merged, run_cli, serve_teacher, train, write_config
 
-from tests.support import base_config, merged, run_cli, serve_teacher, train, write_config  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "benchmarks" / "results" / "server_teacher.md"
 
@@ -85,7 +84,7 @@ def main() -> None:
                 times[name].append(step_seconds(proc.stdout + proc.stderr, args.steps))
                 print(f"{name} repeat {r}: {times[name][-1] * 1000:.1f} ms/step", flush=True)
     pre, srv = statistics.median(times["precomputed"]), statistics.median(times["server"])
-    command = "python benchmarks/server_teacher.py " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.server_teacher " + " ".join(sys.argv[1:])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = "\n".join([
         "# Server teacher benchmark",

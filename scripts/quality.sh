@@ -10,7 +10,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup.sh"
 python -m pip install -q -e "$ROOT[bench]"
 cd "$ROOT"
-python benchmarks/quality/study.py "$@"
-python benchmarks/quality/sweep.py
-python benchmarks/quality/trl_baselines.py
-python benchmarks/quality/trl_baselines.py --tune-minillm
+python -m benchmarks.quality.study "$@"
+python -m benchmarks.quality.sweep
+python -m benchmarks.quality.trl_baselines
+python -m benchmarks.quality.trl_baselines --tune-minillm

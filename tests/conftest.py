@@ -1,4 +1,8 @@
-"""Session fixtures: the tiny tokenizer, teacher, student and data set, built once in code."""
+"""Session fixtures: the tiny tokenizer, teacher, student and data set, built once in code.
+
+`tiny_assets` trains the teacher (end-to-end tests); `untrained_assets` skips that, for tests that only need
+loadable model folders (the fast tier, `pytest -m "not e2e"`, must never train a teacher).
+"""
 
 from __future__ import annotations
 
@@ -15,3 +19,29 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     from axolotl_xkd.tiny import build_all
 
     return build_all(tmp_path_factory.mktemp("tiny"), teacher_steps=200)
+
+
+@pytest.fixture(scope="session")
+def untrained_assets(tmp_path_factory) -> dict[str, Path]:
+    """The same folders as `tiny_assets`, with an untrained teacher: enough for config validation, built in seconds."""
+    from axolotl_xkd.tiny import arithmetic_rows, build_model, build_tokenizer, write_jsonl
+
+    out = tmp_path_factory.mktemp("untrained")
+    tokenizer = build_tokenizer()
+    paths = {name: out / name for name in ("tokenizer", "teacher", "student", "data")}
+    tokenizer.save_pretrained(paths["tokenizer"])
+    rows = arithmetic_rows(80, seed=0)
+    write_jsonl(paths["data"] / "train.jsonl", rows[:64])
+    write_jsonl(paths["data"] / "eval.jsonl", rows[64:])
+    for name, seed in (("teacher", 0), ("student", 1)):
+        build_model(tokenizer, hidden=32, layers=2, seed=seed).save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fast tier needs no trained teacher: a test that uses `tiny_assets` must be marked e2e."""
+    unmarked = [item.nodeid for item in items
+                if "tiny_assets" in getattr(item, "fixturenames", ()) and item.get_closest_marker("e2e") is None]
+    if unmarked:
+        raise pytest.UsageError(f"these tests train a teacher (tiny_assets) but are not marked e2e: {unmarked}")

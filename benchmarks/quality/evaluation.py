@@ -2,7 +2,7 @@
 measures of the study (distinct-2 over tokens, self-BLEU between one prompt's samples). Also a CLI for
 the paper-scale recipe:
 
-    python benchmarks/quality/evaluation.py --model DIR --data eval.jsonl --metric rouge2|bleu|gsm8k \\
+    python -m benchmarks.quality.evaluation --model DIR --data eval.jsonl --metric rouge2|bleu|gsm8k \\
         [--max-new-tokens 128] [--batch-size 16] [--device cuda] [--limit N]
 """
 
@@ -11,11 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def load(model_dir: Path, device: str = "cpu", dtype: str = "float32"):
@@ -63,7 +59,7 @@ def diversity(samples: list[str], n: int, tokenizer) -> dict[str, float]:
 
 
 def main() -> None:
-    from tasks import METRICS
+    from benchmarks.quality.tasks import METRICS
 
     parser = argparse.ArgumentParser(description="Greedy-decode a student on a prompt/response JSONL and score it.")
     parser.add_argument("--model", type=Path, required=True)

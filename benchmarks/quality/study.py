@@ -1,6 +1,6 @@
 """Quality study: does X-KD beat GKD, SeqKD and SFT? One command, on the CPU, deterministic and resumable.
 
-    python benchmarks/quality/study.py [--seeds 3] [--steps 150] [--jobs 2] [--tasks ...] [--methods ...]
+    python -m benchmarks.quality.study [--seeds 3] [--steps 150] [--jobs 2] [--tasks ...] [--methods ...]
 
 Per task (benchmarks/quality/tasks.py) it trains a teacher once (cached under --work), stores the
 teacher's generations for the sequence-level arms (`axolotl xkd precompute --generate`), then trains
@@ -27,14 +27,11 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+from benchmarks.quality.evaluation import diversity, generate, load
+from benchmarks.quality.tasks import TASKS, Task
+from tests.support import base_config, log_history, merged, run_cli, write_config  # sets the offline env first
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from evaluation import diversity, generate, load  # noqa: E402
-from tasks import TASKS, Task  # noqa: E402
-
-from tests.support import base_config, log_history, merged, run_cli, write_config  # noqa: E402 (sets the offline env first)
 
 SEQUENCE_LEN = 48
 MAX_NEW_TOKENS = 32
@@ -354,7 +351,7 @@ def main() -> None:
                 teacher_store(TASKS[t], assets[t], data_file, args.work)
     jobs = [partial(train_one, TASKS[t], assets[t], args.work, m, s, frac, args) for t, m, s, frac in todo]
     run_all(jobs, csv_path, args.jobs, "quality study")
-    report(args, read_runs(csv_path), ("python benchmarks/quality/study.py " + " ".join(sys.argv[1:])).strip())
+    report(args, read_runs(csv_path), ("python -m benchmarks.quality.study " + " ".join(sys.argv[1:])).strip())
 
 
 if __name__ == "__main__":

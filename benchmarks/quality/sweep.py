@@ -1,8 +1,8 @@
 """X-KD variant sweep: which reward weight, gamma, q_form or td_target makes X-KD work here? Tuned on a dev
 split, reported on the test split.
 
-    python benchmarks/quality/sweep.py [--seeds 1] [--final-seeds 3] [--jobs 2] [--tasks ...] [--variants ...]
-    python benchmarks/quality/sweep.py --base xkd_jsd_on --variants q_ava q_ava_lambda_0.1 lambda_0.1 \
+    python -m benchmarks.quality.sweep [--seeds 1] [--final-seeds 3] [--jobs 2] [--tasks ...] [--variants ...]
+    python -m benchmarks.quality.sweep --base xkd_jsd_on --variants q_ava q_ava_lambda_0.1 lambda_0.1 \
         --final-arms xkd_jsd_on xkd_jsd_off     # the same question for JSD (sweep_xkd_jsd_on.md)
 
 Phase 1 trains the study's X-KD forward-KL off-policy arm with each variant in VARIANTS (and the GKD arm
@@ -23,10 +23,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import study  # noqa: E402 (puts the repository on sys.path)
-from tasks import TASKS  # noqa: E402
+from benchmarks.quality import study
+from benchmarks.quality.tasks import TASKS
 
 BASE = "xkd_fkl_off"
 REFERENCE = "gkd_fkl_off"
@@ -114,7 +112,7 @@ def main() -> None:
                         help="the study's X-KD arms rerun on the test split with the chosen variant")
     args = study.follow_up_args(parser)
     assets = {t: study.prepare_task(TASKS[t], args.work, args) for t in args.tasks}
-    command = ("python benchmarks/quality/sweep.py " + " ".join(sys.argv[1:])).strip()
+    command = ("python -m benchmarks.quality.sweep " + " ".join(sys.argv[1:])).strip()
 
     sweep_csv = args.out / "sweep.csv"
     done = {(r["task"], r["method"], int(r["seed"])) for r in study.read_runs(sweep_csv)}
@@ -139,7 +137,7 @@ def main() -> None:
             for s in range(args.final_seeds) for base in args.final_arms for t in args.tasks
             if (t, f"{base}+{chosen}", s) not in done]
     study.run_all(jobs, runs_csv, args.jobs, f"+{chosen} (test)")
-    study.report(args, study.read_runs(runs_csv), f"python benchmarks/quality/study.py && {command}")
+    study.report(args, study.read_runs(runs_csv), f"python -m benchmarks.quality.study && {command}")
 
 
 if __name__ == "__main__":

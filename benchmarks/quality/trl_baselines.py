@@ -1,8 +1,8 @@
 """TRL's own GKDTrainer and MiniLLMTrainer as independent baselines for the quality study: same teacher, student, data,
 steps, batch, learning rate and scoring, trained outside Axolotl and outside this plugin.
 
-    python benchmarks/quality/trl_baselines.py [--seeds 3] [--jobs 2] [--tasks ...] [--methods ...]
-    python benchmarks/quality/trl_baselines.py --tune-minillm [--seeds 3]
+    python -m benchmarks.quality.trl_baselines [--seeds 3] [--jobs 2] [--tasks ...] [--methods ...]
+    python -m benchmarks.quality.trl_baselines --tune-minillm [--seeds 3]
 
 Checks that the study's GKD arms (X-KD with the reward terms off, through `axolotl train`) are a fair
 GKD, and measures the paper's other named baseline. GKD arms: TRL's generalized JSD with beta 0 (forward KL in TRL's convention) and beta 0.5, off-policy
@@ -31,10 +31,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import study  # noqa: E402 (puts the repository on sys.path)
-from tasks import TASKS, Task  # noqa: E402
+from benchmarks.quality import study
+from benchmarks.quality.tasks import TASKS, Task
 
 ARMS: dict[str, dict] = {
     "trl_gkd_fkl_off": {"beta": 0.0, "lmbda": 0.0},
@@ -130,10 +128,10 @@ def run_subprocess(task: str, method: str, seed: int, args: argparse.Namespace, 
     """train_trl in its own process (accelerate's state is per process); returns its CSV row."""
     import subprocess
 
-    command = [sys.executable, __file__, "--one", task, method, str(seed), "--steps", str(args.steps),
-               "--samples", str(args.samples), "--threads", str(args.threads), "--work", str(args.work),
-               "--lr", str(lr), "--split", split]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ,
+    command = [sys.executable, "-m", "benchmarks.quality.trl_baselines", "--one", task, method, str(seed),
+               "--steps", str(args.steps), "--samples", str(args.samples), "--threads", str(args.threads),
+               "--work", str(args.work), "--lr", str(lr), "--split", split]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=study.REPO, env={**os.environ,
                           "OMP_NUM_THREADS": str(args.threads)})
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
@@ -168,8 +166,8 @@ def main() -> None:
         jobs = [partial(run_subprocess, t, m, s, args)
                 for s in range(args.seeds) for t in args.tasks for m in args.methods if (t, m, s) not in done]
     study.run_all(jobs, runs_csv, args.jobs, "TRL baselines")
-    command = ("python benchmarks/quality/trl_baselines.py " + " ".join(sys.argv[1:])).strip()
-    study.report(args, study.read_runs(runs_csv), f"python benchmarks/quality/study.py && {command}")
+    command = ("python -m benchmarks.quality.trl_baselines " + " ".join(sys.argv[1:])).strip()
+    study.report(args, study.read_runs(runs_csv), f"python -m benchmarks.quality.study && {command}")
 
 
 def tune_minillm(args: argparse.Namespace, method: str) -> float:
@@ -198,7 +196,7 @@ def tune_minillm(args: argparse.Namespace, method: str) -> float:
             sections[part.split("\n", 1)[0].strip()] = "## " + part.strip()
     sections[method] = "\n".join(lines)
     header = ["# MiniLLM learning rate on the dev split", "",
-              "`python benchmarks/quality/trl_baselines.py --tune-minillm` (TRL MiniLLMTrainer, 1 seed per rate, dev "
+              "`python -m benchmarks.quality.trl_baselines --tune-minillm` (TRL MiniLLMTrainer, 1 seed per rate, dev "
               "prompts held out from training and test; `trl_minillm_sft`: TRL's SFTTrainer for half the steps at "
               "the study's rate, then MiniLLM at the tuned rate).", ""]
     report.write_text("\n".join(header) + "\n" + "\n\n".join(sections[m] for m in sorted(sections)) + "\n")

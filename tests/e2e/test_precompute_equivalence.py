@@ -10,6 +10,8 @@ import pytest
 
 from tests.support import base_config, log_history, merged, run_cli, train, with_first_rows, write_config
 
+pytestmark = pytest.mark.e2e
+
 ROWS = 128
 
 

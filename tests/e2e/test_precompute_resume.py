@@ -14,6 +14,8 @@ import pytest
 
 from tests.support import BIN, ENV, REPO, base_config, run_cli, with_first_rows, write_config
 
+pytestmark = pytest.mark.e2e
+
 ROWS, PER_SHARD = 96, 8
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from tests.support import base_config, merged, run_cli, train, write_config
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def trained_student(tiny_assets, tmp_path_factory) -> Path:

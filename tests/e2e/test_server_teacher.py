@@ -21,6 +21,8 @@ from tests.support import (
     write_config,
 )
 
+pytestmark = pytest.mark.e2e
+
 ROWS = 64
 
 

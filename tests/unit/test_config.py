@@ -8,12 +8,12 @@ from tests.support import base_config, merged, write_config
 
 
 @pytest.fixture()
-def load(tmp_path, tiny_assets):
+def load(tmp_path, untrained_assets):
     """Validate an `xkd:` override through axolotl.cli.config.load_cfg, as `axolotl train` does."""
     from axolotl.cli.config import load_cfg
 
     def _load(xkd_override: dict, **top_level):
-        config = merged(base_config(tiny_assets, tmp_path), {"xkd": xkd_override, **top_level})
+        config = merged(base_config(untrained_assets, tmp_path), {"xkd": xkd_override, **top_level})
         if xkd_override.get("teacher") == "REPLACE":
             config["xkd"]["teacher"] = {"source": "model"}
         return load_cfg(str(write_config(tmp_path / "cfg.yml", config)))
@@ -24,7 +24,7 @@ def load(tmp_path, tiny_assets):
 def test_valid_block_passes_with_defaults(load):
     cfg = load({"divergence": "jsd", "beta": 0.3})
     assert cfg.xkd["divergence"] == "jsd" and cfg.xkd["beta"] == 0.3
-    assert cfg.xkd["td_weight"] == 1.0 and cfg.xkd["q_form"] == "ava"
+    assert cfg.xkd["td_weight"] == 0.1 and cfg.xkd["reward_kl_weight"] == 0.1 and cfg.xkd["q_form"] == "ava"
 
 
 @pytest.mark.parametrize(
@@ -58,19 +58,19 @@ def test_bad_values_name_the_key(load, override, fragment):
     assert fragment in str(info.value), str(info.value)
 
 
-def test_missing_teacher_when_divergence_needs_it(load, tiny_assets, tmp_path):
+def test_missing_teacher_when_divergence_needs_it(load, untrained_assets, tmp_path):
     from axolotl.cli.config import load_cfg
 
-    config = base_config(tiny_assets, tmp_path)
+    config = base_config(untrained_assets, tmp_path)
     config["xkd"] = {"divergence": "reverse_kl"}
     with pytest.raises(Exception, match="xkd.teacher is missing"):
         load_cfg(str(write_config(tmp_path / "cfg.yml", config)))
 
 
-def test_sequence_divergence_needs_no_teacher(tiny_assets, tmp_path):
+def test_sequence_divergence_needs_no_teacher(untrained_assets, tmp_path):
     from axolotl.cli.config import load_cfg
 
-    config = base_config(tiny_assets, tmp_path)
+    config = base_config(untrained_assets, tmp_path)
     config["xkd"] = {"divergence": "sequence"}
     assert load_cfg(str(write_config(tmp_path / "cfg.yml", config))).xkd["divergence"] == "sequence"
 

@@ -49,6 +49,7 @@ def test_plain_output_layer_passes_through():
     assert got[0] is model.out.weight and got[1] is None and got[2] is hidden
 
 
+@pytest.mark.e2e  # a DeepSpeed process group in a subprocess, on a fixed port
 def test_through_output_layer_under_zero3_delivers_a_gradient_built_in_the_forward():
     """Under ZeRO-3 (one process, gloo) the output layer's weight is a shard; a loss that builds the weight's
     gradient in its forward pass, as the chunked loss does, runs through the layer and its gradient reaches

@@ -3,15 +3,9 @@ answer correctly by construction, and their metrics score a perfect and an empty
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from tests.support import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks" / "quality"))
-
-from tasks import LEXICON, TASKS, final_number, gsm8k_accuracy, rouge_2  # noqa: E402
+from benchmarks.quality.tasks import LEXICON, TASKS, final_number, gsm8k_accuracy, rouge_2
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -48,7 +42,7 @@ def test_paper_scale_metrics():
 
 @pytest.mark.parametrize("name", list(TASKS))
 def test_dev_split_is_held_out_and_leaves_training_rows_unchanged(name):
-    from study import dev_rows
+    from benchmarks.quality.study import dev_rows
 
     task = TASKS[name]
     train, evaluation = task.splits(500, 40, seed=0)
@@ -59,7 +53,7 @@ def test_dev_split_is_held_out_and_leaves_training_rows_unchanged(name):
 
 
 def test_sweep_choice_is_the_best_mean_ratio_to_gkd():
-    from sweep import REFERENCE, relative_scores
+    from benchmarks.quality.sweep import REFERENCE, relative_scores
 
     rows = [{"task": t, "method": m, "metric": v} for t, m, v in [
         ("a", REFERENCE, 50), ("b", REFERENCE, 10), ("a", "x", 25), ("a", "x", 75), ("b", "x", 5),
