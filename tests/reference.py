@@ -77,7 +77,7 @@ def q_of(z, action, hp, teacher, b, i):
     q = q_table(z, hp["q_form"], hp["temperature"], hp["ava_alpha"])
     if hp["td_target"] == "observed":
         return q[action]
-    p_t, pi, ids = teacher_and_student(z, hp["temperature"], teacher, b, i, hp["topk_tail"])
+    p_t, _pi, ids = teacher_and_student(z, hp["temperature"], teacher, b, i, hp["topk_tail"])
     if ids is None:
         return (p_t * q).sum()
     value = sum(p_t[j] * q[tok] for j, tok in enumerate(ids)) if ids else z.new_zeros(())

@@ -1,6 +1,7 @@
 """Pure X-KD loss math: torch only, no Axolotl, transformers or DeepSpeed import."""
 
 from axolotl_xkd.losses.divergence import DIVERGENCES, divergence
+from axolotl_xkd.losses.positions import IGNORE_INDEX
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.signal import DenseSignal, TeacherSignal, TopKSignal
 from axolotl_xkd.losses.td import Q_FORMS
@@ -8,6 +9,7 @@ from axolotl_xkd.losses.xkd import XKDHyperparams, XKDLossOutput, xkd_loss
 
 __all__ = [
     "DIVERGENCES",
+    "IGNORE_INDEX",
     "Q_FORMS",
     "DenseSignal",
     "TeacherSignal",

@@ -68,8 +68,8 @@ def paired_categories(
     student = student_topk_categories(student_logprobs, teacher, tail=topk_tail)
     teacher_cat = teacher_topk_categories(teacher, temperature=temperature, tail=topk_tail)
     if topk_tail:
-        # Where the top k cover the whole vocabulary the tail is empty: float16 rounding of the stored
-        # log-probs must not leave teacher mass there, or KL(p_T || pi) is infinite (issue 3, k = V).
+        # Where the top k cover the whole vocabulary (k = V) the tail is empty: float16 rounding of the stored
+        # log-probs must not leave teacher mass there, or KL(p_T || pi) is infinite.
         empty = torch.isneginf(student[..., -1:])
         no_tail = torch.cat([teacher_cat[..., :-1], torch.full_like(teacher_cat[..., -1:], -math.inf)], dim=-1)
         teacher_cat = torch.where(empty, torch.log_softmax(no_tail, dim=-1), teacher_cat)

@@ -24,15 +24,16 @@ where c = d loss / d Q comes from autograd over the small (C,) TD vectors. Impor
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from axolotl_xkd.losses.categories import teacher_topk_categories, topk_mask
 from axolotl_xkd.losses.divergence import kl
-from axolotl_xkd.losses.signal import TopKSignal
+from axolotl_xkd.losses.signal import DenseSignal, TeacherSignal, TopKSignal
 from axolotl_xkd.losses.td import td_consistency, td_difference
-from axolotl_xkd.losses.xkd import XKDHyperparams
+from axolotl_xkd.losses.xkd import RowInputs, XKDHyperparams
 
 # Elements per block of rows: 2^20 float32 values (4 MB) stay in cache across the passes over a block.
 _BLOCK_ELEMENTS = 2**20
@@ -52,15 +53,8 @@ def supports(params: XKDHyperparams, teacher_kind: str, uses_td: bool) -> bool:
     return kd_ok and ce_ok and td_ok
 
 
-def _td_loss(q: Tensor, mean: Tensor, log_std: Tensor, nonterminal: Tensor, valid: Tensor, *, gamma: float,
-             weight: float) -> tuple[Tensor, Tensor]:
-    """lambda * sum of -log N(TD_i; mu_i, sigma_i^2) over the chunk's valid rows, and the unweighted sum."""
-    td = td_difference(q.unsqueeze(0), nonterminal.unsqueeze(0), gamma=gamma)[0, : valid.shape[0]]
-    total = torch.where(valid, td_consistency(td, mean, log_std), 0.0).sum()
-    return weight * total, total.detach()
-
-
 def _blocks(rows: int, vocab: int) -> list[slice]:
+    """Slices of about _BLOCK_ELEMENTS elements over the rows of a (rows, vocab) buffer."""
     step = max(1, _BLOCK_ELEMENTS // max(vocab, 1))
     return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
 
@@ -70,161 +64,259 @@ def logsumexp_rows(values: Tensor) -> Tensor:
     return torch.cat([torch.logsumexp(values[b], dim=-1) for b in _blocks(*values.shape)])
 
 
-def fused_chunk(
-    logits: Tensor,
-    mean: Tensor | None,
-    log_std: Tensor | None,
-    teacher_rows: tuple[Tensor, ...],
-    targets: Tensor,
-    valid: Tensor,
-    nonterminal: Tensor | None,
-    *,
-    params: XKDHyperparams,
-    teacher_kind: str,
-    need_grad: bool,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """(d loss / d logits, d loss / d mean, d loss / d log_std, loss, (div, ce, td_nll sums)) of one chunk.
+@dataclass
+class _RowStats:
+    """Per-row statistics of a chunk from pass 1; afterwards the logits buffer holds pi = softmax(z / tau)
+    (with a top-k teacher: pi outside the top k, 0 at its ids) and a dense teacher's buffer its p_T."""
 
-    Same layout as chunked._chunk_terms: logits (m, V) at least float32 and OVERWRITTEN (it becomes the
-    gradient); valid (n,) with n = m or m - 1 (the look-ahead row); teacher_rows (m rows) writable.
-    """
-    p, tau = params, params.temperature
-    m, vocab = logits.shape
-    n = valid.shape[0]
-    blocks = _blocks(m, vocab)
-    row_mask = torch.cat([valid, valid.new_zeros(m - n)])  # False on the look-ahead row
-    row_valid = row_mask.to(logits.dtype)
-    safe = torch.where(targets != p.ignore_index, targets, 0).unsqueeze(-1)
+    z_a: Tensor  # z_i[a_i]
+    lse_x: Tensor  # log sum exp(z / tau)
+    row_valid: Tensor  # 1.0 on the chunk's counted rows, 0.0 elsewhere (masked rows, the look-ahead row)
+    lse_z: Tensor | None = None  # log sum exp(z), for CE
+    dense_kl: Tensor | None = None  # KL(p_T || pi) per row
+    teacher_probs: Tensor | None = None  # dense p_T, zeroed on rows that are not counted
+    ids: Tensor | None = None  # top-k ids (padded slots: 0) and their validity
+    ids_valid: Tensor | None = None
+    logpi_ids: Tensor | None = None  # log pi and pi at the top-k ids
+    pi_ids: Tensor | None = None
+    pi_tail: Tensor | None = None  # pi mass outside the top k
+    empty_tail: Tensor | None = None  # (m, 1) the top k cover the vocabulary
+    lse_ava: Tensor | None = None  # ava: log sum_b exp(alpha pi_b) and S = sum_b softmax(alpha pi)_b pi_b
+    s_ava: Tensor | None = None
+
+
+@dataclass
+class _Gradient:
+    """d loss / d z of each row, as per-row coefficients of:
+    pi * (pi_coef + tail_coef outside the top k) + target_coef * e_a - teacher_coef * p_T + softmax_coef * softmax(z)
+    - ava_coef * softmax(alpha pi) * pi + sum_k ids_coef_k * e_{id_k}."""
+
+    pi_coef: Tensor
+    target_coef: Tensor
+    teacher_coef: Tensor | None = None
+    softmax_coef: Tensor | None = None
+    ava_coef: Tensor | None = None
+    ids_coef: Tensor | None = None
+    tail_coef: Tensor | None = None
+
+
+def _first_pass(logits: Tensor, teacher: TeacherSignal | None, safe: Tensor, row_mask: Tensor, p: XKDHyperparams, *,
+                dense_kl: bool, topk_kl: bool, ava: bool) -> _RowStats:
+    """Log-normalisers, the dense KL value and the top-k / ava statistics, block by block; pi into the buffer."""
+    tau, m = p.temperature, logits.shape[0]
     z_a = logits.gather(-1, safe).squeeze(-1)
-    zero = logits.new_zeros(())
-    div_sum = ce_sum = td_sum = zero
-    grad_mean = grad_log_std = None
-    kd_on, ce_on = p.alpha_kd > 0, p.alpha_ce > 0
-    dense_kl = kd_on and p.divergence == "forward_kl" and teacher_kind == "dense"
-    topk_kl = kd_on and p.divergence == "forward_kl" and teacher_kind == "topk"
-    lse_z = torch.empty_like(z_a) if ce_on else None
-    lse_x = torch.empty_like(z_a)
-    dense_kl_rows = torch.empty_like(z_a) if dense_kl else None
+    rows = _RowStats(z_a=z_a, lse_x=torch.empty_like(z_a), row_valid=row_mask.to(logits.dtype))
+    if p.alpha_ce > 0:
+        rows.lse_z = torch.empty_like(z_a)
+    if dense_kl:
+        rows.dense_kl, rows.teacher_probs = torch.empty_like(z_a), teacher.logits
     if topk_kl:
-        signal = TopKSignal(*teacher_rows)
-        topk_valid = signal.valid
-        ids = torch.where(topk_valid, signal.token_ids, 0).long()
-        logpi_ids, pi_ids = (torch.empty(ids.shape, dtype=logits.dtype, device=logits.device) for _ in range(2))
-        tail = torch.empty_like(z_a)
-        empty_tail = torch.empty(m, 1, dtype=torch.bool, device=logits.device)
-    teacher = teacher_rows[0] if dense_kl else None
-    ava = nonterminal is not None and p.q_form == "ava"
-    if ava:  # per row: log sum_b exp(alpha pi_b) and S = sum_b softmax(alpha pi)_b pi_b
-        lse_ava, s_ava = torch.empty_like(z_a), torch.empty_like(z_a)
-        # exp(alpha pi) stays finite for alpha up to ~80; beyond, shift by alpha (the largest possible value).
-        ava_shift = 0.0 if p.ava_alpha < 60.0 else p.ava_alpha
-
-    # Pass 1, per block: log-normalisers, the dense KL value, pi in the logits buffer (top-k: its tail part).
-    for b in blocks:
+        rows.ids_valid = teacher.valid
+        rows.ids = torch.where(rows.ids_valid, teacher.token_ids, 0).long()
+        rows.logpi_ids, rows.pi_ids = (torch.empty(rows.ids.shape, dtype=logits.dtype, device=logits.device)
+                                       for _ in range(2))
+        rows.pi_tail = torch.empty_like(z_a)
+        rows.empty_tail = torch.empty(m, 1, dtype=torch.bool, device=logits.device)
+    if ava:
+        rows.lse_ava, rows.s_ava = torch.empty_like(z_a), torch.empty_like(z_a)
+    for b in _blocks(*logits.shape):
         z = logits[b]
-        if ce_on:
-            lse_z[b] = torch.logsumexp(z, dim=-1)
+        if rows.lse_z is not None:
+            rows.lse_z[b] = torch.logsumexp(z, dim=-1)
         if tau != 1.0:
             z.div_(tau)  # x = z / tau
-        lse_x[b] = lse_z[b] if ce_on and tau == 1.0 else torch.logsumexp(z, dim=-1)
-        z.sub_(lse_x[b].unsqueeze(-1))  # log pi
+        rows.lse_x[b] = rows.lse_z[b] if rows.lse_z is not None and tau == 1.0 else torch.logsumexp(z, dim=-1)
+        z.sub_(rows.lse_x[b].unsqueeze(-1))  # log pi
         if dense_kl:
-            t = teacher[b].div_(tau) if tau != 1.0 else teacher[b]
-            t.sub_(torch.logsumexp(t, dim=-1, keepdim=True)).clamp_(min=torch.finfo(t.dtype).min)  # log p
-            probs = t.exp()
-            # sum p (log p - log pi) term by term, as kl() does: two separate large sums would cancel
-            dense_kl_rows[b] = (probs * (t - z)).sum(-1)
-            t.copy_(probs)  # the teacher's buffer now holds p
+            _dense_teacher_block(rows, b, z, row_mask[b], tau)
         if topk_kl:
-            logpi_ids[b] = z.gather(-1, ids[b])
+            rows.logpi_ids[b] = z.gather(-1, rows.ids[b])
         z.exp_()  # pi
-        if ava:  # alpha pi <= alpha, so exp(alpha pi - shift) needs no per-row max pass
-            e = torch.mul(z, p.ava_alpha).sub_(ava_shift).exp_()
-            total = e.sum(-1)
-            lse_ava[b] = total.log() + ava_shift
-            s_ava[b] = torch.linalg.vecdot(e, z) / total
+        if ava:
+            _ava_block(rows, b, z, p.ava_alpha)
         if topk_kl:
-            pi_ids[b] = z.gather(-1, ids[b])
-            in_topk = topk_mask(ids[b], topk_valid[b], z)
-            empty_tail[b] = in_topk.all(-1, keepdim=True)
-            tail[b] = z.masked_fill_(in_topk, 0.0).sum(-1)  # pi outside the top k stays in the buffer
+            _topk_block(rows, b, z)
+    return rows
 
-    # Per-row coefficients of the gradient: pi_coef * pi + at_target * e_a (+ the teacher terms).
-    pi_coef = torch.zeros_like(z_a)
-    at_target = torch.zeros_like(z_a)
-    if ce_on:
-        ce_sum = torch.where(row_mask, lse_z - z_a, 0.0).sum()
-        at_target -= p.alpha_ce * row_valid
-        if tau == 1.0:
-            pi_coef += p.alpha_ce * row_valid
-    x_a = z_a / tau
-    if nonterminal is not None:  # TD: c = d loss / d Q(s_i, a_i) by autograd over (m,) vectors
-        if p.q_form == "ava":
-            pi_a = (x_a - lse_x).exp()
-            q = p.ava_alpha * pi_a - lse_ava
-        else:
-            q = x_a if p.q_form == "logits" else x_a - lse_x
-        fn = torch.func.grad_and_value(_td_loss, argnums=(0, 1, 2), has_aux=True)
-        (grad_q, grad_mean, grad_log_std), (_, td_sum) = fn(
-            q, mean, log_std, nonterminal, valid, gamma=p.gamma, weight=p.td_weight
-        )
-        if p.q_form == "ava":
-            ava_coef = grad_q * p.ava_alpha / tau  # its - s * pi part is added per element in pass 2
-            at_target += ava_coef * pi_a
-            pi_coef -= ava_coef * (pi_a - s_ava)
-        else:
-            at_target += grad_q / tau
-            if p.q_form == "logprobs":
-                pi_coef -= grad_q / tau
-    kd_weight = zero
-    if kd_on:
-        scale = p.temperature**2 if p.scale_by_tau_squared and p.divergence != "sequence" else 1.0
-        kd_weight = p.alpha_kd * scale / tau * row_valid
-        pi_coef += kd_weight
-        if p.divergence == "sequence":
-            per_token = lse_x - x_a
-            at_target -= kd_weight
-        elif dense_kl:
-            per_token = dense_kl_rows * scale
-        else:
-            t_cat = teacher_topk_categories(signal, temperature=tau, tail=True)
-            # As paired_categories: with no token outside the top k the teacher's tail mass is dropped (issue 3).
-            no_tail = torch.cat([t_cat[:, :-1], torch.full_like(t_cat[:, -1:], -math.inf)], dim=-1)
-            t_cat = torch.where(empty_tail, torch.log_softmax(no_tail, dim=-1), t_cat)
-            s_cat = torch.cat(
-                [torch.where(topk_valid, logpi_ids, -math.inf), tail.log().unsqueeze(-1)], dim=-1
-            )
-            per_token = kl(t_cat, s_cat) * scale
-            teacher_p = t_cat.exp()
-            tail_ratio = teacher_p[:, -1] / tail.clamp(min=torch.finfo(tail.dtype).tiny)
-            # top-k tokens: pi_coef * pi - kd_weight * p_k; tail tokens: (pi_coef - kd_weight * tail_ratio) * pi
-            at_ids = torch.where(
-                topk_valid, pi_coef.unsqueeze(-1) * pi_ids - kd_weight.unsqueeze(-1) * teacher_p[:, :-1], 0.0
-            )
-            pi_coef = pi_coef - kd_weight * tail_ratio
-            if ava:  # the buffer holds 0 at the top-k ids, so their - s * pi part goes in here
-                s_ids = (pi_ids * p.ava_alpha - lse_ava.unsqueeze(-1)).exp()
-                at_ids -= torch.where(topk_valid, ava_coef.unsqueeze(-1) * s_ids * pi_ids, 0.0)
-        div_sum = torch.where(row_mask, per_token, 0.0).sum()
-    loss = p.alpha_kd * div_sum + p.alpha_ce * ce_sum + p.td_weight * td_sum
-    if not need_grad:
-        return None, grad_mean, grad_log_std, loss, (div_sum, ce_sum, td_sum)
 
-    # Pass 2, per block: the gradient, in place of pi.
-    ce_scale = (p.alpha_ce * row_valid * (tau * lse_x - lse_z).exp()).unsqueeze(-1) if ce_on and tau != 1.0 else None
-    for b in blocks:
+def _dense_teacher_block(rows: _RowStats, b: slice, log_pi: Tensor, counted: Tensor, tau: float) -> None:
+    """KL(p_T || pi) of the block's rows, and p_T in the teacher's own buffer."""
+    t = rows.teacher_probs[b].div_(tau) if tau != 1.0 else rows.teacher_probs[b]
+    t.sub_(torch.logsumexp(t, dim=-1, keepdim=True)).clamp_(min=torch.finfo(t.dtype).min)  # log p
+    probs = t.exp()
+    # sum p (log p - log pi) term by term, as kl() does: two separate large sums would cancel
+    rows.dense_kl[b] = (probs * (t - log_pi)).sum(-1)
+    # Zero on rows the loss does not count: a non-finite teacher value there must not reach the gradient as
+    # NaN * 0 (the autograd paths never read it).
+    t.copy_(probs.masked_fill_(~counted.unsqueeze(-1), 0.0))
+
+
+def _ava_block(rows: _RowStats, b: slice, pi: Tensor, alpha: float) -> None:
+    """log sum_b exp(alpha pi_b) and S = sum_b softmax(alpha pi)_b pi_b; alpha pi <= alpha, so no row max pass."""
+    shift = 0.0 if alpha < 60.0 else alpha  # exp(alpha pi) stays finite for alpha up to ~80
+    e = torch.mul(pi, alpha).sub_(shift).exp_()
+    total = e.sum(-1)
+    rows.lse_ava[b] = total.log() + shift
+    rows.s_ava[b] = torch.linalg.vecdot(e, pi) / total
+
+
+def _topk_block(rows: _RowStats, b: slice, pi: Tensor) -> None:
+    """pi at the top-k ids and outside them; the buffer keeps pi outside the top k only."""
+    rows.pi_ids[b] = pi.gather(-1, rows.ids[b])
+    in_topk = topk_mask(rows.ids[b], rows.ids_valid[b], pi)
+    rows.empty_tail[b] = in_topk.all(-1, keepdim=True)
+    rows.pi_tail[b] = pi.masked_fill_(in_topk, 0.0).sum(-1)
+
+
+def _cross_entropy(rows: _RowStats, grad: _Gradient, p: XKDHyperparams) -> Tensor:
+    """CE(z, a) = logsumexp(z) - z_a;  d/dz = alpha_ce * (softmax(z) - e_a)."""
+    weight = p.alpha_ce * rows.row_valid
+    grad.target_coef -= weight
+    if p.temperature == 1.0:
+        grad.pi_coef += weight  # softmax(z) is pi
+    else:
+        grad.softmax_coef = weight
+    return rows.lse_z - rows.z_a
+
+
+def _sequence(rows: _RowStats, grad: _Gradient, weight: Tensor, tau: float) -> Tensor:
+    """-log pi(a) = logsumexp(x) - x_a;  d/dz = w / tau * (pi - e_a)."""
+    grad.pi_coef += weight / tau
+    grad.target_coef -= weight / tau
+    return rows.lse_x - rows.z_a / tau
+
+
+def _forward_kl_dense(rows: _RowStats, grad: _Gradient, weight: Tensor, tau: float) -> Tensor:
+    """KL(p_T || pi) = sum p_T (log p_T - log pi);  d/dz = w / tau * (pi - p_T)."""
+    grad.pi_coef += weight / tau
+    grad.teacher_coef = weight / tau
+    return rows.dense_kl
+
+
+def _forward_kl_topk(rows: _RowStats, grad: _Gradient, weight: Tensor, teacher: TopKSignal, tau: float) -> Tensor:
+    """KL over the k + 1 categories;  d/dz = w / tau * (pi - sum_k p_k e_k - (p_tail / pi_tail) * pi [not in top k])."""
+    t_cat = teacher_topk_categories(teacher, temperature=tau, tail=True)
+    # As paired_categories: with no token outside the top k the teacher's tail mass is dropped.
+    no_tail = torch.cat([t_cat[:, :-1], torch.full_like(t_cat[:, -1:], -math.inf)], dim=-1)
+    t_cat = torch.where(rows.empty_tail, torch.log_softmax(no_tail, dim=-1), t_cat)
+    s_cat = torch.cat([torch.where(rows.ids_valid, rows.logpi_ids, -math.inf), rows.pi_tail.log().unsqueeze(-1)], -1)
+    teacher_p = t_cat.exp()
+    grad.pi_coef += weight / tau
+    grad.ids_coef = -(weight / tau).unsqueeze(-1) * teacher_p[:, :-1]
+    grad.tail_coef = -(weight / tau) * teacher_p[:, -1] / rows.pi_tail.clamp(min=torch.finfo(rows.pi_tail.dtype).tiny)
+    return kl(t_cat, s_cat)
+
+
+def _q_value(rows: _RowStats, p: XKDHyperparams) -> Tensor:
+    """Q(s_i, a_i): x_a (logits), x_a - logsumexp(x) (logprobs), alpha pi_a - log sum_b exp(alpha pi_b) (ava)."""
+    x_a = rows.z_a / p.temperature
+    if p.q_form == "logits":
+        return x_a
+    if p.q_form == "logprobs":
+        return x_a - rows.lse_x
+    return p.ava_alpha * (x_a - rows.lse_x).exp() - rows.lse_ava
+
+
+def _q_gradient(rows: _RowStats, grad: _Gradient, c: Tensor, p: XKDHyperparams) -> None:
+    """Add c * dQ/dz: logits c / tau * e_a; logprobs c / tau * (e_a - pi);
+    ava c alpha / tau * (pi_a e_a - (pi_a - S) pi - s * pi), s = softmax(alpha pi), S = sum_b s_b pi_b."""
+    tau = p.temperature
+    if p.q_form == "ava":
+        pi_a = (rows.z_a / tau - rows.lse_x).exp()
+        grad.ava_coef = c * p.ava_alpha / tau
+        grad.target_coef += grad.ava_coef * pi_a
+        grad.pi_coef -= grad.ava_coef * (pi_a - rows.s_ava)
+        return
+    grad.target_coef += c / tau
+    if p.q_form == "logprobs":
+        grad.pi_coef -= c / tau
+
+
+def _td_nll(q: Tensor, mu: Tensor, log_sigma: Tensor, nonterminal: Tensor, valid: Tensor, *, gamma: float,
+            weight: float) -> tuple[Tensor, Tensor]:
+    """lambda * sum of -log N(TD_i; mu_i, sigma_i^2) over the chunk's valid rows, and the unweighted sum."""
+    td = td_difference(q, nonterminal, gamma=gamma)[: valid.shape[0]]
+    total = torch.where(valid, td_consistency(td, mu, log_sigma), 0.0).sum()
+    return weight * total, total.detach()
+
+
+def _write_gradient(logits: Tensor, rows: _RowStats, grad: _Gradient, safe: Tensor, p: XKDHyperparams) -> Tensor:
+    """Pass 2, block by block: the gradient of _Gradient in place of pi in the logits buffer."""
+    tau = p.temperature
+    if grad.ids_coef is not None:  # the buffer holds 0 at the top-k ids: their pi terms go in through the ids
+        at_ids = grad.pi_coef.unsqueeze(-1) * rows.pi_ids + grad.ids_coef
+        if grad.ava_coef is not None:
+            s_ids = (rows.pi_ids * p.ava_alpha - rows.lse_ava.unsqueeze(-1)).exp()
+            at_ids = at_ids - grad.ava_coef.unsqueeze(-1) * s_ids * rows.pi_ids
+        at_ids = torch.where(rows.ids_valid, at_ids, 0.0)
+        pi_coef = grad.pi_coef + grad.tail_coef
+    else:
+        pi_coef = grad.pi_coef
+    # softmax(z) = pi^tau * exp(tau * logsumexp(x) - logsumexp(z))
+    softmax_scale = (grad.softmax_coef * (tau * rows.lse_x - rows.lse_z).exp()).unsqueeze(-1) \
+        if grad.softmax_coef is not None else None
+    for b in _blocks(*logits.shape):
         g = logits[b]
-        ce_softmax = g.pow(tau).mul_(ce_scale[b]) if ce_scale is not None else None  # alpha_ce * softmax(z)
-        if ava:  # (pi_coef - ava_coef * s) * pi, s = softmax(alpha pi)
-            factor = torch.mul(g, p.ava_alpha).sub_(lse_ava[b].unsqueeze(-1)).exp_()
-            g.mul_(factor.mul_(-ava_coef[b].unsqueeze(-1)).add_(pi_coef[b].unsqueeze(-1)))
+        softmax_part = g.pow(tau).mul_(softmax_scale[b]) if softmax_scale is not None else None
+        if grad.ava_coef is not None:  # (pi_coef - ava_coef * s) * pi
+            factor = torch.mul(g, p.ava_alpha).sub_(rows.lse_ava[b].unsqueeze(-1)).exp_()
+            g.mul_(factor.mul_(-grad.ava_coef[b].unsqueeze(-1)).add_(pi_coef[b].unsqueeze(-1)))
         else:
             g.mul_(pi_coef[b].unsqueeze(-1))
-        if dense_kl:
-            g.sub_(teacher[b].mul_(kd_weight[b].unsqueeze(-1)))
-        if topk_kl:
-            g.scatter_add_(-1, ids[b], at_ids[b])
-        if ce_softmax is not None:
-            g.add_(ce_softmax)
-        g.scatter_add_(-1, safe[b], at_target[b].unsqueeze(-1))
-    return logits, grad_mean, grad_log_std, loss, (div_sum, ce_sum, td_sum)
+        if grad.teacher_coef is not None:
+            g.sub_(rows.teacher_probs[b].mul_(grad.teacher_coef[b].unsqueeze(-1)))
+        if grad.ids_coef is not None:
+            g.scatter_add_(-1, rows.ids[b], at_ids[b])
+        if softmax_part is not None:
+            g.add_(softmax_part)
+        g.scatter_add_(-1, safe[b], grad.target_coef[b].unsqueeze(-1))
+    return logits
+
+
+def fused_chunk(logits: Tensor, mu: Tensor | None, log_sigma: Tensor | None, inputs: RowInputs, *,
+                params: XKDHyperparams, need_grad: bool
+                ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """(d loss / d logits, d loss / d mu, d loss / d log_sigma, loss, (D, CE, TD-NLL sums)) of one chunk.
+
+    Same inputs as xkd.token_terms, but logits (m, V) is OVERWRITTEN (it becomes the gradient), and so is a
+    dense teacher's logits buffer.
+    """
+    p, tau = params, params.temperature
+    teacher, targets, valid, nonterminal = inputs
+    m, n = logits.shape[0], valid.shape[0]
+    row_mask = torch.cat([valid, valid.new_zeros(m - n)])  # False on the look-ahead row
+    safe = torch.where(targets != p.ignore_index, targets, 0).unsqueeze(-1)
+    kd_on = p.alpha_kd > 0
+    dense_kl = kd_on and p.divergence == "forward_kl" and isinstance(teacher, DenseSignal)
+    topk_kl = kd_on and p.divergence == "forward_kl" and isinstance(teacher, TopKSignal)
+    ava = nonterminal is not None and p.q_form == "ava"
+    rows = _first_pass(logits, teacher, safe, row_mask, p, dense_kl=dense_kl, topk_kl=topk_kl, ava=ava)
+
+    def counted_sum(values: Tensor) -> Tensor:
+        return torch.where(row_mask, values, 0.0).sum()
+
+    grad = _Gradient(pi_coef=torch.zeros_like(rows.z_a), target_coef=torch.zeros_like(rows.z_a))
+    zero = logits.new_zeros(())
+    div_sum = ce_sum = td_sum = zero
+    grad_mu = grad_log_sigma = None
+    if p.alpha_ce > 0:
+        ce_sum = counted_sum(_cross_entropy(rows, grad, p))
+    if nonterminal is not None:  # TD: c = d loss / d Q(s_i, a_i) by autograd over the (m,) vectors
+        fn = torch.func.grad_and_value(_td_nll, argnums=(0, 1, 2), has_aux=True)
+        (c, grad_mu, grad_log_sigma), (_, td_sum) = fn(
+            _q_value(rows, p), mu, log_sigma, nonterminal, valid, gamma=p.gamma, weight=p.td_weight
+        )
+        _q_gradient(rows, grad, c, p)
+    if kd_on:
+        scale = tau**2 if p.scale_by_tau_squared and p.divergence != "sequence" else 1.0
+        weight = p.alpha_kd * scale * rows.row_valid
+        if p.divergence == "sequence":
+            per_token = _sequence(rows, grad, weight, tau)
+        elif dense_kl:
+            per_token = _forward_kl_dense(rows, grad, weight, tau) * scale
+        else:
+            per_token = _forward_kl_topk(rows, grad, weight, teacher, tau) * scale
+        div_sum = counted_sum(per_token)
+    loss = p.alpha_kd * div_sum + p.alpha_ce * ce_sum + p.td_weight * td_sum
+    grad_logits = _write_gradient(logits, rows, grad, safe, p) if need_grad else None
+    return grad_logits, grad_mu, grad_log_sigma, loss, (div_sum, ce_sum, td_sum)

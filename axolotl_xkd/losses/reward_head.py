@@ -43,6 +43,6 @@ class VariationalRewardHead(nn.Module):
         }
 
     def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """(..., H) -> (mean, log_std), each (...,), at least float32."""
+        """(..., H) -> (mu, log sigma), each (...,), at least float32."""
         out = upcast(self.proj(hidden.to(self.proj.weight.dtype)))
         return out[..., 0], out[..., 1].clamp(self.log_std_min, self.log_std_max)

@@ -1,14 +1,16 @@
-"""The X-KD loss of XKD_METHOD.md section 2, unchunked (the reference path of the trainer).
+"""The X-KD loss of XKD_METHOD.md section 2: its hyperparameters, its per-token terms and `xkd_loss`.
 
 Per response token i (action a_i = u_{i+1} not masked):
     l_i = alpha_kd * D_i + alpha_ce * CE(z_i, a_i)
         + w_kl * KL(N(mu_i, sigma_i^2) || N(0, prior_std^2)) + lambda * (-log N(TD_i; mu_i, sigma_i^2))
-`xkd_loss` returns the SUM over response tokens; the caller divides by the optimizer step's
-token count (num_items_in_batch). Imports torch only; hyperparameters are plain values.
+`token_terms` writes the logit terms (D_i, CE, TD) once, over flat rows; `xkd_loss` calls it on all rows
+and chunked.py a chunk of rows at a time. The loss is the SUM over response tokens; the caller divides by
+the optimizer step's token count (num_items_in_batch). Imports torch only; hyperparameters are plain values.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -17,22 +19,47 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from axolotl_xkd.losses.categories import paired_categories, teacher_expectation
-from axolotl_xkd.losses.divergence import divergence
+from axolotl_xkd.losses.divergence import DIVERGENCES, divergence
+from axolotl_xkd.losses.positions import IGNORE_INDEX, REWARD_INPUTS, align_reward, nonterminal_next, shift_targets
 from axolotl_xkd.losses.precision import upcast
-from axolotl_xkd.losses.signal import DenseSignal, TeacherSignal
+from axolotl_xkd.losses.signal import DenseHiddenSignal, DenseSignal, TeacherSignal, TopKSignal
 from axolotl_xkd.losses.td import (
+    Q_FORMS,
+    TD_TARGETS,
     gaussian_kl_to_prior,
-    nonterminal_next,
     q_values,
-    shift_targets,
     td_consistency,
     td_difference,
 )
 
+_CHOICES = {
+    "divergence": (*DIVERGENCES, "sequence"),
+    "q_form": Q_FORMS,
+    "td_target": TD_TARGETS,
+    "reward_input": REWARD_INPUTS,
+}
+# name: (low, low inclusive, high, high inclusive, the description of xkd.<name> in args.py)
+_BOUNDS = {
+    "beta": (0.0, True, 1.0, True, "JSD mixture weight (TRL GKD: 0 = forward KL, 1 = reverse KL)"),
+    "skew_alpha": (0.0, True, 1.0, False, "Skew of skew_forward_kl / skew_reverse_kl"),
+    "temperature": (0.0, False, math.inf, False, "tau, applied to student and teacher"),
+    "alpha_kd": (0.0, True, math.inf, False, "Weight of the distillation term"),
+    "alpha_ce": (0.0, True, math.inf, False, "Weight of the ground-truth cross-entropy term"),
+    "reward_kl_weight": (0.0, True, math.inf, False, "w_kl: weight of KL(q_phi(R) || prior)"),
+    "td_weight": (0.0, True, math.inf, False, "lambda: weight of the TD-consistency term"),
+    "gamma": (0.0, True, 1.0, True, "Discount in TD_i"),
+    "prior_std": (0.0, False, math.inf, False, "Standard deviation of the reward prior N(0, s^2)"),
+    "ava_alpha": (0.0, False, math.inf, False, "Band width of q_form: ava"),
+}
+
 
 @dataclass(frozen=True)
 class XKDHyperparams:
-    """Loss hyperparameters, named as in XKD_METHOD.md; defaults are the spec's."""
+    """Loss hyperparameters, named as in XKD_METHOD.md; defaults are the spec's.
+
+    Validated on construction with the bounds of the `xkd:` config block, so the loss API called directly
+    rejects what the config rejects (an unknown q_form, tau <= 0, ...) instead of computing something else.
+    """
 
     divergence: str = "forward_kl"
     beta: float = 0.5
@@ -50,7 +77,19 @@ class XKDHyperparams:
     td_target: str = "observed"
     reward_input: str = "next_state"
     topk_tail: bool = True
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
+
+    def __post_init__(self) -> None:
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices} (xkd.{name})")
+        for name, (low, low_in, high, high_in, what) in _BOUNDS.items():
+            value = getattr(self, name)
+            above = value >= low if low_in else value > low
+            below = value <= high if high_in else value < high
+            if not (above and below):  # also catches NaN
+                interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+                raise ValueError(f"{name}={value!r} is outside {interval} (xkd.{name}: {what}); pass a value in it")
 
     @property
     def uses_reward(self) -> bool:
@@ -58,10 +97,15 @@ class XKDHyperparams:
         return self.reward_kl_weight > 0 or self.td_weight > 0
 
     @property
+    def uses_td(self) -> bool:
+        """Whether the TD-consistency term lambda * (-log N(TD_i; mu_i, sigma_i^2)) enters the loss."""
+        return self.td_weight > 0
+
+    @property
     def needs_teacher(self) -> bool:
         """Whether some term reads the teacher's distribution."""
         kd_needs = self.alpha_kd > 0 and self.divergence != "sequence"
-        return kd_needs or (self.td_weight > 0 and self.td_target == "teacher_expected")
+        return kd_needs or (self.uses_td and self.td_target == "teacher_expected")
 
 
 class XKDLossOutput(NamedTuple):
@@ -77,16 +121,179 @@ class XKDLossOutput(NamedTuple):
     num_tokens: Tensor
 
 
-def align_reward(reward: Tensor, reward_input: str) -> Tensor:
-    """Per-position head output (B, T) -> the value used for action a_i at position i.
+class Positions(NamedTuple):
+    """Per-position tensors of a batch flattened (B, T) -> (N,): after the terminal flags are set on (B, T),
+    the last position of every row is terminal, so flat neighbours never pair across rows."""
 
-    next_state reads R_i from h_{i+1} (the state a_i leads to); state reads it from h_i.
+    targets: Tensor  # a_i, or ignore_index where position i has no action
+    valid: Tensor  # bool, True at response positions: the ones the loss counts
+    nonterminal: Tensor | None  # bool, s'_i not terminal; None without the TD term
+    mu: Tensor | None  # reward-head mean aligned with a_i (reward_input), at least float32; None without reward
+    log_sigma: Tensor | None
+
+
+class RowInputs(NamedTuple):
+    """What the logit terms read over m flat rows besides the differentiable logits, mu and log_sigma.
+
+    valid (n,) with n = m or n = m - 1: rows [0, n) are counted, row n (when present) is a chunk's look-ahead
+    row whose Q value TD_{n-1} needs. The other fields cover all m rows.
     """
-    if reward_input == "state":
-        return reward
-    aligned = torch.zeros_like(reward)
-    aligned[:, :-1] = reward[:, 1:]
-    return aligned
+
+    teacher: TeacherSignal | None
+    targets: Tensor
+    valid: Tensor
+    nonterminal: Tensor | None  # None: no TD term
+
+
+def check_inputs(params: XKDHyperparams, teacher: object | None, reward_mean: Tensor | None,
+                 reward_log_std: Tensor | None) -> None:
+    """Raise if a term the hyperparameters switch on lacks its input."""
+    p = params
+    if teacher is None and p.alpha_kd > 0 and p.divergence != "sequence":
+        raise ValueError(f"divergence {p.divergence!r} needs a teacher signal")
+    if teacher is None and p.needs_teacher:
+        raise ValueError("td_target 'teacher_expected' needs a teacher signal")
+    if p.uses_reward and (reward_mean is None or reward_log_std is None):
+        raise ValueError("reward_kl_weight or td_weight > 0 needs the reward head outputs")
+
+
+def flat_positions(labels: Tensor, reward_mean: Tensor | None, reward_log_std: Tensor | None, *,
+                   params: XKDHyperparams, position_ids: Tensor | None, eos_token_id: int | None) -> Positions:
+    """Actions, response mask, terminal flags and aligned reward of a (B, T) batch, as flat (N,) tensors."""
+    p, n_rows = params, labels.numel()
+    targets = shift_targets(labels, position_ids, ignore_index=p.ignore_index)
+    nonterminal = None
+    if p.uses_td:
+        nonterminal = nonterminal_next(targets, ignore_index=p.ignore_index, eos_token_id=eos_token_id)
+        nonterminal = nonterminal.reshape(n_rows)
+    mu = log_sigma = None
+    if p.uses_reward:
+        mu = align_reward(upcast(reward_mean), p.reward_input).reshape(n_rows)
+        log_sigma = align_reward(upcast(reward_log_std), p.reward_input).reshape(n_rows)
+    targets = targets.reshape(n_rows)
+    return Positions(targets, targets != p.ignore_index, nonterminal, mu, log_sigma)
+
+
+def flat_teacher(teacher: TeacherSignal | DenseHiddenSignal, positions: torch.Size, vocab_size: int
+                 ) -> TeacherSignal | DenseHiddenSignal:
+    """The teacher, aligned with the (B, T) `positions`, flattened to (N, ...); a dense teacher must cover exactly
+    `vocab_size` tokens.
+
+    Why raise rather than cut a wider teacher: the categories of D_i are the shared tokens, and which of
+    the teacher's extra entries are padding only the caller knows (the trainer cuts both to the tokenizer
+    length); renormalising over a silently cut vocabulary would change p_T.
+    """
+    per_position = teacher.hidden if isinstance(teacher, DenseHiddenSignal) else (
+        teacher.logits if isinstance(teacher, DenseSignal) else teacher.logprobs)
+    if per_position.shape[:-1] != positions:
+        raise ValueError(f"the teacher's {tuple(per_position.shape)} is not aligned with the student's (B, T) = "
+                         f"{tuple(positions)}: position i of the teacher must predict the same token as z_i")
+    n_rows, width = positions.numel(), per_position.shape[-1]
+    if isinstance(teacher, TopKSignal):
+        return TopKSignal(teacher.token_ids.reshape(n_rows, width), teacher.logprobs.reshape(n_rows, width))
+    if isinstance(teacher, DenseSignal):
+        got, what = width, "teacher logits have {} entries per position"
+    else:
+        got, what = teacher.weight.shape[0], "teacher output layer has {} rows"
+    if got != vocab_size:
+        raise ValueError(
+            f"{what.format(got)} but the student's vocabulary has {vocab_size}. X-KD compares full next-token "
+            "distributions over the same tokens, so they must match: slice both to the shared tokenizer vocabulary "
+            "(chunked_xkd_loss: pass vocab_size=<tokenizer length>), or use a top-k teacher."
+        )
+    if isinstance(teacher, DenseSignal):
+        return DenseSignal(teacher.logits.reshape(n_rows, width))
+    return DenseHiddenSignal(teacher.hidden.reshape(n_rows, width), teacher.weight, teacher.bias)
+
+
+def prepare(labels: Tensor, teacher: TeacherSignal | DenseHiddenSignal | None, reward_mean: Tensor | None,
+            reward_log_std: Tensor | None, *, params: XKDHyperparams, vocab_size: int, position_ids: Tensor | None,
+            eos_token_id: int | None) -> tuple[Positions, TeacherSignal | DenseHiddenSignal | None]:
+    """Checked inputs of both loss paths: the flat positions and the flat teacher (None where no term reads it)."""
+    check_inputs(params, teacher, reward_mean, reward_log_std)
+    positions = flat_positions(labels, reward_mean, reward_log_std, params=params, position_ids=position_ids,
+                               eos_token_id=eos_token_id)
+    return positions, flat_teacher(teacher, labels.shape, vocab_size) if params.needs_teacher else None
+
+
+def token_terms(logits: Tensor, mu: Tensor | None, log_sigma: Tensor | None, rows: RowInputs, *,
+                params: XKDHyperparams) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Weighted sum of the logit terms alpha_kd * D_i + alpha_ce * CE_i + lambda * TD-NLL_i over the counted
+    rows, and their unweighted (D, CE, TD-NLL) sums, detached.
+
+    logits (m, V) at least float32; mu and log_sigma (n,) the aligned reward-head outputs of the counted rows.
+    """
+    p = params
+    teacher, targets, valid, nonterminal = rows
+    n = valid.shape[0]
+    safe_targets = torch.where(targets != p.ignore_index, targets, 0).unsqueeze(-1)
+    logprobs = torch.log_softmax(logits / p.temperature, dim=-1)
+    zero = logits.new_zeros(())
+
+    def masked_sum(values: Tensor) -> Tensor:
+        return torch.where(valid, values, 0.0).sum()
+
+    div_sum = ce_sum = td_sum = zero
+    if p.alpha_kd > 0:
+        if p.divergence == "sequence":
+            per_token = -logprobs[:n].gather(-1, safe_targets[:n]).squeeze(-1)
+        else:
+            s_cat, t_cat = paired_categories(
+                logprobs[:n], _first_rows(teacher, n), temperature=p.temperature, topk_tail=p.topk_tail
+            )
+            per_token = divergence(s_cat, t_cat, name=p.divergence, beta=p.beta, skew_alpha=p.skew_alpha)
+            if p.scale_by_tau_squared:
+                per_token = per_token * p.temperature**2
+        div_sum = masked_sum(per_token)
+    if p.alpha_ce > 0:
+        ce_sum = masked_sum(F.cross_entropy(logits[:n], safe_targets[:n, 0], reduction="none"))
+    if nonterminal is not None:
+        if p.td_target == "teacher_expected":
+            q_table = q_values(logits, q_form=p.q_form, temperature=p.temperature, ava_alpha=p.ava_alpha)
+            q_taken = teacher_expectation(q_table, logprobs, teacher, temperature=p.temperature, topk_tail=p.topk_tail)
+        elif p.q_form == "logits":  # z_i[a_i] / tau: one entry per row, no (m, V) table
+            q_taken = logits.gather(-1, safe_targets).squeeze(-1) / p.temperature
+        elif p.q_form == "logprobs":
+            q_taken = logprobs.gather(-1, safe_targets).squeeze(-1)
+        else:
+            q_table = q_values(logits, q_form=p.q_form, temperature=p.temperature, ava_alpha=p.ava_alpha)
+            q_taken = q_table.gather(-1, safe_targets).squeeze(-1)
+        td = td_difference(q_taken, nonterminal, gamma=p.gamma)[:n]
+        td_sum = masked_sum(td_consistency(td, mu, log_sigma))
+    loss = p.alpha_kd * div_sum + p.alpha_ce * ce_sum + p.td_weight * td_sum
+    return loss, (div_sum.detach(), ce_sum.detach(), td_sum.detach())
+
+
+def _first_rows(teacher: TeacherSignal, n: int) -> TeacherSignal:
+    """The first n rows of a teacher signal (dropping a chunk's look-ahead row)."""
+    if isinstance(teacher, DenseSignal):
+        return DenseSignal(teacher.logits[:n])
+    return TopKSignal(teacher.token_ids[:n], teacher.logprobs[:n])
+
+
+def loss_output(logit_loss: Tensor, parts: tuple[Tensor, Tensor, Tensor], positions: Positions, *,
+                params: XKDHyperparams) -> XKDLossOutput:
+    """Add w_kl * KL(q_phi(R_i) || prior) to the logit terms' sum and collect the logged sums."""
+    p, valid = params, positions.valid
+    zero = logit_loss.new_zeros(())
+    kl_sum = mu_sum = sigma_sum = zero
+    if p.uses_reward:
+        mu, log_sigma = positions.mu, positions.log_sigma
+        mu_sum = torch.where(valid, mu, 0.0).sum().detach()
+        sigma_sum = torch.where(valid, log_sigma.exp(), 0.0).sum().detach()
+        if p.reward_kl_weight > 0:
+            kl_sum = torch.where(valid, gaussian_kl_to_prior(mu, log_sigma, prior_std=p.prior_std), 0.0).sum()
+    div_sum, ce_sum, td_sum = parts
+    return XKDLossOutput(
+        loss=logit_loss + p.reward_kl_weight * kl_sum,
+        divergence=div_sum,
+        ce=ce_sum,
+        kl_prior=kl_sum.detach(),
+        td_nll=td_sum,
+        reward_mean=mu_sum,
+        reward_std=sigma_sum,
+        num_tokens=valid.sum(),
+    )
 
 
 def xkd_loss(
@@ -103,76 +310,14 @@ def xkd_loss(
     """X-KD loss SUM over response tokens.
 
     student_logits (B, T, V); labels (B, T), unshifted, ignore_index where masked; teacher aligned
-    with the student (position i predicts u_{i+1}); reward_mean / reward_log_std (B, T): the reward
-    head applied to the student's last hidden state at every position; position_ids (B, T) marks
-    packed segments (a reset to 0 starts a new sequence).
+    with the student (position i predicts u_{i+1}), a dense one over the same V tokens; reward_mean /
+    reward_log_std (B, T): the reward head applied to the student's last hidden state at every position;
+    position_ids (B, T) marks packed segments (a reset to 0 starts a new sequence).
     """
-    p = params
-    targets = shift_targets(labels, position_ids, ignore_index=p.ignore_index)
-    valid = targets != p.ignore_index
-    safe_targets = torch.where(valid, targets, 0).unsqueeze(-1)
-    logits = upcast(student_logits)
-    student_logprobs = torch.log_softmax(logits / p.temperature, dim=-1)
-    zero = logits.new_zeros(())
-
-    def masked_sum(values: Tensor) -> Tensor:
-        return torch.where(valid, values, 0.0).sum()
-
-    total = zero
-    div_sum = ce_sum = kl_sum = td_sum = mu_sum = std_sum = zero
-    if p.alpha_kd > 0:
-        if p.divergence == "sequence":
-            per_token = -student_logprobs.gather(-1, safe_targets).squeeze(-1)
-        else:
-            if teacher is None:
-                raise ValueError(f"divergence {p.divergence!r} needs a teacher signal")
-            if isinstance(teacher, DenseSignal) and teacher.logits.shape != student_logits.shape:
-                raise ValueError(
-                    f"teacher logits {tuple(teacher.logits.shape)} do not match student logits "
-                    f"{tuple(student_logits.shape)}; slice both to the shared tokenizer vocabulary"
-                )
-            s_cat, t_cat = paired_categories(
-                student_logprobs, teacher, temperature=p.temperature, topk_tail=p.topk_tail
-            )
-            per_token = divergence(s_cat, t_cat, name=p.divergence, beta=p.beta, skew_alpha=p.skew_alpha)
-            if p.scale_by_tau_squared:
-                per_token = per_token * p.temperature**2
-        div_sum = masked_sum(per_token)
-        total = total + p.alpha_kd * div_sum
-    if p.alpha_ce > 0:
-        ce = F.cross_entropy(logits.flatten(0, 1), safe_targets.flatten(), reduction="none").view_as(targets)
-        ce_sum = masked_sum(ce)
-        total = total + p.alpha_ce * ce_sum
-    if p.uses_reward:
-        if reward_mean is None or reward_log_std is None:
-            raise ValueError("reward_kl_weight or td_weight > 0 needs the reward head outputs")
-        mu = align_reward(upcast(reward_mean), p.reward_input)
-        log_std = align_reward(upcast(reward_log_std), p.reward_input)
-        mu_sum, std_sum = masked_sum(mu).detach(), masked_sum(log_std.exp()).detach()
-        if p.reward_kl_weight > 0:
-            kl_sum = masked_sum(gaussian_kl_to_prior(mu, log_std, prior_std=p.prior_std))
-            total = total + p.reward_kl_weight * kl_sum
-        if p.td_weight > 0:
-            q_table = q_values(logits, q_form=p.q_form, temperature=p.temperature, ava_alpha=p.ava_alpha)
-            if p.td_target == "teacher_expected":
-                if teacher is None:
-                    raise ValueError("td_target 'teacher_expected' needs a teacher signal")
-                q_taken = teacher_expectation(
-                    q_table, student_logprobs, teacher, temperature=p.temperature, topk_tail=p.topk_tail
-                )
-            else:
-                q_taken = q_table.gather(-1, safe_targets).squeeze(-1)
-            nonterminal = nonterminal_next(targets, ignore_index=p.ignore_index, eos_token_id=eos_token_id)
-            td = td_difference(q_taken, nonterminal, gamma=p.gamma)
-            td_sum = masked_sum(td_consistency(td, mu, log_std))
-            total = total + p.td_weight * td_sum
-    return XKDLossOutput(
-        loss=total,
-        divergence=div_sum.detach(),
-        ce=ce_sum.detach(),
-        kl_prior=kl_sum.detach(),
-        td_nll=td_sum.detach(),
-        reward_mean=mu_sum,
-        reward_std=std_sum,
-        num_tokens=valid.sum(),
-    )
+    vocab_size = student_logits.shape[-1]
+    positions, signal = prepare(labels, teacher, reward_mean, reward_log_std, params=params, vocab_size=vocab_size,
+                                position_ids=position_ids, eos_token_id=eos_token_id)
+    logits = upcast(student_logits).reshape(labels.numel(), vocab_size)
+    rows = RowInputs(signal, positions.targets, positions.valid, positions.nonterminal)
+    loss, parts = token_terms(logits, positions.mu, positions.log_sigma, rows, params=params)
+    return loss_output(loss, parts, positions, params=params)

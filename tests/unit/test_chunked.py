@@ -1,4 +1,4 @@
-"""chunked_xkd_loss equals the unchunked xkd_loss: loss, logged parts and gradients (issue 4).
+"""chunked_xkd_loss equals the unchunked xkd_loss: loss, logged parts and gradients.
 
 The reference is `xkd_loss` on the full logits hidden @ W^T (+ b); the chunked loss only ever forms
 chunk_size (+1 look-ahead) rows of them. Gradients are compared w.r.t. the student's hidden states,
@@ -65,8 +65,8 @@ def run_both(params: XKDHyperparams, teacher_kind: str, chunk_size: int, *, pack
     for chunked in (False, True):
         leaves = {k: x[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias", "mean", "log_std")}
         bias = leaves["bias"] if with_bias else None
-        common = dict(reward_mean=leaves["mean"], reward_log_std=leaves["log_std"], params=params,
-                      position_ids=x["position_ids"], eos_token_id=EOS)
+        common = {"reward_mean": leaves["mean"], "reward_log_std": leaves["log_std"], "params": params,
+                  "position_ids": x["position_ids"], "eos_token_id": EOS}
         if chunked:
             dense = DenseHiddenSignal(x["teacher_hidden"], x["teacher_weight"])
             teacher = x["topk"] if teacher_kind == "topk" else dense
@@ -85,12 +85,12 @@ def run_both(params: XKDHyperparams, teacher_kind: str, chunk_size: int, *, pack
 def assert_same(ref, got, **tol) -> None:
     (ref_out, ref_grads), (out, grads) = ref, got
     for field in ref_out._fields:
-        torch.testing.assert_close(getattr(out, field), getattr(ref_out, field), **tol, msg=lambda m: f"{field}: {m}")
+        torch.testing.assert_close(getattr(out, field), getattr(ref_out, field), **tol, msg=lambda m, f=field: f"{f}: {m}")
     for name, ref_grad in ref_grads.items():
         if ref_grad is None:  # the reference does not depend on it (e.g. no TD term): neither may the chunked loss
             assert grads[name] is None or torch.count_nonzero(grads[name]) == 0, name
             continue
-        torch.testing.assert_close(grads[name], ref_grad, **tol, msg=lambda m: f"d loss / d {name}: {m}")
+        torch.testing.assert_close(grads[name], ref_grad, **tol, msg=lambda m, n=name: f"d loss / d {n}: {m}")
 
 
 @pytest.mark.parametrize("chunk_size", [6, 5])

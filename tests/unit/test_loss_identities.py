@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from axolotl_xkd.losses import DenseSignal, TopKSignal, XKDHyperparams, xkd_loss
 from axolotl_xkd.losses.divergence import forward_kl, generalized_jsd
-from axolotl_xkd.losses.td import nonterminal_next, shift_targets
+from axolotl_xkd.losses.positions import nonterminal_next, shift_targets
 
 
 def random_case(seed=0, B=3, T=6, V=9):

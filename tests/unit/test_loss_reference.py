@@ -101,7 +101,7 @@ def test_renormalised_topk_matches_reference():
 
 
 def test_float32_inputs_match_float64_reference():
-    logits, labels, t_logits, ids, lps, mu, log_std, pos = make_batch(4, packed=True)
+    logits, labels, _t_logits, ids, lps, mu, log_std, pos = make_batch(4, packed=True)
     params = XKDHyperparams(divergence="jsd")
     out = xkd_loss(logits.float(), labels, teacher=TopKSignal(ids, lps.half()), reward_mean=mu.float(),
                    reward_log_std=log_std.float(), params=params, position_ids=pos, eos_token_id=EOS)
