@@ -72,10 +72,13 @@ def q_table(z: torch.Tensor, q_form: str, tau: float, ava_alpha: float) -> torch
     return torch.log_softmax(ava_alpha * torch.softmax(z / tau, dim=0), dim=0)
 
 
+TAIL_FLOOR = 2.0**-11  # the spec's floor on the tail probability of td_target teacher_logprob
+
+
 def q_of(z, action, hp, teacher, b, i):
     """Q(s_i, a_i) or, with td_target teacher_expected, its expectation under the teacher."""
     q = q_table(z, hp["q_form"], hp["temperature"], hp["ava_alpha"])
-    if hp["td_target"] == "observed":
+    if hp["td_target"] in ("observed", "soft"):
         return q[action]
     p_t, _pi, ids = teacher_and_student(z, hp["temperature"], teacher, b, i, hp["topk_tail"])
     if ids is None:
@@ -87,6 +90,34 @@ def q_of(z, action, hp, teacher, b, i):
         w = pi_full[rest]
         value = value + p_t[-1] * (w * q[rest]).sum() / w.sum()
     return value
+
+
+def teacher_logprob(z, action, hp, teacher, b, i):
+    """log p_T(a_i | s_i) at temperature tau; top-k: the action's category, else the (floored) tail spread
+    uniformly over the tokens outside the top k."""
+    p_t, _pi, ids = teacher_and_student(z, hp["temperature"], teacher, b, i, hp["topk_tail"])
+    if ids is None:
+        return torch.log(p_t[action])
+    if action in ids:
+        return torch.log(p_t[ids.index(action)])
+    tail = float(p_t[-1]) if hp["topk_tail"] else 0.0
+    return z.new_tensor(math.log(max(tail, TAIL_FLOOR) / (z.shape[0] - len(ids))))
+
+
+def td_of(logits, a, a_next, hp, teacher, b, i):
+    """TD_i; a_next is None where s'_i is terminal."""
+    z = logits[b, i]
+    if hp["td_target"] == "teacher_logprob":
+        return teacher_logprob(z, a, hp, teacher, b, i).detach()
+    td = q_of(z, a, hp, teacher, b, i)
+    if a_next is None:
+        return td
+    z_next = logits[b, i + 1]
+    if hp["td_target"] == "soft":  # V(s') = log sum_a exp Q(s', a)
+        later = torch.logsumexp(q_table(z_next, hp["q_form"], hp["temperature"], hp["ava_alpha"]), dim=0)
+    else:
+        later = q_of(z_next, a_next, hp, teacher, b, i + 1)
+    return td - hp["gamma"] * later
 
 
 def reference_xkd(logits, labels, *, teacher, reward_mean, reward_log_std, hp, position_ids=None, eos=None):
@@ -125,11 +156,9 @@ def reference_xkd(logits, labels, *, teacher, reward_mean, reward_log_std, hp, p
             mu, log_s = reward_mean[b, r].double(), reward_log_std[b, r].double()
             s, prior = log_s.exp(), hp["prior_std"]
             kl_prior = math.log(prior) - log_s + (s**2 + mu**2) / (2 * prior**2) - 0.5
-            q_sa = q_of(z, a, hp, teacher, b, i)
-            a_next = action_at(b, i + 1)
-            if a_next is not None and a != eos:
-                q_sa = q_sa - hp["gamma"] * q_of(logits[b, i + 1], a_next, hp, teacher, b, i + 1)
-            td_nll = 0.5 * LOG_2PI + log_s + (q_sa - mu) ** 2 / (2 * s**2)
+            a_next = action_at(b, i + 1) if a != eos else None
+            td = td_of(logits, a, a_next, hp, teacher, b, i)
+            td_nll = 0.5 * LOG_2PI + log_s + (td - mu) ** 2 / (2 * s**2)
             total = total + hp["alpha_kd"] * d + hp["alpha_ce"] * ce + hp["reward_kl_weight"] * kl_prior
             total = total + hp["td_weight"] * td_nll
             for key, value in zip(terms, (d, ce, kl_prior, td_nll)):

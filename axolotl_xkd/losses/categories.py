@@ -76,6 +76,34 @@ def paired_categories(
     return student, teacher_cat
 
 
+TAIL_FLOOR = 2.0**-11
+"""Least probability `teacher_token_logprob` gives the tail category: the rounding resolution of a sum of
+float16-stored top-k probabilities near 1, below which a tail cannot be told from 0. Without it a token
+outside a top k that (rounded) covers everything would get the target -inf."""
+
+
+def teacher_token_logprob(teacher: TeacherSignal, actions: Tensor, *, temperature: float, topk_tail: bool,
+                          vocab_size: int) -> Tensor:
+    """log p_T(a_i | s_i) at temperature tau, (N,), for in-vocabulary actions (N,) and a teacher of N rows.
+
+    Dense: log_softmax(z_T / tau)[a_i]. Top-k: the k (+1 tail) categories of `teacher_topk_categories`; an
+    action among the k_i valid ids gets its category's log-prob, any other one the tail's probability (0
+    without the tail), floored at TAIL_FLOOR and spread uniformly over the V - k_i tokens outside the top k.
+    """
+    if isinstance(teacher, DenseSignal):
+        logprobs = torch.log_softmax(upcast(teacher.logits) / temperature, dim=-1)
+        return logprobs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    categories = teacher_topk_categories(teacher, temperature=temperature, tail=topk_tail)
+    valid = teacher.valid
+    k = valid.shape[-1]
+    hit = valid & (teacher.token_ids == actions.unsqueeze(-1))  # ids are distinct: at most one hit per row
+    in_topk = torch.where(hit, categories[..., :k], 0.0).sum(-1)
+    tail_prob = categories[..., -1].exp() if topk_tail else torch.zeros_like(in_topk)
+    outside = (vocab_size - valid.sum(-1)).clamp(min=1)  # k_i = V: every action is a hit, the value is unused
+    in_tail = torch.log(tail_prob.clamp(min=TAIL_FLOOR)) - torch.log(outside.to(in_topk.dtype))
+    return torch.where(hit.any(-1), in_topk, in_tail)
+
+
 def teacher_expectation(values: Tensor, student_logprobs: Tensor, teacher: TeacherSignal, *,
                         temperature: float, topk_tail: bool) -> Tensor:
     """E_{a ~ p_T(.|s_i)} values[..., a], (B, T).

@@ -8,7 +8,7 @@ the hidden states, the output layer and the reward-head outputs before the next 
 Liger pattern: gradients are produced in the forward pass and only scaled in the backward pass, which
 is why there are no second derivatives).
 
-The TD term couples position i with i+1 (Q(s'_i, a'_i) is the Q value at i+1). A chunk of rows
+The TD term couples position i with i+1 (Q(s'_i, a'_i), or V(s'_i) for td_target soft, is read at i+1). A chunk of rows
 [s, e) therefore also forms the logits of row e (one look-ahead row, ~1/C extra work) so that TD_{e-1}
 and its gradient, which flows into row e too, are complete inside the chunk. Positions are flattened
 (B, T) -> (N,) after the terminal flags are computed on (B, T), and the last position of every row and

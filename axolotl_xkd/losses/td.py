@@ -11,7 +11,7 @@ from torch import Tensor
 from axolotl_xkd.losses.precision import upcast
 
 Q_FORMS = ("logits", "logprobs", "ava")
-TD_TARGETS = ("observed", "teacher_expected")
+TD_TARGETS = ("observed", "teacher_expected", "soft", "teacher_logprob")
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -31,15 +31,31 @@ def q_values(student_logits: Tensor, *, q_form: str, temperature: float, ava_alp
     raise ValueError(f"unknown q_form {q_form!r}; expected one of {Q_FORMS}")
 
 
-def td_difference(q_taken: Tensor, nonterminal: Tensor, *, gamma: float) -> Tensor:
-    """TD_i = Q(s_i, a_i) - gamma * Q(s'_i, a'_i) over flat positions (N,), the second term 0 at terminal s'_i.
+def soft_value(student_logits: Tensor, *, q_form: str, temperature: float) -> Tensor:
+    """V(s_i) = logsumexp_a Q(s_i, a), (..., V) -> (...,): the soft value of the Boltzmann policy softmax(Q).
 
-    q_taken holds Q(s_i, a_i) at every position; Q(s'_i, a'_i) is its value at i+1. The last position of
-    every row and packed segment is terminal, so no pair crosses a row once (B, T) is flattened.
+    For q_form logits it is logsumexp(z_i / tau); the normalised forms (logprobs, ava) have V = 0 exactly,
+    returned as zeros rather than a rounded logsumexp of a log_softmax (no spurious gradient).
     """
-    q_next = torch.zeros_like(q_taken)
-    q_next[:-1] = q_taken[1:]
-    return q_taken - gamma * torch.where(nonterminal, q_next, 0.0)
+    if q_form not in Q_FORMS:
+        raise ValueError(f"unknown q_form {q_form!r}; expected one of {Q_FORMS}")
+    scaled = upcast(student_logits) / temperature
+    if q_form == "logits":
+        return torch.logsumexp(scaled, dim=-1)
+    return scaled.new_zeros(scaled.shape[:-1])
+
+
+def td_difference(q_taken: Tensor, nonterminal: Tensor, *, gamma: float, next_value: Tensor | None = None) -> Tensor:
+    """TD_i = Q(s_i, a_i) - gamma * X_{i+1} over flat positions (N,), the second term 0 at terminal s'_i.
+
+    q_taken holds Q(s_i, a_i) at every position; X is `next_value` (td_target soft: V(s_i)) or, by default,
+    q_taken itself (Q(s'_i, a'_i)), read at i+1. The last position of every row and packed segment is
+    terminal, so no pair crosses a row once (B, T) is flattened.
+    """
+    value = q_taken if next_value is None else next_value
+    later = torch.zeros_like(value)
+    later[:-1] = value[1:]
+    return q_taken - gamma * torch.where(nonterminal, later, 0.0)
 
 
 def gaussian_kl_to_prior(mu: Tensor, log_sigma: Tensor, *, prior_std: float = 1.0) -> Tensor:

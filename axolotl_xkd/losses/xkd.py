@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from axolotl_xkd.losses.categories import paired_categories, teacher_expectation
+from axolotl_xkd.losses.categories import paired_categories, teacher_expectation, teacher_token_logprob
 from axolotl_xkd.losses.divergence import DIVERGENCES, divergence
 from axolotl_xkd.losses.positions import IGNORE_INDEX, REWARD_INPUTS, align_reward, nonterminal_next, shift_targets
 from axolotl_xkd.losses.precision import upcast
@@ -28,9 +28,13 @@ from axolotl_xkd.losses.td import (
     TD_TARGETS,
     gaussian_kl_to_prior,
     q_values,
+    soft_value,
     td_consistency,
     td_difference,
 )
+
+TEACHER_TD_TARGETS = ("teacher_expected", "teacher_logprob")
+"""The td_target values that read the teacher's distribution."""
 
 _CHOICES = {
     "divergence": (*DIVERGENCES, "sequence"),
@@ -105,7 +109,7 @@ class XKDHyperparams:
     def needs_teacher(self) -> bool:
         """Whether some term reads the teacher's distribution."""
         kd_needs = self.alpha_kd > 0 and self.divergence != "sequence"
-        return kd_needs or (self.uses_td and self.td_target == "teacher_expected")
+        return kd_needs or (self.uses_td and self.td_target in TEACHER_TD_TARGETS)
 
 
 class XKDLossOutput(NamedTuple):
@@ -152,7 +156,7 @@ def check_inputs(params: XKDHyperparams, teacher: object | None, reward_mean: Te
     if teacher is None and p.alpha_kd > 0 and p.divergence != "sequence":
         raise ValueError(f"divergence {p.divergence!r} needs a teacher signal")
     if teacher is None and p.needs_teacher:
-        raise ValueError("td_target 'teacher_expected' needs a teacher signal")
+        raise ValueError(f"td_target {p.td_target!r} needs a teacher signal")
     if p.uses_reward and (reward_mean is None or reward_log_std is None):
         raise ValueError("reward_kl_weight or td_weight > 0 needs the reward head outputs")
 
@@ -248,20 +252,39 @@ def token_terms(logits: Tensor, mu: Tensor | None, log_sigma: Tensor | None, row
     if p.alpha_ce > 0:
         ce_sum = masked_sum(F.cross_entropy(logits[:n], safe_targets[:n, 0], reduction="none"))
     if nonterminal is not None:
-        if p.td_target == "teacher_expected":
-            q_table = q_values(logits, q_form=p.q_form, temperature=p.temperature, ava_alpha=p.ava_alpha)
-            q_taken = teacher_expectation(q_table, logprobs, teacher, temperature=p.temperature, topk_tail=p.topk_tail)
-        elif p.q_form == "logits":  # z_i[a_i] / tau: one entry per row, no (m, V) table
-            q_taken = logits.gather(-1, safe_targets).squeeze(-1) / p.temperature
-        elif p.q_form == "logprobs":
-            q_taken = logprobs.gather(-1, safe_targets).squeeze(-1)
-        else:
-            q_table = q_values(logits, q_form=p.q_form, temperature=p.temperature, ava_alpha=p.ava_alpha)
-            q_taken = q_table.gather(-1, safe_targets).squeeze(-1)
-        td = td_difference(q_taken, nonterminal, gamma=p.gamma)[:n]
+        td = td_per_row(logits, logprobs, safe_targets[:, 0], nonterminal, teacher, params=p)[:n]
         td_sum = masked_sum(td_consistency(td, mu, log_sigma))
     loss = p.alpha_kd * div_sum + p.alpha_ce * ce_sum + p.td_weight * td_sum
     return loss, (div_sum.detach(), ce_sum.detach(), td_sum.detach())
+
+
+def td_per_row(logits: Tensor, logprobs: Tensor, actions: Tensor, nonterminal: Tensor, teacher: TeacherSignal | None,
+               *, params: XKDHyperparams) -> Tensor:
+    """TD_i of every row, (m,), by td_target (XKD_METHOD.md section 2); actions (m,) in the vocabulary.
+
+    observed / teacher_expected: Q(s_i, a_i) - gamma Q(s'_i, a'_i); soft: Q(s_i, a_i) - gamma V(s'_i), both
+    terms carrying gradient (AVRIL's convention for the TD difference); teacher_logprob: log p_T(a_i | s_i),
+    a fixed target built without gradient, so this term trains only the reward head.
+    """
+    p = params
+    if p.td_target == "teacher_logprob":
+        with torch.no_grad():
+            td_target = teacher_token_logprob(teacher, actions, temperature=p.temperature, topk_tail=p.topk_tail,
+                                              vocab_size=logits.shape[-1])
+        return td_target
+    taken = actions.unsqueeze(-1)
+    if p.td_target == "teacher_expected":
+        q_table = q_values(logits, q_form=p.q_form, temperature=p.temperature, ava_alpha=p.ava_alpha)
+        q_taken = teacher_expectation(q_table, logprobs, teacher, temperature=p.temperature, topk_tail=p.topk_tail)
+    elif p.q_form == "logits":  # z_i[a_i] / tau: one entry per row, no (m, V) table
+        q_taken = logits.gather(-1, taken).squeeze(-1) / p.temperature
+    elif p.q_form == "logprobs":
+        q_taken = logprobs.gather(-1, taken).squeeze(-1)
+    else:
+        q_table = q_values(logits, q_form=p.q_form, temperature=p.temperature, ava_alpha=p.ava_alpha)
+        q_taken = q_table.gather(-1, taken).squeeze(-1)
+    next_value = soft_value(logits, q_form=p.q_form, temperature=p.temperature) if p.td_target == "soft" else None
+    return td_difference(q_taken, nonterminal, gamma=p.gamma, next_value=next_value)
 
 
 def _first_rows(teacher: TeacherSignal, n: int) -> TeacherSignal:

@@ -15,6 +15,7 @@ import torch
 from axolotl_xkd.losses import DIVERGENCES, Q_FORMS, TopKSignal, XKDHyperparams, xkd_loss
 from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.signal import DenseHiddenSignal, DenseSignal
+from axolotl_xkd.losses.td import TD_TARGETS
 
 B, T, H, H_T, V, K = 2, 12, 6, 5, 17, 4
 N = B * T
@@ -103,7 +104,7 @@ def test_every_divergence_matches_unchunked(name, teacher_kind, chunk_size):
 
 
 @pytest.mark.parametrize("chunk_size", [4, 7])
-@pytest.mark.parametrize("td_target", ["observed", "teacher_expected"])
+@pytest.mark.parametrize("td_target", TD_TARGETS)
 @pytest.mark.parametrize("q_form", Q_FORMS)
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
 def test_every_td_form_matches_unchunked(teacher_kind, q_form, td_target, chunk_size):

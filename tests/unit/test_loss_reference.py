@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from axolotl_xkd.losses import DenseSignal, TopKSignal, XKDHyperparams, xkd_loss
+from axolotl_xkd.losses.td import TD_TARGETS
 from tests.reference import reference_xkd
 
 B, T, V, K = 2, 7, 11, 4
@@ -81,7 +82,7 @@ def test_divergences_match_reference(divergence, beta, teacher_kind):
 
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
 @pytest.mark.parametrize("q_form", ["logits", "logprobs", "ava"])
-@pytest.mark.parametrize("td_target", ["observed", "teacher_expected"])
+@pytest.mark.parametrize("td_target", TD_TARGETS)
 def test_td_forms_match_reference(q_form, td_target, teacher_kind):
     params = XKDHyperparams(q_form=q_form, td_target=td_target, ava_alpha=3.0, gamma=0.9, temperature=0.8,
                             prior_std=2.0, reward_kl_weight=0.7, td_weight=1.3)
