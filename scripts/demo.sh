@@ -1,16 +1,48 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: build a tiny teacher/student/task in code, train the teacher
-# briefly, distil it with X-KD through `axolotl train` on the CPU, and print where the outputs went.
+# briefly, distil it with X-KD through `axolotl train` on the CPU, train the same student with plain SFT on
+# the same budget, and compare the four models' exact match (docs/demo.md).
+# Deletes and rewrites the demo folder: XKD_DEMO_OUT, default runs/tiny (the folder the example configs use).
+# XKD_TEACHER_STEPS (default 800) sets the tiny teacher's training steps.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/setup.sh
 . "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-rm -rf runs/tiny
-python -m axolotl_xkd.tiny --out runs/tiny --teacher-steps "${XKD_TEACHER_STEPS:-800}"
-axolotl train example_configs/xkd_tiny.yml
-OUT=runs/tiny/xkd_student
-test -f "$OUT/model.safetensors" && test -f "$OUT/xkd_reward_head.safetensors"
-echo
-echo "X-KD student (plain Hugging Face model): $ROOT/$OUT"
-echo "Reward head: $ROOT/$OUT/xkd_reward_head.safetensors (+ xkd_reward_head.json)"
+OUT="${XKD_DEMO_OUT:-runs/tiny}"
+START=$SECONDS
+step() { echo; echo "=== demo [$((SECONDS - START)) s]: $*"; }
+
+step "building the tiny tokenizer, teacher, student and data in $OUT (deleted first); training the teacher"
+rm -rf "$OUT"
+python -m axolotl_xkd.tiny --out "$OUT" --teacher-steps "${XKD_TEACHER_STEPS:-800}"
+python -m axolotl_xkd.demo configs --out "$OUT"
+step "X-KD: axolotl train $OUT/xkd.yml (example_configs/xkd_tiny.yml, paths under $OUT)"
+axolotl train "$OUT/xkd.yml"
+test -f "$OUT/xkd_student/model.safetensors" && test -f "$OUT/xkd_student/xkd_reward_head.safetensors"
+step "plain SFT, the same budget: axolotl train $OUT/sft.yml (the same config without the plugin and xkd: block)"
+axolotl train "$OUT/sft.yml"
+step "plotting the X-KD run's loss terms"
+PLOT="$(axolotl xkd plot "$OUT/xkd_student" --out "$OUT/xkd_loss_terms.png" | tail -n 1)"
+step "greedy exact match on the eval rows"
+python -m axolotl_xkd.demo report --out "$OUT"
+
+cat <<NEXT
+
+X-KD student (plain Hugging Face model): $OUT/xkd_student
+Reward head: $OUT/xkd_student/xkd_reward_head.safetensors (+ xkd_reward_head.json)
+Loss terms plot: $PLOT
+Table as JSON: $OUT/exact_match.json
+Demo took $((SECONDS - START)) s.
+
+Try next (first: cd $ROOT && . ${XKD_VENV:-.venv}/bin/activate):
+  Score answers with the student's reward head:
+    axolotl xkd score --model $OUT/xkd_student --prompts $OUT/data/eval.jsonl --responses $OUT/data/eval.jsonl --out scored.jsonl
+  Store the teacher's top-k once, then train from it without loading the teacher:
+    axolotl xkd precompute $OUT/xkd.yml --out $OUT/teacher_topk
+    (then train with xkd.teacher: {source: precomputed, path: $OUT/teacher_topk}, as in
+    example_configs/xkd_tiny_precomputed.yml)
+  Add X-KD to your own Axolotl config: copy the plugins: line and the xkd: block of example_configs/xkd_tiny.yml
+  (docs/getting_started.md).
+Running this demo again deletes and rewrites $OUT.
+NEXT

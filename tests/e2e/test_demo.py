@@ -1,0 +1,54 @@
+"""End to end: `bash scripts/demo.sh` as the README runs it, in a temporary folder (XKD_DEMO_OUT) and with a
+shorter teacher training (XKD_TEACHER_STEPS), then its table, plot and closing hints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import BIN, ENV, REPO, log_history
+
+pytestmark = pytest.mark.e2e
+
+TEACHER_STEPS = 400
+
+
+def test_demo_table_shows_the_distilled_student_beats_the_untrained_one(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, **ENV, "XKD_DEMO_OUT": str(out), "XKD_TEACHER_STEPS": str(TEACHER_STEPS),
+           "XKD_VENV": sys.prefix, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1800, check=False)
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-8000:]}"
+    stdout = proc.stdout
+
+    # Progress while the teacher trains: a line every 100 steps, then its total time.
+    assert f"tiny teacher: step {TEACHER_STEPS}/{TEACHER_STEPS}, loss" in stdout
+    assert f"tiny teacher: {TEACHER_STEPS} steps in " in stdout
+
+    report = json.loads((out / "exact_match.json").read_text())
+    models = report["models"]
+    assert list(models) == ["untrained student", "X-KD student", "plain SFT student", "teacher"]
+    assert report["rows"] == 64
+    assert models["X-KD student"]["exact"] > models["untrained student"]["exact"], report
+    # The printed table carries the same numbers.
+    for label, result in models.items():
+        assert any(line.split()[: len(label.split()) + 1] == [*label.split(), f"{result['exact']}/64"]
+                   for line in stdout.splitlines()), (label, stdout[-3000:])
+
+    # The SFT run is the X-KD config without the plugin, on the same budget: no X-KD metrics, no reward head.
+    sft, xkd = log_history(out / "sft_student"), log_history(out / "xkd_student")
+    assert not any(key.startswith("xkd/") for entry in sft for key in entry)
+    assert any(key.startswith("xkd/") for entry in xkd for key in entry)
+    assert not (out / "sft_student" / "xkd_reward_head.safetensors").exists()
+    assert sft[-1]["step"] == xkd[-1]["step"] > 0
+
+    assert (out / "xkd_loss_terms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"Loss terms plot: {out / 'xkd_loss_terms.png'}" in stdout
+    for hint in ("axolotl xkd score --model", "axolotl xkd precompute", "plugins: line and the xkd: block",
+                 f"Running this demo again deletes and rewrites {out}."):
+        assert hint in stdout
