@@ -11,17 +11,23 @@ the head's `reward_input`: from h_{i+1} (`next_state`, the hidden state at the a
 position) or from h_i (`state`). h is the student's last hidden state, the input of its output
 layer, captured with a forward hook exactly as XKDTrainer does.
 
+Prompts as training saw them. Raw strings are tokenized as above, which matches training only when
+the dataset's prompt format is the bare prompt. `TrainingFormat` renders (prompt, response) pairs with
+the training config's own Axolotl prompt strategy (alpaca-style `type:` dicts, `alpaca*` types,
+`chat_template`): the very tokens and labels `axolotl train` builds, split at the first trained label.
+
 Imports transformers and project modules below the trainer (reward_store, losses); never the
-trainer or the plugin, so scoring works without Axolotl.
+trainer or the plugin. Axolotl is imported only by `TrainingFormat`, so plain scoring works without it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -238,12 +244,14 @@ class RewardScorer:
         seed: int | None = None,
         batch_size: int = 8,
         progress: bool = False,
+        prompt_ids: Sequence[Sequence[int]] | None = None,
     ) -> list[list[ScoredResponse]]:
         """Sample n responses per prompt and return them scored, best first by reward sum (or mean).
 
         Sampling is seeded by `seed` (the same seed, batch size and device give the same samples).
         A sample that hits max_new_tokens has no EOS (finished=False) and is scored without one.
-        `batch_size` counts prompts per generate call; each brings n samples.
+        `batch_size` counts prompts per generate call; each brings n samples. `prompt_ids` (one per
+        prompt, e.g. from `TrainingFormat.render_prompts`) replaces the plain tokenization of `prompts`.
         """
         if n < 1:
             raise ValueError(f"rerank: n must be at least 1, got {n}")
@@ -251,7 +259,10 @@ class RewardScorer:
             raise ValueError(f"rerank: rank_by must be 'sum' or 'mean', got {rank_by!r}")
         if seed is not None:
             torch.manual_seed(seed)
-        prompt_ids = [self._prompt_ids(p, row) for row, p in enumerate(prompts)]
+        if prompt_ids is None:
+            prompt_ids = [self._prompt_ids(p, row) for row, p in enumerate(prompts)]
+        elif len(prompt_ids) != len(prompts):
+            raise ValueError(f"rerank: {len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
@@ -267,6 +278,112 @@ class RewardScorer:
             for k in range(len(batch_prompts)):
                 results.append(sorted(scored[k * n : (k + 1) * n], key=key, reverse=True))
         return results
+
+
+class TrainingFormat:
+    """Renders (prompt, response) pairs exactly as `axolotl train` tokenized the config's dataset.
+
+    The pair is written as a row of the dataset's own layout (the instruction/output fields of an
+    alpaca-style type, or a user and an assistant message for `chat_template`), and Axolotl's own
+    prompt strategy for that dataset tokenizes it. The prompt is every token before the first trained
+    label; the response runs from there to the last trained label (EOS or end-of-turn included where
+    training counted it). `train_on_inputs` is turned off for the split; it changes labels, not tokens.
+    """
+
+    def __init__(self, cfg: Any, tokenizer: PreTrainedTokenizerBase, *, dataset_index: int = 0,
+                 where: str = "the config") -> None:
+        datasets = cfg.datasets or []
+        if not 0 <= dataset_index < len(datasets):
+            raise ValueError(f"{where}: dataset index {dataset_index} is out of range; its datasets: lists "
+                             f"{len(datasets)} (indices from 0)")
+        self.cfg = cfg
+        self.cfg.train_on_inputs = False
+        self.cfg.dataset_num_proc = 1
+        self.ds_cfg = datasets[dataset_index]
+        self.tokenizer = tokenizer
+        if cfg.chat_template and getattr(tokenizer, "chat_template", None) is None:
+            # A student saved by `axolotl train` carries the template it trained with; else build it as
+            # Axolotl's load_tokenizer does.
+            from axolotl.utils.chat_templates import get_chat_template_from_config
+
+            tokenizer.chat_template = get_chat_template_from_config(cfg=cfg, tokenizer=tokenizer)
+        kind = self.ds_cfg.type
+        if not (isinstance(kind, dict) or kind == "chat_template" or str(kind).split(":")[0].startswith("alpaca")):
+            raise ValueError(
+                f"{where}: datasets[{dataset_index}] has type {kind!r}; scoring renders alpaca-style types "
+                "(a `type:` dict with field_instruction/field_output, or alpaca*) and chat_template"
+            )
+
+    @classmethod
+    def from_yaml(cls, text: str, tokenizer: PreTrainedTokenizerBase, *, where: str,
+                  dataset_index: int = 0) -> TrainingFormat:
+        """Validate an Axolotl config (YAML text) with Axolotl's own schema and plugins, as `axolotl train`
+        does, without its run setup (which would write a debug.log into the config's output_dir)."""
+        import yaml
+        from axolotl.cli.config import prepare_plugins
+        from axolotl.utils.config import validate_config
+        from axolotl.utils.dict import DictDefault
+
+        cfg = DictDefault(yaml.safe_load(text))
+        prepare_plugins(cfg)
+        return cls(validate_config(cfg), tokenizer, dataset_index=dataset_index, where=where)
+
+    def _row(self, prompt: str, response: str) -> dict:
+        kind = self.ds_cfg.type
+        if kind == "chat_template":
+            mapping = dict(self.ds_cfg.message_property_mappings or {})
+            role_key, content_key = mapping.get("role", "role"), mapping.get("content", "content")
+            roles = self.ds_cfg.roles or {}
+            user = (roles.get("user") or ["user"])[0]
+            assistant = (roles.get("assistant") or ["assistant"])[0]
+            messages = [{role_key: user, content_key: prompt}, {role_key: assistant, content_key: response}]
+            return {self.ds_cfg.field_messages or "messages": messages}
+        if isinstance(kind, dict):
+            instruction, output = kind.get("field_instruction") or "instruction", kind.get("field_output") or "output"
+            return {instruction: prompt, output: response}
+        return {"instruction": prompt, "input": "", "output": response}
+
+    def render(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """(prompt ids, response ids) per pair, as training tokenized them."""
+        from axolotl.utils.data.wrappers import get_dataset_wrapper
+        from datasets import Dataset
+
+        kind = self.ds_cfg.type
+        base, style = (kind.split(":", 1) + [None])[:2] if isinstance(kind, str) else (None, None)
+        rows = Dataset.from_list([self._row(p, r) for p, r in zip(prompts, responses, strict=True)])
+        tokenized, _ = get_dataset_wrapper(self.ds_cfg, self.tokenizer, self.cfg, base, rows, style)
+        pairs = [_split_at_labels(row["input_ids"], row["labels"], n) for n, row in enumerate(tokenized)]
+        return [p for p, _ in pairs], [r for _, r in pairs]
+
+    def render_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        """The prompt ids alone (what the student is sampled from): each prompt rendered with a one-letter
+        placeholder response (an empty one trains no label, so it marks no boundary), cut before it."""
+        return self.render(prompts, ["A"] * len(prompts))[0]
+
+
+def _split_at_labels(input_ids: Sequence[int], labels: Sequence[int], row: int) -> tuple[list[int], list[int]]:
+    trained = [i for i, label in enumerate(labels) if label != -100]
+    if not trained or trained[0] == 0:
+        raise ValueError(f"row {row}: the training format marks no response after a prompt (trained labels at "
+                         f"{trained[:5]}...), so the prompt/response boundary is unknown")
+    if len(trained) != trained[-1] - trained[0] + 1:
+        raise ValueError(f"row {row}: the trained labels are not one contiguous response; score one turn at a time")
+    return list(input_ids[: trained[0]]), list(input_ids[trained[0] : trained[-1] + 1])
+
+
+def saved_training_config(student_dir: str | os.PathLike) -> tuple[str, str] | None:
+    """(YAML text, where) of the config `axolotl train` embedded in the model card (README.md) of an output_dir,
+    or of the output_dir above a checkpoint-N folder; None when there is none."""
+    student_dir = Path(student_dir)
+    folders = [student_dir, student_dir.parent] if student_dir.name.startswith("checkpoint-") else [student_dir]
+    for folder in folders:
+        card = folder / "README.md"
+        if card.is_file():
+            found = re.search(r"See axolotl config</summary>.*?```yaml\n(.*?)\n```", card.read_text(encoding="utf-8"),
+                              re.S)
+            if found:
+                return found.group(1), f"{card} (the config `axolotl train` saved)"
+    return None
 
 
 def load_scorer(

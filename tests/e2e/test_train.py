@@ -26,7 +26,9 @@ def run(tiny_assets, tmp_path_factory):
     """One X-KD training run of 6 steps, checkpoints at 3 and 6; returns (config, output dir, process)."""
     tmp = tmp_path_factory.mktemp("xkd_run")
     config = base_config(tiny_assets, tmp)
-    config["xkd"].update({"divergence": "jsd", "beta": 0.5, "alpha_ce": 0.1})
+    # lambda = w_kl = 1 stated (the defaults are 0.1): the loss-sum check below weights every component by 1.
+    config["xkd"].update({"divergence": "jsd", "beta": 0.5, "alpha_ce": 0.1, "td_weight": 1.0,
+                          "reward_kl_weight": 1.0})
     proc = train(write_config(tmp / "cfg.yml", config))
     return config, Path(config["output_dir"]), proc
 
@@ -122,7 +124,7 @@ def test_example_llama_config_passes_validation():
         "cfg = DictDefault(yaml.safe_load(open('example_configs/xkd_llama.yml')))\n"
         "prepare_plugins(cfg)\n"
         "cfg = validate_config(cfg)\n"
-        "assert cfg.xkd['divergence'] == 'jsd' and cfg.xkd['teacher']['source'] == 'model', cfg.xkd\n"
+        "assert cfg.xkd['divergence'] == 'forward_kl' and cfg.xkd['teacher']['source'] == 'model', cfg.xkd\n"
         "assert cfg.sample_packing and cfg.deepspeed\n"
         "print('valid')\n"
     )
