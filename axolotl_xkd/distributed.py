@@ -1,5 +1,6 @@
-"""Every DeepSpeed/ZeRO helper of axolotl_xkd, in one place: gathering partitioned parameters, the
-ZeRO-3 output layer for the chunked loss, and the teacher's DeepSpeed inference engine.
+"""Every DeepSpeed/ZeRO and multi-process helper of axolotl_xkd, in one place: the fix that lets several ranks run
+on CPUs only (before the model loads, then once the trainer exists), gathering partitioned parameters, the ZeRO-3
+output layer for the chunked loss, and the teacher's DeepSpeed inference engine.
 
 Imports torch at module level and deepspeed only inside the functions that need it (it is optional
 and slow to import). Knows nothing of Axolotl, the trainer or the config schema.
@@ -25,7 +26,28 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def count_cpu_ranks(accelerator) -> None:
+def cpu_ranks_before_model_load(cfg) -> None:
+    """Make a multi-process run on a machine without an accelerator work as it does on GPUs.
+
+    Axolotl 0.19's `normalize_config` sets `device_map: {"": LOCAL_RANK}` for any world size above 1,
+    which transformers reads as an accelerator index ("Cannot access accelerator device"), so DDP and
+    ZeRO-1/2 cannot start; the model loader has already put that same dict object into its
+    `from_pretrained` kwargs when this hook runs, so it is rewritten in place. Without DeepSpeed,
+    accelerate also needs ACCELERATE_USE_CPU to set up gloo DDP, or each rank trains alone;
+    DeepSpeed's own count is mended by `cpu_ranks_after_trainer_create` once the trainer exists.
+    """
+    if cfg.get("world_size", 1) <= 1 or cfg.get("device") != "cpu":
+        return
+    device_map = cfg.get("device_map")
+    if isinstance(device_map, dict):
+        for key, value in device_map.items():
+            if isinstance(value, int):
+                device_map[key] = "cpu"
+    if not cfg.get("deepspeed") and not cfg.get("fsdp_config"):
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+def cpu_ranks_after_trainer_create(accelerator) -> None:
     """Make accelerate count every rank of a DeepSpeed run on CPUs only, so each rank gets its own data.
 
     accelerate 1.x picks no backend for a DeepSpeed launch without an accelerator (its CPU branch needs

@@ -4,7 +4,6 @@ because Axolotl logs a plugin's ImportError and carries on without it."""
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING
 
 from axolotl.integrations.base import BasePlugin
@@ -13,27 +12,6 @@ if TYPE_CHECKING:
     from axolotl_xkd.args import XKDConfig
 
 LOG = logging.getLogger("axolotl_xkd")
-
-
-def _cpu_ranks(cfg) -> None:
-    """Make a multi-process run on a machine without an accelerator work as it does on GPUs.
-
-    Axolotl 0.19's `normalize_config` sets `device_map: {"": LOCAL_RANK}` for any world size above 1,
-    which transformers reads as an accelerator index ("Cannot access accelerator device"), so DDP and
-    ZeRO-1/2 cannot start; the model loader has already put that same dict object into its
-    `from_pretrained` kwargs when this hook runs, so it is rewritten in place. Without DeepSpeed,
-    accelerate also needs ACCELERATE_USE_CPU to set up gloo DDP, or each rank trains alone;
-    DeepSpeed's own count is mended by `distributed.count_cpu_ranks` once the trainer exists.
-    """
-    if cfg.get("world_size", 1) <= 1 or cfg.get("device") != "cpu":
-        return
-    device_map = cfg.get("device_map")
-    if isinstance(device_map, dict):
-        for key, value in device_map.items():
-            if isinstance(value, int):
-                device_map[key] = "cpu"
-    if not cfg.get("deepspeed") and not cfg.get("fsdp_config"):
-        os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
 class XKDPlugin(BasePlugin):
@@ -71,13 +49,15 @@ class XKDPlugin(BasePlugin):
 
     def pre_model_load(self, cfg) -> None:
         if cfg.get("xkd") is not None:
-            _cpu_ranks(cfg)
+            from axolotl_xkd.distributed import cpu_ranks_before_model_load
+
+            cpu_ranks_before_model_load(cfg)
 
     def post_model_load(self, cfg, model) -> None:
         config = self._xkd_config(cfg)
         if config is None or not (config.reward_kl_weight > 0 or config.td_weight > 0):
             return
-        from axolotl_xkd.model_glue import attach_reward_head
+        from axolotl_xkd.wiring import attach_reward_head
 
         attach_reward_head(model, config)
 
@@ -85,7 +65,7 @@ class XKDPlugin(BasePlugin):
         config = self._xkd_config(cfg)
         if config is None or getattr(config.teacher, "source", None) != "precomputed":
             return None
-        from axolotl_xkd.precomputed_data import load_datasets_meta
+        from axolotl_xkd.store.read import load_datasets_meta
 
         return load_datasets_meta(cfg, config.teacher, sequences=config.sequences)
 
@@ -93,8 +73,8 @@ class XKDPlugin(BasePlugin):
         config = self._xkd_config(cfg)
         if config is None or getattr(config.teacher, "source", None) != "precomputed":
             return None
-        from axolotl_xkd.collator import collator_for
-        from axolotl_xkd.precomputed_data import store_top_k
+        from axolotl_xkd.store.collate import collator_for
+        from axolotl_xkd.store.read import store_top_k
 
         return collator_for(cfg, is_eval=is_eval, top_k=store_top_k(config.teacher))
 
@@ -109,20 +89,19 @@ class XKDPlugin(BasePlugin):
         config = self._xkd_config(cfg)
         if config is None:
             return
-        from axolotl_xkd.distributed import count_cpu_ranks
-        from axolotl_xkd.model_glue import configure_trainer
+        from axolotl_xkd.distributed import cpu_ranks_after_trainer_create
+        from axolotl_xkd.wiring import configure_trainer
 
-        count_cpu_ranks(trainer.accelerator)
+        cpu_ranks_after_trainer_create(trainer.accelerator)
         configure_trainer(trainer, config, cfg)
 
     def post_train(self, cfg, model) -> None:
-        config = self._xkd_config(cfg)
-        if config is None:
+        if cfg.get("xkd") is None:
             return
         from axolotl_xkd.compat import merge_hook_available, merge_instructions
-        from axolotl_xkd.model_glue import find_reward_head, save_final_reward_head
+        from axolotl_xkd.wiring import find_reward_head, save_final_reward_head
 
-        save_final_reward_head(model, config, cfg)
+        save_final_reward_head(model, cfg)
         if cfg.get("adapter") and find_reward_head(model) is not None and not merge_hook_available():
             LOG.info(merge_instructions(cfg.output_dir))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from axolotl_xkd.distributed import is_partitioned
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 
 WEIGHTS_NAME = "xkd_reward_head.safetensors"
@@ -30,6 +31,18 @@ def save_reward_head(state: dict[str, torch.Tensor], config: dict, directory: st
     save_file(tensors, str(weights), metadata={"format": FORMAT})
     (directory / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, **config}, indent=2, sort_keys=True))
     return weights
+
+
+def save_beside_student(head: VariationalRewardHead, directory: str | os.PathLike, *,
+                        state: dict[str, torch.Tensor] | None = None) -> Path | None:
+    """Write a trained head beside its student in `directory`: the one way the trainer (checkpoints, its own final
+    save) and the plugin (after Axolotl's final save) write it. `state` is the whole head the trainer gathered
+    under ZeRO-3; without it, a rank that holds only shards of the head writes nothing and gets None."""
+    if state is None:
+        if any(is_partitioned(p) for p in head.parameters()):
+            return None
+        state = head.state_dict()
+    return save_reward_head(state, head.config(), directory)
 
 
 def load_reward_head(directory: str | os.PathLike) -> tuple[VariationalRewardHead, dict]:

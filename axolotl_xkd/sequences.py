@@ -2,7 +2,8 @@
 from a causal LM, and batches rebuilt from the two.
 
 Used by `axolotl xkd precompute --generate` (the teacher's responses), by on-policy steps (the student's)
-and by best-of-n reranking. Imports torch and numpy only; the model is anything with HF's `generate`.
+and by best-of-n reranking; `right_pad` is the one right-padding helper of the package. Imports torch, numpy
+and losses.positions only; the model is anything with HF's `generate`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from axolotl_xkd.losses.positions import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -100,18 +101,24 @@ def response_rows(prompts: list[list[int]], responses: list[list[int]]) -> list[
     return [{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r} for p, r in zip(prompts, responses)]
 
 
+def right_pad(sequences: list, pad_value: int) -> tuple[Tensor, Tensor]:
+    """`sequences` (lists or 1-D arrays) as one (B, T) long tensor right-padded with `pad_value`, and the (B, T)
+    long mask that is 1 on their own tokens (an attention_mask)."""
+    width = max(map(len, sequences))
+    values = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for b, sequence in enumerate(sequences):
+        values[b, : len(sequence)] = torch.as_tensor(np.asarray(sequence, dtype=np.int64))
+        mask[b, : len(sequence)] = 1
+    return values, mask
+
+
 def collate_rows(rows: list[dict[str, list[int]]], *, pad_id: int, like: dict[str, Tensor]) -> dict[str, Tensor]:
     """Right-padded input_ids, labels, attention_mask (and position_ids when `like` has them), one sequence per
     row, on the device and with the dtypes of the batch `like`."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[b, :n] = torch.as_tensor(row["input_ids"])
-        labels[b, :n] = torch.as_tensor(row["labels"])
-        mask[b, :n] = 1
+    ids, mask = right_pad([r["input_ids"] for r in rows], pad_id)
+    labels, _ = right_pad([r["labels"] for r in rows], IGNORE_INDEX)
+    width = ids.shape[1]
     device = like["input_ids"].device
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if "position_ids" in like:

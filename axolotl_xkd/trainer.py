@@ -1,7 +1,7 @@
 """XKDTrainer: Axolotl's trainer with the X-KD loss, its metrics, and the reward head's save/resume.
 
 Above the losses and teacher sources; knows nothing of the plugin or the config schema: the plugin
-hands it plain hyperparameters, a teacher source and the reward head in `configure_xkd`.
+hands it an `XKDSetup` (plain hyperparameters, a teacher source, the reward head) in `configure_xkd`.
 """
 
 from __future__ import annotations
@@ -10,31 +10,49 @@ import itertools
 import logging
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from torch import Tensor, nn
 
 from axolotl_xkd.distributed import gathered, through_output_layer
+from axolotl_xkd.frozen_teacher import output_layer_is_linear
+from axolotl_xkd.keys import is_xkd_key
 from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams, XKDLossOutput, xkd_loss
 from axolotl_xkd.on_policy import OnPolicySampler
-from axolotl_xkd.reward_store import WEIGHTS_NAME, load_reward_head, save_reward_head
+from axolotl_xkd.reward_store import WEIGHTS_NAME, load_reward_head, save_beside_student
 from axolotl_xkd.teachers.base import TeacherSource
-from axolotl_xkd.teachers.model import output_layer_is_linear
 
 LOG = logging.getLogger(__name__)
+
 
 def base_model(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-# Logged per response token, under xkd/<name> (train) and eval_xkd/<name> (eval).
-METRICS = ("distill", "ce", "reward_kl", "td_nll", "reward_mu", "reward_sigma")
-# Batch keys and dataset columns that carry a precomputed teacher, not model inputs.
-TEACHER_PREFIX = "xkd_"
+# Logged per response token, under xkd/<name> (train) and eval_xkd/<name> (eval): metric name -> the
+# XKDLossOutput field summed for it.
+METRIC_FIELDS = {"distill": "divergence", "ce": "ce", "reward_kl": "kl_prior", "td_nll": "td_nll",
+                 "reward_mu": "reward_mean", "reward_sigma": "reward_std"}
+METRICS = tuple(METRIC_FIELDS)
+
+
+@dataclass(frozen=True)
+class XKDSetup:
+    """What the trainer needs besides Axolotl's own arguments; built once by `wiring.configure_trainer`."""
+
+    params: XKDHyperparams
+    teacher: TeacherSource | None
+    reward_head: VariationalRewardHead | None
+    detach_backbone: bool  # the reward head reads detached hidden states
+    eos_token_id: int | None
+    vocab_size: int  # the tokenizer's; logits beyond it are padding rows
+    chunk_size: int = 1024  # 0: unchunked loss over full logits
+    sampler: OnPolicySampler | None = None  # on-policy steps (sequences: on_policy)
 
 
 class XKDTrainer(AxolotlTrainer):
@@ -42,68 +60,47 @@ class XKDTrainer(AxolotlTrainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.xkd_params: XKDHyperparams | None = None
-        self.xkd_teacher: TeacherSource | None = None
-        self.xkd_reward_head: VariationalRewardHead | None = None
-        self.xkd_detach_backbone = False
-        self.xkd_eos_token_id: int | None = None
-        self.xkd_vocab_size = 0
-        self.xkd_chunk_size = 0
-        self.xkd_sampler: OnPolicySampler | None = None
+        self.xkd: XKDSetup | None = None
         self._xkd_head_state: dict[str, Tensor] | None = None
         self._xkd_sums: dict[str, dict[str, Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         # The loss divides by num_items_in_batch itself, so the Trainer must count it and not
         # divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
 
-    def configure_xkd(
-        self,
-        params: XKDHyperparams,
-        *,
-        teacher: TeacherSource | None,
-        reward_head: VariationalRewardHead | None,
-        detach_backbone: bool,
-        eos_token_id: int | None,
-        vocab_size: int,
-        chunk_size: int = 1024,
-        sampler: OnPolicySampler | None = None,
-    ) -> None:
+    def configure_xkd(self, setup: XKDSetup) -> None:
         """Install the loss settings; called once by the plugin after the trainer is built."""
-        self.xkd_sampler = sampler
-        self.xkd_params = params
-        self.xkd_teacher = teacher
-        self.xkd_reward_head = reward_head
-        self.xkd_detach_backbone = detach_backbone
-        self.xkd_eos_token_id = eos_token_id
-        self.xkd_vocab_size = vocab_size
-        self.xkd_chunk_size = chunk_size
+        self.xkd = setup
+
+    @property
+    def _xkd_head(self) -> VariationalRewardHead | None:
+        """The reward head being trained, if any (none before configure_xkd)."""
+        return None if self.xkd is None else self.xkd.reward_head
 
     def _set_signature_columns_if_needed(self) -> None:
         """Keep the precomputed teacher's dataset columns, which are not arguments of the model's forward."""
         super()._set_signature_columns_if_needed()
         columns = self.train_dataset.column_names if hasattr(self.train_dataset, "column_names") else []
         keep = self._signature_columns
-        keep += [c for c in columns or [] if c.startswith(TEACHER_PREFIX) and c not in keep]
+        keep += [c for c in columns or [] if is_xkd_key(c) and c not in keep]
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """A step's batches: through the teacher's lookahead (a server teacher sends requests ahead), or, with
         on-policy steps, drawn now, replaced by the student's samples on an on-policy step, then sent to the teacher.
         """
-        if self.xkd_sampler is None:
-            prefetched = getattr(self.xkd_teacher, "prefetched", None)
-            if prefetched is not None:
-                epoch_iterator = prefetched(epoch_iterator)
+        teacher = None if self.xkd is None else self.xkd.teacher
+        if self.xkd is None or self.xkd.sampler is None:
+            if teacher is not None:
+                epoch_iterator = teacher.prefetched(epoch_iterator)
             return super().get_batch_samples(epoch_iterator, num_batches, device)
         batches = list(itertools.islice(epoch_iterator, num_batches))
-        if batches and self.xkd_sampler.is_on_policy(self.state.global_step):
+        if batches and self.xkd.sampler.is_on_policy(self.state.global_step):
             from trl.models.utils import unwrap_model_for_generation
 
             # Under ZeRO-3 the student's parameters are gathered once for the whole generation.
             with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as student:
-                batches = self.xkd_sampler.sample(student, batches)
-        submit = getattr(self.xkd_teacher, "submit", None)
-        for batch in batches if submit is not None else ():
-            submit(batch)
+                batches = self.xkd.sampler.sample(student, batches)
+        for batch in batches if teacher is not None else ():
+            teacher.submit(batch)
         return batches, self._get_num_items_in_batch(batches, device)
 
     def _forward_with_hidden(self, model: nn.Module, inputs: dict[str, Tensor], *, fused: bool):
@@ -134,45 +131,45 @@ class XKDTrainer(AxolotlTrainer):
         """The chunked loss is the default (also under ZeRO-3, see `through_output_layer`); full logits
         are kept for output layers it cannot fuse."""
         student = base_model(self.accelerator.unwrap_model(model))
-        return self.xkd_chunk_size > 0 and output_layer_is_linear(student)
+        return self.xkd.chunk_size > 0 and output_layer_is_linear(student)
 
     def _teacher_signal(self, inputs: dict[str, Tensor], *, fused: bool):
-        if not self.xkd_params.needs_teacher:
+        if not self.xkd.params.needs_teacher:
             return None
-        if fused and getattr(self.xkd_teacher, "fusable", False):
-            return self.xkd_teacher.get_hidden_signal(inputs)
-        return self.xkd_teacher.get_signal(inputs)
+        if fused and self.xkd.teacher.fusable:
+            return self.xkd.teacher.get_hidden_signal(inputs)
+        return self.xkd.teacher.get_signal(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.xkd_params is None:
+        if self.xkd is None:
             raise RuntimeError("XKDTrainer.configure_xkd was not called; use it through axolotl_xkd.XKDPlugin")
-        params = self.xkd_params
+        params = self.xkd.params
         fused = self._uses_fused_loss(model)
         outputs, hidden = self._forward_with_hidden(model, inputs, fused=fused)
         teacher = self._teacher_signal(inputs, fused=fused)
         mean = log_std = None
         if params.uses_reward:
-            mean, log_std = self.xkd_reward_head(hidden.detach() if self.xkd_detach_backbone else hidden)
+            mean, log_std = self.xkd.reward_head(hidden.detach() if self.xkd.detach_backbone else hidden)
         common = {
             "teacher": teacher,
             "reward_mean": mean,
             "reward_log_std": log_std,
             "params": params,
             "position_ids": inputs.get("position_ids"),
-            "eos_token_id": self.xkd_eos_token_id,
+            "eos_token_id": self.xkd.eos_token_id,
         }
         if fused:
             out = through_output_layer(
                 model,
                 lambda weight, bias, h: chunked_xkd_loss(h, weight, inputs["labels"], output_bias=bias,
-                                                         vocab_size=self.xkd_vocab_size,
-                                                         chunk_size=self.xkd_chunk_size, **common),
+                                                         vocab_size=self.xkd.vocab_size,
+                                                         chunk_size=self.xkd.chunk_size, **common),
                 hidden,
             )
         else:
             logits = outputs.logits
-            if logits.shape[-1] != self.xkd_vocab_size:
-                logits = logits[..., : self.xkd_vocab_size]
+            if logits.shape[-1] != self.xkd.vocab_size:
+                logits = logits[..., : self.xkd.vocab_size]
             out = xkd_loss(logits, inputs["labels"], **common)
         self._accumulate(out, "train" if model.training else "eval")
         if num_items_in_batch is None:
@@ -186,47 +183,44 @@ class XKDTrainer(AxolotlTrainer):
 
     def _accumulate(self, out: XKDLossOutput, mode: str) -> None:
         sums = self._xkd_sums[mode]
-        for name, value in zip(
-            ("tokens", *METRICS),
-            (out.num_tokens, out.divergence, out.ce, out.kl_prior, out.td_nll, out.reward_mean, out.reward_std),
-        ):
-            sums[name] = sums[name] + value.detach().float()
+        sums["tokens"] = sums["tokens"] + out.num_tokens.detach().float()
+        for name, output_field in METRIC_FIELDS.items():
+            sums[name] = sums[name] + getattr(out, output_field).detach().float()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
         sums = self._xkd_sums[mode]
         if sums:
             stacked = torch.stack([torch.as_tensor(sums[k], device=self.args.device) for k in ("tokens", *METRICS)])
-            totals = self.accelerator.reduce(stacked, reduction="sum").tolist()
-            tokens = max(totals[0], 1.0)
+            totals = dict(zip(("tokens", *METRICS), self.accelerator.reduce(stacked, reduction="sum").tolist()))
+            tokens = max(totals.pop("tokens"), 1.0)
             prefix = "xkd/" if mode == "train" else "eval_xkd/"
-            for name, total in zip(METRICS, totals[1:]):
-                logs[prefix + name] = round(total / tokens, 6)
+            logs.update({prefix + name: round(total / tokens, 6) for name, total in totals.items()})
             self._xkd_sums[mode] = defaultdict(float)
-        if mode == "train" and self.xkd_sampler is not None:
-            logs.update({f"xkd/{k}": round(v, 6) for k, v in self.xkd_sampler.metrics().items()})
+        if mode == "train" and self.xkd is not None and self.xkd.sampler is not None:
+            logs.update({f"xkd/{k}": round(v, 6) for k, v in self.xkd.sampler.metrics().items()})
         super().log(logs, start_time)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Every rank comes here; under ZeRO-3 the head is gathered (a collective) and copied now, so that
         # _save, which runs on the main process only, writes the whole head.
-        if self.xkd_reward_head is not None:
-            with gathered(list(self.xkd_reward_head.parameters())):
+        if self._xkd_head is not None:
+            with gathered(list(self._xkd_head.parameters())):
                 self._xkd_head_state = {k: v.detach().to("cpu", copy=True) for k, v in
-                                        self.xkd_reward_head.state_dict().items()}
+                                        self._xkd_head.state_dict().items()}
         super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
-        if self.xkd_reward_head is None:
+        if self._xkd_head is None:
             return
-        head_state = self._xkd_head_state or self.xkd_reward_head.state_dict()
-        path = save_reward_head(head_state, self.xkd_reward_head.config(), output_dir or self.args.output_dir)
-        LOG.info("X-KD reward head saved to %s", path)
+        path = save_beside_student(self._xkd_head, output_dir or self.args.output_dir, state=self._xkd_head_state)
+        if path is not None:
+            LOG.info("X-KD reward head saved to %s", path)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.xkd_reward_head is None or self.is_deepspeed_enabled:
+        if self._xkd_head is None or self.is_deepspeed_enabled:
             return  # DeepSpeed restores the head with the rest of its module state.
         if not os.path.isfile(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)):
             raise FileNotFoundError(
@@ -236,5 +230,5 @@ class XKDTrainer(AxolotlTrainer):
         saved, _ = load_reward_head(resume_from_checkpoint)
         with torch.no_grad():
             for name, tensor in saved.state_dict().items():
-                self.xkd_reward_head.get_parameter(name).copy_(tensor)
+                self._xkd_head.get_parameter(name).copy_(tensor)
         LOG.info("X-KD reward head restored from %s", resume_from_checkpoint)

@@ -1,5 +1,9 @@
-"""Wiring between the plugin's hooks and the trainer: the reward head on the student, the teacher
-source, and the final save. Imports trainer-level code; the plugin imports it lazily."""
+"""The composition root: what the plugin's hooks build from the validated `xkd:` block and hand to the trainer
+(the reward head on the student, the teacher source, the loss settings, the on-policy sampler). Each piece lives
+in its own module; this one only chooses and connects them.
+
+Imports trainer-level code; the plugin imports it lazily.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,13 @@ from torch import nn
 
 from axolotl_xkd import __version__
 from axolotl_xkd.args import XKDConfig
-from axolotl_xkd.distributed import is_partitioned
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams
 from axolotl_xkd.on_policy import OnPolicySampler
-from axolotl_xkd.reward_store import ATTRIBUTE, save_reward_head
+from axolotl_xkd.reward_store import ATTRIBUTE, save_beside_student
 from axolotl_xkd.sequences import Sampling
 from axolotl_xkd.teachers.base import TeacherSource
-from axolotl_xkd.teachers.server import ServerSettings
-from axolotl_xkd.trainer import base_model
+from axolotl_xkd.trainer import XKDSetup, base_model
 
 LOG = logging.getLogger("axolotl_xkd")
 
@@ -75,7 +77,7 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
         return None
     teacher = config.teacher
     if teacher.source == "precomputed":
-        from axolotl_xkd.precomputed_data import store_top_k
+        from axolotl_xkd.store.read import store_top_k
         from axolotl_xkd.teachers.precomputed import PrecomputedTeacherSource
 
         return PrecomputedTeacherSource(store_top_k(teacher))
@@ -98,25 +100,13 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
     )
 
 
-def server_settings(teacher) -> ServerSettings:
-    """The client settings of an `xkd.teacher` block with `source: server`; the API key is read from the
-    environment variable the block names."""
-    api_key = None
-    if teacher.api_key_env:
-        api_key = os.environ.get(teacher.api_key_env)
-        if not api_key:
-            raise ValueError(f"xkd.teacher.api_key_env={teacher.api_key_env!r}: that environment variable is not set "
-                             "or empty; export the teacher server's API key in it (it is never read from the YAML).")
-    fields = ServerSettings.__dataclass_fields__
-    return ServerSettings(**{k: v for k, v in teacher.model_dump().items() if k in fields}, api_key=api_key)
-
-
 def load_server_teacher(teacher, tokenizer) -> TeacherSource:
     """A teacher server client for `xkd.teacher` (source: server), checked once against the student's tokenizer."""
-    from axolotl_xkd.teachers.server import ServerTeacherSource, TeacherServerClient
-    from axolotl_xkd.topk_store import tokenizer_hash
+    from axolotl_xkd.frozen_teacher import tokenizer_hash
+    from axolotl_xkd.server.client import TeacherServerClient, api_key_from_env
+    from axolotl_xkd.teachers.server import ServerTeacherSource
 
-    client = TeacherServerClient(server_settings(teacher))
+    client = TeacherServerClient(teacher, api_key=api_key_from_env(teacher))
     client.check_server(tokenizer, tokenizer_hash(tokenizer))
     return ServerTeacherSource(client)
 
@@ -136,7 +126,7 @@ def configure_trainer(trainer, config: XKDConfig, cfg) -> None:
     head = find_reward_head(student) if params.uses_reward else None
     if head is not None:
         head.metadata.update(vocab_size=vocab_size, eos_token_id=tokenizer.eos_token_id)
-    trainer.configure_xkd(
+    trainer.configure_xkd(XKDSetup(
         params,
         teacher=load_teacher(config, trainer, student),
         reward_head=head,
@@ -145,7 +135,7 @@ def configure_trainer(trainer, config: XKDConfig, cfg) -> None:
         vocab_size=vocab_size,
         chunk_size=config.chunk_size,
         sampler=on_policy_sampler(config, cfg, tokenizer),
-    )
+    ))
     LOG.info("axolotl_xkd %s active: %s", __version__, config.model_dump_json(exclude_none=True))
 
 
@@ -159,19 +149,18 @@ def on_policy_sampler(config: XKDConfig, cfg, tokenizer) -> OnPolicySampler | No
                            max_length=int(cfg.sequence_len))
 
 
-def save_final_reward_head(model: nn.Module, config: XKDConfig, cfg) -> None:
-    """Write the trained head beside the final student in cfg.output_dir (rank 0 only).
+def save_final_reward_head(model: nn.Module, cfg) -> None:
+    """Write the trained head beside the final student in cfg.output_dir (rank 0 only), after Axolotl's final save.
 
-    Under ZeRO-3 the parameters are partitioned; the trainer's save_model already wrote the head
-    from the gathered state dict there. Axolotl calls post_train twice (after trainer.train and again
-    after saving the model): the head is written both times, the message logged once.
+    Axolotl saves a single-process or ZeRO-1/2 student with `model.save_pretrained`, which leaves the head out;
+    under ZeRO-3 it calls the trainer's save_model, which already wrote the head from the gathered state, and
+    this rank holds only shards (nothing to write). Axolotl 0.19 calls post_train twice (after trainer.train and
+    again after saving the model): the head is written both times, the message logged once.
     """
     head = find_reward_head(model)
     if head is None or int(os.environ.get("RANK", "0")) != 0:
         return
-    if any(is_partitioned(p) for p in head.parameters()):
-        return
-    path = save_reward_head(head.state_dict(), head.config(), cfg.output_dir)
-    if getattr(head, "_xkd_announced", None) != path:
+    path = save_beside_student(head, cfg.output_dir)
+    if path is not None and getattr(head, "_xkd_announced", None) != path:
         head._xkd_announced = path
         LOG.info("X-KD student saved to %s; reward head saved to %s", cfg.output_dir, path)

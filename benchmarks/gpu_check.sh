@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check (issue 5): the tiny X-KD config with flash_attention_2 + bf16 + sample packing gives the same
-# first losses as the sdpa / fp32 packed run. Needs a CUDA GPU, axolotl and flash-attn installed.
+# GPU check of the paths CI cannot run (it has no GPU): the tiny X-KD config with flash_attention_2 + bf16 +
+# sample packing gives the same first losses as the sdpa / fp32 packed run. Needs a CUDA GPU, axolotl and
+# flash-attn installed.
 # Usage (repository root, venv active):  bash benchmarks/gpu_check.sh [WORKDIR]
 # Writes WORKDIR/gpu_check.json and exits non-zero when the losses differ by more than 2% (bf16).
 set -euo pipefail

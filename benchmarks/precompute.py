@@ -23,8 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import axolotl_xkd
-from axolotl_xkd.precompute import pad_batch, score_rows, shard_table
-from axolotl_xkd.topk_store import choose_encoding, write_shard
+from axolotl_xkd.store.format import choose_encoding
+from axolotl_xkd.store.write import pad_batch, score_rows, shard_table, write_shard
 
 RESULTS = Path(__file__).parent / "results" / "precompute.md"
 

@@ -66,9 +66,9 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
 
     from axolotl.cli.config import load_cfg
 
-    from axolotl_xkd.model_glue import server_settings
-    from axolotl_xkd.precompute import PrecomputeSettings, run_precompute
     from axolotl_xkd.sequences import Sampling
+    from axolotl_xkd.server.client import api_key_from_env
+    from axolotl_xkd.store.write import PrecomputeSettings, run_precompute
 
     cfg = load_cfg(config)
     block = XKDConfig.model_validate(dict(cfg["xkd"])) if cfg.get("xkd") is not None else None
@@ -79,11 +79,22 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
                                   batch_size=batch_size,
                                   rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype, generate=sampling,
                                   seed=seed if seed is not None else int(cfg.get("seed") or 0),
-                                  server=None if server_block is None else server_settings(server_block))
+                                  server=server_block,
+                                  server_api_key=None if server_block is None else api_key_from_env(server_block),
+                                  loading=_loading(teacher, teacher_path))
     manifest = run_precompute(cfg, settings, rank=int(os.environ.get("RANK", "0")),
                               world_size=int(os.environ.get("WORLD_SIZE", "1")))
     click.echo(f"xkd precompute: {out} (k={manifest.top_k}, {manifest.splits} rows, {manifest.encoding}, "
                f"sequences: {manifest.sequences})")
+
+
+def _loading(teacher: Teacher | None, teacher_path: str | None) -> dict:
+    """The from_pretrained options of a `source: model` block, so the precompute loads that teacher as training
+    does (none for another teacher given with --teacher)."""
+    if getattr(teacher, "source", None) != "model" or teacher_path != teacher.path:
+        return {}
+    return {"tokenizer_path": teacher.tokenizer_path, "trust_remote_code": teacher.trust_remote_code,
+            "attn_implementation": teacher.attn_implementation}
 
 
 def _teacher_block(config: str) -> Teacher | None:

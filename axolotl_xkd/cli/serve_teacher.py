@@ -20,17 +20,22 @@ import click
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--served-model-name", default=None, help="Model name in /v1/models (default: --model).")
+@click.option("--tokenizer", "tokenizer_path", default=None,
+              help="Tokenizer directory when it is not beside the model (as xkd.teacher.tokenizer_path).")
+@click.option("--trust-remote-code", is_flag=True, help="Passed to from_pretrained.")
+@click.option("--attn-implementation", default=None, help="Attention kernel of the teacher (default: transformers').")
 @click.option("--num-threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads (default: torch's); on a CPU shared with the trainer, 1 avoids oversubscription.")
 def serve_teacher(model_path: str, host: str, port: int, top_k_max: int | None, dtype: str, device: str | None,
-                  served_model_name: str | None, num_threads: int | None) -> None:
+                  served_model_name: str | None, tokenizer_path: str | None, trust_remote_code: bool,
+                  attn_implementation: str | None, num_threads: int | None) -> None:
     """Answer POST /v1/completions with prompt_logprobs and GET /v1/models, until interrupted (Ctrl-C or SIGTERM).
 
     Logs one line per request (method, path, status, positions scored, seconds) and one when it stops.
     """
     import torch
 
-    from axolotl_xkd.teacher_server import TeacherScorer, make_server
+    from axolotl_xkd.server.app import TeacherScorer, make_server
 
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -41,7 +46,9 @@ def serve_teacher(model_path: str, host: str, port: int, top_k_max: int | None, 
     logging.getLogger("axolotl_xkd").setLevel(logging.INFO)
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"xkd serve-teacher: WARNING: binding {host}; the server has no authentication", err=True)
-    scorer = TeacherScorer.load(model_path, dtype=dtype, device=device, top_k_max=top_k_max, name=served_model_name)
+    scorer = TeacherScorer.load(model_path, dtype=dtype, device=device, top_k_max=top_k_max, name=served_model_name,
+                                tokenizer_path=tokenizer_path, trust_remote_code=trust_remote_code,
+                                attn_implementation=attn_implementation)
     server = make_server(scorer, host, port)
     bound_host, bound_port = server.server_address[:2]
     click.echo(f"xkd serve-teacher: {scorer.name} on http://{bound_host}:{bound_port} "

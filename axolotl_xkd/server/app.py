@@ -1,8 +1,8 @@
 """`axolotl xkd serve-teacher`: a small teacher server speaking the subset of vLLM's OpenAI API that the
-server teacher (axolotl_xkd.teachers.server) uses, backed by transformers.
+server teacher's client (server/client.py) uses, backed by transformers; the wire format is server/protocol.py.
 
-    GET  /v1/models       the model card, plus the tokenizer fingerprint (xkd_tokenizer_hash), vocabulary
-                          size and largest prompt_logprobs this server answers
+    GET  /v1/models       the model card, plus the tokenizer fingerprint (xkd_tokenizer_hash), special tokens,
+                          vocabulary size and largest prompt_logprobs this server answers
     POST /v1/completions  {"prompt": [token ids] or a list of them, "prompt_logprobs": k, "max_tokens": 1}
                           -> choices[i].prompt_logprobs: [None, {"<id>": {"logprob", "rank", "decoded_token"}}, ...]
                           (top k per position plus the prompt token, as vLLM answers); the one generated
@@ -10,7 +10,7 @@ server teacher (axolotl_xkd.teachers.server) uses, backed by transformers.
 
 The standard library's ThreadingHTTPServer handles connections; the model runs one request at a time.
 Each request logs one access line (client, method, path, status, positions scored, seconds) at INFO.
-Imports transformers; the CLI module imports it lazily.
+Imports torch, and transformers through frozen_teacher's loader; the CLI module imports it lazily.
 """
 
 from __future__ import annotations
@@ -25,12 +25,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from axolotl_xkd.teachers.server import INFO_TOKENIZER_HASH, INFO_TOP_K_MAX, INFO_VOCAB_SIZE
-from axolotl_xkd.topk_store import tokenizer_hash
+from axolotl_xkd.frozen_teacher import load_frozen_teacher, special_tokens, tokenizer_hash
+from axolotl_xkd.sequences import right_pad
+from axolotl_xkd.server.protocol import (
+    INFO_SPECIAL_TOKENS,
+    INFO_TOKENIZER_HASH,
+    INFO_TOP_K_MAX,
+    INFO_VOCAB_SIZE,
+    LOGPROB_FLOOR,
+)
 
 LOG = logging.getLogger("axolotl_xkd")
-# vLLM sends -9999.0 where a log-prob is -inf (JSON has no infinity).
-_FLOOR = -9999.0
 _MAX_BODY = 64 << 20
 
 
@@ -56,15 +61,15 @@ class TeacherScorer:
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", device: str | None = None, top_k_max: int | None = None,
-             name: str | None = None) -> TeacherScorer:
-        """Load a model directory (or hub id) in eval mode on `device` (default: cuda if present, else cpu)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+             name: str | None = None, tokenizer_path: str | None = None, trust_remote_code: bool = False,
+             attn_implementation: str | None = None) -> TeacherScorer:
+        """Load a model directory (or hub id) with the one frozen-teacher loader, on `device` (default: cuda if
+        present, else cpu). The student's tokenizer is checked by each client against the published fingerprint."""
+        model, tokenizer = load_frozen_teacher(path, dtype=getattr(torch, dtype), tokenizer_path=tokenizer_path,
+                                               trust_remote_code=trust_remote_code,
+                                               attn_implementation=attn_implementation)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = model.requires_grad_(False).eval().to(device)
-        return cls(model, tokenizer, name=name or path, top_k_max=top_k_max)
+        return cls(model.to(device), tokenizer, name=name or path, top_k_max=top_k_max)
 
     def model_card(self) -> dict:
         return {
@@ -74,6 +79,7 @@ class TeacherScorer:
             "owned_by": "axolotl_xkd",
             "max_model_len": self.max_model_len,
             INFO_TOKENIZER_HASH: self.fingerprint,
+            INFO_SPECIAL_TOKENS: special_tokens(self.tokenizer),
             INFO_VOCAB_SIZE: self.vocab_size,
             INFO_TOP_K_MAX: self.top_k_max,
         }
@@ -121,11 +127,7 @@ class TeacherScorer:
     @torch.no_grad()
     def _choices(self, prompts: list[list[int]], k: int | None) -> list[dict]:
         """One right-padded forward over all prompts; a choice per prompt."""
-        ids = torch.zeros((len(prompts), max(map(len, prompts))), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, prompt in enumerate(prompts):
-            ids[i, : len(prompt)] = torch.tensor(prompt)
-            mask[i, : len(prompt)] = 1
+        ids, mask = right_pad(prompts, 0)
         with self._lock:
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 use_cache=False).logits[..., : self.vocab_size]
@@ -156,7 +158,7 @@ class TeacherScorer:
         return out
 
     def _logprob(self, token: int, value: float, rank: int) -> dict:
-        logprob = value if math.isfinite(value) else _FLOOR
+        logprob = value if math.isfinite(value) else LOGPROB_FLOOR
         return {"logprob": logprob, "rank": rank, "decoded_token": self._decoded[token]}
 
 

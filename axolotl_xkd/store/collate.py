@@ -1,9 +1,9 @@
 """Collators that keep a precomputed teacher's top-k columns through padding and sample packing.
 
-Rows store the top-k of their response positions only (see topk_store); these collators expand each
+Rows store the top-k of their response positions only (see store/format.py); these collators expand each
 row to (T_row, k) aligned with its tokens (-inf log-probs where there is no teacher entry), pack
 rows the way Axolotl's multipack collators do, and pad to the batch's length. The batch gains
-`xkd_teacher_ids` (B, T, k) int64 and `xkd_teacher_logprobs` (B, T, k) float32.
+`keys.TEACHER_IDS` (B, T, k) int64 and `keys.TEACHER_LOGPROBS` (B, T, k) float32.
 Imports Axolotl's collators; nothing of the trainer or the plugin.
 """
 
@@ -19,8 +19,8 @@ from axolotl.utils.collators.batching import (
     V2BatchSamplerDataCollatorForSeq2Seq,
 )
 
-from axolotl_xkd.teachers.precomputed import BATCH_IDS, BATCH_LOGPROBS
-from axolotl_xkd.topk_store import TOPK_COLUMNS, decode, response_mask
+from axolotl_xkd.keys import TEACHER_IDS, TEACHER_LOGPROBS, TOPK_COLUMNS
+from axolotl_xkd.store.format import decode, response_mask
 
 
 def dense_topk(feature: dict, top_k: int) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -67,7 +67,7 @@ class _TopKMixin:
             span = slice(width - len(row_ids), width) if left else slice(0, len(row_ids))
             ids[b, span] = torch.from_numpy(row_ids)
             logprobs[b, span] = torch.from_numpy(row_logprobs)
-        batch[BATCH_IDS], batch[BATCH_LOGPROBS] = ids, logprobs
+        batch[TEACHER_IDS], batch[TEACHER_LOGPROBS] = ids, logprobs
         return batch
 
 

@@ -1,15 +1,16 @@
 """The on-disk format of a precomputed teacher: tokenized rows plus the teacher's top-k per response position.
 
-A store is a folder written by `axolotl xkd precompute`:
+Holds the manifest, the encodings, row validation and shard paths; `write.py` writes a store, `read.py`
+reads one, `collate.py` expands its rows into batches. A store is a folder written by `axolotl xkd precompute`:
 
     DIR/manifest.json            what made it (teacher, tokenizer hash, k, sequence_len, alignment, encoding)
     DIR/<split>/shard-00000/     Hugging Face `datasets` Arrow shards (save_to_disk), rows in order
 
 Each row holds `input_ids` and `labels` (int32) as Axolotl tokenized them, and the teacher's top-k for
 its response positions only. Alignment: position i holds log p_T(. | u_<=i), the distribution over
-u_{i+1}, the same position as the student's logits z_i; position i is a response position when
-labels[i+1] != -100 (the loss counts exactly these). A row with R response positions stores R * k
-entries, position-major, ids sorted by decreasing log-prob.
+u_{i+1}, the same position as the student's logits z_i; position i is a response position by the rule of
+`losses.positions.shift_targets` (labels[i+1] is a label; the loss counts exactly these). A row with R response
+positions stores R * k entries, position-major, ids sorted by decreasing log-prob.
 
 Encodings (manifest "encoding"):
 - "packed_u32" (vocabularies up to 2^17 tokens, log-probs float16): column `xkd_topk`, one uint32 per
@@ -17,36 +18,34 @@ Encodings (manifest "encoding"):
   free and the packing is lossless at float16: 4 bytes per entry.
 - "split": columns `xkd_topk_ids` (int32) and `xkd_topk_logprobs` (float16 or float32).
 
-Imports numpy, pyarrow and datasets; nothing of Axolotl, transformers or the trainer.
+Imports numpy, pyarrow and torch (for the position rule); nothing of Axolotl, transformers or the trainer.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
+
+from axolotl_xkd.keys import TOPK_COLUMNS, TOPK_IDS, TOPK_LOGPROBS, TOPK_PACKED
+from axolotl_xkd.losses.positions import IGNORE_INDEX, shift_targets
 
 FORMAT = "axolotl_xkd.topk"
-VERSION = 1
+# 2: tokenizer_hash covers the token -> id map only (frozen_teacher's same-tokenizer rule), special tokens apart.
+VERSION = 2
 MANIFEST = "manifest.json"
-IGNORE_INDEX = -100
 ALIGNMENT = (
     "student: position i holds the teacher's log-probs over u_{i+1} given u_<=i (the position of the "
     "student's logits z_i), stored for response positions only (labels[i+1] != -100), in order"
 )
 PACKED_ID_BITS = 17
 PACKED_MAX_VOCAB = 1 << PACKED_ID_BITS
-PACKED = "xkd_topk"
-SPLIT_IDS = "xkd_topk_ids"
-SPLIT_LOGPROBS = "xkd_topk_logprobs"
-TOPK_COLUMNS = (PACKED, SPLIT_IDS, SPLIT_LOGPROBS)
 # Stored probabilities of one position may sum above 1 by float16 rounding: at most about
 # 2^-11 * entropy (<= 12 nats), so 1e-2 leaves room while catching real errors.
 PROB_SUM_TOLERANCE = 1e-2
@@ -57,7 +56,7 @@ class Manifest:
     """What a store holds and how it was made; compared with the training config before use."""
 
     teacher: str
-    tokenizer_hash: str
+    tokenizer_hash: str  # frozen_teacher.tokenizer_hash of the tokenizer the rows were made with
     vocab_size: int
     top_k: int
     sequence_len: int
@@ -69,6 +68,7 @@ class Manifest:
     generation: dict | None = None  # the sampling settings and seed of those responses
     alignment: str = ALIGNMENT
     temperature: float = 1.0
+    special_tokens: dict[str, int | None] | None = None  # BOS/EOS/PAD/UNK ids of the tokenizer (for a warning)
     format: str = FORMAT
     version: int = VERSION
 
@@ -106,26 +106,17 @@ class Manifest:
         os.replace(tmp, folder / MANIFEST)
 
 
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of a tokenizer's token -> id map and special tokens: equal hashes tokenize ids alike."""
-    payload = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": {name: getattr(tokenizer, name, None) for name in
-                    ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
 def choose_encoding(vocab_size: int, logprob_dtype: str) -> str:
     """packed_u32 where it is lossless (float16 log-probs, ids below 2^17), else split."""
     return "packed_u32" if logprob_dtype == "float16" and vocab_size <= PACKED_MAX_VOCAB else "split"
 
 
-def response_mask(labels: np.ndarray) -> np.ndarray:
-    """(T,) bool: position i is a response position when labels[i+1] is not masked."""
-    mask = np.zeros(len(labels), dtype=bool)
-    mask[:-1] = np.asarray(labels[1:]) != IGNORE_INDEX
-    return mask
+def response_mask(labels, position_ids: np.ndarray | None = None) -> np.ndarray:
+    """(T,) bool: the response positions of one row (or of several rows concatenated, with `position_ids`
+    restarting at 0 at each row), by the loss's own rule (`losses.positions.shift_targets`)."""
+    labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))[None]
+    positions = None if position_ids is None else torch.as_tensor(np.asarray(position_ids, dtype=np.int64))[None]
+    return (shift_targets(labels, positions)[0] != IGNORE_INDEX).numpy()
 
 
 def encode(ids: np.ndarray, logprobs: np.ndarray, encoding: str, logprob_dtype: str) -> dict[str, np.ndarray]:
@@ -133,25 +124,25 @@ def encode(ids: np.ndarray, logprobs: np.ndarray, encoding: str, logprob_dtype: 
     if encoding == "packed_u32":
         neg = (-np.minimum(logprobs.astype(np.float32), 0.0)).astype(np.float16)
         bits = neg.view(np.uint16).astype(np.uint32) & 0x7FFF  # drop the sign bit (of -0.0)
-        return {PACKED: ((bits << PACKED_ID_BITS) | ids.astype(np.uint32)).reshape(-1)}
-    return {SPLIT_IDS: ids.astype(np.int32).reshape(-1), SPLIT_LOGPROBS: logprobs.astype(logprob_dtype).reshape(-1)}
+        return {TOPK_PACKED: ((bits << PACKED_ID_BITS) | ids.astype(np.uint32)).reshape(-1)}
+    return {TOPK_IDS: ids.astype(np.int32).reshape(-1), TOPK_LOGPROBS: logprobs.astype(logprob_dtype).reshape(-1)}
 
 
 def decode(columns: dict, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     """Flat column values (one row or several rows' concatenation) -> (N, k) int64 ids, float32 log-probs."""
-    if PACKED in columns:
-        code = np.asarray(columns[PACKED], dtype=np.uint32)
+    if TOPK_PACKED in columns:
+        code = np.asarray(columns[TOPK_PACKED], dtype=np.uint32)
         ids = (code & (PACKED_MAX_VOCAB - 1)).astype(np.int64)
         logprobs = -(code >> PACKED_ID_BITS).astype(np.uint16).view(np.float16).astype(np.float32)
     else:
-        ids = np.asarray(columns[SPLIT_IDS], dtype=np.int64)
-        logprobs = np.asarray(columns[SPLIT_LOGPROBS], dtype=np.float32)
+        ids = np.asarray(columns[TOPK_IDS], dtype=np.int64)
+        logprobs = np.asarray(columns[TOPK_LOGPROBS], dtype=np.float32)
     return ids.reshape(-1, top_k), logprobs.reshape(-1, top_k)
 
 
 def topk_field(columns) -> str:
     """The column the top-k data lives in (for error messages)."""
-    return PACKED if PACKED in columns else SPLIT_LOGPROBS
+    return TOPK_PACKED if TOPK_PACKED in columns else TOPK_LOGPROBS
 
 
 class RowError(ValueError):
@@ -179,9 +170,9 @@ def validate_rows(batch: pa.Table | pa.RecordBatch, *, top_k: int, vocab_size: i
                        f"{token_lengths[r]} input_ids; the row is corrupt, rerun the precompute.")
     labels = pc.list_flatten(labels_col).to_numpy(zero_copy_only=False)
     offsets = np.concatenate([[0], np.cumsum(label_lengths)])
-    nxt = np.zeros(len(labels), dtype=bool)
-    nxt[:-1] = labels[1:] != IGNORE_INDEX
-    nxt[offsets[1:][label_lengths > 0] - 1] = False  # a row's last position has no next label
+    # All rows at once, as one packed row whose position_ids restart at every row: no row's last position
+    # pairs with the next row's first label.
+    nxt = response_mask(labels, np.arange(len(labels)) - np.repeat(offsets[:-1], label_lengths))
     per_row = np.add.reduceat(nxt.astype(np.int64), offsets[:-1]) if len(labels) else np.zeros(n_rows, np.int64)
     per_row = np.where(label_lengths > 0, per_row, 0)
     topk_col = batch.column(names.index(field_name))
@@ -194,12 +185,12 @@ def validate_rows(batch: pa.Table | pa.RecordBatch, *, top_k: int, vocab_size: i
             f"{per_row[r]} response positions x k={top_k} = {per_row[r] * top_k}; its top-k data does not "
             "match its tokens. Rerun `axolotl xkd precompute` for this data."
         )
-    if SPLIT_IDS in names:
-        id_lengths = pc.list_value_length(batch.column(names.index(SPLIT_IDS))).to_numpy(zero_copy_only=False)
+    if TOPK_IDS in names:
+        id_lengths = pc.list_value_length(batch.column(names.index(TOPK_IDS))).to_numpy(zero_copy_only=False)
         bad = np.flatnonzero(id_lengths != stored)
         if bad.size:
             r = int(bad[0])
-            raise RowError(f"{prefix}row {first_row + r}, field {SPLIT_IDS!r}: {id_lengths[r]} ids for "
+            raise RowError(f"{prefix}row {first_row + r}, field {TOPK_IDS!r}: {id_lengths[r]} ids for "
                            f"{stored[r]} log-probs; rerun `axolotl xkd precompute` for this data.")
     flat = {name: pc.list_flatten(batch.column(names.index(name))).to_numpy(zero_copy_only=False)
             for name in TOPK_COLUMNS if name in names}
@@ -216,11 +207,11 @@ def validate_rows(batch: pa.Table | pa.RecordBatch, *, top_k: int, vocab_size: i
                            f"#{nth}; the stored teacher data is invalid. Rerun `axolotl xkd precompute`, or fix "
                            "the row in the source dataset.")
 
-    lp_field = PACKED if PACKED in names else SPLIT_LOGPROBS
+    lp_field = TOPK_PACKED if TOPK_PACKED in names else TOPK_LOGPROBS
     fail(np.isnan(logprobs).any(-1), lp_field, "NaN log-prob")
     fail(np.isposinf(logprobs).any(-1), lp_field, "+inf log-prob")
     fail((np.isfinite(logprobs) & (logprobs > 0)).any(-1), lp_field, "log-prob above 0")
-    id_field = PACKED if PACKED in names else SPLIT_IDS
+    id_field = TOPK_PACKED if TOPK_PACKED in names else TOPK_IDS
     fail(((ids < 0) | (ids >= vocab_size)).any(-1), id_field, f"token id outside the vocabulary [0, {vocab_size})")
     mass = np.exp(logprobs.astype(np.float64)).sum(-1)
     fail(mass > 1.0 + PROB_SUM_TOLERANCE, lp_field,
@@ -231,44 +222,6 @@ def shard_dir(folder: str | Path, split: str, index: int) -> Path:
     return Path(folder) / split / f"shard-{index:05d}"
 
 
-def write_shard(dataset, folder: str | Path, split: str, index: int) -> Path:
-    """Save a `datasets.Dataset` as shard `index` atomically: into a tmp folder, then one rename."""
-    final = shard_dir(folder, split, index)
-    # One rank writes a given shard, so the tmp name needs no pid; a rerun clears a killed run's leftovers.
-    tmp = final.parent / f".tmp-{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    dataset.save_to_disk(str(tmp))  # num_proc=None: no process pool (num_proc=1 spawns one)
-    os.replace(tmp, final)
-    return final
-
-
 def missing_shards(folder: str | Path, manifest: Manifest, split: str) -> list[int]:
     """Indices of the shards of `split` not yet written."""
     return [i for i in range(manifest.shards(split)) if not shard_dir(folder, split, i).is_dir()]
-
-
-def load_split(folder: str | Path, manifest: Manifest, split: str, *, validate: bool = True):
-    """All shards of `split` as one `datasets.Dataset`, rows in order; validated row by row."""
-    from datasets import concatenate_datasets, load_from_disk
-
-    missing = missing_shards(folder, manifest, split)
-    if missing:
-        raise FileNotFoundError(
-            f"{shard_dir(folder, split, missing[0])} is missing ({len(missing)} of {manifest.shards(split)} "
-            f"shards of split {split!r}): the precompute did not finish. Rerun the same "
-            "`axolotl xkd precompute` command; it resumes where it stopped."
-        )
-    parts, first = [], 0
-    for i in range(manifest.shards(split)):
-        part = load_from_disk(str(shard_dir(folder, split, i)))
-        if validate:
-            validate_rows(part.data.table, top_k=manifest.top_k, vocab_size=manifest.vocab_size,
-                          first_row=first, where=str(shard_dir(folder, split, i)))
-        first += len(part)
-        parts.append(part)
-    dataset = concatenate_datasets(parts)
-    if len(dataset) != manifest.splits[split]:
-        raise ValueError(f"{Path(folder) / MANIFEST}: split {split!r} should hold {manifest.splits[split]} rows, "
-                         f"its shards hold {len(dataset)}; rerun the precompute into an empty folder.")
-    return dataset

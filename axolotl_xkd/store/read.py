@@ -1,8 +1,9 @@
-"""Training data of a precomputed teacher, handed to Axolotl by the plugin's `load_datasets` hook.
+"""Reading a precomputed teacher: a store's splits, checked against the training config through its manifest, or
+a tokenized dataset in Axolotl's KD v2 format; every row validated. Hands Axolotl its TrainDatasetMeta through
+the plugin's `load_datasets` hook.
 
-Reads a store written by `axolotl xkd precompute` (checked against the training config through its
-manifest) or a tokenized dataset in Axolotl's KD v2 format, validates every row, and returns
-Axolotl's TrainDatasetMeta. Imports Axolotl's data utilities; the plugin imports it lazily.
+Imports datasets, and Axolotl's data utilities inside the functions that need them (the plugin imports this
+module lazily); nothing of the trainer.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import numpy as np
 import pyarrow as pa
 
 from axolotl_xkd.args import PrecomputedTeacher
-from axolotl_xkd.topk_store import (
-    IGNORE_INDEX,
+from axolotl_xkd.frozen_teacher import special_tokens, tokenizer_hash, warn_other_special_tokens
+from axolotl_xkd.keys import TOPK_IDS, TOPK_LOGPROBS
+from axolotl_xkd.losses.positions import IGNORE_INDEX
+from axolotl_xkd.store.format import (
     MANIFEST,
-    SPLIT_IDS,
-    SPLIT_LOGPROBS,
     Manifest,
     RowError,
-    load_split,
+    missing_shards,
     response_mask,
-    tokenizer_hash,
+    shard_dir,
     validate_rows,
 )
 
@@ -51,6 +52,7 @@ def check_manifest(manifest: Manifest, folder: str, *, tokenizer, sequence_len: 
         )
     if manifest.vocab_size != len(tokenizer):
         raise ValueError(f"{where}: vocab_size {manifest.vocab_size} differs from the tokenizer's {len(tokenizer)}.")
+    warn_other_special_tokens(special_tokens(tokenizer), manifest.special_tokens or {}, str(where))
     if manifest.sequence_len != sequence_len:
         raise ValueError(
             f"{where}: sequence_len {manifest.sequence_len} differs from the config's sequence_len {sequence_len}; "
@@ -92,7 +94,7 @@ def from_axolotl_kd_v2(dataset, *, path: str, top_k: int | None):
             raise ValueError(f"xkd.teacher.path={path!r} (format axolotl_kd_v2) has no column {name!r}; "
                              f"found {dataset.column_names}")
     k = top_k
-    out = {"input_ids": [], "labels": [], SPLIT_IDS: [], SPLIT_LOGPROBS: []}
+    out = {"input_ids": [], "labels": [], TOPK_IDS: [], TOPK_LOGPROBS: []}
     for r, row in enumerate(dataset):
         labels = np.asarray(row["labels"])
         n = len(row["input_ids"])
@@ -115,12 +117,12 @@ def from_axolotl_kd_v2(dataset, *, path: str, top_k: int | None):
             logprobs.extend(float("nan") if v is None else v for v in pos_lps)
         out["input_ids"].append(row["input_ids"])
         out["labels"].append([int(v) for v in labels])
-        out[SPLIT_IDS].append(ids)
-        out[SPLIT_LOGPROBS].append(logprobs)
+        out[TOPK_IDS].append(ids)
+        out[TOPK_LOGPROBS].append(logprobs)
     if k is None:
         raise ValueError(f"xkd.teacher.path={path!r}: no row has a response position (labels != {IGNORE_INDEX}).")
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                        (SPLIT_IDS, pa.list_(pa.int64())), (SPLIT_LOGPROBS, pa.list_(pa.float32()))])
+                        (TOPK_IDS, pa.list_(pa.int64())), (TOPK_LOGPROBS, pa.list_(pa.float32()))])
     return pa.Table.from_pydict(out, schema=schema), k
 
 
@@ -132,9 +134,9 @@ def store_top_k(config: PrecomputedTeacher) -> int:
         return config.top_k
     dataset = _read_any(config.path)
     for row in dataset:
-        for pos_ids, label in zip(row[KD_V2_IDS][:-1], row["labels"][1:]):
-            if label != IGNORE_INDEX and pos_ids:
-                return len(pos_ids)
+        for i in np.flatnonzero(response_mask(row["labels"])):
+            if row[KD_V2_IDS][i]:
+                return len(row[KD_V2_IDS][i])
     raise ValueError(f"xkd.teacher.path={config.path!r}: no response position carries target_token_ids")
 
 
@@ -190,3 +192,29 @@ def load_datasets_meta(cfg, config: PrecomputedTeacher, *, sequences: str = "dat
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     return TrainDatasetMeta(train_dataset=train, eval_dataset=evaluation, total_num_steps=total)
+
+
+def load_split(folder: str | Path, manifest: Manifest, split: str, *, validate: bool = True):
+    """All shards of `split` as one `datasets.Dataset`, rows in order; validated row by row."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    missing = missing_shards(folder, manifest, split)
+    if missing:
+        raise FileNotFoundError(
+            f"{shard_dir(folder, split, missing[0])} is missing ({len(missing)} of {manifest.shards(split)} "
+            f"shards of split {split!r}): the precompute did not finish. Rerun the same "
+            "`axolotl xkd precompute` command; it resumes where it stopped."
+        )
+    parts, first = [], 0
+    for i in range(manifest.shards(split)):
+        part = load_from_disk(str(shard_dir(folder, split, i)))
+        if validate:
+            validate_rows(part.data.table, top_k=manifest.top_k, vocab_size=manifest.vocab_size,
+                          first_row=first, where=str(shard_dir(folder, split, i)))
+        first += len(part)
+        parts.append(part)
+    dataset = concatenate_datasets(parts)
+    if len(dataset) != manifest.splits[split]:
+        raise ValueError(f"{Path(folder) / MANIFEST}: split {split!r} should hold {manifest.splits[split]} rows, "
+                         f"its shards hold {len(dataset)}; rerun the precompute into an empty folder.")
+    return dataset

@@ -1,4 +1,4 @@
-"""`axolotl xkd precompute`: run the teacher once over the training rows and store its top-k.
+"""Writing a store (`axolotl xkd precompute`): run the teacher once over the training rows and store its top-k.
 
 Rows come from Axolotl's own dataset preparation (axolotl.common.datasets.load_datasets), so they are
 tokenized, filtered and split exactly as `axolotl train` will see them. Shards of `rows_per_shard`
@@ -8,14 +8,16 @@ With `generate`, each row's response is first replaced by one the teacher sample
 (seeded per shard, so resuming stays row-for-row identical), and the top-k is taken on that sequence.
 With `server`, a running teacher server (vLLM's `vllm serve`, or `axolotl xkd serve-teacher`) is asked
 for the rows' prompt_logprobs instead of loading the teacher here.
-Imports transformers and Axolotl; the CLI module imports it lazily.
+Imports torch and the teacher-server client, transformers and Axolotl inside the functions that need them; the
+CLI module imports it lazily. Nothing of the trainer.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,23 +25,16 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from axolotl_xkd.sequences import Sampling, prompt_of, response_rows, sample_responses
-from axolotl_xkd.teachers.model import output_layer_is_linear
-from axolotl_xkd.teachers.server import ServerSettings, TeacherServerClient
-from axolotl_xkd.topk_store import (
-    Manifest,
-    choose_encoding,
-    encode,
-    missing_shards,
-    response_mask,
-    tokenizer_hash,
-    write_shard,
-)
+from axolotl_xkd.args import ServerTeacher
+from axolotl_xkd.frozen_teacher import load_frozen_teacher, output_layer_is_linear, special_tokens, tokenizer_hash
+from axolotl_xkd.keys import TOPK_IDS, TOPK_LOGPROBS, TOPK_PACKED
+from axolotl_xkd.sequences import Sampling, prompt_of, response_rows, right_pad, sample_responses
+from axolotl_xkd.server.client import TeacherServerClient
+from axolotl_xkd.store.format import Manifest, choose_encoding, encode, missing_shards, response_mask, shard_dir
 
 LOG = logging.getLogger("axolotl_xkd")
 
-_ARROW_TYPES = {"xkd_topk": pa.uint32(), "xkd_topk_ids": pa.int32(), "float16": pa.float16(),
-                "float32": pa.float32()}
+_ARROW_TYPES = {TOPK_PACKED: pa.uint32(), TOPK_IDS: pa.int32(), "float16": pa.float16(), "float32": pa.float32()}
 
 
 @dataclass(frozen=True)
@@ -54,21 +49,18 @@ class PrecomputeSettings:
     logprob_dtype: str = "float16"
     generate: Sampling | None = None  # --generate: store the teacher's responses instead of the dataset's
     seed: int = 0
-    server: ServerSettings | None = None  # --server: ask a running teacher server instead of loading the teacher
+    server: ServerTeacher | None = None  # --server: ask a running teacher server instead of loading the teacher
+    server_api_key: str | None = field(default=None, repr=False)  # read from the block's api_key_env
+    # load_frozen_teacher's options from the config's `xkd.teacher` (tokenizer_path, trust_remote_code,
+    # attn_implementation), so the precompute loads the teacher as training would.
+    loading: dict = field(default_factory=dict)
 
 
 def pad_batch(rows: list[dict], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input_ids, attention_mask and the response-position mask (B, T) of `rows`."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    response = torch.zeros((len(rows), width), dtype=torch.bool)
-    for b, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[b, :n] = torch.as_tensor(row["input_ids"])
-        attention[b, :n] = 1
-        response[b, :n] = torch.from_numpy(response_mask(np.asarray(row["labels"])))
-    return ids.to(device), attention.to(device), response.to(device)
+    ids, attention = right_pad([r["input_ids"] for r in rows], pad_id)
+    response, _ = right_pad([response_mask(r["labels"]) for r in rows], 0)
+    return ids.to(device), attention.to(device), response.bool().to(device)
 
 
 @torch.no_grad()
@@ -130,24 +122,22 @@ def shard_table(rows: list[dict], scored: list[tuple[np.ndarray, np.ndarray]], *
     arrays = {}
     for name, parts in columns.items():
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int32)
-        kind = _ARROW_TYPES.get(name, pa.int32()) if name != "xkd_topk_logprobs" else _ARROW_TYPES[logprob_dtype]
+        kind = _ARROW_TYPES.get(name, pa.int32()) if name != TOPK_LOGPROBS else _ARROW_TYPES[logprob_dtype]
         values = pa.array(np.concatenate(parts) if parts else np.zeros(0), type=kind)
         arrays[name] = pa.ListArray.from_arrays(pa.array(offsets), values)
     return pa.table(arrays)
 
 
-def load_teacher_model(path: str, student_tokenizer, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The teacher in eval mode on `device`, after checking it shares the student's tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from axolotl_xkd.teachers.model import check_same_tokenizer
-
-    check_same_tokenizer(student_tokenizer, AutoTokenizer.from_pretrained(path), f"teacher {path!r}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    rows = model.get_output_embeddings().weight.shape[0]
-    if rows < len(student_tokenizer):
-        raise ValueError(f"teacher {path!r}: output layer has {rows} rows for {len(student_tokenizer)} tokens")
-    return model.requires_grad_(False).eval().to(device)
+def write_shard(dataset, folder: str | Path, split: str, index: int) -> Path:
+    """Save a `datasets.Dataset` as shard `index` atomically: into a tmp folder, then one rename."""
+    final = shard_dir(folder, split, index)
+    # One rank writes a given shard, so the tmp name needs no pid; a rerun clears a killed run's leftovers.
+    tmp = final.parent / f".tmp-{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    dataset.save_to_disk(str(tmp))  # num_proc=None: no process pool (num_proc=1 spawns one)
+    os.replace(tmp, final)
+    return final
 
 
 def prepared_splits(cfg) -> dict:
@@ -192,13 +182,14 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
         if settings.generate is not None:
             raise ValueError("--generate samples responses with the teacher model in this process; a teacher server "
                              "(--server) is only asked for log-probs. Drop --server, or drop --generate.")
-        client = TeacherServerClient(settings.server)
+        client = TeacherServerClient(settings.server, api_key=settings.server_api_key)
         client.check_server(tokenizer, fingerprint)
         teacher = f"{client.base_url} (model {client.model})"
     manifest = Manifest(
         teacher=teacher,
         tokenizer_hash=fingerprint,
         vocab_size=vocab_size,
+        special_tokens=special_tokens(tokenizer),
         top_k=settings.top_k,
         sequence_len=int(cfg.sequence_len),
         encoding=choose_encoding(vocab_size, settings.logprob_dtype),
@@ -221,7 +212,10 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
     if not todo:
         LOG.info("xkd precompute: %s is complete", settings.out)
         return manifest
-    model = None if client is not None else load_teacher_model(settings.teacher, tokenizer, device, dtype)
+    model = None
+    if client is None:
+        model = load_frozen_teacher(settings.teacher, dtype=dtype, student_tokenizer=tokenizer, **settings.loading)[0]
+        model = model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lengths = {name: np.asarray([len(x) for x in ds["input_ids"]]) for name, ds in splits.items()}
     total = int(sum(lengths[name][i * settings.rows_per_shard:(i + 1) * settings.rows_per_shard].sum()

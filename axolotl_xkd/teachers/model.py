@@ -1,6 +1,7 @@
 """The in-process teacher (`xkd.teacher.source: model`): a causal LM run without gradients.
 
-Imports transformers; knows nothing of Axolotl or the trainer.
+Loading and the same-tokenizer rule live in `frozen_teacher`; this adapter places the teacher (DeepSpeed) and
+turns batches into signals. Imports torch; knows nothing of Axolotl or the trainer.
 """
 
 from __future__ import annotations
@@ -9,55 +10,16 @@ import logging
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from axolotl_xkd.distributed import full_shape, gathered, place_teacher
+from axolotl_xkd.frozen_teacher import load_frozen_teacher, output_layer_is_linear
 from axolotl_xkd.losses.signal import DenseHiddenSignal, DenseSignal
+from axolotl_xkd.teachers.base import TeacherSource
 
 LOG = logging.getLogger(__name__)
 
-_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "unk_token_id")
 
-
-def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, where: str) -> None:
-    """Raise unless both tokenizers map every token (special and added ones included) to the same id.
-
-    X-KD compares next-token distributions id by id, so any difference would pair unrelated tokens.
-    """
-    s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
-    if len(student) != len(teacher) or s_vocab != t_vocab:
-        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
-        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
-        moved = sorted(k for k in set(s_vocab) & set(t_vocab) if s_vocab[k] != t_vocab[k])[:5]
-        raise ValueError(
-            f"{where}: the teacher's tokenizer ({len(teacher)} tokens) differs from the student's "
-            f"({len(student)} tokens); only in the student: {only_s}, only in the teacher: {only_t}, "
-            f"different ids: {moved}. X-KD compares next-token distributions id by id, so both must use "
-            "the same tokenizer. Point xkd.teacher.tokenizer_path / the student's tokenizer_config at the "
-            "same tokenizer, or distil from a precomputed top-k dataset made with the student's tokenizer."
-        )
-    for name in _SPECIAL_TOKENS:
-        s_id, t_id = getattr(student, name), getattr(teacher, name)
-        if s_id != t_id:
-            # Same vocabulary, another designation (Axolotl's `special_tokens:` may re-designate EOS for
-            # the student): distributions still compare id by id, and terminals use the student's EOS.
-            LOG.warning(
-                "%s: %s is %s for the student but %s for the teacher; X-KD uses the student's", where, name, s_id, t_id
-            )
-
-
-def output_layer_is_linear(model: nn.Module) -> bool:
-    """True when `model`'s logits are its decoder's last hidden state times a plain Linear output layer.
-
-    Softcapped (Gemma 2), scaled (Cohere) or adapter-wrapped output layers are not, and keep full logits.
-    """
-    config = model.config.get_text_config()
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return False
-    return type(model.get_output_embeddings()) is nn.Linear and hasattr(model, "get_decoder")
-
-
-class ModelTeacherSource:
+class ModelTeacherSource(TeacherSource):
     """Runs a frozen teacher on the student's batch and returns its logits over the shared vocabulary."""
 
     def __init__(self, model: nn.Module, vocab_size: int, engine: nn.Module | None = None) -> None:
@@ -72,7 +34,7 @@ class ModelTeacherSource:
         cls,
         path: str,
         *,
-        student_tokenizer: PreTrainedTokenizerBase,
+        student_tokenizer,
         dtype: torch.dtype,
         device: torch.device,
         tokenizer_path: str | None = None,
@@ -88,26 +50,16 @@ class ModelTeacherSource:
         by the hooks of a DeepSpeed inference engine; otherwise it is moved whole to `device`
         (distributed.place_teacher).
         """
-        teacher_tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_path or path, trust_remote_code=trust_remote_code
+        model, _ = load_frozen_teacher(
+            path, dtype=dtype, student_tokenizer=student_tokenizer, tokenizer_path=tokenizer_path,
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            where=f"xkd.teacher.path={path!r}",
         )
-        check_same_tokenizer(student_tokenizer, teacher_tokenizer, f"xkd.teacher.path={path!r}")
-        kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         vocab_size = len(student_tokenizer)
-        rows = full_shape(model.get_output_embeddings().weight)[0]
-        if rows < vocab_size:
-            raise ValueError(
-                f"xkd.teacher.path={path!r}: the teacher's output layer has {rows} rows but the tokenizer has "
-                f"{vocab_size} tokens; the teacher cannot score every token."
-            )
-        model.requires_grad_(False)
-        model.eval()
         placed = place_teacher(model, device=device, ds_config=ds_config, offload=offload)
         engine = None if placed is model else placed
         where = device if engine is None else "ZeRO-3 sharded" + (", offloaded to CPU" if offload else "")
+        rows = full_shape(model.get_output_embeddings().weight)[0]
         LOG.info("X-KD teacher %s loaded (%s, %s, output rows %d)", path, dtype, where, rows)
         return cls(model, vocab_size, engine)
 

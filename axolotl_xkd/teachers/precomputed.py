@@ -1,20 +1,19 @@
 """The precomputed teacher (`xkd.teacher.source: precomputed`): top-k log-probs stored with the data.
 
-The collator (axolotl_xkd.collator) has already expanded each row's stored top-k to the batch's
-positions; this source checks the shapes and hands them to the loss. Imports torch only.
+A thin adapter over the store (axolotl_xkd.store): its collator has already expanded each row's stored top-k
+to the batch's positions; this source checks the shapes and hands them to the loss. Imports torch only.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from axolotl_xkd.keys import TEACHER_IDS, TEACHER_LOGPROBS
 from axolotl_xkd.losses.signal import TopKSignal
-
-BATCH_IDS = "xkd_teacher_ids"
-BATCH_LOGPROBS = "xkd_teacher_logprobs"
+from axolotl_xkd.teachers.base import TeacherSource
 
 
-class PrecomputedTeacherSource:
+class PrecomputedTeacherSource(TeacherSource):
     """Reads the teacher's top-k (B, T, k) from the collated batch; position i is p_T(. | u_<=i)."""
 
     def __init__(self, top_k: int) -> None:
@@ -22,12 +21,12 @@ class PrecomputedTeacherSource:
 
     def get_signal(self, batch: dict[str, Tensor]) -> TopKSignal:
         """TopKSignal aligned with the student's logits; -inf log-probs mark slots without an entry."""
-        if BATCH_IDS not in batch or BATCH_LOGPROBS not in batch:
+        if TEACHER_IDS not in batch or TEACHER_LOGPROBS not in batch:
             raise KeyError(
-                f"the batch has no {BATCH_IDS!r}/{BATCH_LOGPROBS!r}: xkd.teacher.source is 'precomputed' but the "
+                f"the batch has no {TEACHER_IDS!r}/{TEACHER_LOGPROBS!r}: xkd.teacher.source is 'precomputed' but the "
                 "batch was not built by axolotl_xkd's top-k collator (is another plugin replacing the collator?)"
             )
-        ids, logprobs = batch[BATCH_IDS], batch[BATCH_LOGPROBS]
+        ids, logprobs = batch[TEACHER_IDS], batch[TEACHER_LOGPROBS]
         expected = (*batch["input_ids"].shape, self.top_k)
         if tuple(ids.shape) != expected or tuple(logprobs.shape) != expected:
             raise ValueError(

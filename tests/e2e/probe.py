@@ -20,7 +20,7 @@ from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
 from axolotl_xkd.distributed import is_partitioned
-from axolotl_xkd.model_glue import find_reward_head
+from axolotl_xkd.wiring import find_reward_head
 
 FIRST_INPUTS = 4
 
@@ -90,7 +90,7 @@ class _Recorder(TrainerCallback):
             partitions = engine.optimizer.single_partition_of_fp32_groups
             self.state["optimizer_partition_numel"] = sum(p.numel() for p in partitions)
             self.state["partition_count"] = list(engine.optimizer.partition_count)
-        teacher = trainer.xkd_teacher
+        teacher = trainer.xkd.teacher
         if teacher is not None and hasattr(teacher, "engine"):
             t_total, t_local = _numel(teacher.model.parameters())
             self.state["teacher"] = {

@@ -1,5 +1,5 @@
 """Quiet, useful output: the final save is announced once, usage errors come before Axolotl's config dump, and
-`serve-teacher` logs each request and its shutdown (issue 17, item 5)."""
+`serve-teacher` logs each request and its shutdown: a user reads each event once, where it is useful."""
 
 from __future__ import annotations
 

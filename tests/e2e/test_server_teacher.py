@@ -84,7 +84,8 @@ def test_on_policy_steps_scored_by_the_server_match_the_model_teacher(small_asse
 def test_precompute_from_the_server_equals_the_in_process_teacher(small_assets, teacher_url, tmp_path):
     """`axolotl xkd precompute --server URL` stores what the in-process precompute stores (same rows, same
     top-k ids up to ties, log-probs equal after the float16 storage rounding)."""
-    from axolotl_xkd.topk_store import Manifest, decode, load_split
+    from axolotl_xkd.store.format import Manifest, decode
+    from axolotl_xkd.store.read import load_split
 
     config = write_config(tmp_path / "cfg.yml", base_config(small_assets, tmp_path / "prep"))
     common = ["--top-k", "8", "--batch-size", "16", "--rows-per-shard", "32"]

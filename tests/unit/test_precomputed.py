@@ -9,26 +9,17 @@ import pyarrow as pa
 import pytest
 import torch
 
-from axolotl_xkd.collator import TopKDataCollator, TopKV2BatchSamplerCollator
+from axolotl_xkd.frozen_teacher import tokenizer_hash
+from axolotl_xkd.keys import TEACHER_IDS, TEACHER_LOGPROBS, TOPK_IDS, TOPK_LOGPROBS, TOPK_PACKED
 from axolotl_xkd.losses.categories import paired_categories
 from axolotl_xkd.losses.divergence import forward_kl
 from axolotl_xkd.losses.signal import TopKSignal
-from axolotl_xkd.teachers.precomputed import BATCH_IDS, BATCH_LOGPROBS, PrecomputedTeacherSource
+from axolotl_xkd.store.collate import TopKDataCollator, TopKV2BatchSamplerCollator
+from axolotl_xkd.store.format import Manifest, RowError, decode, encode, response_mask, validate_rows
+from axolotl_xkd.store.read import load_split
+from axolotl_xkd.store.write import write_shard
+from axolotl_xkd.teachers.precomputed import PrecomputedTeacherSource
 from axolotl_xkd.tiny import build_tokenizer
-from axolotl_xkd.topk_store import (
-    PACKED,
-    SPLIT_IDS,
-    SPLIT_LOGPROBS,
-    Manifest,
-    RowError,
-    decode,
-    encode,
-    load_split,
-    response_mask,
-    tokenizer_hash,
-    validate_rows,
-    write_shard,
-)
 
 V, K = 79, 4
 
@@ -46,7 +37,7 @@ def make_row(rng: np.random.Generator, length: int, prompt: int, *, encoding: st
 
 
 def table(rows: list[dict]) -> pa.Table:
-    types = {PACKED: pa.uint32(), SPLIT_IDS: pa.int64(), SPLIT_LOGPROBS: pa.float32()}
+    types = {TOPK_PACKED: pa.uint32(), TOPK_IDS: pa.int64(), TOPK_LOGPROBS: pa.float32()}
     return pa.table({name: pa.array([r[name] for r in rows], type=pa.list_(types.get(name, pa.int32())))
                      for name in rows[0]})
 
@@ -64,7 +55,7 @@ def test_encode_decode_round_trip_is_float16_exact(encoding):
 
 def test_packed_entry_is_four_bytes():
     values = encode(np.zeros((3, K), np.int64), np.full((3, K), -1.0, np.float32), "packed_u32", "float16")
-    assert values[PACKED].dtype == np.uint32 and values[PACKED].nbytes == 3 * K * 4
+    assert values[TOPK_PACKED].dtype == np.uint32 and values[TOPK_PACKED].nbytes == 3 * K * 4
 
 
 def test_valid_rows_pass():
@@ -79,26 +70,26 @@ def bad_rows(case: str) -> list[dict]:
     rows = [make_row(rng, 10, 6, encoding="split") for _ in range(3)]
     bad = rows[2]
     if case == "length":
-        bad[SPLIT_IDS], bad[SPLIT_LOGPROBS] = bad[SPLIT_IDS][:-K], bad[SPLIT_LOGPROBS][:-K]
+        bad[TOPK_IDS], bad[TOPK_LOGPROBS] = bad[TOPK_IDS][:-K], bad[TOPK_LOGPROBS][:-K]
     elif case == "nan":
-        bad[SPLIT_LOGPROBS][K + 1] = float("nan")
+        bad[TOPK_LOGPROBS][K + 1] = float("nan")
     elif case == "posinf":
-        bad[SPLIT_LOGPROBS][0] = float("inf")
+        bad[TOPK_LOGPROBS][0] = float("inf")
     elif case == "vocab":
-        bad[SPLIT_IDS][2] = V
+        bad[TOPK_IDS][2] = V
     elif case == "mass":
-        bad[SPLIT_LOGPROBS][:K] = [math.log(0.5)] * K
+        bad[TOPK_LOGPROBS][:K] = [math.log(0.5)] * K
     return rows
 
 
 @pytest.mark.parametrize(
     ("case", "field", "words"),
     [
-        ("length", SPLIT_LOGPROBS, "response positions"),
-        ("nan", SPLIT_LOGPROBS, "NaN"),
-        ("posinf", SPLIT_LOGPROBS, r"\+inf"),
-        ("vocab", SPLIT_IDS, "outside the vocabulary"),
-        ("mass", SPLIT_LOGPROBS, "summing above 1"),
+        ("length", TOPK_LOGPROBS, "response positions"),
+        ("nan", TOPK_LOGPROBS, "NaN"),
+        ("posinf", TOPK_LOGPROBS, r"\+inf"),
+        ("vocab", TOPK_IDS, "outside the vocabulary"),
+        ("mass", TOPK_LOGPROBS, "summing above 1"),
     ],
 )
 def test_each_bad_row_names_row_and_field(case, field, words):
@@ -111,8 +102,8 @@ def test_packed_nan_and_sum_are_caught():
     rng = np.random.default_rng(3)
     rows = [make_row(rng, 10, 6)]
     nan_bits = np.uint32(0x7E00) << np.uint32(17)
-    rows[0][PACKED][1] = int(nan_bits | np.uint32(5))
-    with pytest.raises(RowError, match=f"row 0, field '{PACKED}': NaN"):
+    rows[0][TOPK_PACKED][1] = int(nan_bits | np.uint32(5))
+    with pytest.raises(RowError, match=f"row 0, field '{TOPK_PACKED}': NaN"):
         validate_rows(table(rows), top_k=K, vocab_size=V)
 
 
@@ -173,7 +164,7 @@ def manifest_for(tokenizer, **changes) -> Manifest:
      ({}, K + 1, "top_k")],
 )
 def test_manifest_mismatch_names_file_and_field(tokenizer, tmp_path, changes, top_k, field):
-    from axolotl_xkd.precomputed_data import check_manifest
+    from axolotl_xkd.store.read import check_manifest
 
     check_manifest(manifest_for(tokenizer), str(tmp_path), tokenizer=tokenizer, sequence_len=32, top_k=K)
     with pytest.raises(ValueError, match=rf"manifest.json: {field} "):
@@ -183,7 +174,7 @@ def test_manifest_mismatch_names_file_and_field(tokenizer, tmp_path, changes, to
 
 @pytest.mark.parametrize(("stored", "wanted"), [("teacher", "dataset"), ("dataset", "teacher")])
 def test_manifest_of_other_sequences_is_refused(tokenizer, tmp_path, stored, wanted):
-    from axolotl_xkd.precomputed_data import check_manifest
+    from axolotl_xkd.store.read import check_manifest
 
     with pytest.raises(ValueError, match=rf"manifest.json: sequences '{stored}' differs from xkd.sequences '{wanted}'"):
         check_manifest(manifest_for(tokenizer, sequences=stored), str(tmp_path), tokenizer=tokenizer, sequence_len=32,
@@ -200,7 +191,7 @@ def expected_dense(row: dict) -> tuple[np.ndarray, np.ndarray]:
     ids = np.zeros((len(row["labels"]), K), np.int64)
     logprobs = np.full((len(row["labels"]), K), -np.inf, np.float32)
     mask = response_mask(np.asarray(row["labels"]))
-    ids[mask], logprobs[mask] = decode({PACKED: row[PACKED]}, K)
+    ids[mask], logprobs[mask] = decode({TOPK_PACKED: row[TOPK_PACKED]}, K)
     return ids, logprobs
 
 
@@ -208,13 +199,13 @@ def test_unpacked_collator_aligns_and_pads(tokenizer):
     rng = np.random.default_rng(6)
     rows = [make_row(rng, 9, 5), make_row(rng, 6, 2)]
     batch = TopKDataCollator(tokenizer, top_k=K, padding=True)([dict(r) for r in rows])
-    assert batch[BATCH_IDS].shape == (*batch["input_ids"].shape, K) == (2, 9, K)
+    assert batch[TEACHER_IDS].shape == (*batch["input_ids"].shape, K) == (2, 9, K)
     for b, row in enumerate(rows):
         ids, logprobs = expected_dense(row)
         n = len(row["labels"])
-        torch.testing.assert_close(batch[BATCH_LOGPROBS][b, :n], torch.from_numpy(logprobs))
-        assert torch.equal(batch[BATCH_IDS][b, :n], torch.from_numpy(ids))
-        assert torch.isneginf(batch[BATCH_LOGPROBS][b, n:]).all()
+        torch.testing.assert_close(batch[TEACHER_LOGPROBS][b, :n], torch.from_numpy(logprobs))
+        assert torch.equal(batch[TEACHER_IDS][b, :n], torch.from_numpy(ids))
+        assert torch.isneginf(batch[TEACHER_LOGPROBS][b, n:]).all()
     signal = PrecomputedTeacherSource(K).get_signal(batch)
     assert signal.valid.any(-1).sum() == sum(int(response_mask(np.asarray(r["labels"])).sum()) for r in rows)
 
@@ -224,18 +215,18 @@ def test_packed_collator_keeps_each_segment_aligned(tokenizer):
     packs = [[make_row(rng, 7, 3), make_row(rng, 5, 2)], [make_row(rng, 8, 4)]]
     collator = TopKV2BatchSamplerCollator(tokenizer, top_k=K, padding=True)
     batch = collator([[dict(r) for r in pack] for pack in packs])
-    assert batch[BATCH_IDS].shape == (2, 12, K)
+    assert batch[TEACHER_IDS].shape == (2, 12, K)
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]
     first_ids, first_lp = expected_dense(packs[0][0])
     second_ids, second_lp = expected_dense(packs[0][1])
-    torch.testing.assert_close(batch[BATCH_LOGPROBS][0], torch.from_numpy(np.concatenate([first_lp, second_lp])))
+    torch.testing.assert_close(batch[TEACHER_LOGPROBS][0], torch.from_numpy(np.concatenate([first_lp, second_lp])))
     # the last position of the first segment predicts nothing inside its own sequence
-    assert torch.isneginf(batch[BATCH_LOGPROBS][0, 6]).all()
-    assert torch.isneginf(batch[BATCH_LOGPROBS][1, 8:]).all()
+    assert torch.isneginf(batch[TEACHER_LOGPROBS][0, 6]).all()
+    assert torch.isneginf(batch[TEACHER_LOGPROBS][1, 8:]).all()
 
 
 def test_full_vocabulary_topk_has_no_tail_mass():
-    """Regression (issue 3): with k = |V| float16 rounding left teacher mass in the empty tail and made
+    """Regression: with k = |V| float16 rounding left teacher mass in the empty tail and made
     KL(p_T || pi) infinite."""
     torch.manual_seed(0)
     teacher = torch.log_softmax(torch.randn(2, 3, V), -1)
@@ -251,7 +242,7 @@ def test_full_vocabulary_topk_has_no_tail_mass():
 def test_axolotl_kd_v2_rows_map_to_the_student_alignment():
     from datasets import Dataset
 
-    from axolotl_xkd.precomputed_data import from_axolotl_kd_v2
+    from axolotl_xkd.store.read import from_axolotl_kd_v2
 
     input_ids, labels = [1, 10, 11, 12, 2], [-100, -100, 11, 12, 2]
     target_ids = [[i, i + 1] for i in range(5)]  # entry i marked by its position
@@ -262,8 +253,8 @@ def test_axolotl_kd_v2_rows_map_to_the_student_alignment():
     assert k == 2
     row = converted.to_pylist()[0]
     # response positions 1, 2, 3 (their next labels are unmasked) keep entries 1, 2, 3: no shift
-    assert row[SPLIT_IDS] == [1, 2, 2, 3, 3, 4]
-    np.testing.assert_allclose(row[SPLIT_LOGPROBS], [-0.2, -3.0, -0.3, -3.0, -0.4, -3.0], rtol=1e-6)
+    assert row[TOPK_IDS] == [1, 2, 2, 3, 3, 4]
+    np.testing.assert_allclose(row[TOPK_LOGPROBS], [-0.2, -3.0, -0.3, -3.0, -0.4, -3.0], rtol=1e-6)
     short = Dataset.from_dict({"input_ids": [input_ids], "labels": [labels], "target_token_ids": [target_ids[1:]],
                                "logprobs": [logprobs[1:]]})
     with pytest.raises(RowError, match="row 0, field 'target_token_ids': 4 positions for 5 input_ids"):

@@ -14,17 +14,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from axolotl_xkd.teacher_server import TeacherScorer, make_server
-from axolotl_xkd.teachers.server import (
-    TICKET,
-    ServerSettings,
-    ServerTeacherSource,
-    TeacherServerClient,
-    TeacherServerError,
-)
+from axolotl_xkd.args import ServerTeacher
+from axolotl_xkd.frozen_teacher import tokenizer_hash
+from axolotl_xkd.keys import TEACHER_TICKET
 from axolotl_xkd.sequences import segments
+from axolotl_xkd.server.app import TeacherScorer, make_server
+from axolotl_xkd.server.client import TeacherServerClient, TeacherServerError
+from axolotl_xkd.teachers.server import ServerTeacherSource
 from axolotl_xkd.tiny import build_model, build_tokenizer
-from axolotl_xkd.topk_store import tokenizer_hash
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +42,10 @@ def served(tiny):
     server.server_close()
 
 
-def client_for(url: str, tokenizer, **overrides) -> TeacherServerClient:
+def client_for(url: str, tokenizer, *, api_key: str | None = None, **overrides) -> TeacherServerClient:
     settings = {"base_url": url, "top_k": len(tokenizer), "timeout_s": 5.0, "max_retries": 2,
                 "retry_backoff_s": 0.01, "concurrency": 2, **overrides}
-    client = TeacherServerClient(ServerSettings(**settings))
+    client = TeacherServerClient(ServerTeacher(**settings), api_key=api_key)
     client.check_server(tokenizer, tokenizer_hash(tokenizer))
     return client
 
@@ -77,7 +74,7 @@ def test_packed_batch_matches_in_process_teacher(tiny, served, request_tokens):
     assert segments(batch) == [(0, 0, 6), (0, 6, 15), (1, 0, 6)]
     source = ServerTeacherSource(client_for(served, tokenizer, request_tokens=request_tokens))
     source.submit(batch)
-    assert len(source._pending[batch[TICKET]]) == (3 if request_tokens == 8 else 1)
+    assert len(source._pending[batch[TEACHER_TICKET]]) == (3 if request_tokens == 8 else 1)
     signal = source.get_signal(batch)
     dense = torch.full((*batch["input_ids"].shape, len(tokenizer)), -torch.inf)
     dense.scatter_(-1, signal.token_ids, signal.logprobs)
@@ -99,7 +96,7 @@ def test_prefetch_sends_requests_ahead(tiny, served):
     stream = source.prefetched(epoch)
     first = next(stream)
     assert source.prefetched(epoch) is stream  # the trainer passes the same epoch iterator at every step
-    assert [TICKET in b for b in batches] == [True, True, True, False]
+    assert [TEACHER_TICKET in b for b in batches] == [True, True, True, False]
     signals = [source.get_signal(first)] + [source.get_signal(b) for b in stream]
     assert len(signals) == 4 and all(s.logprobs.shape == (2, 16, 5) for s in signals)
     assert all(torch.isfinite(s.logprobs).all(-1).sum() == 18 for s in signals)
@@ -227,7 +224,7 @@ def test_connection_refused_is_retried_then_named(tiny, caplog):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    with caplog.at_level(logging.WARNING, logger="axolotl_xkd.teachers.server"), \
+    with caplog.at_level(logging.WARNING, logger="axolotl_xkd.server.client"), \
             pytest.raises(TeacherServerError, match=rf"base_url={url}: GET /v1/models failed after 3 attempt"):
         client_for(url, tokenizer, max_retries=2)
     assert "cannot connect" in caplog.text and caplog.text.count("retry") == 2
@@ -250,7 +247,7 @@ def test_transient_fault_recovers_and_sends_api_key(tiny, fault_server):
     assert server.hits["completions"] == 3 and server.auth == ["Bearer s3cret"] * 3
     assert ids[:2].tolist() == [[0, 1, 2, 3]] * 2 and logprobs[0].tolist() == [-1.0, -2.0, -3.0, -4.0]
     assert torch.isinf(torch.from_numpy(logprobs[2])).all()
-    assert "s3cret" not in repr(client.settings)
+    assert "s3cret" not in repr(client.settings) and "s3cret" not in repr(client)
 
 
 def test_wrong_tokenizer_fault_server_is_refused(tiny, fault_server):
@@ -276,7 +273,7 @@ def test_config_checks_url_and_reads_key_from_named_variable(tiny, served, monke
     from pydantic import ValidationError
 
     from axolotl_xkd.args import ServerTeacher
-    from axolotl_xkd.model_glue import load_server_teacher
+    from axolotl_xkd.wiring import load_server_teacher
 
     with pytest.raises(ValidationError, match="xkd.teacher.base_url='localhost:8000' must start with http"):
         ServerTeacher(base_url="localhost:8000")
@@ -286,5 +283,5 @@ def test_config_checks_url_and_reads_key_from_named_variable(tiny, served, monke
         load_server_teacher(config, tiny[0])
     monkeypatch.setenv("XKD_TEST_TEACHER_KEY", "k3y")
     source = load_server_teacher(config, tiny[0])
-    assert source.client.settings.api_key == "k3y" and "k3y" not in repr(source.client.settings)
+    assert source.client.api_key == "k3y" and "k3y" not in repr(source.client.settings)
     assert source.client.model == "tiny"

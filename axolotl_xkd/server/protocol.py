@@ -1,0 +1,81 @@
+"""The wire protocol between the server teacher's client and a teacher server: vLLM's completions API with its
+`prompt_logprobs` extension, which `axolotl xkd serve-teacher` also speaks.
+
+Each sequence is its own prompt; a request carries several:
+
+    POST {base_url}/v1/completions
+    {"model": M, "prompt": [[token ids], ...], "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k}
+
+vLLM rejects max_tokens < 1 (vllm-project/vllm#9336), so one token is generated and ignored.
+Choice c (by its "index") answers prompt c; its `prompt_logprobs` has one entry per prompt token: None for token
+0, then {"<id>": {"logprob", "rank", "decoded_token"}} for token j, the distribution of u_j given u_<j: the top k
+plus the prompt token itself when it ranks below k. This plugin's position i holds p_T(. | u_<=i), so position i
+reads entry j = i + 1, and a sequence's last position has no entry.
+
+`axolotl xkd serve-teacher` adds the `INFO_*` fields to its /v1/models card (vLLM has none of them).
+Imports the standard library and numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# Model-card fields `axolotl xkd serve-teacher` adds to /v1/models.
+INFO_TOKENIZER_HASH = "xkd_tokenizer_hash"  # frozen_teacher.tokenizer_hash of the served tokenizer
+INFO_SPECIAL_TOKENS = "xkd_special_tokens"  # its BOS/EOS/PAD/UNK ids (a difference is only a warning)
+INFO_VOCAB_SIZE = "xkd_vocab_size"
+INFO_TOP_K_MAX = "xkd_top_k_max"
+# vLLM sends -9999.0 where a log-prob is -inf (JSON has no infinity).
+LOGPROB_FLOOR = -9999.0
+
+
+class BadAnswer(ValueError):
+    """An answer that does not follow the protocol (a later attempt may get a good one)."""
+
+
+def completion_request(model: str | None, sequences: list[list[int]], top_k: int) -> dict:
+    """The body of a scoring request: one prompt per sequence, one ignored generated token."""
+    return {"model": model, "prompt": [list(s) for s in sequences], "max_tokens": 1, "temperature": 1.0,
+            "prompt_logprobs": top_k}
+
+
+def choices_of(answer: object, count: int) -> list[dict]:
+    """The answer's choices in prompt order; BadAnswer unless there is exactly one per prompt."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list) or len(choices) != count or not all(isinstance(c, dict) for c in choices):
+        got = len(choices) if isinstance(choices, list) else "no"
+        raise BadAnswer(f"the answer has {got} choices for {count} prompts: {str(answer)[:120]}")
+    return sorted(choices, key=lambda c: c.get("index", 0))
+
+
+def parse_prompt_logprobs(choice: dict, n: int, *, top_k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One choice of a completions answer for an n-token prompt -> (n, k) int64 ids, float32 log-probs
+    (decreasing), aligned with the student (row i <- entry i + 1; row n-1 -inf). BadAnswer names what is wrong."""
+    entries = choice.get("prompt_logprobs")
+    if not isinstance(entries, list) or len(entries) != n:
+        got = len(entries) if isinstance(entries, list) else type(entries).__name__
+        raise BadAnswer(f"prompt_logprobs has {got} positions for a prompt of {n} tokens")
+    ids = np.zeros((n, top_k), dtype=np.int64)
+    logprobs = np.full((n, top_k), -np.inf, dtype=np.float32)
+    for j in range(1, n):
+        entry = entries[j]
+        if not isinstance(entry, dict) or len(entry) < top_k:
+            raise BadAnswer(f"prompt_logprobs[{j}] holds {len(entry) if isinstance(entry, dict) else entry!r} "
+                             f"entries, expected at least top_k={top_k}")
+        try:
+            pairs = [(int(token), float(value["logprob"] if isinstance(value, dict) else value))
+                     for token, value in entry.items()]
+        except (KeyError, TypeError, ValueError):
+            raise BadAnswer(f"prompt_logprobs[{j}] is not a map of token id -> {{logprob}}: {str(entry)[:80]}") \
+                from None
+        pairs.sort(key=lambda pair: -pair[1])
+        top = pairs[:top_k]
+        if any(not 0 <= token < vocab_size for token, _ in top):
+            raise BadAnswer(f"prompt_logprobs[{j}] has a token id outside the vocabulary [0, {vocab_size})")
+        if any(math.isnan(value) or value > 1e-4 for _, value in top):
+            raise BadAnswer(f"prompt_logprobs[{j}] has a log-prob that is NaN or above 0")
+        ids[j - 1] = [token for token, _ in top]
+        logprobs[j - 1] = [min(value, 0.0) for _, value in top]
+    return ids, logprobs
