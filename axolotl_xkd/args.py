@@ -1,4 +1,4 @@
-"""The nested `xkd:` block of an Axolotl config, as a pydantic schema (a leaf: imports no project code).
+"""The nested `xkd:` block of an Axolotl config, as a pydantic schema (imports only the leaf `options`).
 
 Axolotl merges `XKDArgs` into its own config model, so `axolotl train` validates the block with the
 rest of the YAML; unknown keys inside `xkd:` are errors, never silently ignored.
@@ -11,11 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from axolotl_xkd.options import DIVERGENCES, Q_FORMS, REWARD_INPUTS, TD_TARGETS, teacher_reader
+
 LOG = logging.getLogger(__name__)
 
-Divergence = Literal[
-    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "sequence"
-]
+Divergence = Literal[DIVERGENCES]
 
 
 class ModelTeacher(BaseModel):
@@ -102,7 +102,8 @@ class GenerationSettings(BaseModel):
 
 
 class XKDConfig(BaseModel):
-    """Every option of XKD_METHOD.md; defaults are the spec's."""
+    """Every option of XKD_METHOD.md; the defaults are the spec's except where the quality study recommends
+    otherwise (w_kl = lambda = 0.1, q_form ava: see docs/getting_started.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -124,14 +125,14 @@ class XKDConfig(BaseModel):
     td_weight: float = Field(0.1, ge=0, description="lambda: weight of the TD-consistency term.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount in TD_i.")
     prior_std: float = Field(1.0, gt=0, description="Standard deviation of the reward prior N(0, s^2).")
-    q_form: Literal["logits", "logprobs", "ava"] = Field("ava", description="How Q(s, a) is read off z_i.")
+    q_form: Literal[Q_FORMS] = Field("ava", description="How Q(s, a) is read off z_i.")
     ava_alpha: float = Field(1.0, gt=0, description="Band width of q_form: ava.")
-    td_target: Literal["observed", "teacher_expected", "soft", "teacher_logprob"] = Field(
+    td_target: Literal[TD_TARGETS] = Field(
         "observed",
         description="What the reward fits: Q(s,a) - gamma Q(s',a') at the observed tokens (observed) or under the "
         "teacher (teacher_expected); Q(s,a) - gamma V(s'), V = logsumexp Q (soft); log p_T(a|s) (teacher_logprob).",
     )
-    reward_input: Literal["next_state", "state"] = Field(
+    reward_input: Literal[REWARD_INPUTS] = Field(
         "next_state", description="Read R_i from h_{i+1} (next_state) or h_i (state)."
     )
     reward_detach_backbone: bool = Field(False, description="Stop the reward head's gradient into the student.")
@@ -173,12 +174,11 @@ class XKDConfig(BaseModel):
 
     @model_validator(mode="after")
     def _teacher_present(self) -> XKDConfig:
-        kd_needs = self.alpha_kd > 0 and self.divergence != "sequence"
-        td_needs = self.td_weight > 0 and self.td_target == "teacher_expected"
-        if self.teacher is None and (kd_needs or td_needs):
-            why = f"divergence {self.divergence!r}" if kd_needs else "td_target 'teacher_expected'"
+        reader = teacher_reader(divergence=self.divergence, alpha_kd=self.alpha_kd, td_weight=self.td_weight,
+                                td_target=self.td_target)
+        if self.teacher is None and reader is not None:
             raise ValueError(
-                f"xkd.teacher is missing, but {why} needs the teacher's distribution; add e.g. "
+                f"xkd.teacher is missing, but {reader} needs the teacher's distribution; add e.g. "
                 "`teacher: {source: model, path: /path/to/teacher}`"
             )
         return self
@@ -282,7 +282,7 @@ def warn_once(message: str) -> None:
 class XKDArgs(BaseModel):
     """What the plugin adds to Axolotl's config: the `xkd:` block, checked against the rest."""
 
-    xkd: XKDConfig | None = Field(None, description="X-KD settings; see the README for every key.")
+    xkd: XKDConfig | None = Field(None, description="X-KD settings; every key: docs/config.md.")
 
     @model_validator(mode="before")
     @classmethod

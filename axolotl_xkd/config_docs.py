@@ -42,8 +42,8 @@ SECTIONS: list[tuple[str, str, type[BaseModel], str]] = [
 ]
 
 NOTES: dict[str, str] = {
-    "XKDConfig.teacher": "Required unless no term reads the teacher (`divergence: sequence` with "
-    "`td_target: observed`).",
+    "XKDConfig.teacher": "Required unless no term reads the teacher (`divergence: sequence`, or `alpha_kd: 0`, "
+    "with `td_target` `observed` or `soft`).",
     "XKDConfig.divergence": "`forward_kl` KL(p_T‖pi), `reverse_kl` KL(pi‖p_T), `jsd` (generalized JSD), "
     "`skew_forward_kl`, `skew_reverse_kl` (DistiLLM), `tvd` (total variation), `sequence` (SeqKD: "
     "-log pi(a_i|s_i) on the data's tokens).",
@@ -61,9 +61,12 @@ NOTES: dict[str, str] = {
     "XKDConfig.q_form": "`ava` Q = log_softmax(ava_alpha softmax(z/tau)) (AVA), `logits` Q = z/tau (AVRIL's "
     "Boltzmann Q-network, the spec's first form), `logprobs` Q = log_softmax(z/tau). The default follows the "
     "[quality study](quality.md)'s sweep: with `logits` the TD term wrecks the student on every task.",
-    "XKDConfig.td_target": "`teacher_expected`: each Q replaced by its expectation under the teacher's next-token "
-    "distribution (top-k teachers: the tail category takes the student-weighted mean of Q over the tokens "
-    "outside the top k).",
+    "XKDConfig.td_target": "`observed`: TD_i = Q(s_i, a_i) - gamma Q(s'_i, a_{i+1}) (its sum over a response "
+    "telescopes to about Q(s_0, a_0)). `teacher_expected`: each Q replaced by its expectation under the teacher's "
+    "next-token distribution (top-k teachers: the tail category takes the student-weighted mean of Q over the "
+    "tokens outside the top k). `soft`: TD_i = Q(s_i, a_i) - gamma V(s'_i), V = logsumexp Q (sums to the "
+    "student's log-likelihood plus V(s_0)). `teacher_logprob`: TD_i = log p_T(a_i | s_i), a fixed target, so "
+    "the head learns the teacher's log-likelihood. Formulas: [XKD_METHOD.md](XKD_METHOD.md) section 2.",
     "XKDConfig.reward_input": "`next_state` reads the state a_i leads to; `state` is AVRIL's state-only form.",
     "XKDConfig.log_std_min": "Must be below `log_std_max`.",
     "XKDConfig.topk_tail": "True compares k+1 categories (top k plus the tail holding the missing mass); `false` "

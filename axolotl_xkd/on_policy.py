@@ -13,13 +13,14 @@ import time
 
 from torch import Tensor, nn
 
-from axolotl_xkd.sequences import Sampling, collate_rows, prompts_of, response_rows, sample_responses
+from axolotl_xkd.args import GenerationSettings
+from axolotl_xkd.sequences import collate_rows, prompts_of, response_rows, sample_responses
 
 
 class OnPolicySampler:
     """Replaces a step's batches by the student's samples for `fraction` of the steps; keeps the statistics."""
 
-    def __init__(self, sampling: Sampling, *, fraction: float, seed: int, pad_id: int, eos_id: int | None,
+    def __init__(self, sampling: GenerationSettings, *, fraction: float, seed: int, pad_id: int, eos_id: int | None,
                  max_length: int) -> None:
         self.sampling = sampling
         self.fraction = fraction

@@ -34,9 +34,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from axolotl_xkd.args import GenerationSettings
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.reward_store import CONFIG_NAME, WEIGHTS_NAME, load_reward_head
-from axolotl_xkd.sequences import Sampling, sample_responses
+from axolotl_xkd.sequences import sample_responses
 
 RankBy = Literal["sum", "mean"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -142,7 +143,7 @@ class RewardScorer:
         """Score already tokenized pairs (response_ids include EOS where it should count)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
         prompts = list(prompts) if prompts is not None else [decode(p) for p in prompt_ids]
         responses = list(responses) if responses is not None else [decode(r) for r in response_ids]
         scored: list[ScoredResponse] = []
@@ -263,7 +264,7 @@ class RewardScorer:
             prompt_ids = [self._prompt_ids(p, row) for row, p in enumerate(prompts)]
         elif len(prompt_ids) != len(prompts):
             raise ValueError(f"rerank: {len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
-        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        sampling = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         results: list[list[ScoredResponse]] = []
@@ -380,7 +381,7 @@ def saved_training_config(student_dir: str | os.PathLike) -> tuple[str, str] | N
         card = folder / "README.md"
         if card.is_file():
             found = re.search(r"See axolotl config</summary>.*?```yaml\n(.*?)\n```", card.read_text(encoding="utf-8"),
-                              re.S)
+                              re.DOTALL)
             if found:
                 return found.group(1), f"{card} (the config `axolotl train` saved)"
     return None

@@ -8,22 +8,12 @@ and losses.positions only; the model is anything with HF's `generate`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from axolotl_xkd.args import GenerationSettings
 from axolotl_xkd.losses.positions import IGNORE_INDEX
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings; temperature 0 means greedy."""
-
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
 
 
 def segments(batch: dict[str, Tensor]) -> list[tuple[int, int, int]]:
@@ -68,7 +58,7 @@ def prompts_of(batch: dict[str, Tensor]) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def sample_responses(model: nn.Module, prompts: list[list[int]], sampling: Sampling, *, pad_id: int, eos_id: int | None,
+def sample_responses(model: nn.Module, prompts: list[list[int]], sampling: GenerationSettings, *, pad_id: int, eos_id: int | None,
                      n: int = 1, max_length: int | None = None) -> list[list[int]]:
     """n responses per prompt (prompt-major), each cut after its first EOS and to `max_length` tokens with its
     prompt. Prompts are left-padded into one batch; sampling draws from torch's global generator."""

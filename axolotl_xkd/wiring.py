@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import fields
 
 import torch
 from torch import nn
@@ -19,7 +20,6 @@ from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams
 from axolotl_xkd.on_policy import OnPolicySampler
 from axolotl_xkd.reward_store import ATTRIBUTE, save_beside_student
-from axolotl_xkd.sequences import Sampling
 from axolotl_xkd.teachers.base import TeacherSource
 from axolotl_xkd.trainer import XKDSetup, base_model
 
@@ -29,9 +29,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def hyperparams(config: XKDConfig) -> XKDHyperparams:
-    """The loss's plain hyperparameters from the validated config block."""
-    fields = XKDHyperparams.__dataclass_fields__
-    return XKDHyperparams(**{k: v for k, v in config.model_dump().items() if k in fields})
+    """The loss's plain hyperparameters from the validated config block: every XKDHyperparams field is read off
+    the block by name (a field the block lacks raises here, instead of silently keeping the loss's default)."""
+    return XKDHyperparams(**{f.name: getattr(config, f.name) for f in fields(XKDHyperparams) if f.name != "ignore_index"})
 
 
 def find_reward_head(model: nn.Module) -> VariationalRewardHead | None:
@@ -144,7 +144,7 @@ def on_policy_sampler(config: XKDConfig, cfg, tokenizer) -> OnPolicySampler | No
     if config.sequences != "on_policy":
         return None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return OnPolicySampler(Sampling(**config.generation.model_dump()), fraction=config.on_policy_fraction,
+    return OnPolicySampler(config.generation, fraction=config.on_policy_fraction,
                            seed=int(cfg.seed or 0), pad_id=pad_id, eos_id=tokenizer.eos_token_id,
                            max_length=int(cfg.sequence_len))
 

@@ -66,7 +66,7 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
 
     from axolotl.cli.config import load_cfg
 
-    from axolotl_xkd.sequences import Sampling
+    from axolotl_xkd.args import GenerationSettings
     from axolotl_xkd.server.client import api_key_from_env
     from axolotl_xkd.store.write import PrecomputeSettings, run_precompute
 
@@ -74,7 +74,7 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
     block = XKDConfig.model_validate(dict(cfg["xkd"])) if cfg.get("xkd") is not None else None
     sampling = None
     if generate or (block is not None and block.sequences == "teacher"):
-        sampling = Sampling(**(block.generation.model_dump() if block is not None else {}))
+        sampling = block.generation if block is not None else GenerationSettings()
     settings = PrecomputeSettings(out=out, teacher=teacher_path or server_block.base_url, top_k=top_k,
                                   batch_size=batch_size,
                                   rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype, generate=sampling,

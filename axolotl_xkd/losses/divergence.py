@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+from axolotl_xkd.options import TOKEN_DIVERGENCES as DIVERGENCES
 
 
 def kl(p_logprobs: Tensor, q_logprobs: Tensor) -> Tensor:

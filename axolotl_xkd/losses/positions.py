@@ -12,8 +12,6 @@ from torch import Tensor
 IGNORE_INDEX = -100
 """Label of a position the loss does not count (prompt, padding), as in transformers and Axolotl."""
 
-REWARD_INPUTS = ("next_state", "state")
-
 
 def shift_targets(labels: Tensor, position_ids: Tensor | None, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Action a_i = u_{i+1} at position i, (B, T); ignore_index where there is no action.

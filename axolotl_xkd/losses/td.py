@@ -9,9 +9,8 @@ import torch
 from torch import Tensor
 
 from axolotl_xkd.losses.precision import upcast
+from axolotl_xkd.options import Q_FORMS
 
-Q_FORMS = ("logits", "logprobs", "ava")
-TD_TARGETS = ("observed", "teacher_expected", "soft", "teacher_logprob")
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 
 

@@ -19,25 +19,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from axolotl_xkd.losses.categories import paired_categories, teacher_expectation, teacher_token_logprob
-from axolotl_xkd.losses.divergence import DIVERGENCES, divergence
-from axolotl_xkd.losses.positions import IGNORE_INDEX, REWARD_INPUTS, align_reward, nonterminal_next, shift_targets
+from axolotl_xkd.losses.divergence import divergence
+from axolotl_xkd.losses.positions import IGNORE_INDEX, align_reward, nonterminal_next, shift_targets
 from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import DenseHiddenSignal, DenseSignal, TeacherSignal, TopKSignal
 from axolotl_xkd.losses.td import (
-    Q_FORMS,
-    TD_TARGETS,
     gaussian_kl_to_prior,
     q_values,
     soft_value,
     td_consistency,
     td_difference,
 )
-
-TEACHER_TD_TARGETS = ("teacher_expected", "teacher_logprob")
-"""The td_target values that read the teacher's distribution."""
+from axolotl_xkd.options import DIVERGENCES as ALL_DIVERGENCES
+from axolotl_xkd.options import Q_FORMS, REWARD_INPUTS, TD_TARGETS, teacher_reader
 
 _CHOICES = {
-    "divergence": (*DIVERGENCES, "sequence"),
+    "divergence": ALL_DIVERGENCES,
     "q_form": Q_FORMS,
     "td_target": TD_TARGETS,
     "reward_input": REWARD_INPUTS,
@@ -108,8 +105,8 @@ class XKDHyperparams:
     @property
     def needs_teacher(self) -> bool:
         """Whether some term reads the teacher's distribution."""
-        kd_needs = self.alpha_kd > 0 and self.divergence != "sequence"
-        return kd_needs or (self.uses_td and self.td_target in TEACHER_TD_TARGETS)
+        return teacher_reader(divergence=self.divergence, alpha_kd=self.alpha_kd, td_weight=self.td_weight,
+                              td_target=self.td_target) is not None
 
 
 class XKDLossOutput(NamedTuple):

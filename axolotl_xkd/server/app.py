@@ -166,7 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: TeacherHTTPServer
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args) -> None:
         LOG.debug("serve-teacher %s - %s", self.address_string(), format % args)
 
     def _send(self, status: int, body: dict) -> None:
@@ -193,10 +193,10 @@ class _Handler(BaseHTTPRequestHandler):
             LOG.info('serve-teacher %s "%s %s" %d positions=%d %.3fs', self.client_address[0], self.command,
                      self.path, self._status, positions, time.perf_counter() - start)
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         self._logged(self._get)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._logged(self._post)
 
     def _get(self) -> int:

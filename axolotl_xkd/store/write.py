@@ -25,10 +25,10 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from axolotl_xkd.args import ServerTeacher
+from axolotl_xkd.args import GenerationSettings, ServerTeacher
 from axolotl_xkd.frozen_teacher import load_frozen_teacher, output_layer_is_linear, special_tokens, tokenizer_hash
 from axolotl_xkd.keys import TOPK_IDS, TOPK_LOGPROBS, TOPK_PACKED
-from axolotl_xkd.sequences import Sampling, prompt_of, response_rows, right_pad, sample_responses
+from axolotl_xkd.sequences import prompt_of, response_rows, right_pad, sample_responses
 from axolotl_xkd.server.client import TeacherServerClient
 from axolotl_xkd.store.format import Manifest, choose_encoding, encode, missing_shards, response_mask, shard_dir
 
@@ -47,7 +47,7 @@ class PrecomputeSettings:
     batch_size: int = 8
     rows_per_shard: int = 1024
     logprob_dtype: str = "float16"
-    generate: Sampling | None = None  # --generate: store the teacher's responses instead of the dataset's
+    generate: GenerationSettings | None = None  # --generate: store the teacher's responses instead of the dataset's
     seed: int = 0
     server: ServerTeacher | None = None  # --server: ask a running teacher server instead of loading the teacher
     server_api_key: str | None = field(default=None, repr=False)  # read from the block's api_key_env
@@ -99,7 +99,7 @@ def response_entries(rows: list[dict],
     return picked
 
 
-def teacher_rows(model: nn.Module, rows: list[dict], sampling: Sampling, *, pad_id: int, eos_id: int | None,
+def teacher_rows(model: nn.Module, rows: list[dict], sampling: GenerationSettings, *, pad_id: int, eos_id: int | None,
                  max_length: int) -> list[dict]:
     """`rows` with each response replaced by the teacher's sample for the row's prompt (rows without a
     response stay as they are)."""

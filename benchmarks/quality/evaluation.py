@@ -29,11 +29,12 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, max_l
     """n responses per prompt (prompt-major), decoded without special tokens; seeded when sampling."""
     import torch
 
-    from axolotl_xkd.sequences import Sampling, sample_responses
+    from axolotl_xkd.args import GenerationSettings
+    from axolotl_xkd.sequences import sample_responses
 
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature)
+    sampling = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature)
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     out = []
     for start in range(0, len(ids), batch_size):

@@ -86,7 +86,7 @@ def test_on_policy_steps_train_on_the_students_greedy_answers(assets, tmp_path):
 
 def test_sampled_on_policy_run_is_reproducible(assets, tmp_path):
     from axolotl_xkd.on_policy import OnPolicySampler
-    from axolotl_xkd.sequences import Sampling
+    from axolotl_xkd.args import GenerationSettings
 
     runs = []
     for name in ("a", "b"):
@@ -99,7 +99,7 @@ def test_sampled_on_policy_run_is_reproducible(assets, tmp_path):
     (logs_a, batches_a), (logs_b, batches_b) = runs
     assert batches_a == batches_b and len(batches_a) == 4
     assert [e["loss"] for e in logs_a] == [e["loss"] for e in logs_b]
-    chooser = OnPolicySampler(Sampling(), fraction=0.5, seed=42, pad_id=0, eos_id=2, max_length=32)
+    chooser = OnPolicySampler(GenerationSettings(), fraction=0.5, seed=42, pad_id=0, eos_id=2, max_length=32)
     chosen = [float(chooser.is_on_policy(step)) for step in range(4)]
     assert [e["xkd/on_policy_fraction"] for e in logs_a] == chosen
     assert 0 < sum(chosen) < 4, "seed 42 should mix on-policy and dataset steps in 4 steps"

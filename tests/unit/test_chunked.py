@@ -15,7 +15,7 @@ import torch
 from axolotl_xkd.losses import DIVERGENCES, Q_FORMS, TopKSignal, XKDHyperparams, xkd_loss
 from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.signal import DenseHiddenSignal, DenseSignal
-from axolotl_xkd.losses.td import TD_TARGETS
+from axolotl_xkd.options import TD_TARGETS
 
 B, T, H, H_T, V, K = 2, 12, 6, 5, 17, 4
 N = B * T

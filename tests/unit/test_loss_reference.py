@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from axolotl_xkd.losses import DenseSignal, TopKSignal, XKDHyperparams, xkd_loss
-from axolotl_xkd.losses.td import TD_TARGETS
+from axolotl_xkd.options import TD_TARGETS
 from tests.reference import reference_xkd
 
 B, T, V, K = 2, 7, 11, 4

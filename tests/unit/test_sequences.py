@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from axolotl_xkd.args import GenerationSettings
 from axolotl_xkd.on_policy import OnPolicySampler
 from axolotl_xkd.sequences import (
     IGNORE_INDEX,
-    Sampling,
     collate_rows,
     prompts_of,
     response_rows,
@@ -73,7 +73,7 @@ def argmax_loop(model, prompt: list[int], steps: int, eos: int) -> list[int]:
 def test_greedy_responses_match_an_argmax_loop_and_respect_max_length(tiny):
     tokenizer, model = tiny
     prompts = [tokenizer("3+4=")["input_ids"], tokenizer("12-7=")["input_ids"]]
-    sampling = Sampling(max_new_tokens=5, temperature=0)
+    sampling = GenerationSettings(max_new_tokens=5, temperature=0)
     got = sample_responses(model, prompts, sampling, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
     assert got == [argmax_loop(model, p, 5, tokenizer.eos_token_id) for p in prompts]
     short = sample_responses(model, prompts, sampling, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
@@ -85,7 +85,7 @@ def test_greedy_responses_match_an_argmax_loop_and_respect_max_length(tiny):
 def test_sampled_responses_are_seeded_and_prompt_major(tiny):
     tokenizer, model = tiny
     prompts = [tokenizer("3+4=")["input_ids"], tokenizer("9=")["input_ids"]]
-    sampling = Sampling(max_new_tokens=6, temperature=1.5)
+    sampling = GenerationSettings(max_new_tokens=6, temperature=1.5)
     draws = []
     for _ in range(2):
         torch.manual_seed(11)
@@ -96,7 +96,7 @@ def test_sampled_responses_are_seeded_and_prompt_major(tiny):
 
 
 def sampler(fraction: float, seed: int = 0) -> OnPolicySampler:
-    return OnPolicySampler(Sampling(max_new_tokens=4, temperature=0), fraction=fraction, seed=seed, pad_id=0,
+    return OnPolicySampler(GenerationSettings(max_new_tokens=4, temperature=0), fraction=fraction, seed=seed, pad_id=0,
                            eos_id=2, max_length=16)
 
 
