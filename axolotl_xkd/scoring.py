@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from axolotl_xkd.args import GenerationSettings
+from axolotl_xkd.losses.positions import IGNORE_INDEX, align_reward
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
+from axolotl_xkd.options import REWARD_INPUTS
 from axolotl_xkd.reward_store import CONFIG_NAME, WEIGHTS_NAME, load_reward_head
 from axolotl_xkd.sequences import sample_responses
 
@@ -175,17 +177,17 @@ class RewardScorer:
     ) -> list[ScoredResponse]:
         rows = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
         hidden, logits, offsets = self._forward(rows, padding_side)
-        mean, log_std = self.head(hidden)
+        # The head's outputs at each action position i (a_i = the token at i + 1), read as training reads them.
+        mean, log_std = (align_reward(t, self.reward_input) for t in self.head(hidden))
         logprobs = torch.log_softmax(logits[..., : self.vocab_size].float(), dim=-1)
-        shift = 1 if self.reward_input == "state" else 0
         out = []
         for b, (p_ids, r_ids) in enumerate(zip(prompt_ids, response_ids)):
-            # Response token j sits at position pos_j; its action is a_{pos_j - 1}.
-            positions = torch.arange(len(r_ids), device=hidden.device) + offsets[b] + len(p_ids)
+            # Response token j sits at position pos_j, so it is the action a_i of position i = pos_j - 1.
+            actions = torch.arange(len(r_ids), device=hidden.device) + offsets[b] + len(p_ids) - 1
             targets = torch.as_tensor(list(r_ids), device=hidden.device)
-            mu = mean[b, positions - shift]
-            sigma = log_std[b, positions - shift].exp()
-            token_logprobs = logprobs[b, positions - 1].gather(-1, targets[:, None]).squeeze(-1)
+            mu = mean[b, actions]
+            sigma = log_std[b, actions].exp()
+            token_logprobs = logprobs[b, actions].gather(-1, targets[:, None]).squeeze(-1)
             total = float(mu.sum())
             out.append(
                 ScoredResponse(
@@ -363,7 +365,7 @@ class TrainingFormat:
 
 
 def _split_at_labels(input_ids: Sequence[int], labels: Sequence[int], row: int) -> tuple[list[int], list[int]]:
-    trained = [i for i, label in enumerate(labels) if label != -100]
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
     if not trained or trained[0] == 0:
         raise ValueError(f"row {row}: the training format marks no response after a prompt (trained labels at "
                          f"{trained[:5]}...), so the prompt/response boundary is unknown")
@@ -433,8 +435,8 @@ def check_head_matches(head_config: dict, model: PreTrainedModel, tokenizer: Pre
     model_type = head_config.get("base_model_type")
     if model_type is not None and model_type != model.config.model_type:
         problems.append(f"base_model_type {model_type!r} but the model is {model.config.model_type!r}")
-    if head_config.get("reward_input", "next_state") not in ("next_state", "state"):
-        problems.append(f"unknown reward_input {head_config['reward_input']!r} (expected 'next_state' or 'state')")
+    if head_config.get("reward_input", "next_state") not in REWARD_INPUTS:
+        problems.append(f"unknown reward_input {head_config['reward_input']!r} (expected one of {REWARD_INPUTS})")
     if problems:
         raise ValueError(
             f"{config_path} does not belong to this model: " + "; ".join(problems) + ". The reward head reads "

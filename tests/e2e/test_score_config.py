@@ -1,4 +1,4 @@
-"""`axolotl xkd score --config`: prompts rendered as training rendered them (issue 17), checked against the very
+"""`axolotl xkd score --config`: prompts rendered as training rendered them, checked against the very
 rows Axolotl prepared for training, for alpaca-style datasets (a `type:` dict, `type: alpaca`) and a chat_template
 dataset."""
 

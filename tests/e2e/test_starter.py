@@ -1,5 +1,5 @@
 """End to end: the starter block of docs/getting_started.md grafted onto a plain SFT config trains, with the
-TD term not taking over the loss (issue 17); a setting that collapsed in the study warns once at start."""
+TD term not taking over the loss; a setting that collapsed in the study warns once at start."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The reward targets whose sum carries the whole response (issue 18): td_target soft and teacher_logprob.
+"""The reward targets whose sum carries the whole response: td_target soft and teacher_logprob.
 
 Per-token TD_i are read off the loss itself: with alpha_kd = w_kl = 0, lambda = 1, mu = 0 and sigma = 1 the
 loss is sum_i (0.5 log 2 pi + 0.5 TD_i^2), so d loss / d mu_i = -TD_i (mu_i sits at h_{i+1}, next_state).

@@ -79,7 +79,7 @@ def warnings_from(caplog) -> list[str]:
 
 
 def test_collapse_warning_is_logged_once_per_process(caplog):
-    """The block may be validated several times per run; the warning appears once (issue 17)."""
+    """The block may be validated several times per run; the warning appears once."""
     settings = {"teacher": TEACHER, "divergence": "jsd", "td_weight": 0.037, "reward_kl_weight": 0.037}
     with caplog.at_level(logging.WARNING, logger="axolotl_xkd.args"):
         for _ in range(3):
