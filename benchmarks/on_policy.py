@@ -15,9 +15,10 @@ import argparse
 import platform
 import statistics
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+from benchmarks import write_report
 from benchmarks.server_teacher import step_seconds, timing_setup
 from tests.support import log_history, merged, train, write_config
 
@@ -65,7 +66,7 @@ def main() -> None:
         "",
         f"`{command.strip()}`",
         "",
-        f"- date {datetime.now(timezone.utc).isoformat(timespec='seconds')}, axolotl_xkd {__version__}, "
+        f"- date {datetime.now(UTC).isoformat(timespec='seconds')}, axolotl_xkd {__version__}, "
         f"torch {torch.__version__}, device {device}, {platform.processor() or platform.machine()}",
         f"- tiny Llama student and teacher (axolotl_xkd.tiny), in-process teacher, micro_batch_size "
         f"{args.micro_batch_size}, sequence_len {config['sequence_len']}, {args.steps} steps per run, "
@@ -84,9 +85,7 @@ def main() -> None:
         f"step time on_policy / dataset: {on / base:.2f}",
         "",
     ])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(report)
-    print(report)
+    write_report(RESULTS, report)
 
 
 if __name__ == "__main__":

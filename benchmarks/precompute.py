@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import axolotl_xkd
 from axolotl_xkd.store.format import choose_encoding
 from axolotl_xkd.store.write import pad_batch, score_rows, shard_table, write_shard
+from benchmarks import write_report
 
 RESULTS = Path(__file__).parent / "results" / "precompute.md"
 
@@ -135,7 +136,7 @@ def main() -> None:
         "",
         f"`python -m benchmarks.precompute {command}`",
         "",
-        f"- date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, axolotl_xkd "
+        f"- date {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}, axolotl_xkd "
         f"{axolotl_xkd.__version__}, torch {torch.__version__}, device {device_name} ({device.type}, {dtype})",
         f"- teacher: {name}; {len(rows)} rows, {tokens} tokens, {response} response positions; encoding "
         f"{choose_encoding(vocab, 'float16')}",
@@ -147,9 +148,7 @@ def main() -> None:
         *lines,
         "",
     ])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(report)
-    print(report)
+    write_report(RESULTS, report)
 
 
 if __name__ == "__main__":

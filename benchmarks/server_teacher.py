@@ -18,9 +18,10 @@ import re
 import statistics
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+from benchmarks import write_report
 from tests.support import base_config, merged, run_cli, serve_teacher, train, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def main() -> None:
         "",
         f"`{command.strip()}`",
         "",
-        f"- date {datetime.now(timezone.utc).isoformat(timespec='seconds')}, axolotl_xkd {__version__}, "
+        f"- date {datetime.now(UTC).isoformat(timespec='seconds')}, axolotl_xkd {__version__}, "
         f"torch {torch.__version__}, device {device}, {platform.processor() or platform.machine()}",
         f"- tiny Llama student and teacher (axolotl_xkd.tiny), micro_batch_size {args.micro_batch_size}, "
         f"sequence_len {config['sequence_len']}, {args.steps} steps per run, top_k {args.top_k}; server: "
@@ -108,9 +109,7 @@ def main() -> None:
         f"**ratio server / precomputed: {srv / pre:.2f}** (aim: <= 1.2 when the server keeps up)",
         "",
     ])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(report)
-    print(report)
+    write_report(RESULTS, report)
 
 
 if __name__ == "__main__":
