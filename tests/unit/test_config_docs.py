@@ -31,3 +31,10 @@ def test_layout_page_names_every_module():
     packages = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
     missing += [f"{p}/" for p in packages if f"`{p}/`" not in layout]
     assert not missing, f"docs/layout.md does not name: {missing}"
+
+
+def test_readme_stays_short():
+    """The README keeps what it is, the two commands, the config snippet, the outputs and links; the rest lives in
+    docs/, so it stays under 8,000 characters."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert len(readme) <= 8000, len(readme)
