@@ -41,7 +41,10 @@ from axolotl_xkd.options import REWARD_INPUTS
 from axolotl_xkd.reward_store import CONFIG_NAME, WEIGHTS_NAME, load_reward_head
 from axolotl_xkd.sequences import sample_responses
 
-RankBy = Literal["sum", "mean"]
+# What best-of-n sorts by: the learned reward summed or averaged over the response, or the student's own
+# log-likelihood, which the reranking benchmark (docs/reward.md) found the better pick.
+RankBy = Literal["logprob", "sum", "mean"]
+RANK_FIELDS: dict[str, str] = {"logprob": "logprob_sum", "sum": "reward_sum", "mean": "reward_mean"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -240,7 +243,7 @@ class RewardScorer:
         prompts: Sequence[str],
         n: int,
         *,
-        rank_by: RankBy = "sum",
+        rank_by: RankBy = "logprob",
         max_new_tokens: int = 64,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -249,7 +252,7 @@ class RewardScorer:
         progress: bool = False,
         prompt_ids: Sequence[Sequence[int]] | None = None,
     ) -> list[list[ScoredResponse]]:
-        """Sample n responses per prompt and return them scored, best first by reward sum (or mean).
+        """Sample n responses per prompt and return them scored, best first by `rank_by` (RANK_FIELDS).
 
         Sampling is seeded by `seed` (the same seed, batch size and device give the same samples).
         A sample that hits max_new_tokens has no EOS (finished=False) and is scored without one.
@@ -258,8 +261,8 @@ class RewardScorer:
         """
         if n < 1:
             raise ValueError(f"rerank: n must be at least 1, got {n}")
-        if rank_by not in ("sum", "mean"):
-            raise ValueError(f"rerank: rank_by must be 'sum' or 'mean', got {rank_by!r}")
+        if rank_by not in RANK_FIELDS:
+            raise ValueError(f"rerank: rank_by must be one of {sorted(RANK_FIELDS)}, got {rank_by!r}")
         if seed is not None:
             torch.manual_seed(seed)
         if prompt_ids is None:
@@ -277,9 +280,9 @@ class RewardScorer:
             flat_prompts = [p for p in batch_prompts for _ in range(n)]
             texts = [prompts[start + k // n] for k in range(len(samples))]
             scored = self.score_ids(flat_prompts, samples, prompts=texts, batch_size=len(samples))
-            key = (lambda s: s.reward_sum) if rank_by == "sum" else (lambda s: s.reward_mean)
             for k in range(len(batch_prompts)):
-                results.append(sorted(scored[k * n : (k + 1) * n], key=key, reverse=True))
+                group = scored[k * n : (k + 1) * n]
+                results.append(sorted(group, key=lambda s: getattr(s, RANK_FIELDS[rank_by]), reverse=True))
         return results
 
 

@@ -48,8 +48,9 @@ def read_jsonl_field(path: Path, field: str, option: str, field_option: str) -> 
               help="Pairs per forward pass (with --samples: prompts per generate call).")
 @click.option("--per-token", is_flag=True, help="Add token ids, tokens, mu_i and sigma_i per response token.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed (--samples).")
-@click.option("--rank-by", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
-              help="Rerank by the summed or the mean mu_i over the response tokens (--samples).")
+@click.option("--rank-by", type=click.Choice(["logprob", "sum", "mean"]), default="logprob", show_default=True,
+              help="Rerank by the student's log-likelihood (the better pick in the reranking benchmark, "
+              "docs/reward.md), or the summed or mean mu_i over the response tokens (--samples).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1),
               help="Longest sampled response in tokens (--samples).")
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -99,7 +100,7 @@ def score(model_dir: Path, prompts_file: Path, responses_file: Path | None, samp
                 f"{responses_file} has {len(responses)} responses but {prompts_file} has {len(prompts)} prompts; "
                 "they are paired line by line", param_hint="--responses")
 
-    from axolotl_xkd.scoring import TrainingFormat, load_scorer, saved_training_config
+    from axolotl_xkd.scoring import RANK_FIELDS, TrainingFormat, load_scorer, saved_training_config
 
     config = None
     if config_file is not None:
@@ -138,7 +139,7 @@ def score(model_dir: Path, prompts_file: Path, responses_file: Path | None, samp
             rows.append({
                 "prompt": prompt,
                 "best": group[0].response,
-                "rank_by": f"reward_{rank_by}",
+                "rank_by": RANK_FIELDS[rank_by],
                 "samples": [{k: v for k, v in s.to_json(per_token=per_token, tokenizer=scorer.tokenizer).items()
                              if k != "prompt"} for s in group],
             })

@@ -53,7 +53,7 @@ def test_samples_reranked(trained_student, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"q": p}) + "\n" for p in ("12+34=", "50-7=", "3+3=")))
     args = ["--model", str(trained_student), "--prompts", str(prompts), "--prompt-field", "q", "--samples", "4",
-            "--max-new-tokens", "6", "--seed", "3", "--batch-size", "2"]
+            "--max-new-tokens", "6", "--seed", "3", "--batch-size", "2", "--rank-by", "sum"]
     first = run_cli(["axolotl", "xkd", "score", *args, "--out", str(tmp_path / "a.jsonl")])
     assert "sampling+scoring" in first.stderr
     # The same command in this process gives the same samples: sampling is seeded.

@@ -121,8 +121,8 @@ def test_append_eos_false_scores_only_the_response(scorer):
 
 
 def test_rerank_sorted_seeded_and_consistent_with_score(scorer):
-    ranked = scorer.rerank(PROMPTS[:3], 4, max_new_tokens=5, seed=7, batch_size=2)
-    again = scorer.rerank(PROMPTS[:3], 4, max_new_tokens=5, seed=7, batch_size=2)
+    ranked = scorer.rerank(PROMPTS[:3], 4, max_new_tokens=5, seed=7, batch_size=2, rank_by="sum")
+    again = scorer.rerank(PROMPTS[:3], 4, max_new_tokens=5, seed=7, batch_size=2, rank_by="sum")
     assert [[s.token_ids for s in g] for g in ranked] == [[s.token_ids for s in g] for g in again]
     for prompt, group in zip(PROMPTS, ranked):
         assert len(group) == 4 and all(s.prompt == prompt for s in group)
@@ -138,6 +138,10 @@ def test_rerank_sorted_seeded_and_consistent_with_score(scorer):
     for group in by_mean:
         means = [s.reward_mean for s in group]
         assert means == sorted(means, reverse=True)
+    # The default: the student's own log-likelihood, the better pick in the reranking benchmark.
+    for group in scorer.rerank(PROMPTS[:3], 4, max_new_tokens=5, seed=7, batch_size=2):
+        logprobs = [s.logprob_sum for s in group]
+        assert logprobs == sorted(logprobs, reverse=True)
 
 
 def test_per_token_json(scorer):
