@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +197,7 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
         rows_per_shard=settings.rows_per_shard,
         splits={name: len(ds) for name, ds in splits.items()},
         sequences="dataset" if settings.generate is None else "teacher",
-        generation=None if settings.generate is None else {**asdict(settings.generate), "seed": settings.seed},
+        generation=None if settings.generate is None else {**settings.generate.model_dump(), "seed": settings.seed},
     )
     manifest_path = Path(settings.out) / "manifest.json"
     if manifest_path.is_file():
