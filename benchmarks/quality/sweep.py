@@ -28,7 +28,7 @@ from benchmarks.quality.tasks import TASKS
 
 BASE = "xkd_fkl_off"
 REFERENCE = "gkd_fkl_off"
-FINAL_ARMS = [BASE, "xkd_jsd_on", "xkd_seqkd", *(m for m in study.METHODS if m.startswith("xkd_") and m not in
+FINAL_ARMS = [BASE, "xkd_jsd_on", "xkd_seqkd", *(m for m in study.STUDY_METHODS if m.startswith("xkd_") and m not in
                                                 (BASE, "xkd_jsd_on", "xkd_seqkd"))]  # every X-KD arm
 VARIANTS: dict[str, dict] = {
     "spec_defaults": {},

@@ -33,6 +33,16 @@ def arithmetic(rng: random.Random) -> Row:
     return {"prompt": f"{a}{first}{b}{second}{c}=", "response": steps}
 
 
+def arithmetic_v2(rng: random.Random) -> Row:
+    """Two additions of single digits, worked step by step with two-digit numbers: '3+4+9=' -> '3+4=07,07+9=16'.
+
+    The learnable variant (docs/arithmetic_v2.md): the first task's products (up to 729) and signs kept every
+    student at 0-6% in the study's 150 steps; here the teacher reaches about 90% and plain SFT about 30%.
+    """
+    a, b, c = (rng.randint(0, 9) for _ in range(3))
+    return {"prompt": f"{a}+{b}+{c}=", "response": f"{a}+{b}={a + b:02d},{a + b:02d}+{c}={a + b + c:02d}"}
+
+
 def translation(rng: random.Random) -> Row:
     """2-4 source words -> their target words in reverse order: 'ba ke:' -> 'lum dok'."""
     words = [rng.choice(list(LEXICON)) for _ in range(rng.randint(2, 4))]
@@ -127,7 +137,9 @@ TASKS = {
     "arithmetic": Task("arithmetic", arithmetic, exact_match, "accuracy"),
     "translation": Task("translation", translation, bleu, "BLEU"),
     "summary": Task("summary", summary, rouge_l, "ROUGE-L"),
+    "arithmetic_v2": Task("arithmetic_v2", arithmetic_v2, exact_match, "accuracy"),
 }
+STUDY_TASKS = ["arithmetic", "translation", "summary"]  # the published study (scripts/quality.sh)
 
 # Metrics of the paper-scale recipe (benchmarks/quality/evaluation.py --metric ...).
 METRICS = {"rouge2": rouge_2, "bleu": bleu, "gsm8k": gsm8k_accuracy, "exact_match": exact_match, "rougeL": rouge_l}

@@ -35,6 +35,29 @@ def test_rows_are_right_by_construction():
         assert row["response"].split() == [w for w in row["prompt"][:-1].split() if w[0].isupper()]
 
 
+def test_arithmetic_v2_rows_are_right_by_construction():
+    train, evaluation = TASKS["arithmetic_v2"].splits(300, 10, seed=1)
+    for row in train + evaluation:
+        a, b, c = (int(d) for d in row["prompt"][:-1].split("+"))
+        first, second = row["response"].split(",")
+        # Two-digit worked steps, the second starting from the first's result; the last number answers the prompt.
+        assert first == f"{a}+{b}={a + b:02d}" and second == f"{a + b:02d}+{c}={a + b + c:02d}", row
+        assert int(final_number(row["response"])) == a + b + c
+
+
+def test_task_settings_layering():
+    import argparse
+
+    from benchmarks.quality.study import TASK_DEFAULTS, parser, task_settings
+
+    defaults = parser().parse_args([])
+    assert task_settings("translation", defaults) == TASK_DEFAULTS  # the published tasks keep their sizes
+    assert task_settings("arithmetic_v2", defaults) == {**TASK_DEFAULTS, "student_hidden": 64}
+    given = argparse.Namespace(**{**vars(defaults), "student_hidden": 48, "teacher_steps": 10})
+    assert task_settings("arithmetic_v2", given) == {**TASK_DEFAULTS, "student_hidden": 48, "teacher_steps": 10}
+    assert parser().parse_args([]).tasks == ["arithmetic", "translation", "summary"]
+
+
 def test_paper_scale_metrics():
     assert gsm8k_accuracy(["so 1,234 apples.", "it is 5"], ["work #### 1234", "work #### 6"]) == 50.0
     assert rouge_2(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
