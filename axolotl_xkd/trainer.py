@@ -37,7 +37,7 @@ def base_model(model: nn.Module) -> nn.Module:
 # Logged per response token, under xkd/<name> (train) and eval_xkd/<name> (eval): metric name -> the
 # XKDLossOutput field summed for it.
 METRIC_FIELDS = {"distill": "divergence", "ce": "ce", "reward_kl": "kl_prior", "td_nll": "td_nll",
-                 "reward_mu": "reward_mean", "reward_sigma": "reward_std"}
+                 "reward_mu": "mu_sum", "reward_sigma": "sigma_sum"}
 METRICS = tuple(METRIC_FIELDS)
 
 
@@ -152,8 +152,8 @@ class XKDTrainer(AxolotlTrainer):
             mean, log_std = self.xkd.reward_head(hidden.detach() if self.xkd.detach_backbone else hidden)
         common = {
             "teacher": teacher,
-            "reward_mean": mean,
-            "reward_log_std": log_std,
+            "mu": mean,
+            "log_sigma": log_std,
             "params": params,
             "position_ids": inputs.get("position_ids"),
             "eos_token_id": self.xkd.eos_token_id,

@@ -126,7 +126,7 @@ def make_step(variant: str, x: dict, chunk: int, params: XKDHyperparams = PARAMS
     hidden, weight, labels = x["hidden"], x["weight"], x["labels"]
     leaves = [hidden, weight, x["mean"], x["log_std"]]
     compiled = variant.endswith("_c")
-    reward = {"reward_mean": x["mean"], "reward_log_std": x["log_std"]}
+    reward = {"mu": x["mean"], "log_sigma": x["log_std"]}
 
     def backward(loss: torch.Tensor) -> float:
         loss.backward()

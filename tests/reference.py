@@ -120,7 +120,7 @@ def td_of(logits, a, a_next, hp, teacher, b, i):
     return td - hp["gamma"] * later
 
 
-def reference_xkd(logits, labels, *, teacher, reward_mean, reward_log_std, hp, position_ids=None, eos=None):
+def reference_xkd(logits, labels, *, teacher, mu, log_sigma, hp, position_ids=None, eos=None):
     """Sum of l_i over response tokens and the per-term sums, float64."""
     B, T, _ = logits.shape
     logits = logits.double()
@@ -153,12 +153,12 @@ def reference_xkd(logits, labels, *, teacher, reward_mean, reward_log_std, hp, p
                     d = d * tau**2
             ce = -torch.log_softmax(z, dim=0)[a]
             r = i + 1 if hp["reward_input"] == "next_state" else i
-            mu, log_s = reward_mean[b, r].double(), reward_log_std[b, r].double()
+            mu_i, log_s = mu[b, r].double(), log_sigma[b, r].double()
             s, prior = log_s.exp(), hp["prior_std"]
-            kl_prior = math.log(prior) - log_s + (s**2 + mu**2) / (2 * prior**2) - 0.5
+            kl_prior = math.log(prior) - log_s + (s**2 + mu_i**2) / (2 * prior**2) - 0.5
             a_next = action_at(b, i + 1) if a != eos else None
             td = td_of(logits, a, a_next, hp, teacher, b, i)
-            td_nll = 0.5 * LOG_2PI + log_s + (td - mu) ** 2 / (2 * s**2)
+            td_nll = 0.5 * LOG_2PI + log_s + (td - mu_i) ** 2 / (2 * s**2)
             total = total + hp["alpha_kd"] * d + hp["alpha_ce"] * ce + hp["reward_kl_weight"] * kl_prior
             total = total + hp["td_weight"] * td_nll
             for key, value in zip(terms, (d, ce, kl_prior, td_nll)):

@@ -213,8 +213,8 @@ def chunked_xkd_loss(
     *,
     teacher: ChunkedTeacher | None,
     params: XKDHyperparams,
-    reward_mean: Tensor | None,
-    reward_log_std: Tensor | None,
+    mu: Tensor | None,
+    log_sigma: Tensor | None,
     position_ids: Tensor | None = None,
     eos_token_id: int | None = None,
     chunk_size: int = 1024,
@@ -229,7 +229,7 @@ def chunked_xkd_loss(
     to their first vocab_size rows (padded embedding rows); without it a dense teacher must have the student's
     V' tokens, as in xkd_loss. labels (B, T) unshifted; teacher: a `DenseHiddenSignal` (teacher hidden
     states + output layer, its logits formed per chunk), a `DenseSignal` or a `TopKSignal`, aligned with the
-    student; reward_mean / reward_log_std (B, T) the reward head at every position. Gradients reach
+    student; mu / log_sigma (B, T) the reward head at every position. Gradients reach
     student_hidden, output_weight (only if it requires grad: a frozen LoRA base layer gets none), output_bias
     and the reward-head outputs; first derivatives only (no create_graph). chunk_size positions at a time.
 
@@ -253,7 +253,7 @@ def chunked_xkd_loss(
         output_bias = output_bias[:vocab_size] if output_bias is not None else None
         teacher = _cut_vocabulary(teacher, vocab_size)
     n_rows = labels.numel()
-    positions, flat = prepare(labels, teacher, reward_mean, reward_log_std, params=p,
+    positions, flat = prepare(labels, teacher, mu, log_sigma, params=p,
                               vocab_size=output_weight.shape[0], position_ids=position_ids, eos_token_id=eos_token_id)
     plan = _Plan(
         params=p,

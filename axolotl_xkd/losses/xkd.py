@@ -117,8 +117,8 @@ class XKDLossOutput(NamedTuple):
     ce: Tensor
     kl_prior: Tensor
     td_nll: Tensor
-    reward_mean: Tensor
-    reward_std: Tensor
+    mu_sum: Tensor
+    sigma_sum: Tensor
     num_tokens: Tensor
 
 
@@ -146,19 +146,19 @@ class RowInputs(NamedTuple):
     nonterminal: Tensor | None  # None: no TD term
 
 
-def check_inputs(params: XKDHyperparams, teacher: object | None, reward_mean: Tensor | None,
-                 reward_log_std: Tensor | None) -> None:
+def check_inputs(params: XKDHyperparams, teacher: object | None, mu: Tensor | None,
+                 log_sigma: Tensor | None) -> None:
     """Raise if a term the hyperparameters switch on lacks its input."""
     p = params
     if teacher is None and p.alpha_kd > 0 and p.divergence != "sequence":
         raise ValueError(f"divergence {p.divergence!r} needs a teacher signal")
     if teacher is None and p.needs_teacher:
         raise ValueError(f"td_target {p.td_target!r} needs a teacher signal")
-    if p.uses_reward and (reward_mean is None or reward_log_std is None):
+    if p.uses_reward and (mu is None or log_sigma is None):
         raise ValueError("reward_kl_weight or td_weight > 0 needs the reward head outputs")
 
 
-def flat_positions(labels: Tensor, reward_mean: Tensor | None, reward_log_std: Tensor | None, *,
+def flat_positions(labels: Tensor, mu: Tensor | None, log_sigma: Tensor | None, *,
                    params: XKDHyperparams, position_ids: Tensor | None, eos_token_id: int | None) -> Positions:
     """Actions, response mask, terminal flags and aligned reward of a (B, T) batch, as flat (N,) tensors."""
     p, n_rows = params, labels.numel()
@@ -167,12 +167,12 @@ def flat_positions(labels: Tensor, reward_mean: Tensor | None, reward_log_std: T
     if p.uses_td:
         nonterminal = nonterminal_next(targets, ignore_index=p.ignore_index, eos_token_id=eos_token_id)
         nonterminal = nonterminal.reshape(n_rows)
-    mu = log_sigma = None
+    mu_i = log_sigma_i = None
     if p.uses_reward:
-        mu = align_reward(upcast(reward_mean), p.reward_input).reshape(n_rows)
-        log_sigma = align_reward(upcast(reward_log_std), p.reward_input).reshape(n_rows)
+        mu_i = align_reward(upcast(mu), p.reward_input).reshape(n_rows)
+        log_sigma_i = align_reward(upcast(log_sigma), p.reward_input).reshape(n_rows)
     targets = targets.reshape(n_rows)
-    return Positions(targets, targets != p.ignore_index, nonterminal, mu, log_sigma)
+    return Positions(targets, targets != p.ignore_index, nonterminal, mu_i, log_sigma_i)
 
 
 def flat_teacher(teacher: TeacherSignal | DenseHiddenSignal, positions: torch.Size, vocab_size: int
@@ -207,12 +207,12 @@ def flat_teacher(teacher: TeacherSignal | DenseHiddenSignal, positions: torch.Si
     return DenseHiddenSignal(teacher.hidden.reshape(n_rows, width), teacher.weight, teacher.bias)
 
 
-def prepare(labels: Tensor, teacher: TeacherSignal | DenseHiddenSignal | None, reward_mean: Tensor | None,
-            reward_log_std: Tensor | None, *, params: XKDHyperparams, vocab_size: int, position_ids: Tensor | None,
+def prepare(labels: Tensor, teacher: TeacherSignal | DenseHiddenSignal | None, mu: Tensor | None,
+            log_sigma: Tensor | None, *, params: XKDHyperparams, vocab_size: int, position_ids: Tensor | None,
             eos_token_id: int | None) -> tuple[Positions, TeacherSignal | DenseHiddenSignal | None]:
     """Checked inputs of both loss paths: the flat positions and the flat teacher (None where no term reads it)."""
-    check_inputs(params, teacher, reward_mean, reward_log_std)
-    positions = flat_positions(labels, reward_mean, reward_log_std, params=params, position_ids=position_ids,
+    check_inputs(params, teacher, mu, log_sigma)
+    positions = flat_positions(labels, mu, log_sigma, params=params, position_ids=position_ids,
                                eos_token_id=eos_token_id)
     return positions, flat_teacher(teacher, labels.shape, vocab_size) if params.needs_teacher else None
 
@@ -310,8 +310,8 @@ def loss_output(logit_loss: Tensor, parts: tuple[Tensor, Tensor, Tensor], positi
         ce=ce_sum,
         kl_prior=kl_sum.detach(),
         td_nll=td_sum,
-        reward_mean=mu_sum,
-        reward_std=sigma_sum,
+        mu_sum=mu_sum,
+        sigma_sum=sigma_sum,
         num_tokens=valid.sum(),
     )
 
@@ -321,8 +321,8 @@ def xkd_loss(
     labels: Tensor,
     *,
     teacher: TeacherSignal | None,
-    reward_mean: Tensor | None,
-    reward_log_std: Tensor | None,
+    mu: Tensor | None,
+    log_sigma: Tensor | None,
     params: XKDHyperparams,
     position_ids: Tensor | None = None,
     eos_token_id: int | None = None,
@@ -330,12 +330,12 @@ def xkd_loss(
     """X-KD loss SUM over response tokens.
 
     student_logits (B, T, V); labels (B, T), unshifted, ignore_index where masked; teacher aligned
-    with the student (position i predicts u_{i+1}), a dense one over the same V tokens; reward_mean /
-    reward_log_std (B, T): the reward head applied to the student's last hidden state at every position;
+    with the student (position i predicts u_{i+1}), a dense one over the same V tokens; mu /
+    log_sigma (B, T): the reward head applied to the student's last hidden state at every position;
     position_ids (B, T) marks packed segments (a reset to 0 starts a new sequence).
     """
     vocab_size = student_logits.shape[-1]
-    positions, signal = prepare(labels, teacher, reward_mean, reward_log_std, params=params, vocab_size=vocab_size,
+    positions, signal = prepare(labels, teacher, mu, log_sigma, params=params, vocab_size=vocab_size,
                                 position_ids=position_ids, eos_token_id=eos_token_id)
     logits = upcast(student_logits).reshape(labels.numel(), vocab_size)
     rows = RowInputs(signal, positions.targets, positions.valid, positions.nonterminal)

@@ -66,7 +66,7 @@ def run_both(params: XKDHyperparams, teacher_kind: str, chunk_size: int, *, pack
     for chunked in (False, True):
         leaves = {k: x[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias", "mean", "log_std")}
         bias = leaves["bias"] if with_bias else None
-        common = {"reward_mean": leaves["mean"], "reward_log_std": leaves["log_std"], "params": params,
+        common = {"mu": leaves["mean"], "log_sigma": leaves["log_std"], "params": params,
                   "position_ids": x["position_ids"], "eos_token_id": EOS}
         if chunked:
             dense = DenseHiddenSignal(x["teacher_hidden"], x["teacher_weight"])
@@ -154,13 +154,13 @@ def test_padded_vocabulary_rows_are_cut_and_get_zero_gradient():
     padded_tw = torch.cat([x["teacher_weight"], torch.randn(3, H_T)])
     hidden = x["hidden"].clone().requires_grad_(True)
     out = chunked_xkd_loss(hidden, padded_w, x["labels"], teacher=DenseHiddenSignal(x["teacher_hidden"], padded_tw),
-                           reward_mean=x["mean"], reward_log_std=x["log_std"], params=params, chunk_size=7,
+                           mu=x["mean"], log_sigma=x["log_std"], params=params, chunk_size=7,
                            vocab_size=V, eos_token_id=EOS)
     grad_h, grad_w = torch.autograd.grad(out.loss, [hidden, padded_w])
     ref_hidden, ref_w = x["hidden"].clone().requires_grad_(True), x["weight"].clone().requires_grad_(True)
     ref = xkd_loss((ref_hidden @ torch.cat([ref_w, padded_w[V:].detach()]).T)[..., :V], x["labels"],
-                   teacher=DenseSignal((x["teacher_hidden"] @ padded_tw.T)[..., :V]), reward_mean=x["mean"],
-                   reward_log_std=x["log_std"], params=params, eos_token_id=EOS)
+                   teacher=DenseSignal((x["teacher_hidden"] @ padded_tw.T)[..., :V]), mu=x["mean"],
+                   log_sigma=x["log_std"], params=params, eos_token_id=EOS)
     ref_h, ref_wg = torch.autograd.grad(ref.loss, [ref_hidden, ref_w])
     torch.testing.assert_close(out.loss, ref.loss, **FP32)
     torch.testing.assert_close(grad_h, ref_h, **FP32)
@@ -175,14 +175,14 @@ def test_frozen_output_layer_gets_no_gradient():
     teacher = DenseHiddenSignal(x["teacher_hidden"], x["teacher_weight"])
     frozen = x["weight"].clone()
     leaves = [x[k].clone().requires_grad_(True) for k in ("hidden", "mean", "log_std")]
-    out = chunked_xkd_loss(leaves[0], frozen, x["labels"], teacher=teacher, reward_mean=leaves[1],
-                           reward_log_std=leaves[2], params=params, chunk_size=5, eos_token_id=EOS)
+    out = chunked_xkd_loss(leaves[0], frozen, x["labels"], teacher=teacher, mu=leaves[1],
+                           log_sigma=leaves[2], params=params, chunk_size=5, eos_token_id=EOS)
     out.loss.backward()
     assert frozen.grad is None
     ref_leaves = [x[k].clone().requires_grad_(True) for k in ("hidden", "mean", "log_std")]
     dense = DenseSignal(x["teacher_hidden"] @ x["teacher_weight"].T)
     ref = xkd_loss(ref_leaves[0] @ frozen.T, x["labels"], teacher=dense,
-                   reward_mean=ref_leaves[1], reward_log_std=ref_leaves[2], params=params, eos_token_id=EOS)
+                   mu=ref_leaves[1], log_sigma=ref_leaves[2], params=params, eos_token_id=EOS)
     ref.loss.backward()
     for leaf, ref_leaf in zip(leaves, ref_leaves):
         torch.testing.assert_close(leaf.grad, ref_leaf.grad, **FP32)
@@ -194,10 +194,10 @@ def test_bf16_inputs_are_computed_in_fp32():
     params = XKDHyperparams(divergence="forward_kl", alpha_ce=0.5)
     hidden, weight = x["hidden"].bfloat16(), x["weight"].bfloat16()
     teacher = DenseHiddenSignal(x["teacher_hidden"].bfloat16(), x["teacher_weight"].bfloat16())
-    out = chunked_xkd_loss(hidden, weight, x["labels"], teacher=teacher, reward_mean=x["mean"],
-                           reward_log_std=x["log_std"], params=params, chunk_size=5, eos_token_id=EOS)
+    out = chunked_xkd_loss(hidden, weight, x["labels"], teacher=teacher, mu=x["mean"],
+                           log_sigma=x["log_std"], params=params, chunk_size=5, eos_token_id=EOS)
     ref = xkd_loss(hidden @ weight.T, x["labels"], teacher=DenseSignal(teacher.hidden @ teacher.weight.T),
-                   reward_mean=x["mean"], reward_log_std=x["log_std"], params=params, eos_token_id=EOS)
+                   mu=x["mean"], log_sigma=x["log_std"], params=params, eos_token_id=EOS)
     assert out.loss.dtype == torch.float32
     torch.testing.assert_close(out.loss, ref.loss, atol=5e-2, rtol=5e-2)
 
@@ -206,10 +206,10 @@ def test_no_grad_evaluation_matches():
     x = make_inputs(4)
     params = XKDHyperparams(td_target="teacher_expected")
     with torch.no_grad():
-        out = chunked_xkd_loss(x["hidden"], x["weight"], x["labels"], teacher=x["topk"], reward_mean=x["mean"],
-                               reward_log_std=x["log_std"], params=params, chunk_size=5, eos_token_id=EOS)
-        ref = xkd_loss(x["hidden"] @ x["weight"].T, x["labels"], teacher=x["topk"], reward_mean=x["mean"],
-                       reward_log_std=x["log_std"], params=params, eos_token_id=EOS)
+        out = chunked_xkd_loss(x["hidden"], x["weight"], x["labels"], teacher=x["topk"], mu=x["mean"],
+                               log_sigma=x["log_std"], params=params, chunk_size=5, eos_token_id=EOS)
+        ref = xkd_loss(x["hidden"] @ x["weight"].T, x["labels"], teacher=x["topk"], mu=x["mean"],
+                       log_sigma=x["log_std"], params=params, eos_token_id=EOS)
     for field in ref._fields:
         torch.testing.assert_close(getattr(out, field), getattr(ref, field), **FP32)
 
@@ -218,8 +218,8 @@ def test_teacher_vocabulary_mismatch_names_the_fix():
     x = make_inputs(6)
     small = DenseHiddenSignal(x["teacher_hidden"], x["teacher_weight"][: V - 2])
     with pytest.raises(ValueError, match="vocab_size"):
-        chunked_xkd_loss(x["hidden"], x["weight"], x["labels"], teacher=small, reward_mean=x["mean"],
-                         reward_log_std=x["log_std"], params=XKDHyperparams())
+        chunked_xkd_loss(x["hidden"], x["weight"], x["labels"], teacher=small, mu=x["mean"],
+                         log_sigma=x["log_std"], params=XKDHyperparams())
 
 
 
@@ -242,8 +242,8 @@ def test_autograd_mode_equals_hand_written_gradients(teacher_kind):
     results = []
     for mode in ("fused", "autograd"):
         leaves = [x[k].clone().requires_grad_(True) for k in ("hidden", "weight", "mean", "log_std")]
-        out = chunked_xkd_loss(leaves[0], leaves[1], x["labels"], teacher=teacher, reward_mean=leaves[2],
-                               reward_log_std=leaves[3], params=XKDHyperparams(alpha_ce=0.4, temperature=1.3),
+        out = chunked_xkd_loss(leaves[0], leaves[1], x["labels"], teacher=teacher, mu=leaves[2],
+                               log_sigma=leaves[3], params=XKDHyperparams(alpha_ce=0.4, temperature=1.3),
                                chunk_size=5, eos_token_id=EOS, mode=mode)
         results.append((out.loss, torch.autograd.grad(out.loss, leaves)))
     torch.testing.assert_close(results[0][0], results[1][0], **FP32)

@@ -34,7 +34,7 @@ def test_losses_import_without_training_stack():
 def test_reward_weights_zero_gives_plain_distillation_exactly():
     logits, teacher, labels, mu, log_std = random_case()
     params = XKDHyperparams(reward_kl_weight=0.0, td_weight=0.0)
-    out = xkd_loss(logits, labels, teacher=DenseSignal(teacher), reward_mean=mu, reward_log_std=log_std,
+    out = xkd_loss(logits, labels, teacher=DenseSignal(teacher), mu=mu, log_sigma=log_std,
                    params=params)
     targets = shift_targets(labels, None)
     per_token = forward_kl(torch.log_softmax(logits, -1), torch.log_softmax(teacher, -1))
@@ -43,7 +43,7 @@ def test_reward_weights_zero_gives_plain_distillation_exactly():
     kl_div = F.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(teacher, -1), log_target=True,
                       reduction="none").sum(-1)
     torch.testing.assert_close(out.loss, kl_div[targets != -100].sum())
-    without_head = xkd_loss(logits, labels, teacher=DenseSignal(teacher), reward_mean=None, reward_log_std=None,
+    without_head = xkd_loss(logits, labels, teacher=DenseSignal(teacher), mu=None, log_sigma=None,
                             params=params)
     assert torch.equal(without_head.loss, out.loss)
 
@@ -59,7 +59,7 @@ def test_forward_kl_against_one_hot_teacher_is_cross_entropy(as_topk):
         one_hot = torch.full_like(logits, -math.inf).scatter(-1, safe.unsqueeze(-1), 0.0)
         teacher = DenseSignal(one_hot)
     params = XKDHyperparams(reward_kl_weight=0.0, td_weight=0.0, temperature=1.0)
-    out = xkd_loss(logits, labels, teacher=teacher, reward_mean=None, reward_log_std=None, params=params)
+    out = xkd_loss(logits, labels, teacher=teacher, mu=None, log_sigma=None, params=params)
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
     torch.testing.assert_close(out.loss, ce)
 
@@ -79,7 +79,7 @@ def test_jsd_ends_are_trl_forward_and_reverse_kl():
 def test_identical_distributions_give_zero_divergence(divergence):
     logits, _, labels, _, _ = random_case(3)
     params = XKDHyperparams(divergence=divergence, reward_kl_weight=0.0, td_weight=0.0)
-    out = xkd_loss(logits, labels, teacher=DenseSignal(logits.clone()), reward_mean=None, reward_log_std=None,
+    out = xkd_loss(logits, labels, teacher=DenseSignal(logits.clone()), mu=None, log_sigma=None,
                    params=params)
     assert abs(float(out.loss)) < 1e-5
 
@@ -91,7 +91,7 @@ def test_all_masked_gives_zero_with_finite_gradients():
     ids = torch.zeros(3, 6, 2, dtype=torch.long)
     lps = torch.full((3, 6, 2), -math.inf)
     for teacher_signal in (DenseSignal(teacher), TopKSignal(ids, lps)):
-        out = xkd_loss(leaves[0], labels, teacher=teacher_signal, reward_mean=leaves[1], reward_log_std=leaves[2],
+        out = xkd_loss(leaves[0], labels, teacher=teacher_signal, mu=leaves[1], log_sigma=leaves[2],
                        params=XKDHyperparams(divergence="jsd", td_target="teacher_expected"))
         assert float(out.loss.detach()) == 0.0 and int(out.num_tokens) == 0
         for grad in torch.autograd.grad(out.loss, leaves):
@@ -104,7 +104,7 @@ def test_golden_value_by_hand():
     logits = torch.zeros(2, 4, 4)
     labels = torch.tensor([[-100, 1, 2, 3], [-100, -100, 0, 1]])
     teacher = TopKSignal(torch.tensor([[[1], [2], [3], [0]], [[0], [0], [1], [0]]]), torch.zeros(2, 4, 1))
-    out = xkd_loss(logits, labels, teacher=teacher, reward_mean=torch.zeros(2, 4), reward_log_std=torch.zeros(2, 4),
+    out = xkd_loss(logits, labels, teacher=teacher, mu=torch.zeros(2, 4), log_sigma=torch.zeros(2, 4),
                    params=XKDHyperparams(q_form="logits"))
     assert int(out.num_tokens) == 5
     torch.testing.assert_close(out.loss, torch.tensor(5 * (math.log(4) + 0.5 * math.log(2 * math.pi))))
@@ -138,18 +138,18 @@ def test_packed_loss_equals_sum_of_separate_sequences():
     log_std = torch.randn(1, sum(lengths), generator=g, dtype=torch.float64, requires_grad=True)
     position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     params = XKDHyperparams(divergence="jsd", q_form="logits", td_target="teacher_expected", gamma=0.9)
-    packed = xkd_loss(logits, torch.cat(labels_each).unsqueeze(0), teacher=DenseSignal(teacher), reward_mean=mu,
-                      reward_log_std=log_std, params=params, position_ids=position_ids)
+    packed = xkd_loss(logits, torch.cat(labels_each).unsqueeze(0), teacher=DenseSignal(teacher), mu=mu,
+                      log_sigma=log_std, params=params, position_ids=position_ids)
     separate, start = 0.0, 0
     for n, lab in zip(lengths, labels_each):
         sl = slice(start, start + n)
         separate = separate + xkd_loss(logits[:, sl], lab.unsqueeze(0), teacher=DenseSignal(teacher[:, sl]),
-                                       reward_mean=mu[:, sl], reward_log_std=log_std[:, sl], params=params).loss
+                                       mu=mu[:, sl], log_sigma=log_std[:, sl], params=params).loss
         start += n
     torch.testing.assert_close(packed.loss, separate, atol=1e-12, rtol=1e-12)
     # Gradient of the first sequence's part never reaches the second sequence's positions.
     first = xkd_loss(logits, torch.cat([labels_each[0], torch.full((8,), -100)]).unsqueeze(0),
-                     teacher=DenseSignal(teacher), reward_mean=mu, reward_log_std=log_std, params=params,
+                     teacher=DenseSignal(teacher), mu=mu, log_sigma=log_std, params=params,
                      position_ids=position_ids).loss
     grad_logits, grad_mu = torch.autograd.grad(first, (logits, mu))
     assert grad_logits[0, 4:].abs().sum() == 0 and grad_mu[0, 4:].abs().sum() == 0

@@ -32,13 +32,13 @@ def make_batch(seed: int, *, packed: bool = False, dtype=torch.float64):
     lps[0, 3, -1] = -math.inf  # padded slot
     lps[1, 2, 1:] = -math.inf
     ids[1, 2, 1:] = 0
-    reward_mean = torch.randn(B, T, generator=g, dtype=dtype)
-    reward_log_std = torch.randn(B, T, generator=g, dtype=dtype) * 0.5
+    mu = torch.randn(B, T, generator=g, dtype=dtype)
+    log_sigma = torch.randn(B, T, generator=g, dtype=dtype) * 0.5
     position_ids = None
     if packed:
         position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 0, 1, 2, 3]])
         labels[1, 3:] = torch.randint(3, V, (4,), generator=g)
-    return logits, labels, teacher_logits, ids, lps, reward_mean, reward_log_std, position_ids
+    return logits, labels, teacher_logits, ids, lps, mu, log_sigma, position_ids
 
 
 def teachers(teacher_logits, ids, lps):
@@ -53,11 +53,11 @@ def check_against_reference(params: XKDHyperparams, teacher_kind: str, *, seed: 
     logits, labels, t_logits, ids, lps, mu, log_std, pos = make_batch(seed, packed=packed)
     signal, ref_teacher = teachers(t_logits, ids, lps)[teacher_kind]
     leaves = [x.clone().requires_grad_(True) for x in (logits, mu, log_std)]
-    out = xkd_loss(leaves[0], labels, teacher=signal, reward_mean=leaves[1], reward_log_std=leaves[2],
+    out = xkd_loss(leaves[0], labels, teacher=signal, mu=leaves[1], log_sigma=leaves[2],
                    params=params, position_ids=pos, eos_token_id=EOS)
     ref_leaves = [x.clone().requires_grad_(True) for x in (logits, mu, log_std)]
-    ref, terms, count = reference_xkd(ref_leaves[0], labels, teacher=ref_teacher, reward_mean=ref_leaves[1],
-                                      reward_log_std=ref_leaves[2], hp=dataclasses.asdict(params),
+    ref, terms, count = reference_xkd(ref_leaves[0], labels, teacher=ref_teacher, mu=ref_leaves[1],
+                                      log_sigma=ref_leaves[2], hp=dataclasses.asdict(params),
                                       position_ids=pos, eos=EOS)
     torch.testing.assert_close(out.loss, ref, atol=1e-9, rtol=1e-9)
     assert int(out.num_tokens) == count
@@ -104,10 +104,10 @@ def test_renormalised_topk_matches_reference():
 def test_float32_inputs_match_float64_reference():
     logits, labels, _t_logits, ids, lps, mu, log_std, pos = make_batch(4, packed=True)
     params = XKDHyperparams(divergence="jsd")
-    out = xkd_loss(logits.float(), labels, teacher=TopKSignal(ids, lps.half()), reward_mean=mu.float(),
-                   reward_log_std=log_std.float(), params=params, position_ids=pos, eos_token_id=EOS)
+    out = xkd_loss(logits.float(), labels, teacher=TopKSignal(ids, lps.half()), mu=mu.float(),
+                   log_sigma=log_std.float(), params=params, position_ids=pos, eos_token_id=EOS)
     ref, _, _ = reference_xkd(logits, labels, teacher={"kind": "topk", "ids": ids, "logprobs": lps.half()},
-                              reward_mean=mu, reward_log_std=log_std, hp=dataclasses.asdict(params),
+                              mu=mu, log_sigma=log_std, hp=dataclasses.asdict(params),
                               position_ids=pos, eos=EOS)
     assert out.loss.dtype == torch.float32
     torch.testing.assert_close(out.loss.double(), ref, atol=1e-4, rtol=5e-4)
@@ -121,7 +121,7 @@ def test_gradcheck_wrt_logits_and_reward_outputs(divergence, teacher_kind):
     params = XKDHyperparams(divergence=divergence, q_form="logprobs", alpha_ce=0.5, gamma=0.95)
 
     def fn(z, m, s):
-        return xkd_loss(z, labels, teacher=signal, reward_mean=m, reward_log_std=s, params=params,
+        return xkd_loss(z, labels, teacher=signal, mu=m, log_sigma=s, params=params,
                         position_ids=pos, eos_token_id=EOS).loss
 
     inputs = tuple(x.clone().requires_grad_(True) for x in (logits, mu, log_std))

@@ -27,7 +27,7 @@ def _leaves(batch: int, length: int, seed: int = 0) -> dict:
 
 def _loss(path: str, leaves: dict, labels: torch.Tensor, teacher, params: XKDHyperparams, **kwargs):
     """The loss by one path: xkd_loss on full logits, or chunked_xkd_loss with autograd or hand-written gradients."""
-    common = {"reward_mean": leaves["mean"], "reward_log_std": leaves["log_std"], "params": params}
+    common = {"mu": leaves["mean"], "log_sigma": leaves["log_std"], "params": params}
     if path == "unchunked":
         if isinstance(teacher, DenseHiddenSignal):
             teacher = DenseSignal(teacher.hidden @ teacher.weight.T)

@@ -37,8 +37,8 @@ def _loss(batch, student, head, teacher, params, eos):
         inputs["attention_mask"] = batch["attention_mask"]
     out = student(**inputs, output_hidden_states=True, use_cache=False)  # as the trainer calls it
     mean, log_std = head(out.hidden_states[-1])
-    return xkd_loss(out.logits, batch["labels"], teacher=teacher.get_signal(inputs), reward_mean=mean,
-                    reward_log_std=log_std, params=params, position_ids=batch["position_ids"], eos_token_id=eos)
+    return xkd_loss(out.logits, batch["labels"], teacher=teacher.get_signal(inputs), mu=mean,
+                    log_sigma=log_std, params=params, position_ids=batch["position_ids"], eos_token_id=eos)
 
 
 def test_packed_loss_equals_unpacked():

@@ -29,7 +29,7 @@ def per_token_td(logits: torch.Tensor, labels: torch.Tensor, *, teacher=None, po
     hp = XKDHyperparams(alpha_kd=0.0, reward_kl_weight=0.0, td_weight=1.0, temperature=TAU, **params)
     mu = torch.zeros(labels.shape, dtype=logits.dtype, requires_grad=True)
     log_std = torch.zeros(labels.shape, dtype=logits.dtype)
-    common = {"teacher": teacher, "reward_mean": mu, "reward_log_std": log_std, "params": hp,
+    common = {"teacher": teacher, "mu": mu, "log_sigma": log_std, "params": hp,
               "position_ids": position_ids, "eos_token_id": EOS}
     if chunk_size is None:
         out = xkd_loss(logits, labels, **common)
@@ -110,7 +110,7 @@ def test_teacher_logprob_target_carries_no_gradient_into_the_student():
     leaves = [x.clone().requires_grad_(True) for x in (logits, mu, log_std)]
     for signal in (DenseSignal(t_logits), TopKSignal(ids, lps)):
         params = XKDHyperparams(alpha_kd=0.0, reward_kl_weight=0.0, td_target="teacher_logprob")
-        out = xkd_loss(leaves[0], labels, teacher=signal, reward_mean=leaves[1], reward_log_std=leaves[2],
+        out = xkd_loss(leaves[0], labels, teacher=signal, mu=leaves[1], log_sigma=leaves[2],
                        params=params, position_ids=pos, eos_token_id=EOS)
         grad_logits, grad_mu, _ = torch.autograd.grad(out.loss, leaves, allow_unused=True)
         assert grad_logits is None or torch.count_nonzero(grad_logits) == 0
@@ -145,9 +145,9 @@ def test_topk_without_tail_mass_matches_reference(topk_tail):
     lps = torch.log_softmax(torch.where(torch.arange(4) < 3, lps, -math.inf), dim=-1)  # 3 ids hold all mass
     signal, ref_teacher = teachers(t_logits, ids, lps)["topk"]
     params = XKDHyperparams(td_target="teacher_logprob", topk_tail=topk_tail, temperature=0.9, alpha_kd=0.0)
-    out = xkd_loss(logits, labels, teacher=signal, reward_mean=mu, reward_log_std=log_std, params=params,
+    out = xkd_loss(logits, labels, teacher=signal, mu=mu, log_sigma=log_std, params=params,
                    position_ids=pos, eos_token_id=EOS)
-    ref, _, _ = reference_xkd(logits, labels, teacher=ref_teacher, reward_mean=mu, reward_log_std=log_std,
+    ref, _, _ = reference_xkd(logits, labels, teacher=ref_teacher, mu=mu, log_sigma=log_std,
                               hp=dataclasses.asdict(params), position_ids=pos, eos=EOS)
     assert torch.isfinite(out.loss)
     torch.testing.assert_close(out.loss, ref, atol=1e-9, rtol=1e-9)
@@ -185,7 +185,7 @@ def test_gradcheck(td_target, q_form, teacher_kind):
     params = XKDHyperparams(td_target=td_target, q_form=q_form, gamma=0.95, temperature=1.2, alpha_ce=0.3)
 
     def fn(z, m, s):
-        return xkd_loss(z, labels, teacher=signal, reward_mean=m, reward_log_std=s, params=params,
+        return xkd_loss(z, labels, teacher=signal, mu=m, log_sigma=s, params=params,
                         position_ids=pos, eos_token_id=EOS).loss
 
     inputs = tuple(x.clone().requires_grad_(True) for x in (logits, mu, log_std))
@@ -214,8 +214,8 @@ def test_which_targets_need_the_teacher():
     assert not XKDHyperparams(divergence="sequence", td_target="soft").needs_teacher
     logits, labels, *_ = make_batch(0)
     with pytest.raises(ValueError, match="teacher_logprob"):
-        xkd_loss(logits, labels, teacher=None, reward_mean=torch.zeros(labels.shape),
-                 reward_log_std=torch.zeros(labels.shape),
+        xkd_loss(logits, labels, teacher=None, mu=torch.zeros(labels.shape),
+                 log_sigma=torch.zeros(labels.shape),
                  params=XKDHyperparams(divergence="sequence", td_target="teacher_logprob"))
     with pytest.raises(ValueError, match="td_target"):
         XKDHyperparams(td_target="soft_q")
