@@ -171,27 +171,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
-        self._status = status
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, message: str) -> None:
-        self._send(status, {"object": "error", "message": message, "type": "BadRequestError", "code": status})
-
-    def _logged(self, handle: Callable[[], int]) -> None:
-        """Run `handle` (it returns the positions it scored) and write the request's access-log line."""
+    def _logged(self, handle: Callable[[], tuple[int, dict, int]]) -> None:
+        """Run `handle` (it returns status, body and the positions it scored), count the request and write its
+        access-log line, then answer: counted before the client can see the answer, so a client that stops the
+        server right after its last answer finds that request in the shutdown line."""
         start = time.perf_counter()
-        self._status = 0
-        positions = 0
-        try:
-            positions = handle()
-        finally:
-            self.server.record(positions)
-            LOG.info('serve-teacher %s "%s %s" %d positions=%d %.3fs', self.client_address[0], self.command,
-                     self.path, self._status, positions, time.perf_counter() - start)
+        status, body, positions = handle()
+        self.server.record(positions)
+        LOG.info('serve-teacher %s "%s %s" %d positions=%d %.3fs', self.client_address[0], self.command,
+                 self.path, status, positions, time.perf_counter() - start)
+        self._send(status, body)
 
     def do_GET(self) -> None:
         self._logged(self._get)
@@ -199,37 +194,35 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._logged(self._post)
 
-    def _get(self) -> int:
+    def _get(self) -> tuple[int, dict, int]:
         if self.path.rstrip("/") == "/v1/models":
-            self._send(200, {"object": "list", "data": [self.server.scorer.model_card()]})
-        elif self.path.rstrip("/") == "/health":
-            self._send(200, {})
-        else:
-            self._error(404, f"no route {self.path}")
-        return 0
+            return 200, {"object": "list", "data": [self.server.scorer.model_card()]}, 0
+        if self.path.rstrip("/") == "/health":
+            return 200, {}, 0
+        return _error(404, f"no route {self.path}")
 
-    def _post(self) -> int:
+    def _post(self) -> tuple[int, dict, int]:
         if self.path.rstrip("/") != "/v1/completions":
-            self._error(404, f"no route {self.path}")
-            return 0
+            return _error(404, f"no route {self.path}")
         length = int(self.headers.get("Content-Length") or 0)
         if not 0 < length <= _MAX_BODY:
-            self._error(400, f"a JSON body of 1 to {_MAX_BODY} bytes is required")
-            return 0
+            return _error(400, f"a JSON body of 1 to {_MAX_BODY} bytes is required")
         try:
             request = json.loads(self.rfile.read(length))
             if not isinstance(request, dict):
                 raise BadRequest("the body must be a JSON object")
             answer = self.server.scorer.complete(request)
         except (json.JSONDecodeError, BadRequest) as error:
-            self._error(400, str(error))
-            return 0
+            return _error(400, str(error))
         except Exception as error:  # the server keeps serving; the client retries 5xx
             LOG.exception("serve-teacher: request failed")
-            self._error(500, f"{type(error).__name__}: {error}")
-            return 0
-        self._send(200, answer)
-        return answer["usage"]["prompt_tokens"]
+            return _error(500, f"{type(error).__name__}: {error}")
+        return 200, answer, answer["usage"]["prompt_tokens"]
+
+
+def _error(status: int, message: str) -> tuple[int, dict, int]:
+    """An OpenAI-style error answer that scored no position."""
+    return status, {"object": "error", "message": message, "type": "BadRequestError", "code": status}, 0
 
 
 class TeacherHTTPServer(ThreadingHTTPServer):
