@@ -11,6 +11,7 @@ import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 LOG = logging.getLogger("axolotl_xkd")
@@ -36,7 +37,7 @@ def merge_hook_available() -> bool:
 def warn_if_untested() -> None:
     """One warning when the installed Axolotl is outside the range CI tests."""
     found = axolotl_version()
-    if not Version(TESTED[0]) <= found < Version("0.22"):
+    if found not in SpecifierSet(SUPPORTED_RANGE):
         LOG.warning(
             "axolotl %s is outside the range axolotl_xkd is tested on (%s, CI runs %s); if something breaks, "
             "install one of those releases and report the failure.",
