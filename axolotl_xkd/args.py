@@ -240,7 +240,7 @@ def collapse_risk(config: XKDConfig) -> str | None:
         return None
     where = f"xkd.divergence: {config.divergence} with xkd.td_weight {config.td_weight}"
     instead = (
-        "Use the starter setting `divergence: forward_kl, q_form: ava, td_weight: 0.1, reward_kl_weight: 0.1` "
+        f"Use the starter setting `{', '.join(f'{key}: {value}' for key, value in RECOMMENDED.items())}` "
         f"(docs/getting_started.md), or `td_weight: 0, reward_kl_weight: 0` for plain {config.divergence} "
         "distillation."
     )
