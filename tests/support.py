@@ -114,6 +114,14 @@ def train(config_path: Path, *extra: str, **kwargs) -> subprocess.CompletedProce
     return run_cli(["axolotl", "train", str(config_path), *extra], **kwargs)
 
 
+def trained(assets: dict[str, Path], folder: Path, overrides: dict) -> Path:
+    """`axolotl train` of `base_config(assets, folder)` with `overrides` (config written to folder/config.yml);
+    returns the run's output directory."""
+    config = merged(base_config(assets, folder), overrides)
+    train(write_config(folder / "config.yml", config))
+    return Path(config["output_dir"])
+
+
 def log_history(output_dir: Path) -> list[dict]:
     """The trainer's log entries of the newest checkpoint under `output_dir`."""
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))

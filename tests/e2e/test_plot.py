@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from axolotl_xkd.cli.plot import DEFAULT_NAME, SERIES, plot, read_series, trainer_states
-from tests.support import base_config, log_history, merged, run_cli, train, write_config
+from tests.support import log_history, run_cli, trained
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -19,10 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run_dir(untrained_assets, tmp_path_factory) -> Path:
     """Output folder of a 4-step X-KD run with checkpoints at steps 2 and 4."""
-    out = tmp_path_factory.mktemp("xkd_plot")
-    config = merged(base_config(untrained_assets, out), {"max_steps": 4, "save_steps": 2})
-    train(write_config(out / "config.yml", config))
-    return out / "model"
+    return trained(untrained_assets, tmp_path_factory.mktemp("xkd_plot"), {"max_steps": 4, "save_steps": 2})
 
 
 def test_series_names_are_the_trainers_metrics():

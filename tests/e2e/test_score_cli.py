@@ -7,17 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import base_config, merged, run_cli, train, write_config
+from tests.support import run_cli, trained
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def trained_student(tiny_assets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("xkd_score")
-    config = merged(base_config(tiny_assets, out), {"max_steps": 3, "save_steps": 3})
-    train(write_config(out / "config.yml", config))
-    return out / "model"
+    return trained(tiny_assets, tmp_path_factory.mktemp("xkd_score"), {"max_steps": 3, "save_steps": 3})
 
 
 def read_jsonl(path: Path) -> list[dict]:
