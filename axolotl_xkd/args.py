@@ -127,15 +127,18 @@ class XKDConfig(BaseModel):
     prior_std: float = Field(1.0, gt=0, description="Standard deviation of the reward prior N(0, s^2).")
     q_form: Literal[Q_FORMS] = Field("ava", description="How Q(s, a) is read off z_i.")
     ava_alpha: float = Field(1.0, gt=0, description="Band width of q_form: ava.")
+    # teacher_logprob + reward_detach_backbone, not the spec's observed, coupled form: the study's students
+    # then train exactly on D_i, as GKD's do, for every divergence (docs/defaults.md), and the head learns
+    # the teacher's per-token reward.
     td_target: Literal[TD_TARGETS] = Field(
-        "observed",
+        "teacher_logprob",
         description="What the reward fits: Q(s,a) - gamma Q(s',a') at the observed tokens (observed) or under the "
         "teacher (teacher_expected); Q(s,a) - gamma V(s'), V = logsumexp Q (soft); log p_T(a|s) (teacher_logprob).",
     )
     reward_input: Literal[REWARD_INPUTS] = Field(
         "next_state", description="Read R_i from h_{i+1} (next_state) or h_i (state)."
     )
-    reward_detach_backbone: bool = Field(False, description="Stop the reward head's gradient into the student.")
+    reward_detach_backbone: bool = Field(True, description="Stop the reward head's gradient into the student.")
     log_std_min: float = Field(-5.0, description="Lower clamp of log sigma_i.")
     log_std_max: float = Field(5.0, description="Upper clamp of log sigma_i.")
     topk_tail: bool = Field(True, description="Top-k teachers: keep the tail category (false: renormalise).")
@@ -177,8 +180,11 @@ class XKDConfig(BaseModel):
         reader = teacher_reader(divergence=self.divergence, alpha_kd=self.alpha_kd, td_weight=self.td_weight,
                                 td_target=self.td_target)
         if self.teacher is None and reader is not None:
+            no_teacher = (" (the default target: the reward head learns the teacher's log-probs); without a teacher "
+                          "set `td_target: observed` or, for no reward, `td_weight: 0, reward_kl_weight: 0`"
+                          if reader.startswith("td_target") else "")
             raise ValueError(
-                f"xkd.teacher is missing, but {reader} needs the teacher's distribution; add e.g. "
+                f"xkd.teacher is missing, but {reader} needs the teacher's distribution{no_teacher}; add e.g. "
                 "`teacher: {source: model, path: /path/to/teacher}`"
             )
         return self
@@ -217,14 +223,21 @@ class XKDConfig(BaseModel):
         return self
 
 
-RECOMMENDED = {"divergence": "forward_kl", "q_form": "ava", "td_weight": 0.1, "reward_kl_weight": 0.1}
-"""The starter setting (docs/getting_started.md): level with GKD and stable across seeds in the study."""
+RECOMMENDED = {"td_target": "teacher_logprob", "reward_detach_backbone": True}
+"""The safe setting (docs/defaults.md), the defaults: the reward terms train only the reward head, so the student
+trains on D_i exactly as GKD's does, with any divergence."""
 
 # Above this TD weight the study's reverse-KL students and its `q_form: logits` / `logprobs` students fell apart.
 _TD_WEIGHT_LIMIT = 0.1
 # Bounded divergences: their gradient fades as the student leaves the teacher, the TD term's pull does not.
 _BOUNDED = ("skew_forward_kl", "skew_reverse_kl", "tvd")
 _LOGGED: set[str] = set()
+
+
+def reaches_student(config: XKDConfig) -> bool:
+    """Whether the reward terms change the student's weights: through Q in TD_i (every target but the fixed
+    teacher_logprob) or through the reward head's input (unless reward_detach_backbone)."""
+    return config.td_target != "teacher_logprob" or not config.reward_detach_backbone
 
 
 def collapse_risk(config: XKDConfig) -> str | None:
@@ -234,15 +247,16 @@ def collapse_risk(config: XKDConfig) -> str | None:
     weight tried (lambda = w_kl = 1 on every task, 0.1 on a held-out task); reverse KL collapsed with lambda
     above ~0.1; `q_form: logits` / `logprobs` with lambda = 1 reached 0.35 / 0.52 of GKD's dev metric.
     The skew KLs and TVD were never run with the TD term; they are bounded like JSD, so they get JSD's rule.
-    `sequence` (SeqKD) with `q_form: ava` matched plain SeqKD, so it is not flagged.
+    `sequence` (SeqKD) with `q_form: ava` matched plain SeqKD, so it is not flagged. Settings whose reward terms
+    do not reach the student (the defaults) cannot collapse it and are never flagged.
     """
-    if config.td_weight == 0:
+    if config.td_weight == 0 or not reaches_student(config):
         return None
     where = f"xkd.divergence: {config.divergence} with xkd.td_weight {config.td_weight}"
     instead = (
-        f"Use the starter setting `{', '.join(f'{key}: {value}' for key, value in RECOMMENDED.items())}` "
-        f"(docs/getting_started.md), or `td_weight: 0, reward_kl_weight: 0` for plain {config.divergence} "
-        "distillation."
+        f"Use the defaults `{', '.join(f'{key}: {value}' for key, value in RECOMMENDED.items())}` "
+        "(docs/defaults.md: the reward head then learns without pulling on the student), or "
+        f"`td_weight: 0, reward_kl_weight: 0` for plain {config.divergence} distillation."
     )
     if config.alpha_kd > 0 and config.divergence == "jsd":
         return (

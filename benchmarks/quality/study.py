@@ -167,9 +167,10 @@ def student_config(task: Task, assets: dict[str, Path], out: Path, data_file: st
 
 
 def train_one(task: Task, assets: dict[str, Path], work: Path, method: str, seed: int, fraction: float,
-              args: argparse.Namespace, *, xkd: dict | None = None, split: str = "eval") -> dict:
+              args: argparse.Namespace, *, xkd: dict | None = None, split: str = "eval", dev_too: bool = False) -> dict:
     """Train one student with `axolotl train`, score it on `split` (eval: the test prompts; dev: the tuning
-    prompts), delete its weights; returns its CSV row with the last logged X-KD metrics."""
+    prompts) and, with dev_too, greedily on dev as `dev_metric`; delete its weights; returns its CSV row with
+    the last logged X-KD metrics."""
     import shutil
 
     data_file = "train.jsonl" if fraction == 1.0 else "train_10pct.jsonl"
@@ -186,6 +187,9 @@ def train_one(task: Task, assets: dict[str, Path], work: Path, method: str, seed
     seconds = time.perf_counter() - started
     evaluation = [json.loads(line) for line in (assets["data"] / f"{split}.jsonl").read_text().splitlines()]
     scores = evaluate(Path(config["output_dir"]), task, evaluation, samples=args.samples, seed=seed)
+    if dev_too:
+        dev = [json.loads(line) for line in (assets["data"] / "dev.jsonl").read_text().splitlines()]
+        scores["dev_metric"] = evaluate(Path(config["output_dir"]), task, dev, samples=0)["metric"]
     last = [e for e in log_history(Path(config["output_dir"])) if "loss" in e][-1]
     shutil.rmtree(out, ignore_errors=True)
     return {"task": task.name, "method": method, "seed": seed, "data_fraction": fraction,
@@ -217,19 +221,20 @@ def read_runs(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def run_all(jobs: list[Callable[[], dict]], csv_path: Path, parallel: int, desc: str) -> None:
+def run_all(jobs: list[Callable[[], dict]], csv_path: Path, parallel: int, desc: str,
+            fields: list[str] = FIELDS) -> None:
     """Run `jobs` `parallel` at a time, appending each finished row to `csv_path` at once (resumable).
-    A file written with other columns is rewritten first with the current FIELDS (missing cells empty)."""
+    A file written with other columns is rewritten first with the current `fields` (missing cells empty)."""
     from tqdm.auto import tqdm
 
     old = read_runs(csv_path)
-    if not csv_path.is_file() or (old and list(old[0]) != FIELDS):
+    if not csv_path.is_file() or (old and list(old[0]) != fields):
         with csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS, restval="")
+            writer = csv.DictWriter(f, fields, restval="")
             writer.writeheader()
             writer.writerows(old)
     with csv_path.open("a", newline="") as f, ThreadPoolExecutor(parallel) as pool:
-        writer = csv.DictWriter(f, FIELDS, restval="")
+        writer = csv.DictWriter(f, fields, restval="")
         for future in tqdm(as_completed([pool.submit(job) for job in jobs]), total=len(jobs), desc=desc, unit="run"):
             writer.writerow(future.result())
             f.flush()
