@@ -1,7 +1,8 @@
 """Hand-written value and gradient of one chunk of the X-KD logit terms, in place on the chunk's logits.
 
 Used by chunked.py for the configurations it covers (`supports`): divergence forward_kl or sequence
-(or alpha_kd = 0), a dense or top-k-with-tail teacher, any q_form with the observed TD target. The
+(or alpha_kd = 0), a dense or top-k-with-tail teacher, any q_form with the observed TD target or the fixed
+teacher_logprob one (no gradient into the logits: autograd over mu and log sigma only). The
 others go through torch.func autograd. Why by hand: autograd keeps every (C, V) intermediate of
 log_softmax / KL / CE alive for the backward pass (7-9 buffers of the chunk's size); written out,
 the gradient is a per-row combination of the student softmax pi, the teacher's probabilities and a
@@ -29,11 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from axolotl_xkd.losses.categories import teacher_topk_categories, topk_mask
+from axolotl_xkd.losses.categories import teacher_token_logprob, teacher_topk_categories, topk_mask
 from axolotl_xkd.losses.divergence import kl
 from axolotl_xkd.losses.signal import DenseSignal, TeacherSignal, TopKSignal
 from axolotl_xkd.losses.td import td_consistency, td_difference
-from axolotl_xkd.losses.xkd import RowInputs, XKDHyperparams
+from axolotl_xkd.losses.xkd import RowInputs, XKDHyperparams, first_rows
 
 # Elements per block of rows: 2^20 float32 values (4 MB) stay in cache across the passes over a block.
 _BLOCK_ELEMENTS = 2**20
@@ -49,7 +50,7 @@ def supports(params: XKDHyperparams, teacher_kind: str, uses_td: bool) -> bool:
     # tau != 1 cannot be rebuilt from it.
     topk_kl = p.alpha_kd > 0 and p.divergence == "forward_kl" and teacher_kind == "topk"
     ce_ok = p.alpha_ce == 0 or p.temperature == 1.0 or not topk_kl
-    td_ok = not uses_td or p.td_target == "observed"
+    td_ok = not uses_td or p.td_target in ("observed", "teacher_logprob")
     return kd_ok and ce_ok and td_ok
 
 
@@ -240,6 +241,24 @@ def _td_nll(q: Tensor, mu: Tensor, log_sigma: Tensor, nonterminal: Tensor, valid
     return weight * total, total.detach()
 
 
+def _fixed_td_nll(mu: Tensor, log_sigma: Tensor, td: Tensor, valid: Tensor, *, weight: float) -> tuple[Tensor, Tensor]:
+    """_td_nll for a TD target that does not depend on the logits (teacher_logprob)."""
+    total = torch.where(valid, td_consistency(td, mu, log_sigma), 0.0).sum()
+    return weight * total, total.detach()
+
+
+def _teacher_logprob_target(teacher: TeacherSignal, actions: Tensor, p: XKDHyperparams, vocab: int) -> Tensor:
+    """log p_T(a_i | s_i), (n,): categories.teacher_token_logprob, with a dense teacher's log-sum-exp taken in
+    cache-sized blocks instead of a (n, V) log_softmax. Read before pass 1 overwrites a dense teacher's buffer."""
+    if not isinstance(teacher, DenseSignal):
+        return teacher_token_logprob(first_rows(teacher, actions.shape[0]), actions, temperature=p.temperature,
+                                     topk_tail=p.topk_tail, vocab_size=vocab)
+    z = teacher.logits[: actions.shape[0]]
+    taken = z.gather(-1, actions.unsqueeze(-1)).squeeze(-1).double() / p.temperature
+    lse = torch.cat([torch.logsumexp(z[b].double() / p.temperature, dim=-1) for b in _blocks(*z.shape)])
+    return (taken - lse).to(torch.promote_types(z.dtype, torch.float32))
+
+
 def _write_gradient(logits: Tensor, rows: _RowStats, grad: _Gradient, safe: Tensor, p: XKDHyperparams) -> Tensor:
     """Pass 2, block by block: the gradient of _Gradient in place of pi in the logits buffer."""
     tau = p.temperature
@@ -289,7 +308,9 @@ def fused_chunk(logits: Tensor, mu: Tensor | None, log_sigma: Tensor | None, inp
     kd_on = p.alpha_kd > 0
     dense_kl = kd_on and p.divergence == "forward_kl" and isinstance(teacher, DenseSignal)
     topk_kl = kd_on and p.divergence == "forward_kl" and isinstance(teacher, TopKSignal)
-    ava = nonterminal is not None and p.q_form == "ava"
+    fixed_td = nonterminal is not None and p.td_target == "teacher_logprob"
+    td_target = _teacher_logprob_target(teacher, safe[:n, 0], p, logits.shape[-1]) if fixed_td else None
+    ava = nonterminal is not None and p.q_form == "ava" and not fixed_td
     rows = _first_pass(logits, teacher, safe, row_mask, p, dense_kl=dense_kl, topk_kl=topk_kl, ava=ava)
 
     def counted_sum(values: Tensor) -> Tensor:
@@ -301,7 +322,10 @@ def fused_chunk(logits: Tensor, mu: Tensor | None, log_sigma: Tensor | None, inp
     grad_mu = grad_log_sigma = None
     if p.alpha_ce > 0:
         ce_sum = counted_sum(_cross_entropy(rows, grad, p))
-    if nonterminal is not None:  # TD: c = d loss / d Q(s_i, a_i) by autograd over the (m,) vectors
+    if fixed_td:  # the target does not depend on the logits: gradients for mu and log sigma only
+        fn = torch.func.grad_and_value(_fixed_td_nll, argnums=(0, 1), has_aux=True)
+        (grad_mu, grad_log_sigma), (_, td_sum) = fn(mu, log_sigma, td_target, valid, weight=p.td_weight)
+    elif nonterminal is not None:  # TD: c = d loss / d Q(s_i, a_i) by autograd over the (m,) vectors
         fn = torch.func.grad_and_value(_td_nll, argnums=(0, 1, 2), has_aux=True)
         (c, grad_mu, grad_log_sigma), (_, td_sum) = fn(
             _q_value(rows, p), mu, log_sigma, nonterminal, valid, gamma=p.gamma, weight=p.td_weight

@@ -240,7 +240,7 @@ def token_terms(logits: Tensor, mu: Tensor | None, log_sigma: Tensor | None, row
             per_token = -logprobs[:n].gather(-1, safe_targets[:n]).squeeze(-1)
         else:
             s_cat, t_cat = paired_categories(
-                logprobs[:n], _first_rows(teacher, n), temperature=p.temperature, topk_tail=p.topk_tail
+                logprobs[:n], first_rows(teacher, n), temperature=p.temperature, topk_tail=p.topk_tail
             )
             per_token = divergence(s_cat, t_cat, name=p.divergence, beta=p.beta, skew_alpha=p.skew_alpha)
             if p.scale_by_tau_squared:
@@ -284,7 +284,7 @@ def td_per_row(logits: Tensor, logprobs: Tensor, actions: Tensor, nonterminal: T
     return td_difference(q_taken, nonterminal, gamma=p.gamma, next_value=next_value)
 
 
-def _first_rows(teacher: TeacherSignal, n: int) -> TeacherSignal:
+def first_rows(teacher: TeacherSignal, n: int) -> TeacherSignal:
     """The first n rows of a teacher signal (dropping a chunk's look-ahead row)."""
     if isinstance(teacher, DenseSignal):
         return DenseSignal(teacher.logits[:n])

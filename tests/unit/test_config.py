@@ -71,8 +71,18 @@ def test_sequence_divergence_needs_no_teacher(untrained_assets, tmp_path):
     from axolotl.cli.config import load_cfg
 
     config = base_config(untrained_assets, tmp_path)
-    config["xkd"] = {"divergence": "sequence"}
+    config["xkd"] = {"divergence": "sequence", "td_target": "observed"}
     assert load_cfg(str(write_config(tmp_path / "cfg.yml", config))).xkd["divergence"] == "sequence"
+
+
+def test_default_reward_target_names_what_to_do_without_a_teacher(untrained_assets, tmp_path):
+    """The default td_target reads the teacher: a config without one is told the two ways out."""
+    from axolotl.cli.config import load_cfg
+
+    config = base_config(untrained_assets, tmp_path)
+    config["xkd"] = {"divergence": "sequence"}
+    with pytest.raises(Exception, match="td_target 'teacher_logprob'.*set `td_target: observed`"):
+        load_cfg(str(write_config(tmp_path / "cfg.yml", config)))
 
 
 def test_rl_is_refused(load):

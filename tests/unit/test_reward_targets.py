@@ -202,11 +202,26 @@ def test_chunked_packed_float64(td_target, teacher_kind, topk_tail):
     assert_same(*run_both(params, teacher_kind, 6, packed=True, dtype=torch.float64), atol=1e-10, rtol=1e-9)
 
 
-@pytest.mark.parametrize("td_target", NEW_TARGETS)
-def test_fused_path_defers_to_autograd(td_target):
-    """fused.py has no hand-written gradient for these targets; supports() must say so."""
+def test_fused_path_defers_soft_to_autograd():
+    """fused.py has no hand-written gradient for td_target soft; supports() must say so."""
     for teacher_kind in ("dense", "topk"):
-        assert not fused.supports(XKDHyperparams(td_target=td_target), teacher_kind, True)
+        assert not fused.supports(XKDHyperparams(td_target="soft"), teacher_kind, True)
+
+
+@pytest.mark.parametrize("blocks", ["whole", "two_rows"])
+@pytest.mark.parametrize("temperature", [1.0, 1.3])
+@pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
+def test_fused_teacher_logprob_matches_unchunked(teacher_kind, temperature, blocks, monkeypatch):
+    """The default target on the hand-written path: chunked == unchunked in float64 (packed rows, a chunk edge on a
+    segment boundary), in whole chunks and in 2-row blocks (the dense teacher's blockwise log-sum-exp)."""
+    from tests.unit.test_chunked import V
+
+    if blocks == "two_rows":
+        monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", 2 * V)
+    params = XKDHyperparams(td_target="teacher_logprob", q_form="ava", temperature=temperature, alpha_ce=0.3,
+                            reward_kl_weight=0.4, td_weight=0.7)
+    assert fused.supports(params, teacher_kind, True) == (teacher_kind == "dense" or temperature == 1.0)
+    assert_same(*run_both(params, teacher_kind, 6, packed=True, dtype=torch.float64), atol=1e-10, rtol=1e-9)
 
 
 def test_which_targets_need_the_teacher():

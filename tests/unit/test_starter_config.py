@@ -1,4 +1,5 @@
-"""The starter setting: every shipped config uses it, and settings the quality study saw collapse warn once."""
+"""The safe setting (the defaults): every shipped config uses it, and coupled settings the quality study saw
+collapse warn once."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from axolotl_xkd.args import RECOMMENDED, XKDConfig, collapse_risk
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted([*REPO.glob("example_configs/*.yml"), *REPO.glob("benchmarks/quality/configs/*.yml")])
 TEACHER = {"source": "model", "path": "teacher"}
+# The spec's coupled form: the TD term pulls on the student's Q and the head's gradient reaches its body.
+COUPLED = {"td_target": "observed", "reward_detach_backbone": False}
 
 
 def starter_snippet() -> dict:
@@ -42,7 +45,7 @@ def test_docs_snippet_is_the_starter_setting():
     assert {key: getattr(block, key) for key in RECOMMENDED} == RECOMMENDED
 
 
-def test_defaults_are_the_starter_weights():
+def test_defaults_are_the_safe_setting():
     block = XKDConfig(teacher=TEACHER)
     assert {key: getattr(block, key) for key in RECOMMENDED} == RECOMMENDED
 
@@ -67,11 +70,27 @@ def test_defaults_are_the_starter_weights():
     ],
 )
 def test_collapse_risk_follows_the_evidence(settings, flagged):
-    message = collapse_risk(XKDConfig(teacher=TEACHER, **settings))
+    message = collapse_risk(XKDConfig(teacher=TEACHER, **COUPLED, **settings))
     assert (message is not None) == flagged, message
     if flagged:
-        assert "forward_kl, q_form: ava, td_weight: 0.1, reward_kl_weight: 0.1" in message
-        assert "docs/getting_started.md" in message
+        assert "td_target: teacher_logprob, reward_detach_backbone: True" in message
+        assert "docs/defaults.md" in message
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl",
+                                        "tvd", "sequence"])
+@pytest.mark.parametrize("weight", [0.1, 1.0])
+def test_defaults_never_flagged(divergence, weight):
+    """With the defaults the reward terms cannot reach the student, whatever the divergence and weights."""
+    config = XKDConfig(teacher=TEACHER, divergence=divergence, td_weight=weight, reward_kl_weight=weight)
+    assert collapse_risk(config) is None
+
+
+@pytest.mark.parametrize("settings", [{"td_target": "observed"}, {"reward_detach_backbone": False},
+                                      {"td_target": "soft", "reward_detach_backbone": True}])
+def test_either_coupling_is_flagged(settings):
+    """A TD target built from the student's Q, or a head whose gradient reaches the body, can collapse JSD."""
+    assert collapse_risk(XKDConfig(teacher=TEACHER, divergence="jsd", **settings)) is not None
 
 
 def warnings_from(caplog) -> list[str]:
@@ -80,7 +99,7 @@ def warnings_from(caplog) -> list[str]:
 
 def test_collapse_warning_is_logged_once_per_process(caplog):
     """The block may be validated several times per run; the warning appears once."""
-    settings = {"teacher": TEACHER, "divergence": "jsd", "td_weight": 0.037, "reward_kl_weight": 0.037}
+    settings = {"teacher": TEACHER, **COUPLED, "divergence": "jsd", "td_weight": 0.037, "reward_kl_weight": 0.037}
     with caplog.at_level(logging.WARNING, logger="axolotl_xkd.args"):
         for _ in range(3):
             XKDConfig(**settings)
