@@ -71,6 +71,21 @@ class XKDTrainer(AxolotlTrainer):
         """Install the loss settings; called once by the plugin after the trainer is built."""
         self.xkd = setup
 
+    def _clip_grad_norm(self, model: nn.Module):
+        """With a detached reward head, clip the student's gradient and the head's each by its own norm, so that
+        the student's update is exactly the one it would get without the head (its steps are GKD's with the
+        defaults). DeepSpeed and FSDP clip inside their own step over every parameter: there the two share one
+        norm. Returns the student's pre-clip norm (the logged grad_norm)."""
+        head = self._xkd_head
+        if (head is None or not self.xkd.detach_backbone or not self.args.max_grad_norm
+                or self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            return super()._clip_grad_norm(model)
+        apart = {id(p) for p in head.parameters()}
+        student = [p for p in model.parameters() if id(p) not in apart]
+        norm = self.accelerator.clip_grad_norm_(student, self.args.max_grad_norm)  # unscales every gradient
+        torch.nn.utils.clip_grad_norm_(list(head.parameters()), self.args.max_grad_norm)
+        return norm
+
     @property
     def _xkd_head(self) -> VariationalRewardHead | None:
         """The reward head being trained, if any (none before configure_xkd)."""

@@ -116,6 +116,9 @@ class _ChunkedXKDFunction(torch.autograd.Function):
         n_rows = hidden.shape[0]
         pos = plan.positions
         uses_td = pos.nonterminal is not None
+        # TD_{stop-1} reads row `stop`, except the fixed teacher_logprob target: then each chunk's rows are exactly
+        # those of the loss without TD, and so are its gradients for them.
+        look_ahead = uses_td and plan.params.td_target != "teacher_logprob"
         want = ctx.needs_input_grad if plan.grad_enabled else (False,) * 6
         acc = _accumulation_dtype(hidden)
         grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if want[0] else None
@@ -136,7 +139,7 @@ class _ChunkedXKDFunction(torch.autograd.Function):
         sums = torch.zeros(4, dtype=acc, device=hidden.device)
         for start in range(0, n_rows, plan.chunk_size):
             stop = min(start + plan.chunk_size, n_rows)
-            ext = min(stop + 1, n_rows) if uses_td else stop  # the look-ahead row for TD_{stop-1}
+            ext = min(stop + 1, n_rows) if look_ahead else stop  # the look-ahead row for TD_{stop-1}
             rows = hidden[start:ext]
             logits = rows @ weight.T
             if bias is not None:
