@@ -61,13 +61,20 @@ def methods() -> dict[str, dict]:
         for source, extra in (("off", {}), ("on", ON_POLICY)):
             table[f"gkd_{short}_{source}"] = {"divergence": divergence, **REWARD_OFF, **extra}
             table[f"xkd_{short}_{source}"] = {"divergence": divergence, **AVRIL, **extra}
-    # X-KD as recommended (axolotl_xkd.args.RECOMMENDED), pinned: forward KL off-policy, ava, lambda = w_kl = 0.1.
-    table["xkd_default"] = {"divergence": "forward_kl", "q_form": "ava", "td_weight": 0.1, "reward_kl_weight": 0.1}
+    # The plugin's defaults, pinned (docs/defaults.md): forward KL off-policy; the reward head learns the teacher's
+    # log-probs on detached states, so the student trains as gkd_fkl_off's does.
+    table["xkd_default"] = {"divergence": "forward_kl", "q_form": "ava", "td_weight": 0.1, "reward_kl_weight": 0.1,
+                            "td_target": "teacher_logprob", "reward_detach_backbone": True}
+    # The previous defaults (until 2026-11-30), pinned: the same weights with the TD term on the student's Q.
+    table["xkd_coupled"] = {**table["xkd_default"], "td_target": "observed", "reward_detach_backbone": False}
+    # The reranking benchmark's dev pick (benchmarks/results/rerank.md), coupled: TD_i = Q(s_i, a_i) - gamma V(s'_i).
+    table["xkd_soft"] = {**table["xkd_coupled"], "td_target": "soft"}
     return table
 
 
 METHODS = methods()
-STUDY_METHODS = [m for m in METHODS if m != "xkd_default"]  # the published study's arms (scripts/quality.sh)
+LATER_ARMS = ("xkd_default", "xkd_coupled", "xkd_soft")  # added after the published study, run by name
+STUDY_METHODS = [m for m in METHODS if m not in LATER_ARMS]  # the published study's arms (scripts/quality.sh)
 LOGGED = ["distill", "td_nll", "reward_sigma"]  # the trainer's xkd/* metrics at the last logging step
 FIELDS = ["task", "method", "seed", "data_fraction", "metric_name", "metric", "distinct2", "self_bleu",
           "steps", "train_seconds", *LOGGED]
@@ -331,7 +338,7 @@ def parser() -> argparse.ArgumentParser:
     """study.py's options: the shared ones, the arms, and the task settings that the cached teachers depend on."""
     parser = follow_up_parser(__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=STUDY_METHODS, choices=list(METHODS),
-                        help="default: every arm but xkd_default")
+                        help=f"default: every arm but {', '.join(LATER_ARMS)}")
     parser.add_argument("--low-data-methods", nargs="*", default=["sft", "gkd_jsd_on", "xkd_jsd_on"],
                         choices=list(METHODS), help="methods of the 10%%-data arm")
     parser.add_argument("--seeds", type=int, default=3)
