@@ -1,6 +1,6 @@
 """Are the plugin's defaults safe with every divergence? Each divergence at the defaults against GKD with it.
 
-    python -m benchmarks.quality.defaults [--seeds 3] [--tasks arithmetic_v2 translation summary]
+    python -m benchmarks.quality.defaults [--seeds 3] [--tasks arithmetic arithmetic_v2 translation summary]
 
 For every divergence of the plugin, two arms train the study's student for the study's budget through the real
 `axolotl train`: `gkd_<d>` (the reward terms off: plain distillation with d) and `default_<d>` (only
@@ -25,7 +25,7 @@ from benchmarks.quality.tasks import TASKS
 
 SHORT = {"forward_kl": "fkl", "reverse_kl": "rkl", "jsd": "jsd", "skew_forward_kl": "sfkl",
          "skew_reverse_kl": "srkl", "tvd": "tvd", "sequence": "seq"}
-TASKS_GATED = ["arithmetic_v2", "translation", "summary"]  # the study's tasks, arithmetic_v2 for arithmetic
+TASKS_GATED = ["arithmetic", "arithmetic_v2", "translation", "summary"]  # the study's tasks and arithmetic_v2
 GATE = 0.9
 FIELDS = [*study.FIELDS, "dev_metric"]
 # The defaults until 2026-11-30 (the same weights and q_form): TD_i on the student's Q, the head's gradient in its body.
