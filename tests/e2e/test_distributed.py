@@ -93,7 +93,10 @@ def assert_data_parallel_over(out: Path, single: Path) -> None:
     logged, reference = losses(out), losses(single)
     for key in COMPONENTS:
         assert logged[1][key] == pytest.approx(reference[1][key], rel=1e-4, abs=1e-6), key
-        assert logged[2][key] == pytest.approx(reference[2][key], rel=2e-2, abs=1e-3), key
+        # The head's first Adam step is lr * sign(g) per weight: a weight whose gradient is near 0 can step the
+        # other way under the ranks' weighting, moving the mean mu (about -0.03 here) by up to one lr (3e-3).
+        assert logged[2][key] == pytest.approx(reference[2][key], rel=2e-2,
+                                               abs=3e-3 if key == "xkd/reward_mu" else 1e-3), key
     for step in (1, 2):
         assert logged[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-2), step
 
