@@ -42,8 +42,8 @@ SECTIONS: list[tuple[str, str, type[BaseModel], str]] = [
 ]
 
 NOTES: dict[str, str] = {
-    "XKDConfig.teacher": "Required unless no term reads the teacher (`divergence: sequence`, or `alpha_kd: 0`, "
-    "with `td_target` `observed` or `soft`).",
+    "XKDConfig.teacher": "Required unless no term reads the teacher (`divergence: sequence` or `alpha_kd: 0`, "
+    "with `td_target` `observed` or `soft`, or the reward terms off).",
     "XKDConfig.divergence": "`forward_kl` KL(p_T‖pi), `reverse_kl` KL(pi‖p_T), `jsd` (generalized JSD), "
     "`skew_forward_kl`, `skew_reverse_kl` (DistiLLM), `tvd` (total variation), `sequence` (SeqKD: "
     "-log pi(a_i|s_i) on the data's tokens).",
@@ -66,7 +66,12 @@ NOTES: dict[str, str] = {
     "next-token distribution (top-k teachers: the tail category takes the student-weighted mean of Q over the "
     "tokens outside the top k). `soft`: TD_i = Q(s_i, a_i) - gamma V(s'_i), V = logsumexp Q (sums to the "
     "student's log-likelihood plus V(s_0)). `teacher_logprob`: TD_i = log p_T(a_i | s_i), a fixed target, so "
-    "the head learns the teacher's log-likelihood. Formulas: [XKD_METHOD.md](XKD_METHOD.md) section 2.",
+    "the head learns the teacher's log-likelihood; the default, since with `reward_detach_backbone: true` no reward "
+    "term then reaches the student ([defaults.md](defaults.md)). Formulas: [XKD_METHOD.md](XKD_METHOD.md) "
+    "section 2.",
+    "XKDConfig.reward_detach_backbone": "With it the head's gradient is also clipped apart from the student's "
+    "(`max_grad_norm`; DeepSpeed and FSDP clip all parameters together). `false` is the spec's coupled form: the "
+    "head's gradient shapes the student's hidden states.",
     "XKDConfig.reward_input": "`next_state` reads the state a_i leads to; `state` is AVRIL's state-only form.",
     "XKDConfig.log_std_min": "Must be below `log_std_max`.",
     "XKDConfig.topk_tail": "True compares k+1 categories (top k plus the tail holding the missing mass); `false` "
@@ -105,9 +110,9 @@ EXAMPLES: dict[str, Any] = {
     "XKDConfig.prior_std": 2.0,
     "XKDConfig.q_form": "logprobs",
     "XKDConfig.ava_alpha": 2.0,
-    "XKDConfig.td_target": "teacher_expected",
+    "XKDConfig.td_target": "observed",
     "XKDConfig.reward_input": "state",
-    "XKDConfig.reward_detach_backbone": True,
+    "XKDConfig.reward_detach_backbone": False,
     "XKDConfig.log_std_min": -3.0,
     "XKDConfig.log_std_max": 3.0,
     "XKDConfig.topk_tail": False,
