@@ -54,10 +54,10 @@ def report(runs: list[dict], tasks: list[str], command: str) -> str:
              (f"Gate: the default arm's dev mean >= {GATE}x the GKD arm's, on every task (both 0: ratio 1). Mean ± "
               "std over seeds; greedy decoding. `same student`: every seed's test and dev metric and final "
               "`xkd/distill` are equal in the two arms. Last column: the previous defaults (`coupled_<d>`: "
-              "td_target observed, head not detached, the same weights), dev mean ± std and its ratio to GKD's."), "",
+              "td_target observed, head not detached, the same weights): dev mean ± std, its ratio to GKD's, and test."), "",
              ("| divergence | task | GKD dev | default dev | dev ratio | gate | GKD test | default test | same student "
-              "| seeds | previous default dev (ratio) |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| seeds | previous default dev (ratio) | previous default test |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     failed, rows = [], 0
     for divergence, short in SHORT.items():
         for task in tasks:
@@ -76,12 +76,13 @@ def report(runs: list[dict], tasks: list[str], command: str) -> str:
             same = sorted(gkd) == sorted(ours) and all(
                 gkd[seed][key] == ours[seed][key] for seed in gkd for key in ("metric", "dev_metric", "distill"))
             coupled = [float(r["dev_metric"]) for r in arm_runs[f"coupled_{short}"].values()]
-            before = (f"{spread(coupled)} ({statistics.fmean(coupled) / base:.2f})" if coupled and base else
-                      spread(coupled) if coupled else "")
+            coupled_test = [float(r["metric"]) for r in arm_runs[f"coupled_{short}"].values()]
+            before = "" if not coupled else (f"{spread(coupled)} ({statistics.fmean(coupled) / base:.2f})" if base
+                                             else spread(coupled)) + f" | {spread(coupled_test)}"
             lines.append(f"| {divergence} | {task} | {spread(values['gkd']['dev_metric'])} | "
                          f"{spread(values['ours']['dev_metric'])} | {ratio:.2f} | {'FAIL' if ratio < GATE else 'pass'} | "
                          f"{spread(values['gkd']['metric'])} | {spread(values['ours']['metric'])} | "
-                         f"{'yes' if same else 'no'} | {len(gkd)} / {len(ours)} | {before} |")
+                         f"{'yes' if same else 'no'} | {len(gkd)} / {len(ours)} | {before or ' | '} |")
     verdict = ("no runs yet." if not rows else "met on every divergence and task." if not failed
                else "missed on " + ", ".join(failed) + ".")
     lines += ["", f"Gate: {verdict}"]
