@@ -36,7 +36,9 @@ REPO = Path(__file__).resolve().parents[2]
 SEQUENCE_LEN = 48
 MAX_NEW_TOKENS = 32
 REWARD_OFF = {"reward_kl_weight": 0.0, "td_weight": 0.0}
-AVRIL = {"q_form": "logits", "reward_kl_weight": 1.0, "td_weight": 1.0, "gamma": 1.0}  # the spec's X-KD, pinned
+# The spec's X-KD, pinned: TD_i on the student's Q, the head's gradient in its body (not the plugin's defaults).
+AVRIL = {"q_form": "logits", "reward_kl_weight": 1.0, "td_weight": 1.0, "gamma": 1.0, "td_target": "observed",
+         "reward_detach_backbone": False}
 ON_POLICY = {"sequences": "on_policy", "on_policy_fraction": 0.5,
              "generation": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0}}
 DIVERGENCES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd"}
