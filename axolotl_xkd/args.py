@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from axolotl_xkd.options import DIVERGENCES, Q_FORMS, REWARD_INPUTS, TD_TARGETS, teacher_reader
+from axolotl_xkd.options import DIVERGENCES, FIXED_TD_TARGETS, Q_FORMS, REWARD_INPUTS, TD_TARGETS, teacher_reader
 
 LOG = logging.getLogger(__name__)
 
@@ -236,8 +236,8 @@ _LOGGED: set[str] = set()
 
 def reaches_student(config: XKDConfig) -> bool:
     """Whether the reward terms change the student's weights: through Q in TD_i (every target but the fixed
-    teacher_logprob) or through the reward head's input (unless reward_detach_backbone)."""
-    return config.td_target != "teacher_logprob" or not config.reward_detach_backbone
+    ones, FIXED_TD_TARGETS) or through the reward head's input (unless reward_detach_backbone)."""
+    return config.td_target not in FIXED_TD_TARGETS or not config.reward_detach_backbone
 
 
 def collapse_risk(config: XKDConfig) -> str | None:

@@ -13,6 +13,8 @@ Q_FORMS = ("logits", "logprobs", "ava")
 TD_TARGETS = ("observed", "teacher_expected", "soft", "teacher_logprob")
 # The TD targets built from the teacher's distribution.
 TEACHER_TD_TARGETS = ("teacher_expected", "teacher_logprob")
+# The TD targets built without the student's Q: the TD term then sends no gradient into the logits.
+FIXED_TD_TARGETS = ("teacher_logprob",)
 REWARD_INPUTS = ("next_state", "state")
 
 

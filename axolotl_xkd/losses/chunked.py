@@ -116,9 +116,9 @@ class _ChunkedXKDFunction(torch.autograd.Function):
         n_rows = hidden.shape[0]
         pos = plan.positions
         uses_td = pos.nonterminal is not None
-        # TD_{stop-1} reads row `stop`, except the fixed teacher_logprob target: then each chunk's rows are exactly
-        # those of the loss without TD, and so are its gradients for them.
-        look_ahead = uses_td and plan.params.td_target != "teacher_logprob"
+        # TD_{stop-1} reads row `stop`, except with a fixed target: then each chunk's rows are exactly those of the
+        # loss without TD, and so are its gradients for them.
+        look_ahead = uses_td and not plan.params.fixed_td_target
         want = ctx.needs_input_grad if plan.grad_enabled else (False,) * 6
         acc = _accumulation_dtype(hidden)
         grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if want[0] else None

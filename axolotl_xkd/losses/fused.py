@@ -32,6 +32,7 @@ from torch import Tensor
 
 from axolotl_xkd.losses.categories import teacher_token_logprob, teacher_topk_categories, topk_mask
 from axolotl_xkd.losses.divergence import kl
+from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import DenseSignal, TeacherSignal, TopKSignal
 from axolotl_xkd.losses.td import td_consistency, td_difference
 from axolotl_xkd.losses.xkd import RowInputs, XKDHyperparams, first_rows
@@ -50,7 +51,7 @@ def supports(params: XKDHyperparams, teacher_kind: str, uses_td: bool) -> bool:
     # tau != 1 cannot be rebuilt from it.
     topk_kl = p.alpha_kd > 0 and p.divergence == "forward_kl" and teacher_kind == "topk"
     ce_ok = p.alpha_ce == 0 or p.temperature == 1.0 or not topk_kl
-    td_ok = not uses_td or p.td_target in ("observed", "teacher_logprob")
+    td_ok = not uses_td or p.td_target == "observed" or p.fixed_td_target
     return kd_ok and ce_ok and td_ok
 
 
@@ -60,9 +61,9 @@ def _blocks(rows: int, vocab: int) -> list[slice]:
     return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
-def logsumexp_rows(values: Tensor) -> Tensor:
-    """logsumexp over the last dim of (m, V), (m,), with cache-sized (block, V) temporaries."""
-    return torch.cat([torch.logsumexp(values[b], dim=-1) for b in _blocks(*values.shape)])
+def logsumexp_rows(values: Tensor, temperature: float = 1.0) -> Tensor:
+    """logsumexp over the last dim of (m, V) / temperature, (m,), with cache-sized (block, V) temporaries."""
+    return torch.cat([torch.logsumexp(upcast(values[b]) / temperature, dim=-1) for b in _blocks(*values.shape)])
 
 
 @dataclass
@@ -235,14 +236,13 @@ def _q_gradient(rows: _RowStats, grad: _Gradient, c: Tensor, p: XKDHyperparams) 
 
 def _td_nll(q: Tensor, mu: Tensor, log_sigma: Tensor, nonterminal: Tensor, valid: Tensor, *, gamma: float,
             weight: float) -> tuple[Tensor, Tensor]:
-    """lambda * sum of -log N(TD_i; mu_i, sigma_i^2) over the chunk's valid rows, and the unweighted sum."""
-    td = td_difference(q, nonterminal, gamma=gamma)[: valid.shape[0]]
-    total = torch.where(valid, td_consistency(td, mu, log_sigma), 0.0).sum()
-    return weight * total, total.detach()
+    """_fixed_td_nll of TD_i = Q(s_i, a_i) - gamma Q(s'_i, a'_i), the observed target built from Q."""
+    return _fixed_td_nll(mu, log_sigma, td_difference(q, nonterminal, gamma=gamma)[: valid.shape[0]], valid,
+                         weight=weight)
 
 
 def _fixed_td_nll(mu: Tensor, log_sigma: Tensor, td: Tensor, valid: Tensor, *, weight: float) -> tuple[Tensor, Tensor]:
-    """_td_nll for a TD target that does not depend on the logits (teacher_logprob)."""
+    """lambda * sum of -log N(TD_i; mu_i, sigma_i^2) over the chunk's valid rows, and the unweighted sum."""
     total = torch.where(valid, td_consistency(td, mu, log_sigma), 0.0).sum()
     return weight * total, total.detach()
 
@@ -254,9 +254,7 @@ def _teacher_logprob_target(teacher: TeacherSignal, actions: Tensor, p: XKDHyper
         return teacher_token_logprob(first_rows(teacher, actions.shape[0]), actions, temperature=p.temperature,
                                      topk_tail=p.topk_tail, vocab_size=vocab)
     z = teacher.logits[: actions.shape[0]]
-    taken = z.gather(-1, actions.unsqueeze(-1)).squeeze(-1).double() / p.temperature
-    lse = torch.cat([torch.logsumexp(z[b].double() / p.temperature, dim=-1) for b in _blocks(*z.shape)])
-    return (taken - lse).to(torch.promote_types(z.dtype, torch.float32))
+    return upcast(z.gather(-1, actions.unsqueeze(-1)).squeeze(-1)) / p.temperature - logsumexp_rows(z, p.temperature)
 
 
 def _write_gradient(logits: Tensor, rows: _RowStats, grad: _Gradient, safe: Tensor, p: XKDHyperparams) -> Tensor:
@@ -308,7 +306,7 @@ def fused_chunk(logits: Tensor, mu: Tensor | None, log_sigma: Tensor | None, inp
     kd_on = p.alpha_kd > 0
     dense_kl = kd_on and p.divergence == "forward_kl" and isinstance(teacher, DenseSignal)
     topk_kl = kd_on and p.divergence == "forward_kl" and isinstance(teacher, TopKSignal)
-    fixed_td = nonterminal is not None and p.td_target == "teacher_logprob"
+    fixed_td = nonterminal is not None and p.fixed_td_target
     td_target = _teacher_logprob_target(teacher, safe[:n, 0], p, logits.shape[-1]) if fixed_td else None
     ava = nonterminal is not None and p.q_form == "ava" and not fixed_td
     rows = _first_pass(logits, teacher, safe, row_mask, p, dense_kl=dense_kl, topk_kl=topk_kl, ava=ava)

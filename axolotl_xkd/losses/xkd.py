@@ -31,7 +31,7 @@ from axolotl_xkd.losses.td import (
     td_difference,
 )
 from axolotl_xkd.options import DIVERGENCES as ALL_DIVERGENCES
-from axolotl_xkd.options import Q_FORMS, REWARD_INPUTS, TD_TARGETS, teacher_reader
+from axolotl_xkd.options import FIXED_TD_TARGETS, Q_FORMS, REWARD_INPUTS, TD_TARGETS, teacher_reader
 
 _CHOICES = {
     "divergence": ALL_DIVERGENCES,
@@ -101,6 +101,11 @@ class XKDHyperparams:
     def uses_td(self) -> bool:
         """Whether the TD-consistency term lambda * (-log N(TD_i; mu_i, sigma_i^2)) enters the loss."""
         return self.td_weight > 0
+
+    @property
+    def fixed_td_target(self) -> bool:
+        """Whether TD_i is built without the student's Q (no TD gradient into the logits, no look-ahead row)."""
+        return self.td_target in FIXED_TD_TARGETS
 
     @property
     def needs_teacher(self) -> bool:
