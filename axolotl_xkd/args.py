@@ -11,7 +11,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from axolotl_xkd.options import DIVERGENCES, FIXED_TD_TARGETS, Q_FORMS, REWARD_INPUTS, TD_TARGETS, teacher_reader
+from axolotl_xkd.options import (
+    DEFAULT_CHUNK_SIZE,
+    DIVERGENCES,
+    DTYPE_NAMES,
+    FIXED_TD_TARGETS,
+    LOSS_BOUNDS,
+    LOSS_DEFAULTS,
+    Q_FORMS,
+    REWARD_INPUTS,
+    TD_TARGETS,
+    teacher_reader,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -28,7 +39,7 @@ class ModelTeacher(BaseModel):
     tokenizer_path: str | None = Field(
         None, description="Tokenizer to compare with the student's; defaults to `path`."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+    dtype: Literal[DTYPE_NAMES] | None = Field(
         None, description="Teacher weights dtype; default: the student's dtype."
     )
     attn_implementation: str | None = Field(
@@ -101,6 +112,13 @@ class GenerationSettings(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
 
 
+def _loss_key(name: str, description: str) -> Any:
+    """The Field of the loss hyperparameter `name`: its default and bounds from options.py, shared with
+    XKDHyperparams, so the `xkd:` block and the loss API called from Python agree."""
+    bounds = LOSS_BOUNDS[name].pydantic() if name in LOSS_BOUNDS else {}
+    return Field(LOSS_DEFAULTS[name], **bounds, description=description)
+
+
 class XKDConfig(BaseModel):
     """Every option of XKD_METHOD.md; the defaults are the spec's except where the quality study recommends
     otherwise (w_kl = lambda = 0.1, q_form ava: see docs/getting_started.md)."""
@@ -110,40 +128,37 @@ class XKDConfig(BaseModel):
     teacher: ModelTeacher | PrecomputedTeacher | ServerTeacher | None = Field(
         None, description="Where the teacher distribution p_T comes from.", discriminator="source"
     )
-    divergence: Divergence = Field("forward_kl", description="The distillation term D_i.")
-    beta: float = Field(
-        0.5, ge=0, le=1, description="JSD mixture weight (TRL GKD: 0 = forward KL, 1 = reverse KL)."
-    )
-    skew_alpha: float = Field(0.1, ge=0, lt=1, description="Skew of skew_forward_kl / skew_reverse_kl.")
-    temperature: float = Field(1.0, gt=0, description="tau, applied to student and teacher.")
-    scale_by_tau_squared: bool = Field(True, description="Multiply D_i by tau^2.")
-    alpha_kd: float = Field(1.0, ge=0, description="Weight of the distillation term.")
-    alpha_ce: float = Field(0.0, ge=0, description="Weight of the ground-truth cross-entropy term.")
-    # 0.1, not the spec's 1: with lambda = w_kl = 1 the study's students were unstable or collapsed
-    # (docs/getting_started.md); at 0.1 forward KL is level with GKD and stable across seeds.
-    reward_kl_weight: float = Field(0.1, ge=0, description="w_kl: weight of KL(q_phi(R) || prior).")
-    td_weight: float = Field(0.1, ge=0, description="lambda: weight of the TD-consistency term.")
-    gamma: float = Field(1.0, ge=0, le=1, description="Discount in TD_i.")
-    prior_std: float = Field(1.0, gt=0, description="Standard deviation of the reward prior N(0, s^2).")
-    q_form: Literal[Q_FORMS] = Field("ava", description="How Q(s, a) is read off z_i.")
-    ava_alpha: float = Field(1.0, gt=0, description="Band width of q_form: ava.")
-    # teacher_logprob + reward_detach_backbone, not the spec's observed, coupled form: the study's students
-    # then train exactly on D_i, as GKD's do, for every divergence (docs/defaults.md), and the head learns
-    # the teacher's per-token reward.
-    td_target: Literal[TD_TARGETS] = Field(
-        "teacher_logprob",
-        description="What the reward fits: Q(s,a) - gamma Q(s',a') at the observed tokens (observed) or under the "
+    divergence: Divergence = _loss_key("divergence", "The distillation term D_i.")
+    beta: float = _loss_key("beta", "JSD mixture weight (TRL GKD: 0 = forward KL, 1 = reverse KL).")
+    skew_alpha: float = _loss_key("skew_alpha", "Skew of skew_forward_kl / skew_reverse_kl.")
+    temperature: float = _loss_key("temperature", "tau, applied to student and teacher.")
+    scale_by_tau_squared: bool = _loss_key("scale_by_tau_squared", "Multiply D_i by tau^2.")
+    alpha_kd: float = _loss_key("alpha_kd", "Weight of the distillation term.")
+    alpha_ce: float = _loss_key("alpha_ce", "Weight of the ground-truth cross-entropy term.")
+    # Defaults and bounds of the loss's keys: options.LOSS_DEFAULTS / LOSS_BOUNDS, shared with XKDHyperparams
+    # (w_kl = lambda = 0.1, not the spec's 1: docs/getting_started.md).
+    reward_kl_weight: float = _loss_key("reward_kl_weight", "w_kl: weight of KL(q_phi(R) || prior).")
+    td_weight: float = _loss_key("td_weight", "lambda: weight of the TD-consistency term.")
+    gamma: float = _loss_key("gamma", "Discount in TD_i.")
+    prior_std: float = _loss_key("prior_std", "Standard deviation of the reward prior N(0, s^2).")
+    q_form: Literal[Q_FORMS] = _loss_key("q_form", "How Q(s, a) is read off z_i.")
+    ava_alpha: float = _loss_key("ava_alpha", "Band width of q_form: ava.")
+    # teacher_logprob (+ reward_detach_backbone), not the spec's observed, coupled form: docs/defaults.md.
+    td_target: Literal[TD_TARGETS] = _loss_key(
+        "td_target",
+        "What the reward fits: Q(s,a) - gamma Q(s',a') at the observed tokens (observed) or under the "
         "teacher (teacher_expected); Q(s,a) - gamma V(s'), V = logsumexp Q (soft); log p_T(a|s) (teacher_logprob).",
     )
-    reward_input: Literal[REWARD_INPUTS] = Field(
-        "next_state", description="Read R_i from h_{i+1} (next_state) or h_i (state)."
+    reward_input: Literal[REWARD_INPUTS] = _loss_key(
+        "reward_input", "Read R_i from h_{i+1} (next_state) or h_i (state)."
     )
     reward_detach_backbone: bool = Field(True, description="Stop the reward head's gradient into the student.")
     log_std_min: float = Field(-5.0, description="Lower clamp of log sigma_i.")
     log_std_max: float = Field(5.0, description="Upper clamp of log sigma_i.")
-    topk_tail: bool = Field(True, description="Top-k teachers: keep the tail category (false: renormalise).")
+    topk_tail: bool = _loss_key("topk_tail", "Top-k teachers: keep the tail category (false: renormalise).")
     chunk_size: int = Field(
-        1024, ge=0, description="Positions per chunk of the fused, chunked loss; 0 = unchunked reference path."
+        DEFAULT_CHUNK_SIZE, ge=0,
+        description="Positions per chunk of the fused, chunked loss; 0 = unchunked reference path.",
     )
     sequences: Literal["dataset", "teacher", "on_policy"] = Field(
         "dataset",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -20,6 +21,30 @@ WEIGHTS_NAME = "xkd_reward_head.safetensors"
 CONFIG_NAME = "xkd_reward_head.json"
 FORMAT = "axolotl_xkd.reward_head/1"
 ATTRIBUTE = "xkd_reward_head"
+
+
+@dataclass(frozen=True)
+class HeadMetadata:
+    """What a saved head records of the run that trained it, beside its shape: written into xkd_reward_head.json
+    at training (wiring) and read back to score with it (scoring). None: not recorded (an older head)."""
+
+    axolotl_xkd_version: str | None = None
+    reward_input: str = "next_state"  # R_i read from h_{i+1} (next_state) or h_i (state)
+    q_form: str | None = None
+    temperature: float | None = None
+    gamma: float | None = None
+    base_model_type: str | None = None  # the student's config.model_type
+    vocab_size: int | None = None  # the student tokenizer's length
+    eos_token_id: int | None = None
+
+    @classmethod
+    def of(cls, config: dict) -> HeadMetadata:
+        """The metadata among a head's config entries (its shape and format entries are left out)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def save_reward_head(state: dict[str, torch.Tensor], config: dict, directory: str | os.PathLike) -> Path:

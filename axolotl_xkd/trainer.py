@@ -23,6 +23,7 @@ from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams, XKDLossOutput, xkd_loss
 from axolotl_xkd.on_policy import OnPolicySampler
+from axolotl_xkd.options import DEFAULT_CHUNK_SIZE
 from axolotl_xkd.reward_store import WEIGHTS_NAME, load_reward_head, save_beside_student
 from axolotl_xkd.teachers.base import TeacherSource
 
@@ -51,7 +52,7 @@ class XKDSetup:
     detach_backbone: bool  # the reward head reads detached hidden states
     eos_token_id: int | None
     vocab_size: int  # the tokenizer's; logits beyond it are padding rows
-    chunk_size: int = 1024  # 0: unchunked loss over full logits
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # 0: unchunked loss over full logits
     sampler: OnPolicySampler | None = None  # on-policy steps (sequences: on_policy)
 
 

@@ -9,24 +9,22 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 from torch import nn
 
 from axolotl_xkd import __version__
 from axolotl_xkd.args import XKDConfig
+from axolotl_xkd.losses.precision import torch_dtype
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams
 from axolotl_xkd.on_policy import OnPolicySampler
-from axolotl_xkd.reward_store import ATTRIBUTE, save_beside_student
+from axolotl_xkd.reward_store import ATTRIBUTE, HeadMetadata, save_beside_student
 from axolotl_xkd.teachers.base import TeacherSource
 from axolotl_xkd.trainer import XKDSetup, base_model
 
 LOG = logging.getLogger("axolotl_xkd")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def hyperparams(config: XKDConfig) -> XKDHyperparams:
     """The loss's plain hyperparameters from the validated config block: every XKDHyperparams field is read off
@@ -52,14 +50,14 @@ def attach_reward_head(model: nn.Module, config: XKDConfig) -> VariationalReward
         hidden_size,
         log_std_min=config.log_std_min,
         log_std_max=config.log_std_max,
-        metadata={
-            "axolotl_xkd_version": __version__,
-            "reward_input": config.reward_input,
-            "q_form": config.q_form,
-            "temperature": config.temperature,
-            "gamma": config.gamma,
-            "base_model_type": base.config.model_type,
-        },
+        metadata=HeadMetadata(
+            axolotl_xkd_version=__version__,
+            reward_input=config.reward_input,
+            q_form=config.q_form,
+            temperature=config.temperature,
+            gamma=config.gamma,
+            base_model_type=base.config.model_type,
+        ).as_dict(),
     )
     device = base.get_output_embeddings().weight.device
     base.add_module(ATTRIBUTE, head.to(device))
@@ -85,7 +83,7 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
         return load_server_teacher(teacher, trainer.processing_class)
     from axolotl_xkd.teachers.model import ModelTeacherSource
 
-    dtype = _DTYPES[teacher.dtype] if teacher.dtype else base_model(student).dtype
+    dtype = torch_dtype(teacher.dtype) if teacher.dtype else base_model(student).dtype
     attn = teacher.attn_implementation or getattr(base_model(student).config, "_attn_implementation", None)
     return ModelTeacherSource.load(
         teacher.path,
@@ -125,7 +123,8 @@ def configure_trainer(trainer, config: XKDConfig, cfg) -> None:
     params = hyperparams(config)
     head = find_reward_head(student) if params.uses_reward else None
     if head is not None:
-        head.metadata.update(vocab_size=vocab_size, eos_token_id=tokenizer.eos_token_id)
+        head.metadata = replace(HeadMetadata.of(head.metadata), vocab_size=vocab_size,
+                                eos_token_id=tokenizer.eos_token_id).as_dict()
     trainer.configure_xkd(XKDSetup(
         params,
         teacher=load_teacher(config, trainer, student),

@@ -16,7 +16,7 @@ step() { echo; echo "=== demo [$((SECONDS - START)) s]: $*"; }
 step "building the tiny tokenizer, teacher, student and data in $OUT (deleted first); training the teacher"
 rm -rf "$OUT"
 python -m axolotl_xkd.tiny --out "$OUT" --teacher-steps "${XKD_TEACHER_STEPS:-800}"
-python -m axolotl_xkd.demo configs --out "$OUT"
+python -m scripts.demo configs --out "$OUT"
 step "X-KD: axolotl train $OUT/xkd.yml (example_configs/xkd_tiny.yml, paths under $OUT)"
 axolotl train "$OUT/xkd.yml"
 test -f "$OUT/xkd_student/model.safetensors" && test -f "$OUT/xkd_student/xkd_reward_head.safetensors"
@@ -25,7 +25,7 @@ axolotl train "$OUT/sft.yml"
 step "plotting the X-KD run's loss terms"
 PLOT="$(axolotl xkd plot "$OUT/xkd_student" --out "$OUT/xkd_loss_terms.png" | tail -n 1)"
 step "greedy exact match on the eval rows"
-python -m axolotl_xkd.demo report --out "$OUT"
+python -m scripts.demo report --out "$OUT"
 
 cat <<NEXT
 

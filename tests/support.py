@@ -165,3 +165,15 @@ def with_first_rows(assets: dict[str, Path], folder: Path, rows: int) -> dict[st
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
     return {**assets, "data": folder}
+
+
+# The spec's coupled form (XKD_METHOD.md section 2 as written: the TD term on the student's own Q, w_kl = lambda = 1),
+# which the loss tests exercise; the loss's defaults are the `xkd:` block's (options.LOSS_DEFAULTS).
+SPEC_COUPLED = {"td_target": "observed", "reward_kl_weight": 1.0, "td_weight": 1.0}
+
+
+def spec_params(**overrides):
+    """XKDHyperparams of the spec's coupled form, with `overrides`."""
+    from axolotl_xkd.losses import XKDHyperparams
+
+    return XKDHyperparams(**{**SPEC_COUPLED, **overrides})

@@ -8,6 +8,8 @@ from types import FrameType
 
 import click
 
+from axolotl_xkd.options import DTYPE_NAMES
+
 
 @click.command("serve-teacher")
 @click.option("--model", "model_path", required=True, help="Teacher model directory (or hub id) for from_pretrained.")
@@ -17,7 +19,7 @@ import click
               help="Port to bind; 0 picks a free one (printed at start).")
 @click.option("--top-k-max", type=click.IntRange(min=1), default=None,
               help="Largest prompt_logprobs answered (default: the vocabulary size).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True)
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--served-model-name", default=None, help="Model name in /v1/models (default: --model).")
 @click.option("--tokenizer", "tokenizer_path", default=None,

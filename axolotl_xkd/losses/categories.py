@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from axolotl_xkd.losses.blocks import logsumexp_rows
 from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import DenseSignal, TeacherSignal, TopKSignal
 
@@ -68,12 +69,16 @@ def paired_categories(
     student = student_topk_categories(student_logprobs, teacher, tail=topk_tail)
     teacher_cat = teacher_topk_categories(teacher, temperature=temperature, tail=topk_tail)
     if topk_tail:
-        # Where the top k cover the whole vocabulary (k = V) the tail is empty: float16 rounding of the stored
-        # log-probs must not leave teacher mass there, or KL(p_T || pi) is infinite.
-        empty = torch.isneginf(student[..., -1:])
-        no_tail = torch.cat([teacher_cat[..., :-1], torch.full_like(teacher_cat[..., -1:], -math.inf)], dim=-1)
-        teacher_cat = torch.where(empty, torch.log_softmax(no_tail, dim=-1), teacher_cat)
+        teacher_cat = drop_empty_tail(teacher_cat, torch.isneginf(student[..., -1:]))
     return student, teacher_cat
+
+
+def drop_empty_tail(teacher_cat: Tensor, empty: Tensor) -> Tensor:
+    """The teacher's k + 1 categories with the tail's mass dropped (and the top k renormalised) where `empty`
+    (..., 1): the top k cover the whole vocabulary (k = V), so no token is left for the tail. Float16 rounding
+    of the stored log-probs must not leave teacher mass there, or KL(p_T || pi) is infinite."""
+    no_tail = torch.cat([teacher_cat[..., :-1], torch.full_like(teacher_cat[..., -1:], -math.inf)], dim=-1)
+    return torch.where(empty, torch.log_softmax(no_tail, dim=-1), teacher_cat)
 
 
 TAIL_FLOOR = 2.0**-11
@@ -86,13 +91,14 @@ def teacher_token_logprob(teacher: TeacherSignal, actions: Tensor, *, temperatur
                           vocab_size: int) -> Tensor:
     """log p_T(a_i | s_i) at temperature tau, (N,), for in-vocabulary actions (N,) and a teacher of N rows.
 
-    Dense: log_softmax(z_T / tau)[a_i]. Top-k: the k (+1 tail) categories of `teacher_topk_categories`; an
-    action among the k_i valid ids gets its category's log-prob, any other one the tail's probability (0
-    without the tail), floored at TAIL_FLOOR and spread uniformly over the V - k_i tokens outside the top k.
+    Dense: log_softmax(z_T / tau)[a_i] = z_T[a_i] / tau - logsumexp(z_T / tau). Top-k: the k (+1 tail)
+    categories of `teacher_topk_categories`; an action among the k_i valid ids gets its category's log-prob, any
+    other one the tail's probability (0 without the tail), floored at TAIL_FLOOR and spread uniformly over the
+    V - k_i tokens outside the top k.
     """
-    if isinstance(teacher, DenseSignal):
-        logprobs = torch.log_softmax(upcast(teacher.logits) / temperature, dim=-1)
-        return logprobs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    if isinstance(teacher, DenseSignal):  # log-sum-exp in row blocks: no (N, V) log_softmax copy
+        z = teacher.logits
+        return upcast(z.gather(-1, actions.unsqueeze(-1)).squeeze(-1)) / temperature - logsumexp_rows(z, temperature)
     categories = teacher_topk_categories(teacher, temperature=temperature, tail=topk_tail)
     valid = teacher.valid
     k = valid.shape[-1]

@@ -42,9 +42,10 @@ from axolotl_xkd.losses.xkd import (
     prepare,
     token_terms,
 )
+from axolotl_xkd.options import DEFAULT_CHUNK_SIZE
 
 ChunkedTeacher = DenseHiddenSignal | DenseSignal | TopKSignal
-MODES = ("fused", "autograd", "compiled")
+MODES = ("fused", "autograd")
 
 
 def _accumulation_dtype(tensor: Tensor) -> torch.dtype:
@@ -89,23 +90,10 @@ class _Plan:
             return DenseSignal(upcast(logits) if writable else logits)
 
 
-# Compiled chunk steps, one per (hyperparameters, teacher kind, differentiated arguments).
-_COMPILED: dict[tuple, object] = {}
-
-
 def _chunk_step(plan: _Plan, argnums: tuple[int, ...] | None):
     """The per-chunk `token_terms`: value only (argnums None) or gradient and value w.r.t. `argnums`."""
-    compiled = plan.mode == "compiled"
-    key = (plan.params, plan.teacher_kind, argnums, compiled)
-    if key in _COMPILED:
-        return _COMPILED[key]
     fn = partial(token_terms, params=plan.params)
-    if argnums is not None:
-        fn = torch.func.grad_and_value(fn, argnums=argnums, has_aux=True)
-    if compiled:
-        fn = torch.compile(fn, dynamic=False)
-    _COMPILED[key] = fn
-    return fn
+    return fn if argnums is None else torch.func.grad_and_value(fn, argnums=argnums, has_aux=True)
 
 
 class _ChunkedXKDFunction(torch.autograd.Function):
@@ -220,7 +208,7 @@ def chunked_xkd_loss(
     log_sigma: Tensor | None,
     position_ids: Tensor | None = None,
     eos_token_id: int | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     output_bias: Tensor | None = None,
     vocab_size: int | None = None,
     mode: str = "fused",
@@ -238,8 +226,8 @@ def chunked_xkd_loss(
 
     mode: "fused" (default) uses the hand-written gradients of fused.py where they cover the
     configuration (`fused.supports`) and torch.func autograd of `token_terms` per chunk elsewhere;
-    "autograd" always uses autograd; "compiled" runs the autograd step under torch.compile (worth it for
-    the other divergences; compiles once per shape).
+    "autograd" always uses autograd. (A torch.compile'd autograd step was measured slower than "fused" and at
+    3.5-4.6x its peak memory, benchmarks/results/loss_memory.md, and removed.)
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

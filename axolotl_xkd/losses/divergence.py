@@ -9,11 +9,12 @@ Imports torch only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from axolotl_xkd.options import TOKEN_DIVERGENCES as DIVERGENCES
+from axolotl_xkd.options import TOKEN_DIVERGENCES
 
 
 def kl(p_logprobs: Tensor, q_logprobs: Tensor) -> Tensor:
@@ -76,25 +77,22 @@ def total_variation(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tenso
     return 0.5 * (teacher_logprobs.exp() - student_logprobs.exp()).abs().sum(-1)
 
 
-def divergence(
-    student_logprobs: Tensor,
-    teacher_logprobs: Tensor,
-    *,
-    name: str,
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
-) -> Tensor:
-    """The divergence D_i called `name` (one of DIVERGENCES), per token."""
-    if name == "forward_kl":
-        return forward_kl(student_logprobs, teacher_logprobs)
-    if name == "reverse_kl":
-        return reverse_kl(student_logprobs, teacher_logprobs)
-    if name == "jsd":
-        return generalized_jsd(student_logprobs, teacher_logprobs, beta=beta)
-    if name == "skew_forward_kl":
-        return skew_forward_kl(student_logprobs, teacher_logprobs, skew_alpha=skew_alpha)
-    if name == "skew_reverse_kl":
-        return skew_reverse_kl(student_logprobs, teacher_logprobs, skew_alpha=skew_alpha)
-    if name == "tvd":
-        return total_variation(student_logprobs, teacher_logprobs)
-    raise ValueError(f"unknown divergence {name!r}; expected one of {DIVERGENCES} or 'sequence'")
+# name -> (per-token function, the hyperparameters it takes by name): one entry per value of TOKEN_DIVERGENCES, so
+# a new divergence is one function plus its option (tests/unit/test_options.py checks the two lists agree).
+REGISTRY: dict[str, tuple[Callable[..., Tensor], tuple[str, ...]]] = {
+    "forward_kl": (forward_kl, ()),
+    "reverse_kl": (reverse_kl, ()),
+    "jsd": (generalized_jsd, ("beta",)),
+    "skew_forward_kl": (skew_forward_kl, ("skew_alpha",)),
+    "skew_reverse_kl": (skew_reverse_kl, ("skew_alpha",)),
+    "tvd": (total_variation, ()),
+}
+
+
+def divergence(student_logprobs: Tensor, teacher_logprobs: Tensor, *, name: str, **hyperparams: float) -> Tensor:
+    """The divergence D_i called `name` (one of TOKEN_DIVERGENCES), per token; `hyperparams` may hold more than
+    it takes (beta, skew_alpha): each function gets the ones it names in REGISTRY."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown divergence {name!r}; expected one of {TOKEN_DIVERGENCES} or 'sequence'")
+    function, takes = REGISTRY[name]
+    return function(student_logprobs, teacher_logprobs, **{key: hyperparams[key] for key in takes})

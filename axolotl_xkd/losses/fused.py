@@ -30,16 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from axolotl_xkd.losses.categories import teacher_token_logprob, teacher_topk_categories, topk_mask
+from axolotl_xkd.losses.blocks import row_blocks
+from axolotl_xkd.losses.categories import drop_empty_tail, teacher_topk_categories, topk_mask
 from axolotl_xkd.losses.divergence import kl
 from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import DenseSignal, TeacherSignal, TopKSignal
 from axolotl_xkd.losses.td import td_consistency, td_difference
-from axolotl_xkd.losses.xkd import RowInputs, XKDHyperparams, first_rows
-
-# Elements per block of rows: 2^20 float32 values (4 MB) stay in cache across the passes over a block.
-_BLOCK_ELEMENTS = 2**20
-
+from axolotl_xkd.losses.xkd import RowInputs, XKDHyperparams, first_rows, fixed_td_target
 
 def supports(params: XKDHyperparams, teacher_kind: str, uses_td: bool) -> bool:
     """Whether `fused_chunk` computes this configuration (else chunked.py uses autograd)."""
@@ -53,17 +50,6 @@ def supports(params: XKDHyperparams, teacher_kind: str, uses_td: bool) -> bool:
     ce_ok = p.alpha_ce == 0 or p.temperature == 1.0 or not topk_kl
     td_ok = not uses_td or p.td_target == "observed" or p.fixed_td_target
     return kd_ok and ce_ok and td_ok
-
-
-def _blocks(rows: int, vocab: int) -> list[slice]:
-    """Slices of about _BLOCK_ELEMENTS elements over the rows of a (rows, vocab) buffer."""
-    step = max(1, _BLOCK_ELEMENTS // max(vocab, 1))
-    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
-
-
-def logsumexp_rows(values: Tensor, temperature: float = 1.0) -> Tensor:
-    """logsumexp over the last dim of (m, V) / temperature, (m,), with cache-sized (block, V) temporaries."""
-    return torch.cat([torch.logsumexp(upcast(values[b]) / temperature, dim=-1) for b in _blocks(*values.shape)])
 
 
 @dataclass
@@ -121,7 +107,7 @@ def _first_pass(logits: Tensor, teacher: TeacherSignal | None, safe: Tensor, row
         rows.empty_tail = torch.empty(m, 1, dtype=torch.bool, device=logits.device)
     if ava:
         rows.lse_ava, rows.s_ava = torch.empty_like(z_a), torch.empty_like(z_a)
-    for b in _blocks(*logits.shape):
+    for b in row_blocks(*logits.shape):
         z = logits[b]
         if rows.lse_z is not None:
             rows.lse_z[b] = torch.logsumexp(z, dim=-1)
@@ -198,9 +184,7 @@ def _forward_kl_dense(rows: _RowStats, grad: _Gradient, weight: Tensor, tau: flo
 def _forward_kl_topk(rows: _RowStats, grad: _Gradient, weight: Tensor, teacher: TopKSignal, tau: float) -> Tensor:
     """KL over the k + 1 categories;  d/dz = w / tau * (pi - sum_k p_k e_k - (p_tail / pi_tail) * pi [not in top k])."""
     t_cat = teacher_topk_categories(teacher, temperature=tau, tail=True)
-    # As paired_categories: with no token outside the top k the teacher's tail mass is dropped.
-    no_tail = torch.cat([t_cat[:, :-1], torch.full_like(t_cat[:, -1:], -math.inf)], dim=-1)
-    t_cat = torch.where(rows.empty_tail, torch.log_softmax(no_tail, dim=-1), t_cat)
+    t_cat = drop_empty_tail(t_cat, rows.empty_tail)
     s_cat = torch.cat([torch.where(rows.ids_valid, rows.logpi_ids, -math.inf), rows.pi_tail.log().unsqueeze(-1)], -1)
     teacher_p = t_cat.exp()
     grad.pi_coef += weight / tau
@@ -247,16 +231,6 @@ def _fixed_td_nll(mu: Tensor, log_sigma: Tensor, td: Tensor, valid: Tensor, *, w
     return weight * total, total.detach()
 
 
-def _teacher_logprob_target(teacher: TeacherSignal, actions: Tensor, p: XKDHyperparams, vocab: int) -> Tensor:
-    """log p_T(a_i | s_i), (n,): categories.teacher_token_logprob, with a dense teacher's log-sum-exp taken in
-    cache-sized blocks instead of a (n, V) log_softmax. Read before pass 1 overwrites a dense teacher's buffer."""
-    if not isinstance(teacher, DenseSignal):
-        return teacher_token_logprob(first_rows(teacher, actions.shape[0]), actions, temperature=p.temperature,
-                                     topk_tail=p.topk_tail, vocab_size=vocab)
-    z = teacher.logits[: actions.shape[0]]
-    return upcast(z.gather(-1, actions.unsqueeze(-1)).squeeze(-1)) / p.temperature - logsumexp_rows(z, p.temperature)
-
-
 def _write_gradient(logits: Tensor, rows: _RowStats, grad: _Gradient, safe: Tensor, p: XKDHyperparams) -> Tensor:
     """Pass 2, block by block: the gradient of _Gradient in place of pi in the logits buffer."""
     tau = p.temperature
@@ -272,7 +246,7 @@ def _write_gradient(logits: Tensor, rows: _RowStats, grad: _Gradient, safe: Tens
     # softmax(z) = pi^tau * exp(tau * logsumexp(x) - logsumexp(z))
     softmax_scale = (grad.softmax_coef * (tau * rows.lse_x - rows.lse_z).exp()).unsqueeze(-1) \
         if grad.softmax_coef is not None else None
-    for b in _blocks(*logits.shape):
+    for b in row_blocks(*logits.shape):
         g = logits[b]
         softmax_part = g.pow(tau).mul_(softmax_scale[b]) if softmax_scale is not None else None
         if grad.ava_coef is not None:  # (pi_coef - ava_coef * s) * pi
@@ -307,7 +281,9 @@ def fused_chunk(logits: Tensor, mu: Tensor | None, log_sigma: Tensor | None, inp
     dense_kl = kd_on and p.divergence == "forward_kl" and isinstance(teacher, DenseSignal)
     topk_kl = kd_on and p.divergence == "forward_kl" and isinstance(teacher, TopKSignal)
     fixed_td = nonterminal is not None and p.fixed_td_target
-    td_target = _teacher_logprob_target(teacher, safe[:n, 0], p, logits.shape[-1]) if fixed_td else None
+    # Read before pass 1 overwrites a dense teacher's buffer.
+    td_target = fixed_td_target(first_rows(teacher, n), safe[:n, 0], params=p,
+                                vocab_size=logits.shape[-1]) if fixed_td else None
     ava = nonterminal is not None and p.q_form == "ava" and not fixed_td
     rows = _first_pass(logits, teacher, safe, row_mask, p, dense_kl=dense_kl, topk_kl=topk_kl, ava=ava)
 

@@ -10,7 +10,6 @@ the optimizer step's token count (num_items_in_batch). Imports torch only; hyper
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,67 +29,60 @@ from axolotl_xkd.losses.td import (
     td_consistency,
     td_difference,
 )
-from axolotl_xkd.options import DIVERGENCES as ALL_DIVERGENCES
-from axolotl_xkd.options import FIXED_TD_TARGETS, Q_FORMS, REWARD_INPUTS, TD_TARGETS, teacher_reader
+from axolotl_xkd.options import (
+    DIVERGENCES,
+    FIXED_TD_TARGETS,
+    LOSS_BOUNDS,
+    LOSS_DEFAULTS,
+    Q_FORMS,
+    REWARD_INPUTS,
+    TD_TARGETS,
+    teacher_reader,
+)
 
 _CHOICES = {
-    "divergence": ALL_DIVERGENCES,
+    "divergence": DIVERGENCES,
     "q_form": Q_FORMS,
     "td_target": TD_TARGETS,
     "reward_input": REWARD_INPUTS,
 }
-# name: (low, low inclusive, high, high inclusive, the description of xkd.<name> in args.py)
-_BOUNDS = {
-    "beta": (0.0, True, 1.0, True, "JSD mixture weight (TRL GKD: 0 = forward KL, 1 = reverse KL)"),
-    "skew_alpha": (0.0, True, 1.0, False, "Skew of skew_forward_kl / skew_reverse_kl"),
-    "temperature": (0.0, False, math.inf, False, "tau, applied to student and teacher"),
-    "alpha_kd": (0.0, True, math.inf, False, "Weight of the distillation term"),
-    "alpha_ce": (0.0, True, math.inf, False, "Weight of the ground-truth cross-entropy term"),
-    "reward_kl_weight": (0.0, True, math.inf, False, "w_kl: weight of KL(q_phi(R) || prior)"),
-    "td_weight": (0.0, True, math.inf, False, "lambda: weight of the TD-consistency term"),
-    "gamma": (0.0, True, 1.0, True, "Discount in TD_i"),
-    "prior_std": (0.0, False, math.inf, False, "Standard deviation of the reward prior N(0, s^2)"),
-    "ava_alpha": (0.0, False, math.inf, False, "Band width of q_form: ava"),
-}
+_D = LOSS_DEFAULTS
 
 
 @dataclass(frozen=True)
 class XKDHyperparams:
-    """Loss hyperparameters, named as in XKD_METHOD.md; defaults are the spec's.
+    """Loss hyperparameters, named as in XKD_METHOD.md; defaults and bounds are the `xkd:` block's (options.py).
 
-    Validated on construction with the bounds of the `xkd:` config block, so the loss API called directly
-    rejects what the config rejects (an unknown q_form, tau <= 0, ...) instead of computing something else.
+    Validated on construction, so the loss API called directly rejects what the config rejects (an unknown q_form,
+    tau <= 0, ...) instead of computing something else, and trains as `axolotl train` does with the same keys.
     """
 
-    divergence: str = "forward_kl"
-    beta: float = 0.5
-    skew_alpha: float = 0.1
-    temperature: float = 1.0
-    scale_by_tau_squared: bool = True
-    alpha_kd: float = 1.0
-    alpha_ce: float = 0.0
-    reward_kl_weight: float = 1.0
-    td_weight: float = 1.0
-    gamma: float = 1.0
-    prior_std: float = 1.0
-    q_form: str = "ava"
-    ava_alpha: float = 1.0
-    td_target: str = "observed"
-    reward_input: str = "next_state"
-    topk_tail: bool = True
+    divergence: str = _D["divergence"]
+    beta: float = _D["beta"]
+    skew_alpha: float = _D["skew_alpha"]
+    temperature: float = _D["temperature"]
+    scale_by_tau_squared: bool = _D["scale_by_tau_squared"]
+    alpha_kd: float = _D["alpha_kd"]
+    alpha_ce: float = _D["alpha_ce"]
+    reward_kl_weight: float = _D["reward_kl_weight"]
+    td_weight: float = _D["td_weight"]
+    gamma: float = _D["gamma"]
+    prior_std: float = _D["prior_std"]
+    q_form: str = _D["q_form"]
+    ava_alpha: float = _D["ava_alpha"]
+    td_target: str = _D["td_target"]
+    reward_input: str = _D["reward_input"]
+    topk_tail: bool = _D["topk_tail"]
     ignore_index: int = IGNORE_INDEX
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices} (xkd.{name})")
-        for name, (low, low_in, high, high_in, what) in _BOUNDS.items():
+        for name, interval in LOSS_BOUNDS.items():
             value = getattr(self, name)
-            above = value >= low if low_in else value > low
-            below = value <= high if high_in else value < high
-            if not (above and below):  # also catches NaN
-                interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
-                raise ValueError(f"{name}={value!r} is outside {interval} (xkd.{name}: {what}); pass a value in it")
+            if value not in interval:
+                raise ValueError(f"{name}={value!r} is outside {interval} (xkd.{name}); pass a value in it")
 
     @property
     def uses_reward(self) -> bool:
@@ -269,11 +261,8 @@ def td_per_row(logits: Tensor, logprobs: Tensor, actions: Tensor, nonterminal: T
     a fixed target built without gradient, so this term trains only the reward head.
     """
     p = params
-    if p.td_target == "teacher_logprob":
-        with torch.no_grad():
-            td_target = teacher_token_logprob(teacher, actions, temperature=p.temperature, topk_tail=p.topk_tail,
-                                              vocab_size=logits.shape[-1])
-        return td_target
+    if p.fixed_td_target:
+        return fixed_td_target(teacher, actions, params=p, vocab_size=logits.shape[-1])
     taken = actions.unsqueeze(-1)
     if p.td_target == "teacher_expected":
         q_table = q_values(logits, q_form=p.q_form, temperature=p.temperature, ava_alpha=p.ava_alpha)
@@ -287,6 +276,17 @@ def td_per_row(logits: Tensor, logprobs: Tensor, actions: Tensor, nonterminal: T
         q_taken = q_table.gather(-1, taken).squeeze(-1)
     next_value = soft_value(logits, q_form=p.q_form, temperature=p.temperature) if p.td_target == "soft" else None
     return td_difference(q_taken, nonterminal, gamma=p.gamma, next_value=next_value)
+
+
+@torch.no_grad()
+def fixed_td_target(teacher: TeacherSignal, actions: Tensor, *, params: XKDHyperparams, vocab_size: int) -> Tensor:
+    """TD_i of a fixed target (FIXED_TD_TARGETS), (m,): built without the student's Q, so without gradient.
+    Both loss paths (this module's and fused.py's) call it, so a new fixed target is written once, here."""
+    p = params
+    if p.td_target == "teacher_logprob":  # log p_T(a_i | s_i) at temperature tau
+        return teacher_token_logprob(teacher, actions, temperature=p.temperature, topk_tail=p.topk_tail,
+                                     vocab_size=vocab_size)
+    raise ValueError(f"td_target {p.td_target!r} is not one of the fixed targets {FIXED_TD_TARGETS}")
 
 
 def first_rows(teacher: TeacherSignal, n: int) -> TeacherSignal:

@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from axolotl_xkd.frozen_teacher import load_frozen_teacher, special_tokens, tokenizer_hash
+from axolotl_xkd.losses.precision import torch_dtype
 from axolotl_xkd.sequences import right_pad
 from axolotl_xkd.server.protocol import (
     INFO_SPECIAL_TOKENS,
@@ -65,7 +66,7 @@ class TeacherScorer:
              attn_implementation: str | None = None) -> TeacherScorer:
         """Load a model directory (or hub id) with the one frozen-teacher loader, on `device` (default: cuda if
         present, else cpu). The student's tokenizer is checked by each client against the published fingerprint."""
-        model, tokenizer = load_frozen_teacher(path, dtype=getattr(torch, dtype), tokenizer_path=tokenizer_path,
+        model, tokenizer = load_frozen_teacher(path, dtype=torch_dtype(dtype), tokenizer_path=tokenizer_path,
                                                trust_remote_code=trust_remote_code,
                                                attn_implementation=attn_implementation)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

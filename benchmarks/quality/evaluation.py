@@ -13,6 +13,8 @@ import json
 import statistics
 from pathlib import Path
 
+from axolotl_xkd.options import DTYPE_NAMES
+
 
 def load(model_dir: Path, device: str = "cpu", dtype: str = "float32"):
     """(model in eval mode, tokenizer) of a saved student or teacher."""
@@ -69,7 +71,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     parser.add_argument("--limit", type=int, default=None, help="first N rows only")
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()][: args.limit]

@@ -41,7 +41,7 @@ AVRIL = {"q_form": "logits", "reward_kl_weight": 1.0, "td_weight": 1.0, "gamma":
          "reward_detach_backbone": False}
 ON_POLICY = {"sequences": "on_policy", "on_policy_fraction": 0.5,
              "generation": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0}}
-DIVERGENCES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd"}
+STUDY_DIVERGENCES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd"}
 DEV_ROWS = 100
 # A task's data and model sizes: these defaults, then the task's own (TASK_SETTINGS), then the command line's.
 TASK_DEFAULTS = {"train_rows": 2000, "eval_rows": 100, "teacher_steps": 1500, "teacher_hidden": 128,
@@ -59,7 +59,7 @@ def methods() -> dict[str, dict]:
         "seqkd": {"sequences": "teacher", "divergence": "sequence", **REWARD_OFF, "teacher": TEACHER_SEQUENCES},
         "xkd_seqkd": {"sequences": "teacher", "divergence": "sequence", **AVRIL, "teacher": TEACHER_SEQUENCES},
     }
-    for short, divergence in DIVERGENCES.items():
+    for short, divergence in STUDY_DIVERGENCES.items():
         for source, extra in (("off", {}), ("on", ON_POLICY)):
             table[f"gkd_{short}_{source}"] = {"divergence": divergence, **REWARD_OFF, **extra}
             table[f"xkd_{short}_{source}"] = {"divergence": divergence, **AVRIL, **extra}

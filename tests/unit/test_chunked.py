@@ -16,12 +16,12 @@ from axolotl_xkd.losses import DIVERGENCES, Q_FORMS, TopKSignal, XKDHyperparams,
 from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.signal import DenseHiddenSignal, DenseSignal
 from axolotl_xkd.options import TD_TARGETS
+from tests.support import spec_params
 
 B, T, H, H_T, V, K = 2, 12, 6, 5, 17, 4
 N = B * T
 EOS = 2
 FP32 = {"atol": 1e-5, "rtol": 5e-4}
-ALL_DIVERGENCES = (*DIVERGENCES, "sequence")
 
 
 def make_inputs(seed: int = 0, *, packed: bool = False, dtype=torch.float32) -> dict:
@@ -96,10 +96,10 @@ def assert_same(ref, got, **tol) -> None:
 
 @pytest.mark.parametrize("chunk_size", [6, 5])
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
-@pytest.mark.parametrize("name", ALL_DIVERGENCES)
+@pytest.mark.parametrize("name", DIVERGENCES)
 def test_every_divergence_matches_unchunked(name, teacher_kind, chunk_size):
     """Chunk sizes 6 (divides N = 24) and 5 (does not), with CE and both AVRIL terms on."""
-    params = XKDHyperparams(divergence=name, alpha_ce=0.3, temperature=1.7, beta=0.3, skew_alpha=0.2)
+    params = spec_params(divergence=name, alpha_ce=0.3, temperature=1.7, beta=0.3, skew_alpha=0.2)
     assert_same(*run_both(params, teacher_kind, chunk_size), **FP32)
 
 
@@ -109,8 +109,8 @@ def test_every_divergence_matches_unchunked(name, teacher_kind, chunk_size):
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
 def test_every_td_form_matches_unchunked(teacher_kind, q_form, td_target, chunk_size):
     """Each q_form and td_target, gamma < 1 and tau != 1, on both teacher kinds, so TD pairs straddle chunk edges."""
-    params = XKDHyperparams(q_form=q_form, td_target=td_target, gamma=0.9, temperature=0.8, ava_alpha=3.0,
-                            td_weight=1.3, reward_kl_weight=0.7)
+    params = spec_params(q_form=q_form, td_target=td_target, gamma=0.9, temperature=0.8, ava_alpha=3.0,
+                         td_weight=1.3, reward_kl_weight=0.7)
     assert_same(*run_both(params, teacher_kind, chunk_size), **FP32)
 
 
@@ -118,7 +118,7 @@ def test_every_td_form_matches_unchunked(teacher_kind, q_form, td_target, chunk_
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
 def test_ava_band_widths(teacher_kind, alpha):
     """The kernel's exp(alpha pi) is taken without a row max; past alpha = 60 it is shifted by alpha instead."""
-    params = XKDHyperparams(q_form="ava", ava_alpha=alpha, alpha_ce=0.2, gamma=0.95)
+    params = spec_params(q_form="ava", ava_alpha=alpha, alpha_ce=0.2, gamma=0.95)
     assert_same(*run_both(params, teacher_kind, 5, dtype=torch.float64), atol=1e-10, rtol=1e-9)
 
 
@@ -127,20 +127,20 @@ def test_ava_band_widths(teacher_kind, alpha):
 def test_packed_rows_with_segment_boundary_on_chunk_edge(teacher_kind, chunk_size):
     """Flat position 6 starts a packed segment and is a chunk edge: no TD pair crosses it, in float64 tightly."""
     for q_form in Q_FORMS:
-        params = XKDHyperparams(q_form=q_form, alpha_ce=0.5, reward_input="state")
+        params = spec_params(q_form=q_form, alpha_ce=0.5, reward_input="state")
         assert_same(*run_both(params, teacher_kind, chunk_size, packed=True, dtype=torch.float64),
                     atol=1e-10, rtol=1e-9)
 
 
 def test_bias_topk_without_tail_and_no_tau_scaling():
-    params = XKDHyperparams(divergence="jsd", topk_tail=False, scale_by_tau_squared=False, temperature=2.0)
+    params = spec_params(divergence="jsd", topk_tail=False, scale_by_tau_squared=False, temperature=2.0)
     assert_same(*run_both(params, "topk", 5, with_bias=True), **FP32)
     assert_same(*run_both(params, "dense", 5, with_bias=True), **FP32)
 
 
 def test_without_reward_terms_reduces_to_distillation():
     """lambda = w_kl = 0: no reward-head inputs needed, no gradient for them, and the same loss."""
-    params = XKDHyperparams(divergence="reverse_kl", td_weight=0.0, reward_kl_weight=0.0, alpha_ce=1.0)
+    params = spec_params(divergence="reverse_kl", td_weight=0.0, reward_kl_weight=0.0, alpha_ce=1.0)
     ref, got = run_both(params, "dense", 5)
     assert_same(ref, got, **FP32)
     assert got[1]["mean"] is None and got[1]["log_std"] is None
@@ -149,7 +149,7 @@ def test_without_reward_terms_reduces_to_distillation():
 def test_padded_vocabulary_rows_are_cut_and_get_zero_gradient():
     """W with more rows than the tokenizer (vocab_size) equals the trainer's logits[..., :vocab_size]."""
     x = make_inputs(1)
-    params = XKDHyperparams(divergence="jsd", alpha_ce=0.5)
+    params = spec_params(divergence="jsd", alpha_ce=0.5)
     padded_w = torch.cat([x["weight"], torch.randn(3, H)]).requires_grad_(True)
     padded_tw = torch.cat([x["teacher_weight"], torch.randn(3, H_T)])
     hidden = x["hidden"].clone().requires_grad_(True)
@@ -171,7 +171,7 @@ def test_padded_vocabulary_rows_are_cut_and_get_zero_gradient():
 def test_frozen_output_layer_gets_no_gradient():
     """LoRA: the base output layer does not require grad; hidden and reward gradients are unchanged."""
     x = make_inputs(2)
-    params = XKDHyperparams(q_form="logprobs", alpha_ce=0.2)
+    params = spec_params(q_form="logprobs", alpha_ce=0.2)
     teacher = DenseHiddenSignal(x["teacher_hidden"], x["teacher_weight"])
     frozen = x["weight"].clone()
     leaves = [x[k].clone().requires_grad_(True) for k in ("hidden", "mean", "log_std")]
@@ -191,7 +191,7 @@ def test_frozen_output_layer_gets_no_gradient():
 def test_bf16_inputs_are_computed_in_fp32():
     """bf16 hidden states and output layer: the loss matches xkd_loss on the same bf16 logits."""
     x = make_inputs(3)
-    params = XKDHyperparams(divergence="forward_kl", alpha_ce=0.5)
+    params = spec_params(divergence="forward_kl", alpha_ce=0.5)
     hidden, weight = x["hidden"].bfloat16(), x["weight"].bfloat16()
     teacher = DenseHiddenSignal(x["teacher_hidden"].bfloat16(), x["teacher_weight"].bfloat16())
     out = chunked_xkd_loss(hidden, weight, x["labels"], teacher=teacher, mu=x["mean"],
@@ -204,7 +204,7 @@ def test_bf16_inputs_are_computed_in_fp32():
 
 def test_no_grad_evaluation_matches():
     x = make_inputs(4)
-    params = XKDHyperparams(td_target="teacher_expected")
+    params = spec_params(td_target="teacher_expected")
     with torch.no_grad():
         out = chunked_xkd_loss(x["hidden"], x["weight"], x["labels"], teacher=x["topk"], mu=x["mean"],
                                log_sigma=x["log_std"], params=params, chunk_size=5, eos_token_id=EOS)
@@ -219,7 +219,7 @@ def test_teacher_vocabulary_mismatch_names_the_fix():
     small = DenseHiddenSignal(x["teacher_hidden"], x["teacher_weight"][: V - 2])
     with pytest.raises(ValueError, match="vocab_size"):
         chunked_xkd_loss(x["hidden"], x["weight"], x["labels"], teacher=small, mu=x["mean"],
-                         log_sigma=x["log_std"], params=XKDHyperparams())
+                         log_sigma=x["log_std"], params=spec_params())
 
 
 
@@ -243,7 +243,7 @@ def test_autograd_mode_equals_hand_written_gradients(teacher_kind):
     for mode in ("fused", "autograd"):
         leaves = [x[k].clone().requires_grad_(True) for k in ("hidden", "weight", "mean", "log_std")]
         out = chunked_xkd_loss(leaves[0], leaves[1], x["labels"], teacher=teacher, mu=leaves[2],
-                               log_sigma=leaves[3], params=XKDHyperparams(alpha_ce=0.4, temperature=1.3),
+                               log_sigma=leaves[3], params=spec_params(alpha_ce=0.4, temperature=1.3),
                                chunk_size=5, eos_token_id=EOS, mode=mode)
         results.append((out.loss, torch.autograd.grad(out.loss, leaves)))
     torch.testing.assert_close(results[0][0], results[1][0], **FP32)
@@ -254,10 +254,10 @@ def test_autograd_mode_equals_hand_written_gradients(teacher_kind):
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
 def test_row_blocks_inside_a_chunk(monkeypatch, teacher_kind):
     """The hand-written kernel walks each chunk in cache-sized row blocks; force 2-row blocks (3 per chunk of 5)."""
-    from axolotl_xkd.losses import fused
+    from axolotl_xkd.losses import blocks, fused
 
-    monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", 2 * V)
-    for params in (XKDHyperparams(alpha_ce=0.5, q_form="logprobs"), XKDHyperparams(q_form="ava", ava_alpha=2.0),
-                   XKDHyperparams(divergence="sequence", alpha_ce=0.5, temperature=1.4)):
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 2 * V)
+    for params in (spec_params(alpha_ce=0.5, q_form="logprobs"), spec_params(q_form="ava", ava_alpha=2.0),
+                   spec_params(divergence="sequence", alpha_ce=0.5, temperature=1.4)):
         assert fused.supports(params, teacher_kind, True)
         assert_same(*run_both(params, teacher_kind, 5), **FP32)

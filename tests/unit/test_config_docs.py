@@ -1,4 +1,4 @@
-"""docs/config.md is generated from the `xkd:` schema (`python -m axolotl_xkd.config_docs`) and must match it;
+"""docs/config.md is generated from the `xkd:` schema (`python -m scripts.config_docs`) and must match it;
 docs/layout.md must name every module of the package."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_xkd.config_docs import PAGE, SECTIONS, render
+from scripts.config_docs import PAGE, SECTIONS, render
 
 PACKAGE = Path(__file__).resolve().parents[2] / "axolotl_xkd"
 
 
 def test_committed_config_page_is_current():
-    assert PAGE.read_text() == render(), "docs/config.md is stale: run `python -m axolotl_xkd.config_docs`"
+    assert PAGE.read_text() == render(), "docs/config.md is stale: run `python -m scripts.config_docs`"
 
 
 @pytest.mark.parametrize("schema", [schema for _, _, schema, _ in SECTIONS], ids=lambda s: s.__name__)

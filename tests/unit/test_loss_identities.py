@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from axolotl_xkd.losses import DenseSignal, TopKSignal, XKDHyperparams, xkd_loss
+from axolotl_xkd.losses import DenseSignal, TopKSignal, xkd_loss
 from axolotl_xkd.losses.divergence import forward_kl, generalized_jsd
 from axolotl_xkd.losses.positions import nonterminal_next, shift_targets
+from tests.support import spec_params
 
 
 def random_case(seed=0, B=3, T=6, V=9):
@@ -33,7 +34,7 @@ def test_losses_import_without_training_stack():
 
 def test_reward_weights_zero_gives_plain_distillation_exactly():
     logits, teacher, labels, mu, log_std = random_case()
-    params = XKDHyperparams(reward_kl_weight=0.0, td_weight=0.0)
+    params = spec_params(reward_kl_weight=0.0, td_weight=0.0)
     out = xkd_loss(logits, labels, teacher=DenseSignal(teacher), mu=mu, log_sigma=log_std,
                    params=params)
     targets = shift_targets(labels, None)
@@ -58,7 +59,7 @@ def test_forward_kl_against_one_hot_teacher_is_cross_entropy(as_topk):
     else:
         one_hot = torch.full_like(logits, -math.inf).scatter(-1, safe.unsqueeze(-1), 0.0)
         teacher = DenseSignal(one_hot)
-    params = XKDHyperparams(reward_kl_weight=0.0, td_weight=0.0, temperature=1.0)
+    params = spec_params(reward_kl_weight=0.0, td_weight=0.0, temperature=1.0)
     out = xkd_loss(logits, labels, teacher=teacher, mu=None, log_sigma=None, params=params)
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
     torch.testing.assert_close(out.loss, ce)
@@ -78,7 +79,7 @@ def test_jsd_ends_are_trl_forward_and_reverse_kl():
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"])
 def test_identical_distributions_give_zero_divergence(divergence):
     logits, _, labels, _, _ = random_case(3)
-    params = XKDHyperparams(divergence=divergence, reward_kl_weight=0.0, td_weight=0.0)
+    params = spec_params(divergence=divergence, reward_kl_weight=0.0, td_weight=0.0)
     out = xkd_loss(logits, labels, teacher=DenseSignal(logits.clone()), mu=None, log_sigma=None,
                    params=params)
     assert abs(float(out.loss)) < 1e-5
@@ -92,7 +93,7 @@ def test_all_masked_gives_zero_with_finite_gradients():
     lps = torch.full((3, 6, 2), -math.inf)
     for teacher_signal in (DenseSignal(teacher), TopKSignal(ids, lps)):
         out = xkd_loss(leaves[0], labels, teacher=teacher_signal, mu=leaves[1], log_sigma=leaves[2],
-                       params=XKDHyperparams(divergence="jsd", td_target="teacher_expected"))
+                       params=spec_params(divergence="jsd", td_target="teacher_expected"))
         assert float(out.loss.detach()) == 0.0 and int(out.num_tokens) == 0
         for grad in torch.autograd.grad(out.loss, leaves):
             assert torch.isfinite(grad).all() and grad.abs().sum() == 0
@@ -105,7 +106,7 @@ def test_golden_value_by_hand():
     labels = torch.tensor([[-100, 1, 2, 3], [-100, -100, 0, 1]])
     teacher = TopKSignal(torch.tensor([[[1], [2], [3], [0]], [[0], [0], [1], [0]]]), torch.zeros(2, 4, 1))
     out = xkd_loss(logits, labels, teacher=teacher, mu=torch.zeros(2, 4), log_sigma=torch.zeros(2, 4),
-                   params=XKDHyperparams(q_form="logits"))
+                   params=spec_params(q_form="logits"))
     assert int(out.num_tokens) == 5
     torch.testing.assert_close(out.loss, torch.tensor(5 * (math.log(4) + 0.5 * math.log(2 * math.pi))))
 
@@ -137,7 +138,7 @@ def test_packed_loss_equals_sum_of_separate_sequences():
     mu = torch.randn(1, sum(lengths), generator=g, dtype=torch.float64, requires_grad=True)
     log_std = torch.randn(1, sum(lengths), generator=g, dtype=torch.float64, requires_grad=True)
     position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-    params = XKDHyperparams(divergence="jsd", q_form="logits", td_target="teacher_expected", gamma=0.9)
+    params = spec_params(divergence="jsd", q_form="logits", td_target="teacher_expected", gamma=0.9)
     packed = xkd_loss(logits, torch.cat(labels_each).unsqueeze(0), teacher=DenseSignal(teacher), mu=mu,
                       log_sigma=log_std, params=params, position_ids=position_ids)
     separate, start = 0.0, 0

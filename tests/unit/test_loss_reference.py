@@ -11,6 +11,7 @@ import torch
 from axolotl_xkd.losses import DenseSignal, TopKSignal, XKDHyperparams, xkd_loss
 from axolotl_xkd.options import TD_TARGETS
 from tests.reference import reference_xkd
+from tests.support import spec_params
 
 B, T, V, K = 2, 7, 11, 4
 EOS = 2
@@ -76,7 +77,7 @@ def check_against_reference(params: XKDHyperparams, teacher_kind: str, *, seed: 
      ("skew_forward_kl", 0.5), ("skew_reverse_kl", 0.5), ("tvd", 0.5), ("sequence", 0.5)],
 )
 def test_divergences_match_reference(divergence, beta, teacher_kind):
-    params = XKDHyperparams(divergence=divergence, beta=beta, skew_alpha=0.2, temperature=1.7, alpha_ce=0.3)
+    params = spec_params(divergence=divergence, beta=beta, skew_alpha=0.2, temperature=1.7, alpha_ce=0.3)
     check_against_reference(params, teacher_kind)
 
 
@@ -84,26 +85,26 @@ def test_divergences_match_reference(divergence, beta, teacher_kind):
 @pytest.mark.parametrize("q_form", ["logits", "logprobs", "ava"])
 @pytest.mark.parametrize("td_target", TD_TARGETS)
 def test_td_forms_match_reference(q_form, td_target, teacher_kind):
-    params = XKDHyperparams(q_form=q_form, td_target=td_target, ava_alpha=3.0, gamma=0.9, temperature=0.8,
-                            prior_std=2.0, reward_kl_weight=0.7, td_weight=1.3)
+    params = spec_params(q_form=q_form, td_target=td_target, ava_alpha=3.0, gamma=0.9, temperature=0.8,
+                         prior_std=2.0, reward_kl_weight=0.7, td_weight=1.3)
     check_against_reference(params, teacher_kind, seed=1)
 
 
 @pytest.mark.parametrize("reward_input", ["next_state", "state"])
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
 def test_packed_rows_and_reward_input_match_reference(reward_input, teacher_kind):
-    params = XKDHyperparams(reward_input=reward_input, divergence="jsd", scale_by_tau_squared=False,
-                            temperature=2.0)
+    params = spec_params(reward_input=reward_input, divergence="jsd", scale_by_tau_squared=False,
+                         temperature=2.0)
     check_against_reference(params, teacher_kind, seed=2, packed=True)
 
 
 def test_renormalised_topk_matches_reference():
-    check_against_reference(XKDHyperparams(topk_tail=False, td_target="teacher_expected"), "topk", seed=3)
+    check_against_reference(spec_params(topk_tail=False, td_target="teacher_expected"), "topk", seed=3)
 
 
 def test_float32_inputs_match_float64_reference():
     logits, labels, _t_logits, ids, lps, mu, log_std, pos = make_batch(4, packed=True)
-    params = XKDHyperparams(divergence="jsd")
+    params = spec_params(divergence="jsd")
     out = xkd_loss(logits.float(), labels, teacher=TopKSignal(ids, lps.half()), mu=mu.float(),
                    log_sigma=log_std.float(), params=params, position_ids=pos, eos_token_id=EOS)
     ref, _, _ = reference_xkd(logits, labels, teacher={"kind": "topk", "ids": ids, "logprobs": lps.half()},
@@ -118,7 +119,7 @@ def test_float32_inputs_match_float64_reference():
 def test_gradcheck_wrt_logits_and_reward_outputs(divergence, teacher_kind):
     logits, labels, t_logits, ids, lps, mu, log_std, pos = make_batch(5, packed=True)
     signal, _ = teachers(t_logits, ids, lps)[teacher_kind]
-    params = XKDHyperparams(divergence=divergence, q_form="logprobs", alpha_ce=0.5, gamma=0.95)
+    params = spec_params(divergence=divergence, q_form="logprobs", alpha_ce=0.5, gamma=0.95)
 
     def fn(z, m, s):
         return xkd_loss(z, labels, teacher=signal, mu=m, log_sigma=s, params=params,

@@ -10,6 +10,7 @@ import torch
 from axolotl_xkd.losses import DenseSignal, TopKSignal, XKDHyperparams, xkd_loss
 from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.signal import DenseHiddenSignal
+from tests.support import spec_params
 
 H, H_T, V = 3, 4, 7
 PATHS = ("unchunked", "autograd", "fused")
@@ -46,7 +47,7 @@ def test_nan_teacher_at_a_position_without_action_leaves_gradients_finite(path, 
     g = torch.Generator().manual_seed(1)
     teacher_hidden = torch.randn(1, 5, H_T, generator=g, dtype=torch.float64)
     teacher_weight = torch.randn(V, H_T, generator=g, dtype=torch.float64)
-    params = XKDHyperparams(td_weight=0.0, reward_kl_weight=0.0)
+    params = spec_params(td_weight=0.0, reward_kl_weight=0.0)
     grads = []
     for poisoned in (False, True):
         hidden = teacher_hidden.clone()
@@ -72,7 +73,7 @@ def test_empty_batch_gives_zero_with_finite_gradients(path, shape):
     leaves = _leaves(*shape)
     labels = torch.full(shape, 4)
     teacher = DenseHiddenSignal(torch.randn(*shape, H_T, dtype=torch.float64), torch.randn(V, H_T, dtype=torch.float64))
-    params = XKDHyperparams(alpha_ce=0.5)
+    params = spec_params(alpha_ce=0.5)
     out = _loss(path, leaves, labels, teacher, params, position_ids=torch.zeros(shape, dtype=torch.long))
     assert out.loss.item() == 0.0 and out.num_tokens.item() == 0
     for grad in torch.autograd.grad(out.loss, list(leaves.values()), allow_unused=True):
@@ -90,7 +91,7 @@ def test_dense_teacher_with_a_wider_vocabulary_raises_on_every_path(path, signal
     hidden = torch.randn(1, 4, H_T, dtype=torch.float64)
     teacher = DenseHiddenSignal(hidden, wider) if signal == "dense_hidden" else DenseSignal(hidden @ wider.T)
     with pytest.raises(ValueError, match=rf"{V + 2} .*student's vocabulary has {V}.*vocab_size"):
-        _loss(path, leaves, torch.tensor([[-100, 4, 5, 6]]), teacher, XKDHyperparams())
+        _loss(path, leaves, torch.tensor([[-100, 4, 5, 6]]), teacher, spec_params())
 
 
 @pytest.mark.parametrize("kind", ["dense", "dense_hidden", "topk"])
@@ -104,7 +105,7 @@ def test_teacher_of_other_positions_raises_on_every_path(path, kind):
     teacher = {"dense": DenseSignal(hidden @ weight.T), "dense_hidden": DenseHiddenSignal(hidden, weight),
                "topk": TopKSignal(torch.zeros(3, 2, 2, dtype=torch.long), torch.full((3, 2, 2), -1.0))}[kind]
     with pytest.raises(ValueError, match=r"not aligned with the student's \(B, T\) = \(2, 3\)"):
-        _loss(path, leaves, torch.tensor([[-100, 4, 5], [4, 5, 6]]), teacher, XKDHyperparams())
+        _loss(path, leaves, torch.tensor([[-100, 4, 5], [4, 5, 6]]), teacher, spec_params())
 
 
 @pytest.mark.parametrize(
@@ -131,7 +132,7 @@ def test_hyperparameters_are_validated_when_the_api_is_called_directly(field, va
     outside [0, 1] negative divergences, prior_std = 0 "math domain error". XKDHyperparams now checks them once,
     in the config's words."""
     with pytest.raises(ValueError, match=words):
-        XKDHyperparams(**{field: value})
+        spec_params(**{field: value})
 
 
 @pytest.mark.parametrize(
@@ -166,6 +167,6 @@ def test_chunked_loss_refuses_second_derivatives():
     silently gave wrong second derivatives (gradgradcheck failed where the unchunked path passes). It raises."""
     leaves = _leaves(1, 5)
     teacher = DenseHiddenSignal(torch.randn(1, 5, H_T, dtype=torch.float64), torch.randn(V, H_T, dtype=torch.float64))
-    out = _loss("fused", leaves, torch.tensor([[-100, 4, 5, 6, 2]]), teacher, XKDHyperparams())
+    out = _loss("fused", leaves, torch.tensor([[-100, 4, 5, 6, 2]]), teacher, spec_params())
     with pytest.raises(RuntimeError, match="create_graph=True is not supported"):
         torch.autograd.grad(out.loss, [leaves["hidden"]], create_graph=True)

@@ -1,5 +1,6 @@
-"""The config block and the loss API share one vocabulary and one "needs a teacher" rule (`options.py`), and the
-loss's hyperparameters are read off the validated block field by field: nothing is restated out of step."""
+"""The config block and the loss API share one vocabulary, one set of defaults and bounds and one "needs a teacher"
+rule (`options.py`), and the loss's hyperparameters are read off the validated block field by field: nothing is
+restated out of step."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 
 from axolotl_xkd import options
 from axolotl_xkd.args import XKDConfig
-from axolotl_xkd.losses.xkd import _BOUNDS, _CHOICES, XKDHyperparams
+from axolotl_xkd.losses.divergence import REGISTRY
+from axolotl_xkd.losses.xkd import _CHOICES, XKDHyperparams
 
 LOSS_FIELDS = [f.name for f in fields(XKDHyperparams) if f.name != "ignore_index"]
 
@@ -26,9 +28,10 @@ def test_config_and_loss_accept_the_same_values(name):
     assert typing.get_args(XKDConfig.model_fields[name].annotation) == _CHOICES[name]
 
 
-@pytest.mark.parametrize("name", sorted(_BOUNDS))
+@pytest.mark.parametrize("name", sorted(options.LOSS_BOUNDS))
 def test_config_and_loss_share_the_bounds(name):
-    low, low_inclusive, high, high_inclusive, _ = _BOUNDS[name]
+    bound = options.LOSS_BOUNDS[name]
+    low, low_inclusive, high, high_inclusive = bound.low, bound.low_inclusive, bound.high, bound.high_inclusive
     found = {"low": -math.inf, "low_inclusive": True, "high": math.inf, "high_inclusive": False}
     for bound in XKDConfig.model_fields[name].metadata:
         if isinstance(bound, annotated_types.Ge | annotated_types.Gt):
@@ -39,6 +42,33 @@ def test_config_and_loss_share_the_bounds(name):
             found["high_inclusive"] = isinstance(bound, annotated_types.Le)
     assert (found["low"], found["low_inclusive"], found["high"], found["high_inclusive"]) == (
         low, low_inclusive, high, high_inclusive)
+
+
+@pytest.mark.parametrize("name", sorted(options.LOSS_BOUNDS))
+def test_loss_refuses_what_the_config_refuses(name):
+    """Just outside each bound (and NaN) both the `xkd:` block and XKDHyperparams raise, naming the key."""
+    bound = options.LOSS_BOUNDS[name]
+    outside = [math.nan, bound.low if not bound.low_inclusive else bound.low - 0.5]
+    if bound.high != math.inf:
+        outside.append(bound.high if not bound.high_inclusive else bound.high + 0.5)
+    for value in outside:
+        with pytest.raises(ValueError, match=f"xkd.{name}"):
+            XKDHyperparams(**{name: value})
+        with pytest.raises(ValueError, match=name):
+            XKDConfig(teacher={"source": "model", "path": "t"}, **{name: value})
+
+
+def test_python_api_and_config_share_the_defaults():
+    """XKDHyperparams() trains as an `xkd:` block with only a teacher does (one source: options.LOSS_DEFAULTS)."""
+    config = XKDConfig(teacher={"source": "model", "path": "t"})
+    assert {name: getattr(XKDHyperparams(), name) for name in LOSS_FIELDS} == {
+        name: getattr(config, name) for name in LOSS_FIELDS}
+    assert set(LOSS_FIELDS) == set(options.LOSS_DEFAULTS)
+
+
+def test_every_token_divergence_has_one_registered_function():
+    assert tuple(REGISTRY) == options.TOKEN_DIVERGENCES
+    assert options.DIVERGENCES == (*options.TOKEN_DIVERGENCES, "sequence")
 
 
 def test_hyperparams_read_every_field_off_the_block():

@@ -12,9 +12,10 @@ import torch
 from axolotl.utils.collators.batching import DataCollatorForSeq2Seq, V2BatchSamplerDataCollatorForSeq2Seq
 
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
-from axolotl_xkd.losses.xkd import XKDHyperparams, xkd_loss
+from axolotl_xkd.losses.xkd import xkd_loss
 from axolotl_xkd.teachers.model import ModelTeacherSource
 from axolotl_xkd.tiny import arithmetic_rows, build_model, build_tokenizer
+from tests.support import spec_params
 
 
 def _features(tokenizer, rows):
@@ -48,7 +49,7 @@ def test_packed_loss_equals_unpacked():
     teacher = ModelTeacherSource(build_model(tokenizer, hidden=32, layers=2, seed=2).eval(), len(tokenizer))
     head = VariationalRewardHead(32)
     torch.nn.init.normal_(head.proj.weight, std=0.3)  # non-zero rewards so the TD term couples positions
-    params = XKDHyperparams(divergence="jsd", alpha_ce=0.5, gamma=0.9)
+    params = spec_params(divergence="jsd", alpha_ce=0.5, gamma=0.9)
     features = _features(tokenizer, arithmetic_rows(5, seed=3, max_operand=99))
 
     packed = V2BatchSamplerDataCollatorForSeq2Seq(tokenizer, return_tensors="pt", padding=True)([features])

@@ -12,10 +12,11 @@ import math
 import pytest
 import torch
 
-from axolotl_xkd.losses import DenseSignal, TopKSignal, XKDHyperparams, fused, xkd_loss
+from axolotl_xkd.losses import DenseSignal, TopKSignal, fused, xkd_loss
 from axolotl_xkd.losses.categories import TAIL_FLOOR, teacher_token_logprob
 from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from tests.reference import reference_xkd
+from tests.support import spec_params
 from tests.unit.test_chunked import assert_same, run_both
 from tests.unit.test_loss_reference import EOS, check_against_reference, make_batch, teachers
 
@@ -26,7 +27,7 @@ TAU = 1.3
 def per_token_td(logits: torch.Tensor, labels: torch.Tensor, *, teacher=None, position_ids=None, chunk_size=None,
                  **params) -> torch.Tensor:
     """TD_i (B, T) at position i (0 where i has no action), from -d loss / d mu at mu = 0, sigma = 1."""
-    hp = XKDHyperparams(alpha_kd=0.0, reward_kl_weight=0.0, td_weight=1.0, temperature=TAU, **params)
+    hp = spec_params(alpha_kd=0.0, reward_kl_weight=0.0, td_weight=1.0, temperature=TAU, **params)
     mu = torch.zeros(labels.shape, dtype=logits.dtype, requires_grad=True)
     log_std = torch.zeros(labels.shape, dtype=logits.dtype)
     common = {"teacher": teacher, "mu": mu, "log_sigma": log_std, "params": hp,
@@ -109,7 +110,7 @@ def test_teacher_logprob_target_carries_no_gradient_into_the_student():
     logits, labels, t_logits, ids, lps, mu, log_std, pos = make_batch(0, packed=True)
     leaves = [x.clone().requires_grad_(True) for x in (logits, mu, log_std)]
     for signal in (DenseSignal(t_logits), TopKSignal(ids, lps)):
-        params = XKDHyperparams(alpha_kd=0.0, reward_kl_weight=0.0, td_target="teacher_logprob")
+        params = spec_params(alpha_kd=0.0, reward_kl_weight=0.0, td_target="teacher_logprob")
         out = xkd_loss(leaves[0], labels, teacher=signal, mu=leaves[1], log_sigma=leaves[2],
                        params=params, position_ids=pos, eos_token_id=EOS)
         grad_logits, grad_mu, _ = torch.autograd.grad(out.loss, leaves, allow_unused=True)
@@ -144,7 +145,7 @@ def test_topk_without_tail_mass_matches_reference(topk_tail):
     logits, labels, t_logits, ids, lps, mu, log_std, pos = make_batch(6)
     lps = torch.log_softmax(torch.where(torch.arange(4) < 3, lps, -math.inf), dim=-1)  # 3 ids hold all mass
     signal, ref_teacher = teachers(t_logits, ids, lps)["topk"]
-    params = XKDHyperparams(td_target="teacher_logprob", topk_tail=topk_tail, temperature=0.9, alpha_kd=0.0)
+    params = spec_params(td_target="teacher_logprob", topk_tail=topk_tail, temperature=0.9, alpha_kd=0.0)
     out = xkd_loss(logits, labels, teacher=signal, mu=mu, log_sigma=log_std, params=params,
                    position_ids=pos, eos_token_id=EOS)
     ref, _, _ = reference_xkd(logits, labels, teacher=ref_teacher, mu=mu, log_sigma=log_std,
@@ -157,8 +158,8 @@ def test_topk_without_tail_mass_matches_reference(topk_tail):
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
 @pytest.mark.parametrize("td_target", NEW_TARGETS)
 def test_packed_rows_match_reference(td_target, teacher_kind, topk_tail):
-    params = XKDHyperparams(td_target=td_target, topk_tail=topk_tail, q_form="logits", gamma=0.9, temperature=1.4,
-                            reward_input="state", alpha_ce=0.2)
+    params = spec_params(td_target=td_target, topk_tail=topk_tail, q_form="logits", gamma=0.9, temperature=1.4,
+                         reward_input="state", alpha_ce=0.2)
     check_against_reference(params, teacher_kind, seed=7, packed=True)
 
 
@@ -182,7 +183,7 @@ def test_soft_value_does_not_cross_a_packed_segment():
 def test_gradcheck(td_target, q_form, teacher_kind):
     logits, labels, t_logits, ids, lps, mu, log_std, pos = make_batch(9, packed=True)
     signal, _ = teachers(t_logits, ids, lps)[teacher_kind]
-    params = XKDHyperparams(td_target=td_target, q_form=q_form, gamma=0.95, temperature=1.2, alpha_ce=0.3)
+    params = spec_params(td_target=td_target, q_form=q_form, gamma=0.95, temperature=1.2, alpha_ce=0.3)
 
     def fn(z, m, s):
         return xkd_loss(z, labels, teacher=signal, mu=m, log_sigma=s, params=params,
@@ -197,15 +198,15 @@ def test_gradcheck(td_target, q_form, teacher_kind):
 @pytest.mark.parametrize("td_target", NEW_TARGETS)
 def test_chunked_packed_float64(td_target, teacher_kind, topk_tail):
     """Chunked == unchunked in float64 with a packed segment boundary on a chunk edge (chunk size 6)."""
-    params = XKDHyperparams(td_target=td_target, topk_tail=topk_tail, q_form="logits", gamma=0.9, alpha_ce=0.3,
-                            temperature=1.1)
+    params = spec_params(td_target=td_target, topk_tail=topk_tail, q_form="logits", gamma=0.9, alpha_ce=0.3,
+                         temperature=1.1)
     assert_same(*run_both(params, teacher_kind, 6, packed=True, dtype=torch.float64), atol=1e-10, rtol=1e-9)
 
 
 def test_fused_path_defers_soft_to_autograd():
     """fused.py has no hand-written gradient for td_target soft; supports() must say so."""
     for teacher_kind in ("dense", "topk"):
-        assert not fused.supports(XKDHyperparams(td_target="soft"), teacher_kind, True)
+        assert not fused.supports(spec_params(td_target="soft"), teacher_kind, True)
 
 
 @pytest.mark.parametrize("blocks", ["whole", "two_rows"])
@@ -217,20 +218,22 @@ def test_fused_teacher_logprob_matches_unchunked(teacher_kind, temperature, bloc
     from tests.unit.test_chunked import V
 
     if blocks == "two_rows":
-        monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", 2 * V)
-    params = XKDHyperparams(td_target="teacher_logprob", q_form="ava", temperature=temperature, alpha_ce=0.3,
-                            reward_kl_weight=0.4, td_weight=0.7)
+        from axolotl_xkd.losses import blocks as row_blocks
+
+        monkeypatch.setattr(row_blocks, "BLOCK_ELEMENTS", 2 * V)
+    params = spec_params(td_target="teacher_logprob", q_form="ava", temperature=temperature, alpha_ce=0.3,
+                         reward_kl_weight=0.4, td_weight=0.7)
     assert fused.supports(params, teacher_kind, True) == (teacher_kind == "dense" or temperature == 1.0)
     assert_same(*run_both(params, teacher_kind, 6, packed=True, dtype=torch.float64), atol=1e-10, rtol=1e-9)
 
 
 def test_which_targets_need_the_teacher():
-    assert XKDHyperparams(divergence="sequence", td_target="teacher_logprob").needs_teacher
-    assert not XKDHyperparams(divergence="sequence", td_target="soft").needs_teacher
+    assert spec_params(divergence="sequence", td_target="teacher_logprob").needs_teacher
+    assert not spec_params(divergence="sequence", td_target="soft").needs_teacher
     logits, labels, *_ = make_batch(0)
     with pytest.raises(ValueError, match="teacher_logprob"):
         xkd_loss(logits, labels, teacher=None, mu=torch.zeros(labels.shape),
                  log_sigma=torch.zeros(labels.shape),
-                 params=XKDHyperparams(divergence="sequence", td_target="teacher_logprob"))
+                 params=spec_params(divergence="sequence", td_target="teacher_logprob"))
     with pytest.raises(ValueError, match="td_target"):
-        XKDHyperparams(td_target="soft_q")
+        spec_params(td_target="soft_q")

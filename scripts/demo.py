@@ -1,12 +1,13 @@
 """The CPU demo's two steps around `axolotl train` (scripts/demo.sh runs them):
 
-    python -m axolotl_xkd.demo configs --out runs/tiny   # OUT/xkd.yml and OUT/sft.yml from example_configs/xkd_tiny.yml
-    python -m axolotl_xkd.demo report --out runs/tiny    # exact-match table: untrained, X-KD, plain SFT, teacher
+    python -m scripts.demo configs --out runs/tiny   # OUT/xkd.yml and OUT/sft.yml from example_configs/xkd_tiny.yml
+    python -m scripts.demo report --out runs/tiny    # exact-match table: untrained, X-KD, plain SFT, teacher
 
 `configs` moves the example's `runs/tiny/...` paths under OUT and derives the plain SFT config by removing
 the plugin line and the `xkd:` block, so both students get the same data, steps and optimizer. `report`
 greedy-decodes OUT/data/eval.jsonl with transformers on the CPU (axolotl_xkd.tiny.greedy_exact_matches) and
-writes OUT/exact_match.json beside the printed table. Needs torch and transformers, not axolotl.
+writes OUT/exact_match.json beside the printed table. Needs torch and transformers, not axolotl. A repository
+tool (it reads example_configs/), run from the checkout's root: not in the installed package.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def write_configs(out: str, base_path: Path = EXAMPLE) -> tuple[Path, Path]:
     xkd, sft = demo_configs(yaml.safe_load(base_path.read_text()), out.rstrip("/"))
     paths = Path(out) / "xkd.yml", Path(out) / "sft.yml"
     for path, config, what in zip(paths, (xkd, sft), ("X-KD", "plain SFT")):
-        path.write_text(f"# {what} config of the demo, written by `python -m axolotl_xkd.demo configs` from "
+        path.write_text(f"# {what} config of the demo, written by `python -m scripts.demo configs` from "
                         f"{base_path.name}\n" + yaml.safe_dump(config, sort_keys=False))
     return paths
 
