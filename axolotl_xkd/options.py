@@ -60,16 +60,16 @@ class Interval:
 
 # The loss's numeric hyperparameters, each as xkd.<name> accepts it.
 LOSS_BOUNDS: dict[str, Interval] = {
-    "beta": Interval(0.0, True, 1.0, True),
-    "skew_alpha": Interval(0.0, True, 1.0, False),
-    "temperature": Interval(0.0, False),
-    "alpha_kd": Interval(0.0),
-    "alpha_ce": Interval(0.0),
-    "reward_kl_weight": Interval(0.0),
-    "td_weight": Interval(0.0),
-    "gamma": Interval(0.0, True, 1.0, True),
-    "prior_std": Interval(0.0, False),
-    "ava_alpha": Interval(0.0, False),
+    "beta": Interval(0, True, 1, True),
+    "skew_alpha": Interval(0, True, 1, False),
+    "temperature": Interval(0, False),
+    "alpha_kd": Interval(0),
+    "alpha_ce": Interval(0),
+    "reward_kl_weight": Interval(0),
+    "td_weight": Interval(0),
+    "gamma": Interval(0, True, 1, True),
+    "prior_std": Interval(0, False),
+    "ava_alpha": Interval(0, False),
 }
 
 # The loss's defaults, the `xkd:` block's and XKDHyperparams' alike: the spec's, except where the quality study

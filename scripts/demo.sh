@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: build a tiny teacher/student/task in code, train the teacher
-# briefly, distil it with X-KD through `axolotl train` on the CPU, train the same student with plain SFT on
-# the same budget, and compare the four models' exact match (docs/demo.md).
+# The main job on the embedded default: build a tiny teacher/student/task in code, train the teacher briefly, then
+# the case distillation is for (a strong teacher, many prompts, few gold answers): plain SFT on the few labelled
+# rows, X-KD on the same rows, and X-KD on the teacher's answers to every prompt, through `axolotl train` on the
+# CPU with the same student and budget; compare the models' exact match (docs/demo.md).
 # Deletes and rewrites the demo folder: XKD_DEMO_OUT, default runs/tiny (the folder the example configs use).
 # XKD_TEACHER_STEPS (default 800) sets the tiny teacher's training steps.
 set -euo pipefail
@@ -17,31 +18,33 @@ step "building the tiny tokenizer, teacher, student and data in $OUT (deleted fi
 rm -rf "$OUT"
 python -m axolotl_xkd.tiny --out "$OUT" --teacher-steps "${XKD_TEACHER_STEPS:-800}"
 python -m scripts.demo configs --out "$OUT"
-step "X-KD: axolotl train $OUT/xkd.yml (example_configs/xkd_tiny.yml, paths under $OUT)"
+step "plain SFT on the 32 labelled rows: axolotl train $OUT/sft.yml (the X-KD config without the plugin and xkd: block)"
+axolotl train "$OUT/sft.yml"
+step "X-KD on the same 32 labelled rows: axolotl train $OUT/xkd.yml (example_configs/xkd_tiny.yml, paths under $OUT)"
 axolotl train "$OUT/xkd.yml"
 test -f "$OUT/xkd_student/model.safetensors" && test -f "$OUT/xkd_student/xkd_reward_head.safetensors"
-step "plain SFT, the same budget: axolotl train $OUT/sft.yml (the same config without the plugin and xkd: block)"
-axolotl train "$OUT/sft.yml"
+step "the teacher answers every prompt once, its top-k stored: axolotl xkd precompute $OUT/xkd_teacher.yml"
+axolotl xkd precompute "$OUT/xkd_teacher.yml"
+step "X-KD on the teacher's answers to every prompt: axolotl train $OUT/xkd_teacher.yml"
+axolotl train "$OUT/xkd_teacher.yml"
 step "plotting the X-KD run's loss terms"
-PLOT="$(axolotl xkd plot "$OUT/xkd_student" --out "$OUT/xkd_loss_terms.png" | tail -n 1)"
+PLOT="$(axolotl xkd plot "$OUT/xkd_teacher_student" --out "$OUT/xkd_loss_terms.png" | tail -n 1)"
 step "greedy exact match on the eval rows"
 python -m scripts.demo report --out "$OUT"
 
 cat <<NEXT
 
-X-KD student (plain Hugging Face model): $OUT/xkd_student
-Reward head: $OUT/xkd_student/xkd_reward_head.safetensors (+ xkd_reward_head.json)
+X-KD students (plain Hugging Face models): $OUT/xkd_teacher_student (teacher's answers), $OUT/xkd_student (same data)
+Reward head: $OUT/xkd_teacher_student/xkd_reward_head.safetensors (+ xkd_reward_head.json)
 Loss terms plot: $PLOT
 Table as JSON: $OUT/exact_match.json
 Demo took $((SECONDS - START)) s.
 
 Try next (first: cd $ROOT && . ${XKD_VENV:-.venv}/bin/activate):
   Score answers with the student's reward head:
-    axolotl xkd score --model $OUT/xkd_student --prompts $OUT/data/eval.jsonl --responses $OUT/data/eval.jsonl --out scored.jsonl
-  Store the teacher's top-k once, then train from it without loading the teacher:
-    axolotl xkd precompute $OUT/xkd.yml --out $OUT/teacher_topk
-    (then train with xkd.teacher: {source: precomputed, path: $OUT/teacher_topk}, as in
-    example_configs/xkd_tiny_precomputed.yml)
+    axolotl xkd score --model $OUT/xkd_teacher_student --prompts $OUT/data/eval.jsonl --responses $OUT/data/eval.jsonl --out scored.jsonl
+  Let the student answer the prompts itself and the teacher grade every token (on-policy distillation):
+    example_configs/xkd_tiny_on_policy.yml (xkd.sequences: on_policy; docs/teachers.md)
   Add X-KD to your own Axolotl config: copy the plugins: line and the xkd: block of example_configs/xkd_tiny.yml
   (docs/getting_started.md).
 Running this demo again deletes and rewrites $OUT.

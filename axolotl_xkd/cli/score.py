@@ -52,6 +52,22 @@ def pick_field(rows: list[dict], path: Path, field: str, option: str, field_opti
     return values
 
 
+def read_inputs(prompts_file: Path, prompt_field: str, responses_file: Path | None, response_field: str,
+                dataset_fields: tuple[str, ...]) -> tuple[list[str | dict], list[str] | None]:
+    """The prompts (strings, or dataset rows where `dataset_fields` are given) and the responses paired with them."""
+    prompts = pick_field(read_jsonl_rows(prompts_file, "--prompts"), prompts_file, prompt_field, "--prompts",
+                         "--prompt-field", dataset_fields)
+    if responses_file is None:
+        return prompts, None
+    responses = pick_field(read_jsonl_rows(responses_file, "--responses"), responses_file, response_field,
+                           "--responses", "--response-field")
+    if len(responses) != len(prompts):
+        raise click.BadParameter(
+            f"{responses_file} has {len(responses)} responses but {prompts_file} has {len(prompts)} prompts; "
+            "they are paired line by line", param_hint="--responses")
+    return prompts, responses
+
+
 def model_folder(model_dir: Path | None, config_file: Path | None) -> Path:
     """--model, or the output_dir of --config (where `axolotl train` saved the student and its reward head)."""
     if model_dir is not None:
@@ -168,16 +184,8 @@ def score(model_dir: Path | None, prompts_file: Path, responses_file: Path | Non
     if form is not None:
         click.echo(f"prompts rendered as in training, with {config[1]}, datasets[{dataset_index}]; add --raw to "
                    "score plain strings instead", err=True)
-    prompts = pick_field(read_jsonl_rows(prompts_file, "--prompts"), prompts_file, prompt_field, "--prompts",
-                         "--prompt-field", form.dataset_fields() if form is not None else ())
-    responses = None
-    if responses_file is not None:
-        responses = pick_field(read_jsonl_rows(responses_file, "--responses"), responses_file, response_field,
-                               "--responses", "--response-field")
-        if len(responses) != len(prompts):
-            raise click.BadParameter(
-                f"{responses_file} has {len(responses)} responses but {prompts_file} has {len(prompts)} prompts; "
-                "they are paired line by line", param_hint="--responses")
+    prompts, responses = read_inputs(prompts_file, prompt_field, responses_file, response_field,
+                                     form.dataset_fields() if form is not None else ())
     scored = ranked = None
     try:
         if form is not None:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 TEACHER_STEPS = 400
 
 
-def test_demo_table_shows_the_distilled_student_beats_the_untrained_one(tmp_path):
+def test_demo_table_shows_distillation_on_unlabelled_prompts_beats_sft_on_the_labelled_rows(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, **ENV, "XKD_DEMO_OUT": str(out), "XKD_TEACHER_STEPS": str(TEACHER_STEPS),
            "XKD_VENV": sys.prefix, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -32,9 +32,11 @@ def test_demo_table_shows_the_distilled_student_beats_the_untrained_one(tmp_path
 
     report = json.loads((out / "exact_match.json").read_text())
     models = report["models"]
-    assert list(models) == ["untrained student", "X-KD student", "plain SFT student", "teacher"]
+    assert list(models) == ["untrained student", "plain SFT", "X-KD, same data", "X-KD, teacher answers", "teacher"]
     assert report["rows"] == 64
-    assert models["X-KD student"]["exact"] > models["untrained student"]["exact"], report
+    # What distillation is for: the teacher's answers to prompts without gold answers beat SFT on the few gold ones.
+    assert models["X-KD, teacher answers"]["exact"] > models["plain SFT"]["exact"], report
+    assert models["X-KD, same data"]["exact"] > models["untrained student"]["exact"], report
     # The printed table carries the same numbers.
     for label, result in models.items():
         assert any(line.split()[: len(label.split()) + 1] == [*label.split(), f"{result['exact']}/64"]
@@ -42,13 +44,18 @@ def test_demo_table_shows_the_distilled_student_beats_the_untrained_one(tmp_path
 
     # The SFT run is the X-KD config without the plugin, on the same budget: no X-KD metrics, no reward head.
     sft, xkd = log_history(out / "sft_student"), log_history(out / "xkd_student")
+    on_answers = log_history(out / "xkd_teacher_student")
     assert not any(key.startswith("xkd/") for entry in sft for key in entry)
     assert any(key.startswith("xkd/") for entry in xkd for key in entry)
     assert not (out / "sft_student" / "xkd_reward_head.safetensors").exists()
-    assert sft[-1]["step"] == xkd[-1]["step"] > 0
+    assert sft[-1]["step"] == xkd[-1]["step"] == on_answers[-1]["step"] > 0
+    # The teacher answered every training prompt (precompute --generate), the labelled rows only 32 of them.
+    assert len((out / "data" / "labelled.jsonl").read_text().splitlines()) == 32
+    manifest = json.loads((out / "teacher_answers" / "manifest.json").read_text())
+    assert manifest["sequences"] == "teacher" and manifest["splits"]["train"] == 512
 
     assert (out / "xkd_loss_terms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"Loss terms plot: {out / 'xkd_loss_terms.png'}" in stdout
-    for hint in ("axolotl xkd score --model", "axolotl xkd precompute", "plugins: line and the xkd: block",
+    for hint in ("axolotl xkd score --model", "xkd_tiny_on_policy.yml", "plugins: line and the xkd: block",
                  f"Running this demo again deletes and rewrites {out}."):
         assert hint in stdout

@@ -68,6 +68,17 @@ def test_samples_reranked(trained_student, tmp_path):
         assert all(1 <= s["num_tokens"] <= 6 for s in row["samples"])
 
 
+def test_temperature_zero_is_greedy(trained_student, tmp_path):
+    """--temperature 0 samples greedily, as the config's xkd.generation does: every sample is the greedy answer."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("12+34=", "3+3=")))
+    out = tmp_path / "greedy.jsonl"
+    assert invoke(["--model", str(trained_student), "--prompts", str(prompts), "--samples", "3", "--temperature", "0",
+                   "--max-new-tokens", "4", "--raw", "--out", str(out)]).exit_code == 0
+    for row in read_jsonl(out):
+        assert len({s["response"] for s in row["samples"]}) == 1
+
+
 def invoke(args: list[str]):
     """The `score` command run in this process (click's test runner), for the cheap error paths."""
     from click.testing import CliRunner
@@ -93,6 +104,9 @@ def test_errors(trained_student, tiny_assets, tmp_path):
     assert result.exit_code != 0 and f"{bad}:2 has no string field 'prompt'" in result.output
     result = invoke(["--model", str(trained_student), "--prompts", eval_file, "--responses", str(bad)])
     assert result.exit_code != 0 and "has no string field 'response'" in result.output
+    # Neither --model nor --config: nothing names the student.
+    result = invoke(["--prompts", eval_file, "--samples", "2"])
+    assert result.exit_code != 0 and "give --model DIR" in result.output
     short = tmp_path / "short.jsonl"
     short.write_text('{"response": "2"}\n')
     result = invoke(["--model", str(trained_student), "--prompts", eval_file, "--responses", str(short)])

@@ -37,11 +37,13 @@ def trained(request, tiny_assets, tmp_path_factory) -> dict:
     pairs = out / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     overrides = {"max_steps": 2, "save_steps": 2, "shuffle_merged_datasets": False}
+    data = pairs
     if request.param == "chat_template":
         chat = out / "chat.jsonl"
         chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
                                                          {"role": "assistant", "content": r["response"]}]}) + "\n"
                                 for r in rows))
+        data = chat
         overrides |= {"chat_template": "jinja", "chat_template_jinja": TEMPLATE,
                       "datasets": [{"path": str(chat), "ds_type": "json", "type": "chat_template",
                                     "field_messages": "messages"}]}
@@ -49,6 +51,7 @@ def trained(request, tiny_assets, tmp_path_factory) -> dict:
         alpaca = out / "alpaca.jsonl"
         alpaca.write_text("".join(json.dumps({"instruction": r["prompt"], "input": "", "output": r["response"]}) + "\n"
                                   for r in rows))
+        data = alpaca
         overrides |= {"sequence_len": 192, "datasets": [{"path": str(alpaca), "ds_type": "json", "type": "alpaca"}]}
     else:
         overrides["datasets"] = [merged(base_config(tiny_assets, out)["datasets"][0], {"path": str(pairs)})]
@@ -56,7 +59,7 @@ def trained(request, tiny_assets, tmp_path_factory) -> dict:
     config_path = write_config(out / "cfg.yml", config)
     train(config_path)
     return {"kind": request.param, "out": Path(config["output_dir"]), "config": config_path, "pairs": pairs,
-            "rows": rows, "prepared": prepared_rows(out)}
+            "data": data, "rows": rows, "prepared": prepared_rows(out)}
 
 
 def score(trained: dict, tmp_path: Path, *extra: str) -> list[dict]:
@@ -103,3 +106,17 @@ def test_prompts_for_sampling_are_the_prepared_prompts(trained, tmp_path):
              "--samples", "2", "--max-new-tokens", "3", "--config", str(trained["config"]), "--out", str(dest)])
     best = [json.loads(line) for line in dest.read_text().splitlines()]
     assert len(best) == ROWS and all(len(r["samples"]) == 2 for r in best)
+
+
+def test_dataset_rows_are_prompts_and_the_config_names_the_model(trained, tmp_path):
+    """A user scores the training dataset's own rows (alpaca: instruction and input; chat_template: messages, whose
+    assistant answer is replaced by the response scored) with `--config` alone: the model is the config's
+    output_dir, and each row renders as its plain prompt string does."""
+    dest = tmp_path / "rows.jsonl"
+    proc = run_cli(["axolotl", "xkd", "score", "--config", str(trained["config"]), "--prompts", str(trained["data"]),
+                    "--responses", str(trained["pairs"]), "--per-token", "--out", str(dest)])
+    assert "prompts rendered as in training, with" in proc.stderr and "add --raw" in proc.stderr
+    got = [json.loads(line) for line in dest.read_text().splitlines()]
+    want = score(trained, tmp_path, "--config", str(trained["config"]))
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in want]
+    assert [r["reward_sum"] for r in got] == pytest.approx([r["reward_sum"] for r in want], abs=1e-6)

@@ -1,6 +1,6 @@
 """The quick measurements that chose arithmetic_v2 (docs/arithmetic_v2.md), outside axolotl, in plain PyTorch.
 
-    python benchmarks/results/quality/arithmetic_v2/probe.py VARIANT [--student-hidden 64] [--steps 150]
+    python -m benchmarks.quality.probe VARIANT [--student-hidden 64] [--steps 150]
         [--seeds 1 2 3 4] [--teacher-steps 0] [--lr 3e-3]
 
 Trains a tiny student with `axolotl_xkd.tiny.train_teacher` (plain supervised AdamW, batch 32: an estimate of
@@ -16,11 +16,7 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 
 import torch
 
