@@ -49,6 +49,18 @@ def prompt_of(input_ids, labels) -> list[int] | None:
     return None if answered.size == 0 else [int(t) for t in input_ids[: max(int(answered[0]), 1)]]
 
 
+def prompt_to_answer(input_ids, labels, *, eos_id: int | None) -> list[int] | None:
+    """What a teacher answers for a row: its prompt (`prompt_of`), or, for a row with no label at all, the whole row
+    (a prompt without an answer, as a prompts-only dataset holds; a trailing EOS dropped). None for an empty row."""
+    prompt = prompt_of(input_ids, labels)
+    if prompt is not None:
+        return prompt
+    tokens = [int(t) for t in input_ids]
+    if tokens and eos_id is not None and tokens[-1] == eos_id:
+        tokens = tokens[:-1]
+    return tokens or None
+
+
 def prompts_of(batch: dict[str, Tensor]) -> list[list[int]]:
     """The prompt of every sequence of `batch` that has a response (sequences without labels are left out)."""
     input_ids = batch["input_ids"].cpu().numpy()

@@ -28,7 +28,7 @@ from torch import nn
 from axolotl_xkd.args import GenerationSettings, ServerTeacher
 from axolotl_xkd.frozen_teacher import load_frozen_teacher, output_layer_is_linear, special_tokens, tokenizer_hash
 from axolotl_xkd.keys import TOPK_IDS, TOPK_LOGPROBS, TOPK_PACKED
-from axolotl_xkd.sequences import prompt_of, response_rows, right_pad, sample_responses
+from axolotl_xkd.sequences import prompt_to_answer, response_rows, right_pad, sample_responses
 from axolotl_xkd.server.client import TeacherServerClient
 from axolotl_xkd.store.format import Manifest, choose_encoding, encode, missing_shards, response_mask, shard_dir
 
@@ -101,9 +101,9 @@ def response_entries(rows: list[dict],
 
 def teacher_rows(model: nn.Module, rows: list[dict], sampling: GenerationSettings, *, pad_id: int, eos_id: int | None,
                  max_length: int) -> list[dict]:
-    """`rows` with each response replaced by the teacher's sample for the row's prompt (rows without a
-    response stay as they are)."""
-    prompts = [prompt_of(r["input_ids"], r["labels"]) for r in rows]
+    """`rows` with each response replaced by the teacher's sample for the row's prompt; a row without any label is a
+    prompt without an answer, which the teacher answers (`prompt_to_answer`)."""
+    prompts = [prompt_to_answer(r["input_ids"], r["labels"], eos_id=eos_id) for r in rows]
     asked = [p for p in prompts if p is not None]
     answers = iter(sample_responses(model, asked, sampling, pad_id=pad_id, eos_id=eos_id, max_length=max_length)
                    if asked else [])
