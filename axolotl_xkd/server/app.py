@@ -298,6 +298,9 @@ def _error(status: int, message: str) -> tuple[int, dict, int]:
 
 class TeacherHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # The listen backlog (socketserver's default is 5): with more clients connecting at once than that, the kernel
+    # resets the surplus connections (found by the 32-client load test, tests/e2e/test_faults.py).
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], scorer: TeacherScorer, *, api_key: str | None = None,
                  max_request_bytes: int = MAX_REQUEST_BYTES, request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
