@@ -50,7 +50,7 @@ _BAD = {
     "not UTF-8": (b'{"prompt": "\xff\xfe"}', {}, 400),
     "wrong types": (json.dumps({"prompt": "text", "max_tokens": "1"}).encode(), {}, 400),
     "wrong model": (json.dumps({"model": "gpt-4", "prompt": [[1, 2]], "max_tokens": 1}).encode(), {}, 404),
-    "too many positions": (json.dumps({"prompt": [[1] * 300] * 300, "max_tokens": 1}).encode(), {}, 413),
+    "too many positions": (json.dumps({"prompt": [[1] * 24] * 3000, "max_tokens": 1}).encode(), {}, 413),
 }
 
 
@@ -91,7 +91,8 @@ def server_case(args: argparse.Namespace) -> str:
         f"- **{load.answered} requests answered, {len(load.failures)} failed**; latency p50 "
         f"**{load.percentile_ms(50):.0f} ms**, p99 **{load.percentile_ms(99):.0f} ms** (queued behind one model); "
         f"**{load.tokens_per_s:.0f} prompt tokens/s** over {load.wall_s:.1f} s",
-        f"- the server's own count at shutdown: {requests} requests ({refused} refused), {positions} positions",
+        f"- the server's own count at shutdown: {requests} requests ({refused} refused), {positions} positions "
+        f"(= the answered load requests, each client's start-up GET /v1/models, and the bad and good requests below)",
         "",
         "| bad request | expected | answered | the next good request |",
         "|---|---|---|---|",
