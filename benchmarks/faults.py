@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import sys
@@ -64,6 +65,7 @@ def server_case(args: argparse.Namespace) -> str:
     tokenizer = build_tokenizer()
     build_model(tokenizer, hidden=64, layers=2, seed=0).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    load_average = os.getloadavg()[0]  # other work on the machine slows the clients and the server alike
     server = TeacherServerProcess(folder, "--num-threads", "1", "--served-model-name", "tiny")
     try:
         load = run_load(server.url, AutoTokenizer.from_pretrained(folder), clients=args.clients,
@@ -84,7 +86,8 @@ def server_case(args: argparse.Namespace) -> str:
         f"`python -m benchmarks.faults --cases server --seconds {args.seconds:g} --clients {args.clients}`",
         "",
         f"- {datetime.now(UTC).isoformat(timespec='seconds')}, torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}; the clients and the server share this machine",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load_average:.1f} at the "
+        "start; the clients and the server share this machine",
         f"- injected: {args.clients} concurrent clients for {args.seconds:g} s (each the server teacher's HTTP client, "
         f"no retries, {load.prompts} prompts x {load.prompt_tokens} tokens per request, top 20), on a tiny teacher "
         "(hidden 64, 2 layers) served with `--num-threads 1`",
