@@ -217,12 +217,21 @@ class Training:
         return self.proc.returncode
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def python_train(config_path: Path) -> list[str]:
     return [sys.executable, WRAPPER, str(config_path)]
 
 
 def torchrun_train(config_path: Path) -> list[str]:
-    return [str(BIN / "torchrun"), "--nproc_per_node", "2", WRAPPER, str(config_path)]
+    # A port of its own: torchrun's default 29500 may be another job's on a shared machine, whose rendezvous the
+    # ranks would then join.
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), WRAPPER,
+            str(config_path)]
 
 
 def completed(args: list[str]) -> None:
@@ -329,11 +338,6 @@ def test_killed_rank_stops_the_job_naming_it_and_the_resume_matches(short_assets
 
 
 # -- Teacher server -------------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def answered_posts(output: str) -> int:
