@@ -25,6 +25,7 @@ from axolotl_xkd.losses.xkd import XKDHyperparams, XKDLossOutput, xkd_loss
 from axolotl_xkd.on_policy import OnPolicySampler
 from axolotl_xkd.options import DEFAULT_CHUNK_SIZE
 from axolotl_xkd.reward_store import WEIGHTS_NAME, load_reward_head, save_beside_student
+from axolotl_xkd.server.client import TeacherServerError
 from axolotl_xkd.teachers.base import TeacherSource
 
 LOG = logging.getLogger(__name__)
@@ -71,6 +72,33 @@ class XKDTrainer(AxolotlTrainer):
     def configure_xkd(self, setup: XKDSetup) -> None:
         """Install the loss settings; called once by the plugin after the trainer is built."""
         self.xkd = setup
+
+    def train(self, *args, **kwargs):
+        """Axolotl's training loop; when the teacher server fails beyond its retries, the steps trained so far are
+        saved as a checkpoint before the error stops the run (nothing trained is lost)."""
+        try:
+            return super().train(*args, **kwargs)
+        except TeacherServerError as error:
+            error.add_note(self._save_before_stopping())
+            raise
+
+    def _save_before_stopping(self) -> str:
+        """Save checkpoint-<steps done> (the weights, optimizer, scheduler, RNG and log of the last completed
+        optimizer step; a step cut short by the failure was not applied) and say how to resume from it."""
+        step = self.state.global_step
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        if step == 0:
+            return "No optimizer step was completed, so nothing was trained: start the run again."
+        if self.accelerator.num_processes > 1:
+            # A save is a collective; the other ranks may be waiting elsewhere for the failed one.
+            return (f"With {self.accelerator.num_processes} processes no checkpoint is saved on a failure: resume "
+                    "from the newest periodic checkpoint (save_steps) in the output_dir.")
+        if not os.path.isdir(folder):
+            self._save_checkpoint(self.model_wrapped, trial=None)
+        LOG.error("X-KD: the teacher server failed at step %d; the %d completed steps are in %s", step + 1, step,
+                  folder)
+        return (f"The {step} completed optimizer steps are saved in {folder}: once the server answers again, set "
+                f"resume_from_checkpoint: {folder} (or auto_resume_from_checkpoints: true) and run axolotl train.")
 
     def _clip_grad_norm(self, model: nn.Module):
         """With a detached reward head, clip the student's gradient and the head's each by its own norm, so that

@@ -129,34 +129,70 @@ def log_history(output_dir: Path) -> list[dict]:
     return state["log_history"]
 
 
-@contextlib.contextmanager
-def serve_teacher(model_dir: Path, *extra: str, start_timeout: float = 180) -> Iterator[str]:
-    """`axolotl xkd serve-teacher --port 0` in a subprocess on loopback; yields its URL (read from the line it
-    prints once bound) and stops it on exit."""
-    full_env = {**os.environ, **ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen(
-        [str(BIN / "axolotl"), "xkd", "serve-teacher", "--model", str(model_dir), "--host", "127.0.0.1",
-         "--port", "0", *extra],
-        env=full_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    seen: list[str] = []
-    try:
+class TeacherServerProcess:
+    """A running `axolotl xkd serve-teacher` subprocess: its URL (read from the line it prints once bound), every
+    line it has printed so far (a reader thread keeps the pipe drained), and ways to stop it."""
+
+    def __init__(self, model_dir: Path, *extra: str, host: str = "127.0.0.1", port: int = 0,
+                 env: dict | None = None, start_timeout: float = 180) -> None:
+        full_env = {**os.environ, **ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+        self.proc = subprocess.Popen(
+            [str(BIN / "axolotl"), "xkd", "serve-teacher", "--model", str(model_dir), "--host", host,
+             "--port", str(port), *extra],
+            env=full_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        fresh: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, args=(fresh,), daemon=True)
+        self._reader.start()
         while True:
             try:
-                line = lines.get(timeout=start_timeout)
+                line = fresh.get(timeout=start_timeout)
             except queue.Empty:
-                raise AssertionError(f"serve-teacher printed no URL in {start_timeout}s:\n{''.join(seen)}") from None
-            seen.append(line)
-            if line.startswith("xkd serve-teacher:") and " on http://127.0.0.1:" in line:
+                self.kill()
+                raise AssertionError(f"serve-teacher printed no URL in {start_timeout}s:\n{self.output}") from None
+            if line is None:
+                self.proc.wait(timeout=30)
+                raise AssertionError(f"serve-teacher exited ({self.proc.returncode}):\n{self.output}")
+            if line.startswith("xkd serve-teacher:") and " on http://" in line:
                 break
-            if proc.poll() is not None:
-                raise AssertionError(f"serve-teacher exited ({proc.returncode}):\n{''.join(seen)}")
-        yield line.split(" on ")[1].split()[0]
+        bound = line.split(" on http://")[1].split()[0]
+        self.port = int(bound.rsplit(":", 1)[1])
+        self.url = f"http://127.0.0.1:{self.port}"  # reached over loopback whatever address it bound
+
+    def _read(self, fresh: queue.Queue) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            fresh.put(line)
+        fresh.put(None)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> str:
+        """SIGTERM (it prints its shutdown line), wait; returns everything it printed."""
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self._reader.join(timeout=30)
+        return self.output
+
+    def kill(self) -> str:
+        """SIGKILL, as a crash or a preempted machine would end it; returns everything it printed."""
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        self._reader.join(timeout=30)
+        return self.output
+
+
+@contextlib.contextmanager
+def serve_teacher(model_dir: Path, *extra: str, start_timeout: float = 180) -> Iterator[str]:
+    """`axolotl xkd serve-teacher --port 0` in a subprocess on loopback; yields its URL and stops it on exit."""
+    server = TeacherServerProcess(model_dir, *extra, start_timeout=start_timeout)
+    try:
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
 
 
 def with_first_rows(assets: dict[str, Path], folder: Path, rows: int) -> dict[str, Path]:

@@ -14,7 +14,7 @@ from axolotl_xkd.options import DTYPE_NAMES
 @click.command("serve-teacher")
 @click.option("--model", "model_path", required=True, help="Teacher model directory (or hub id) for from_pretrained.")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind; the default keeps the server on this machine (it has no authentication).")
+              help="Address to bind; the default keeps the server on this machine. Any other needs --api-key.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="Port to bind; 0 picks a free one (printed at start).")
 @click.option("--top-k-max", type=click.IntRange(min=1), default=None,
@@ -26,19 +26,31 @@ from axolotl_xkd.options import DTYPE_NAMES
               help="Tokenizer directory when it is not beside the model (as xkd.teacher.tokenizer_path).")
 @click.option("--trust-remote-code", is_flag=True, help="Passed to from_pretrained.")
 @click.option("--attn-implementation", default=None, help="Attention kernel of the teacher (default: transformers').")
+@click.option("--api-key", envvar="XKD_TEACHER_API_KEY", show_envvar=True, default=None,
+              help="Key every /v1 request must send as 'Authorization: Bearer KEY' (the client reads it from the "
+                   "variable xkd.teacher.api_key_env names); required off loopback. Prefer the environment variable: "
+                   "a command line is visible to other users of the machine.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1), default=None,
+              help="Largest request body accepted (default 64 MiB); larger ones get 413.")
+@click.option("--max-request-tokens", type=click.IntRange(min=1), default=None,
+              help="Most positions (prompts x longest prompt) scored in one forward (default 65536); more get 413.")
 @click.option("--num-threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads (default: torch's); on a CPU shared with the trainer, 1 avoids oversubscription.")
 def serve_teacher(model_path: str, host: str, port: int, top_k_max: int | None, dtype: str, device: str | None,
                   served_model_name: str | None, tokenizer_path: str | None, trust_remote_code: bool,
-                  attn_implementation: str | None, num_threads: int | None) -> None:
+                  attn_implementation: str | None, api_key: str | None, max_request_bytes: int | None,
+                  max_request_tokens: int | None, num_threads: int | None) -> None:
     """Answer POST /v1/completions with prompt_logprobs and GET /v1/models, until interrupted (Ctrl-C or SIGTERM).
 
     Logs one line per request (method, path, status, positions scored, seconds) and one when it stops.
     """
     import torch
 
-    from axolotl_xkd.server.app import TeacherScorer, make_server
+    from axolotl_xkd.server.app import MAX_REQUEST_BYTES, MAX_REQUEST_TOKENS, TeacherScorer, is_loopback, make_server
 
+    if not is_loopback(host) and not api_key:  # checked before the model loads
+        raise click.UsageError(f"--host {host} exposes the teacher beyond this machine: give it an API key "
+                               "(--api-key, or the XKD_TEACHER_API_KEY environment variable), or bind 127.0.0.1")
     if num_threads:
         torch.set_num_threads(num_threads)
 
@@ -46,15 +58,16 @@ def serve_teacher(model_path: str, host: str, port: int, top_k_max: int | None, 
     # project logger gets INFO either way, for the access lines.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("axolotl_xkd").setLevel(logging.INFO)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        click.echo(f"xkd serve-teacher: WARNING: binding {host}; the server has no authentication", err=True)
     scorer = TeacherScorer.load(model_path, dtype=dtype, device=device, top_k_max=top_k_max, name=served_model_name,
                                 tokenizer_path=tokenizer_path, trust_remote_code=trust_remote_code,
-                                attn_implementation=attn_implementation)
-    server = make_server(scorer, host, port)
+                                attn_implementation=attn_implementation,
+                                max_request_tokens=max_request_tokens or MAX_REQUEST_TOKENS)
+    server = make_server(scorer, host, port, api_key=api_key,
+                         max_request_bytes=max_request_bytes or MAX_REQUEST_BYTES)
     bound_host, bound_port = server.server_address[:2]
     click.echo(f"xkd serve-teacher: {scorer.name} on http://{bound_host}:{bound_port} "
-               f"(vocab {scorer.vocab_size}, top-k max {scorer.top_k_max})", nl=True)
+               f"(vocab {scorer.vocab_size}, top-k max {scorer.top_k_max}, "
+               f"{'API key required' if api_key else 'no API key'})", nl=True)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`, docker stop, systemd: stop as on Ctrl-C, with the line
     reason = "stopped"
     try:

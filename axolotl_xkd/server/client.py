@@ -109,6 +109,7 @@ class TeacherServerClient:
     def _with_retries(self, what: str, attempt: Callable[[], object]) -> object:
         """Run `attempt` up to 1 + max_retries times, backing off exponentially; then TeacherServerError."""
         tries = self.settings.max_retries + 1
+        began = time.monotonic()
         for n in range(tries):
             try:
                 return attempt()
@@ -116,21 +117,28 @@ class TeacherServerClient:
                 raise TeacherServerError(self._message(what, n + 1, str(error), fatal=True)) from None
             except _Retryable as error:
                 if n + 1 == tries:
-                    raise TeacherServerError(self._message(what, tries, str(error))) from None
+                    raise TeacherServerError(self._message(what, tries, str(error),
+                                                           seconds=time.monotonic() - began)) from None
                 LOG.warning("xkd teacher server %s: %s failed (%s); retry %d of %d",
                             self.base_url, what, error, n + 1, tries - 1)
                 time.sleep(self.settings.retry_backoff_s * 2**n)
         raise AssertionError("unreachable")
 
-    def _message(self, what: str, attempts: int, cause: str, *, fatal: bool = False) -> str:
-        advice = (
-            "the server refused the request; check xkd.teacher (top_k within the server's --max-logprobs, model "
-            "name, api_key_env) and the server's log"
-            if fatal else
-            "check that the server is running and reachable (vLLM: `vllm serve MODEL --max-logprobs K`; or "
-            "`axolotl xkd serve-teacher --model PATH`), or raise xkd.teacher.timeout_s / max_retries"
-        )
-        return (f"xkd.teacher.base_url={self.base_url}: {what} failed after {attempts} attempt(s): {cause}. "
+    def _message(self, what: str, attempts: int, cause: str, *, fatal: bool = False, seconds: float = 0.0) -> str:
+        settings = self.settings
+        if fatal:
+            advice = ("the server refused the request; check xkd.teacher (top_k within the server's --max-logprobs, "
+                      "model name, api_key_env) and the server's log")
+            budget = ""
+        else:
+            waits = settings.retry_backoff_s * (2 ** settings.max_retries - 1)
+            advice = ("check that the server is running and reachable (vLLM: `vllm serve MODEL --max-logprobs K`; or "
+                      "`axolotl xkd serve-teacher --model PATH`), or raise xkd.teacher.timeout_s / max_retries / "
+                      "retry_backoff_s")
+            budget = (f" over {seconds:.1f}s (the retry budget: xkd.teacher.max_retries={settings.max_retries}, "
+                      f"retry_backoff_s={settings.retry_backoff_s:g} doubling, {waits:g}s of waits; "
+                      f"timeout_s={settings.timeout_s:g} per attempt)")
+        return (f"xkd.teacher.base_url={self.base_url}: {what} failed after {attempts} attempt(s){budget}: {cause}. "
                 f"No batch is trained without its teacher targets; {advice}.")
 
     # -- start-up check ------------------------------------------------------------------------------

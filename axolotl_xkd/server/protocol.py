@@ -13,12 +13,16 @@ plus the prompt token itself when it ranks below k. This plugin's position i hol
 reads entry j = i + 1, and a sequence's last position has no entry.
 
 `axolotl xkd serve-teacher` adds the `INFO_*` fields to its /v1/models card (vLLM has none of them).
-Imports the standard library and numpy only.
+Both halves live here: the client's (`completion_request`, `choices_of`, `parse_prompt_logprobs`) and the server's
+(`prompt_logprobs_entry`, `completion_choice`, `completion_answer`, `error_answer`), so that what one writes and
+the other reads are defined side by side. Imports the standard library and numpy only.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -79,3 +83,50 @@ def parse_prompt_logprobs(choice: dict, n: int, *, top_k: int, vocab_size: int) 
         ids[j - 1] = [token for token, _ in top]
         logprobs[j - 1] = [min(value, 0.0) for _, value in top]
     return ids, logprobs
+
+
+# -- the server's half: building the answers ------------------------------------------------------------------------
+def _logprob(value: float, rank: int, decoded: str) -> dict:
+    return {"logprob": value if math.isfinite(value) else LOGPROB_FLOOR, "rank": rank, "decoded_token": decoded}
+
+
+def prompt_logprobs_entry(top: Sequence[tuple[int, float]], token: int, value: float, rank: int,
+                          decoded: Sequence[str]) -> dict:
+    """One position's entry of `prompt_logprobs`: the top k (token id, log-prob) in rank order, plus the prompt
+    token itself (its log-prob and rank) when it is not among them, as vLLM answers. `decoded[id]` is the token's
+    text; a log-prob of -inf is sent as LOGPROB_FLOOR (JSON has no infinity)."""
+    entry = {str(t): _logprob(v, r, decoded[t]) for r, (t, v) in enumerate(top, start=1)}
+    if str(token) not in entry:
+        entry[str(token)] = _logprob(value, rank, decoded[token])
+    return entry
+
+
+def completion_choice(index: int, next_id: int, text: str, entries: list[dict] | None) -> dict:
+    """Choice `index` of a completions answer: the one generated token, and the prompt's entries (None for
+    token 0, then one per prompt token) or None when the request asked for no prompt_logprobs."""
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None,
+            "token_ids": [next_id], "prompt_logprobs": None if entries is None else [None, *entries]}
+
+
+def completion_answer(model: str, choices: list[dict], prompt_tokens: int) -> dict:
+    """The completions answer: one choice per prompt, one generated token each."""
+    return {
+        "id": f"cmpl-{time.time_ns():x}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(choices),
+                  "total_tokens": prompt_tokens + len(choices)},
+    }
+
+
+# OpenAI's error types by status, as vLLM's server names them.
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 411: "BadRequestError",
+                413: "BadRequestError", 500: "InternalServerError"}
+
+
+def error_answer(status: int, message: str) -> dict:
+    """An OpenAI-style error body (the client shows its message)."""
+    return {"object": "error", "message": message, "type": _ERROR_TYPES.get(status, "BadRequestError"),
+            "code": status}

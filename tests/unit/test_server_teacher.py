@@ -285,3 +285,29 @@ def test_config_checks_url_and_reads_key_from_named_variable(tiny, served, monke
     source = load_server_teacher(config, tiny[0])
     assert source.client.api_key == "k3y" and "k3y" not in repr(source.client.settings)
     assert source.client.model == "tiny"
+
+
+def test_server_off_loopback_needs_an_api_key():
+    from axolotl_xkd.server.app import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.1.2.3", "teacher.internal"))
+    with pytest.raises(ValueError, match="binding '0.0.0.0'.*XKD_TEACHER_API_KEY"):
+        make_server(None, "0.0.0.0", 0)
+
+
+def test_client_sends_the_key_a_keyed_server_checks(tiny):
+    """The two halves agree: the client's api_key (from xkd.teacher.api_key_env) is the Bearer token the server
+    checks; without it, or with another, the start-up check stops at once with the server's 401 (no retry)."""
+    tokenizer, model = tiny
+    server = make_server(TeacherScorer(model, tokenizer, name="tiny"), "127.0.0.1", 0, api_key="s3cret")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert len(client_for(url, tokenizer, api_key="s3cret").score([[1, 2, 3]])) == 1
+        for key in (None, "guess"):
+            with pytest.raises(TeacherServerError, match="after 1 attempt.*HTTP 401.*API key"):
+                client_for(url, tokenizer, api_key=key)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,139 @@
+"""Fault-injection soak, the longer runs behind tests/e2e/test_faults.py (the CI-sized cases):
+
+    python -m benchmarks.faults --cases server [--seconds 60] [--clients 32]
+
+Each case writes its own section of benchmarks/results/faults.md (between `<!-- case: NAME -->` and
+`<!-- end: NAME -->`; other cases' sections are kept) and prints it.
+
+- `server`: `axolotl xkd serve-teacher` (tiny teacher, axolotl_xkd.tiny, on 127.0.0.1, --num-threads 1) under
+  `--clients` concurrent clients for `--seconds` (each client: the server teacher's own HTTP client, no retries,
+  requests of 4 prompts x 24 tokens, top 20), then every kind of bad request, each followed by a good one:
+  failures, p50 / p99 latency, tokens/s, and that the server still serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tests.server_load import run_load
+from tests.support import TeacherServerProcess
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "faults.md"
+HEADER = "# Fault-injection results\n\nEach section: what was injected, how often, what survived, what was lost.\n"
+
+
+# -- server: load and bad requests ----------------------------------------------------------------------------------
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(url + "/v1/completions", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+# What each bad request sends (body, extra headers); the status the server must answer with.
+_BAD = {
+    "not JSON": (b'{"prompt": [1, 2', {}, 400),
+    "not UTF-8": (b'{"prompt": "\xff\xfe"}', {}, 400),
+    "wrong types": (json.dumps({"prompt": "text", "max_tokens": "1"}).encode(), {}, 400),
+    "wrong model": (json.dumps({"model": "gpt-4", "prompt": [[1, 2]], "max_tokens": 1}).encode(), {}, 404),
+    "too many positions": (json.dumps({"prompt": [[1] * 24] * 3000, "max_tokens": 1}).encode(), {}, 413),
+}
+
+
+def server_case(args: argparse.Namespace) -> str:
+    import torch
+    from transformers import AutoTokenizer
+
+    from axolotl_xkd.tiny import build_model, build_tokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="xkd_faults_server_"))
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, hidden=64, layers=2, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    load_average = os.getloadavg()[0]  # other work on the machine slows the clients and the server alike
+    server = TeacherServerProcess(folder, "--num-threads", "1", "--served-model-name", "tiny")
+    try:
+        load = run_load(server.url, AutoTokenizer.from_pretrained(folder), clients=args.clients,
+                        seconds=args.seconds)
+        bad = {}
+        for name, (body, headers, want) in _BAD.items():
+            got = _post(server.url, body, {"Content-Type": "application/json", **headers})
+            good = _post(server.url, json.dumps({"model": "tiny", "prompt": [[5, 6, 7]], "max_tokens": 1,
+                                                 "prompt_logprobs": 2}).encode(), {})
+            bad[name] = (want, got, good)
+    finally:
+        output = server.stop()
+    summary = re.search(r"after (\d+) requests, (\d+) positions scored, (\d+) requests refused", output)
+    requests, positions, refused = (int(g) for g in summary.groups())
+    lines = [
+        "## Server under load",
+        "",
+        f"`python -m benchmarks.faults --cases server --seconds {args.seconds:g} --clients {args.clients}`",
+        "",
+        f"- {datetime.now(UTC).isoformat(timespec='seconds')}, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load_average:.1f} at the "
+        "start; the clients and the server share this machine",
+        f"- injected: {args.clients} concurrent clients for {args.seconds:g} s (each the server teacher's HTTP client, "
+        f"no retries, {load.prompts} prompts x {load.prompt_tokens} tokens per request, top 20), on a tiny teacher "
+        "(hidden 64, 2 layers) served with `--num-threads 1`",
+        f"- **{load.answered} requests answered, {len(load.failures)} failed**; latency p50 "
+        f"**{load.percentile_ms(50):.0f} ms**, p99 **{load.percentile_ms(99):.0f} ms** (queued behind one model); "
+        f"**{load.tokens_per_s:.0f} prompt tokens/s** over {load.wall_s:.1f} s",
+        f"- the server's own count at shutdown: {requests} requests ({refused} refused), {positions} positions "
+        f"(= the answered load requests, each client's start-up GET /v1/models, and the bad and good requests below)",
+        "",
+        "| bad request | expected | answered | the next good request |",
+        "|---|---|---|---|",
+        *[f"| {name} | {want} | {got} | {good} |" for name, (want, got, good) in bad.items()],
+        "",
+        f"Survived: {sum(got == want and good == 200 for want, got, good in bad.values())} of {len(bad)} bad "
+        f"requests answered as expected and followed by a served request; lost: {len(load.failures)} requests.",
+    ]
+    if load.failures:
+        lines += ["", "First failures:", "", *[f"    {f[:300]}" for f in load.failures[:5]]]
+    return "\n".join(lines) + "\n"
+
+
+CASES: dict[str, Callable[[argparse.Namespace], str]] = {"server": server_case}
+
+
+def write_section(name: str, section: str) -> None:
+    """Replace (or add) case `name`'s section of RESULTS, keeping the others."""
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    block = f"<!-- case: {name} -->\n{section}<!-- end: {name} -->\n"
+    pattern = re.compile(rf"<!-- case: {re.escape(name)} -->\n.*?<!-- end: {re.escape(name)} -->\n", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
+    parser.add_argument("--seconds", type=float, default=60.0, help="server: how long the load runs")
+    parser.add_argument("--clients", type=int, default=32, help="server: concurrent clients")
+    args = parser.parse_args()
+    for name in args.cases:
+        section = CASES[name](args)
+        write_section(name, section)
+        print(section)
+    print(f"written to {RESULTS} ({' '.join(sys.argv[1:])})")
+
+
+if __name__ == "__main__":
+    main()
