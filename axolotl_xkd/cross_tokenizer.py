@@ -223,6 +223,13 @@ class Aligner:
         self.teacher_leading = self._leading_specials(teacher)
         self.teacher_added = set(teacher.added_tokens_decoder)
 
+    def summary(self) -> str:
+        """What the run logs once: both vocabulary sizes and how many teacher tokens map exactly."""
+        vocab = self.vocab
+        return (f"student vocabulary {vocab.student_size} tokens, teacher {vocab.teacher_size}; {vocab.exact} teacher "
+                f"tokens map exactly to a student token ({100.0 * vocab.exact / max(vocab.teacher_size, 1):.1f}% of "
+                "the teacher's)")
+
     @staticmethod
     def _adds_dummy_prefix(tokenizer, pieces: list[bytes | None]) -> bool:
         """Whether the tokenizer writes 'a' as ' a' (sentencepiece's dummy prefix)."""

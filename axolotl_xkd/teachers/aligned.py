@@ -65,11 +65,13 @@ class AlignedTeacherSource(TeacherSource):
         model, tokenizer, engine = load_placed(path, student_tokenizer=student_tokenizer, cross_tokenizer=True,
                                                **kwargs)
         aligner = Aligner(student_tokenizer, tokenizer, f"xkd.teacher.path={path!r} with {KEY}")
-        vocab = aligner.vocab
-        LOG.info("X-KD cross-tokenizer teacher: student vocabulary %d tokens, teacher %d; %d teacher tokens map "
-                 "exactly to a student token (%.1f%% of the teacher's)", vocab.student_size, vocab.teacher_size,
-                 vocab.exact, 100.0 * vocab.exact / max(vocab.teacher_size, 1))
+        LOG.info("X-KD cross-tokenizer teacher: %s", aligner.summary())
         return cls(model, aligner, top_k=top_k, engine=engine)
+
+    @property
+    def width(self) -> int:
+        """Slots of each position's record: the top k (at most the mapped tokens) and the student's own token."""
+        return min(self.top_k, self.aligner.vocab.exact) + 1
 
     @torch.no_grad()
     def get_signal(self, batch: dict[str, Tensor]) -> TopKSignal:
@@ -78,7 +80,7 @@ class AlignedTeacherSource(TeacherSource):
         found = segments(batch)
         rows = ids.tolist()
         aligned = [self.aligner.segment(rows[r][a:b], f"batch row {r} (tokens {a}..{b - 1})") for r, a, b in found]
-        k = min(self.top_k, self.aligner.vocab.exact) + 1
+        k = self.width
         token_ids = torch.zeros((*ids.shape, k), dtype=torch.long, device=ids.device)
         logprobs = torch.full((*ids.shape, k), -torch.inf, dtype=self.dtype, device=ids.device)
         pairs = [(n, r, a + i, b, j) for n, ((r, a, b), seg) in enumerate(zip(found, aligned))
@@ -87,8 +89,8 @@ class AlignedTeacherSource(TeacherSource):
             seg_of, rows_b, cols, stops, t_pos = torch.tensor(pairs, dtype=torch.long).reshape(-1, 5).unbind(-1)
             actions = torch.where(cols + 1 < stops, ids.cpu()[rows_b, (cols + 1).clamp(max=ids.shape[1] - 1)], -1)
             teacher_lp = self._teacher_logprobs([seg.teacher_ids for seg in aligned], seg_of, t_pos)
-            top_ids, top_lps = express(teacher_lp, actions.to(teacher_lp.device), self.aligner.vocab, self.inverse,
-                                       top_k=self.top_k)
+            top_ids, top_lps = express(teacher_lp, actions.to(teacher_lp.device), self.aligner.vocab,
+                                       self.inverse, top_k=self.top_k)
             token_ids[rows_b, cols] = top_ids.to(ids.device)
             logprobs[rows_b, cols] = top_lps.to(ids.device)
         self._report(batch, torch.isfinite(logprobs).any(-1))
@@ -96,7 +98,7 @@ class AlignedTeacherSource(TeacherSource):
 
     def _teacher_logprobs(self, sequences: list[list[int]], seg_of: Tensor, t_pos: Tensor) -> Tensor:
         """The teacher run on its re-tokenized sequences (one right-padded row each): log-probs over its tokenizer's
-        vocabulary, (P, V_T) in float32 (float64 for a float64 teacher), at the P (sequence, position) pairs asked for."""
+        vocabulary, (P, V_T) in float32 (float64 for a float64 teacher), at the P (sequence, position) pairs."""
         width = max(map(len, sequences))
         teacher_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)

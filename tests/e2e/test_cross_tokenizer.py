@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import base_config, log_history, merged, train, write_config
+from tests.support import base_config, log_history, merged, run_cli, train, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -47,3 +47,26 @@ def test_trains_with_a_teacher_of_another_tokenizer(untrained_assets, other_teac
     assert len(losses) == 3
     assert all(math.isfinite(e["loss"]) and math.isfinite(e["xkd/distill"]) for e in losses)
     assert losses[0]["xkd/distill"] > 0  # the teacher's signal reaches the loss
+
+
+def test_precomputed_store_matches_the_in_process_teacher(untrained_assets, other_teacher, tmp_path):
+    """`axolotl xkd precompute --cross-tokenizer` aligns once and stores the records in student positions, with
+    both tokenizers' fingerprints and the map's digest; training from it (model_path names the teacher, so the
+    pair is checked) gives the in-process cross-tokenizer teacher's loss."""
+    cross = {"path": str(other_teacher), "cross_tokenizer": True, "cross_tokenizer_top_k": 16}
+    first = {}
+    for source in ("model", "precomputed"):
+        config = merged(base_config(untrained_assets, tmp_path / source),
+                        {"max_steps": 1, "save_steps": 1, "learning_rate": 1e-6, "xkd": {"teacher": cross}})
+        if source == "precomputed":
+            run_cli(["axolotl", "xkd", "precompute", str(write_config(tmp_path / "pre.yml", config)),
+                     "--out", str(tmp_path / "store"), "--top-k", "16", "--batch-size", "16"])
+            config["xkd"]["teacher"] = {"source": "precomputed", "path": str(tmp_path / "store"),
+                                        "model_path": str(other_teacher)}
+        train(write_config(tmp_path / f"{source}.yml", config))
+        first[source] = log_history(tmp_path / source / "model")[0]
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["vocab_map"] and manifest["teacher_tokenizer_hash"] != manifest["tokenizer_hash"]
+    assert manifest["top_k"] == 17  # the top 16 and the student's own token
+    assert first["precomputed"]["xkd/distill"] == pytest.approx(first["model"]["xkd/distill"], rel=2e-3, abs=1e-4)
+    assert first["model"]["xkd/distill"] > 0.01
