@@ -143,3 +143,25 @@ def test_other_tokenizer_needs_the_key(tmp_path, caplog):
     exact = source.aligner.vocab.exact
     assert f"student vocabulary {len(student)} tokens, teacher {len(teacher)}; {exact} teacher tokens" in caplog.text
     assert not source.fusable
+
+
+def test_store_built_for_another_pair_is_refused(tmp_path):
+    """A cross-tokenizer store names its teacher's tokenizer and the map's digest; with xkd.teacher.model_path set,
+    training refuses it for another teacher tokenizer and accepts it for its own."""
+    from axolotl_xkd.args import PrecomputedTeacher
+    from axolotl_xkd.frozen_teacher import tokenizer_hash
+    from axolotl_xkd.store.format import Manifest
+    from axolotl_xkd.store.read import check_teacher_pair
+    from tests.unit.test_cross_tokenizer import byte_level
+
+    student, teacher = build_tokenizer(), sentencepiece()
+    for name, tokenizer in (("own", teacher), ("other", byte_level())):
+        tokenizer.save_pretrained(tmp_path / name)
+    manifest = Manifest(teacher="t", tokenizer_hash=tokenizer_hash(student), vocab_size=len(student), top_k=9,
+                        sequence_len=32, encoding="packed_u32", logprob_dtype="float16", rows_per_shard=8,
+                        teacher_tokenizer_hash=tokenizer_hash(teacher),
+                        vocab_map=Aligner(student, teacher, "test").vocab.digest())
+    check_teacher_pair(manifest, PrecomputedTeacher(path=str(tmp_path), model_path=str(tmp_path / "own")), student)
+    with pytest.raises(ValueError, match=r"manifest.json: teacher_tokenizer_hash / vocab_map .*another"):
+        check_teacher_pair(manifest, PrecomputedTeacher(path=str(tmp_path), model_path=str(tmp_path / "other")),
+                           student)
