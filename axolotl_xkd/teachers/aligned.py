@@ -16,6 +16,7 @@ from axolotl_xkd.cross_tokenizer import KEY, Aligner, express
 from axolotl_xkd.losses.positions import IGNORE_INDEX, shift_targets
 from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import TopKSignal
+from axolotl_xkd.sequences import segments
 from axolotl_xkd.teachers.base import TeacherSource
 from axolotl_xkd.teachers.model import load_placed
 
@@ -23,24 +24,6 @@ LOG = logging.getLogger("axolotl_xkd")
 
 REPORT_AT = (1, 10, 100)
 """Batches after which the running coverage is logged."""
-
-
-def segments(batch: dict[str, Tensor]) -> list[tuple[int, int, int]]:
-    """(row, start, stop) of every sequence in the batch: rows cut at padding (attention_mask 0) and, in packed
-    rows, at each position_ids reset."""
-    ids = batch["input_ids"]
-    keep = batch["attention_mask"] != 0 if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
-    positions = batch.get("position_ids")
-    found = []
-    for row in range(ids.shape[0]):
-        kept = keep[row].nonzero().squeeze(-1).tolist()
-        if not kept:
-            continue
-        starts = [i for i in kept if positions is not None and int(positions[row, i]) == 0] or [kept[0]]
-        starts = sorted(set(starts) | {kept[0]})
-        stops = [*starts[1:], kept[-1] + 1]
-        found.extend((row, a, b) for a, b in zip(starts, stops))
-    return found
 
 
 class AlignedTeacherSource(TeacherSource):
