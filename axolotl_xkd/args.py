@@ -51,6 +51,16 @@ class ModelTeacher(BaseModel):
         description="DeepSpeed ZeRO-3 only: keep the sharded teacher's parameters in CPU memory (gathered to the "
         "device layer by layer in its forward). Without ZeRO-3 the teacher is placed whole on every rank.",
     )
+    cross_tokenizer: bool = Field(
+        False,
+        description="Allow a teacher whose tokenizer differs from the student's: each sequence is re-tokenized by the "
+        "teacher and its distributions aligned to the student's positions by byte spans, tokens with equal strings "
+        "compared exactly and the rest of the teacher's mass kept in the top-k tail (docs/cross_tokenizer.md).",
+    )
+    cross_tokenizer_top_k: int = Field(
+        64, ge=1, description="With cross_tokenizer: teacher tokens kept per aligned position (plus the student's "
+        "own next token), as a top-k signal in student ids.",
+    )
 
 
 class PrecomputedTeacher(BaseModel):

@@ -64,7 +64,9 @@ def check_same_tokenizer(student, teacher, where: str) -> None:
             f"({s_size} tokens); only in the student: {only_s}, only in the teacher: {only_t}, "
             f"different ids: {moved}. X-KD compares next-token distributions id by id, so both must use "
             "the same tokenizer. Point xkd.teacher.tokenizer_path / the student's tokenizer_config at the "
-            "same tokenizer, or distil from a precomputed top-k dataset made with the student's tokenizer."
+            "same tokenizer, distil from a precomputed top-k dataset made with the student's tokenizer, or "
+            "(in-process teacher) set xkd.teacher.cross_tokenizer: true to align the teacher's tokens with the "
+            "student's (docs/cross_tokenizer.md)."
         )
     warn_other_special_tokens(special_tokens(student), special_tokens(teacher), where)
 
@@ -84,13 +86,14 @@ def output_layer_is_linear(model: nn.Module) -> bool:
 
 def load_frozen_teacher(path: str, *, dtype: torch.dtype, student_tokenizer=None, tokenizer_path: str | None = None,
                         attn_implementation: str | None = None, trust_remote_code: bool = False,
-                        where: str | None = None):
+                        where: str | None = None, cross_tokenizer: bool = False):
     """(model, tokenizer): the teacher at `path` without gradients, in eval mode, where from_pretrained put it.
 
     Its tokenizer (from `tokenizer_path`, else `path`) must pass the same-tokenizer rule against
-    `student_tokenizer` (a server, which has no student, passes None), and its output layer must score every
-    token. `where` names the teacher in errors (default: the path). Used by the in-process teacher source,
-    `axolotl xkd precompute` and `axolotl xkd serve-teacher`, so all three load a teacher alike.
+    `student_tokenizer` (a server, which has no student, passes None; `cross_tokenizer` lifts the rule), and its
+    output layer must score every token. `where` names the teacher in errors (default: the path). Used by the
+    in-process teacher source, `axolotl xkd precompute` and `axolotl xkd serve-teacher`, so all three load a
+    teacher alike.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,7 +101,7 @@ def load_frozen_teacher(path: str, *, dtype: torch.dtype, student_tokenizer=None
 
     where = where or f"teacher {path!r}"
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, trust_remote_code=trust_remote_code)
-    if student_tokenizer is not None:
+    if student_tokenizer is not None and not cross_tokenizer:
         check_same_tokenizer(student_tokenizer, tokenizer, where)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:

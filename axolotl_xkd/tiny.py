@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -35,6 +35,43 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     core.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_bpe_tokenizer(texts: list[str], *, style: str, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer trained in code on `texts`, another vocabulary and other merges than `build_tokenizer`'s.
+
+    `byte_level` (GPT-2 / Qwen style): a space is part of the next token (`Ġ`), every byte is a token, no BOS.
+    `sentencepiece` (Llama-2 style): a space is `▁`, a dummy prefix before the text, BOS prepended, byte fallback
+    tokens <0x00>..<0xFF> for characters the merges never saw. Used as teachers of another tokenizer.
+    """
+    specials = list(SPECIALS)
+    if style == "byte_level":
+        core = Tokenizer(models.BPE())
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    elif style == "sentencepiece":
+        core = Tokenizer(models.BPE(byte_fallback=True))
+        core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+        core.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                          decoders.Strip(" ", 1, 0)])
+        alphabet = sorted(set("".join(texts).replace(" ", "\u2581")) | {"\u2581"})
+    else:
+        raise ValueError(f"style {style!r}: byte_level or sentencepiece")
+    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        initial_alphabet=alphabet, show_progress=False))
+    if style == "sentencepiece":
+        spec = json.loads(core.to_str())
+        vocab = spec["model"]["vocab"]
+        for byte in range(256):
+            vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+        core = Tokenizer.from_str(json.dumps(spec))
+        bos = core.token_to_id("<s>")
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                            special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )

@@ -85,7 +85,14 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
 
     dtype = torch_dtype(teacher.dtype) if teacher.dtype else base_model(student).dtype
     attn = teacher.attn_implementation or getattr(base_model(student).config, "_attn_implementation", None)
-    return ModelTeacherSource.load(
+    load = ModelTeacherSource.load
+    if teacher.cross_tokenizer:
+        from functools import partial
+
+        from axolotl_xkd.teachers.aligned import AlignedTeacherSource
+
+        load = partial(AlignedTeacherSource.load, top_k=teacher.cross_tokenizer_top_k)
+    return load(
         teacher.path,
         student_tokenizer=trainer.processing_class,
         dtype=dtype,

@@ -56,7 +56,8 @@ def teacher_and_student(z: torch.Tensor, tau: float, teacher: dict, b: int, i: i
         t_tail = torch.clamp(1 - lps_t.exp().sum(), min=0.0)
         t_cats = torch.cat([lps_t, torch.log(t_tail).reshape(1)])
         p_t = torch.softmax(t_cats / tau, dim=0)
-        pi = torch.cat([pi_k, (1 - pi_k.sum()).reshape(1)])
+        rest = [t for t in range(z.shape[0]) if t not in ids]  # summed, not 1 - sum: exact when k is near V
+        pi = torch.cat([pi_k, pi_full[rest].sum().reshape(1)])
     else:
         p_t = torch.softmax(lps_t / tau, dim=0)
         pi = pi_k / pi_k.sum()
@@ -164,3 +165,44 @@ def reference_xkd(logits, labels, *, teacher, mu, log_sigma, hp, position_ids=No
             for key, value in zip(terms, (d, ce, kl_prior, td_nll)):
                 terms[key] = terms[key] + value
     return total, terms, count
+
+
+def aligned_teacher_record(student, teacher, teacher_logits, text: str, student_ids: list[int]) -> list[dict]:
+    """Cross-tokenizer reference (docs/cross_tokenizer.md), one student position at a time, for ASCII `text`:
+    {student id: log p_T} at each position of `student_ids` (the student's tokens of `text`, then its EOS), or {}
+    where no teacher prefix ends at the same character. Written from offsets and token strings (`Ġ` and `▁` read as
+    a space), not from the library's byte pieces. `teacher_logits` (T_T, V_T) are the teacher's on `teacher(text)`.
+    """
+    def spelled(tokenizer, tid: int) -> str | None:
+        token = tokenizer.convert_ids_to_tokens(tid)
+        if tid in {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}:
+            return None
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            return chr(int(token[3:5], 16))
+        return token.replace("Ġ", " ").replace("▁", " ")
+
+    student_of: dict[int, int] = {}
+    for role in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        sid, tid = getattr(student, role), getattr(teacher, role)
+        if sid is not None and tid is not None and tid not in student_of and sid not in student_of.values():
+            student_of[tid] = sid
+    by_string: dict[str, list[int]] = {}
+    for sid in range(len(student)):
+        if spelled(student, sid):
+            by_string.setdefault(spelled(student, sid), []).append(sid)
+    for tid in range(len(teacher)):
+        free = [s for s in by_string.get(spelled(teacher, tid) or "", []) if s not in student_of.values()]
+        if tid not in student_of and free:
+            student_of[tid] = free[0]
+    s_ends = [end for _, end in student(text, return_offsets_mapping=True)["offset_mapping"]]
+    s_ends = [max(s_ends[: i + 1]) for i in range(len(s_ends))] + [len(text)] * (len(student_ids) - len(s_ends))
+    t_ends = [end for _, end in teacher(text, return_offsets_mapping=True)["offset_mapping"]]
+    records = []
+    for end in s_ends:
+        js = [j for j, e in enumerate(t_ends) if max(t_ends[: j + 1]) == end]
+        if not js:
+            records.append({})
+            continue
+        lp = torch.log_softmax(teacher_logits[js[-1]].double(), dim=0)
+        records.append({student_of[t]: lp[t] for t in range(len(teacher)) if t in student_of})
+    return records

@@ -39,9 +39,12 @@ _TEACHER = TypeAdapter(Annotated[Teacher, Field(discriminator="source")])
               "serve-teacher`) instead of loading the teacher here; default: xkd.teacher.base_url when the "
               "config's teacher is `source: server`.")
 @click.option("--server-model", default=None, help="Served model name (default: the first one the server lists).")
+@click.option("--cross-tokenizer", is_flag=True,
+              help="The teacher has another tokenizer: store its distributions aligned to the student's positions "
+              "(docs/cross_tokenizer.md); implied by xkd.teacher.cross_tokenizer: true.")
 def precompute(config: str, top_k: int | None, out: str | None, teacher_path: str | None, batch_size: int,
                rows_per_shard: int, logprob_dtype: str, generate: bool, seed: int | None, server: str | None,
-               server_model: str | None) -> None:
+               server_model: str | None, cross_tokenizer: bool) -> None:
     """Run the teacher of CONFIG.yml over its tokenized rows and write top-k log-probs (resumable)."""
     # The command's own arguments are checked against the YAML's teacher block before Axolotl loads (and
     # prints) the whole config, so a usage error is the first thing the user reads.
@@ -81,7 +84,8 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
                                   seed=seed if seed is not None else int(cfg.get("seed") or 0),
                                   server=server_block,
                                   server_api_key=None if server_block is None else api_key_from_env(server_block),
-                                  loading=_loading(teacher, teacher_path))
+                                  loading=_loading(teacher, teacher_path),
+                                  cross_tokenizer=cross_tokenizer or bool(getattr(teacher, "cross_tokenizer", False)))
     manifest = run_precompute(cfg, settings, rank=int(os.environ.get("RANK", "0")),
                               world_size=int(os.environ.get("WORLD_SIZE", "1")))
     click.echo(f"xkd precompute: {out} (k={manifest.top_k}, {manifest.splits} rows, {manifest.encoding}, "

@@ -69,6 +69,10 @@ class Manifest:
     alignment: str = ALIGNMENT
     temperature: float = 1.0
     special_tokens: dict[str, int | None] | None = None  # BOS/EOS/PAD/UNK ids of the tokenizer (for a warning)
+    # A teacher of another tokenizer (--cross-tokenizer): its tokenizer_hash and the vocabulary map's digest
+    # (cross_tokenizer.VocabMap.digest); the rows hold its aligned records in student ids, k = top_k slots.
+    teacher_tokenizer_hash: str | None = None
+    vocab_map: str | None = None
     format: str = FORMAT
     version: int = VERSION
 

@@ -65,6 +65,26 @@ def check_manifest(manifest: Manifest, folder: str, *, tokenizer, sequence_len: 
         )
 
 
+def check_teacher_pair(manifest: Manifest, config: PrecomputedTeacher, tokenizer) -> None:
+    """A store aligned from a teacher of another tokenizer (manifest.vocab_map) and a config that names the
+    teacher (xkd.teacher.model_path): refuse it unless it was built for this (student, teacher) pair."""
+    if manifest.vocab_map is None or config.model_path is None:
+        return
+    from transformers import AutoTokenizer
+
+    from axolotl_xkd.cross_tokenizer import Aligner
+
+    where = Path(config.path) / MANIFEST
+    teacher = AutoTokenizer.from_pretrained(config.model_path)
+    same_teacher = manifest.teacher_tokenizer_hash == tokenizer_hash(teacher)
+    if not same_teacher or manifest.vocab_map != Aligner(tokenizer, teacher, str(where)).vocab.digest():
+        raise ValueError(
+            f"{where}: teacher_tokenizer_hash / vocab_map were made for another (student, teacher) pair than this "
+            f"config's tokenizer and xkd.teacher.model_path={config.model_path!r}; its stored ids would pair other "
+            "tokens. Precompute again (`axolotl xkd precompute CONFIG.yml --cross-tokenizer`) for this pair."
+        )
+
+
 def _read_any(path: str):
     """A `datasets.Dataset` from a save_to_disk folder or a .jsonl/.json/.parquet file."""
     from datasets import load_dataset, load_from_disk
@@ -158,6 +178,7 @@ def load_precomputed(cfg, config: PrecomputedTeacher, tokenizer, *, sequences: s
     manifest = Manifest.read(config.path)
     check_manifest(manifest, config.path, tokenizer=tokenizer, sequence_len=cfg.sequence_len, top_k=config.top_k,
                    sequences=sequences)
+    check_teacher_pair(manifest, config, tokenizer)
     wants_eval = bool(cfg.val_set_size) or bool(cfg.test_datasets)
     if wants_eval and "eval" not in manifest.splits:
         raise ValueError(f"{Path(config.path) / MANIFEST}: splits {sorted(manifest.splits)} have no 'eval', but the "

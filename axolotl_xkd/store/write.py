@@ -54,6 +54,7 @@ class PrecomputeSettings:
     # load_frozen_teacher's options from the config's `xkd.teacher` (tokenizer_path, trust_remote_code,
     # attn_implementation), so the precompute loads the teacher as training would.
     loading: dict = field(default_factory=dict)
+    cross_tokenizer: bool = False  # a teacher of another tokenizer, aligned to the student's positions
 
 
 def pad_batch(rows: list[dict], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,6 +87,17 @@ def score_rows(model: nn.Module, rows: list[dict], *, top_k: int, vocab_size: in
     counts = response.sum(-1).tolist()
     bounds = np.cumsum([0, *counts])
     return [(indices[a:b], values[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@torch.no_grad()
+def score_aligned(source, rows: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row, an aligned teacher's records (ids, log-probs), each (R_row, k + 1), at its response positions:
+    `teachers.aligned.AlignedTeacherSource.get_signal` on the rows, as training would compute it."""
+    ids, attention, response = pad_batch(rows, 0, torch.device("cpu"))
+    labels, _ = right_pad([r["labels"] for r in rows], -100)
+    signal = source.get_signal({"input_ids": ids, "attention_mask": attention, "labels": labels})
+    return [(signal.token_ids[b][response[b]].numpy(), signal.logprobs[b][response[b]].float().numpy())
+            for b in range(len(rows))]
 
 
 def response_entries(rows: list[dict],
@@ -176,6 +188,10 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
     if not 1 <= settings.top_k <= vocab_size:
         raise ValueError(f"--top-k {settings.top_k} must lie in [1, {vocab_size}] (the vocabulary size)")
     fingerprint = tokenizer_hash(tokenizer)
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    aligned = _aligned_source(settings, tokenizer, dtype=dtype, device=device) if settings.cross_tokenizer else None
     client = None
     teacher = str(settings.teacher)
     if settings.server is not None:
@@ -190,7 +206,7 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
         tokenizer_hash=fingerprint,
         vocab_size=vocab_size,
         special_tokens=special_tokens(tokenizer),
-        top_k=settings.top_k,
+        top_k=settings.top_k if aligned is None else aligned.width,
         sequence_len=int(cfg.sequence_len),
         encoding=choose_encoding(vocab_size, settings.logprob_dtype),
         logprob_dtype=settings.logprob_dtype,
@@ -198,22 +214,21 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
         splits={name: len(ds) for name, ds in splits.items()},
         sequences="dataset" if settings.generate is None else "teacher",
         generation=None if settings.generate is None else {**settings.generate.model_dump(), "seed": settings.seed},
+        teacher_tokenizer_hash=None if aligned is None else tokenizer_hash(aligned.aligner.teacher),
+        vocab_map=None if aligned is None else aligned.aligner.vocab.digest(),
     )
     manifest_path = Path(settings.out) / "manifest.json"
     if manifest_path.is_file():
         check_resume(Manifest.read(settings.out), manifest, settings.out)
     else:
         manifest.write(settings.out)
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     todo = [(name, i) for name in splits for i in missing_shards(settings.out, manifest, name)
             if i % world_size == rank]
     if not todo:
         LOG.info("xkd precompute: %s is complete", settings.out)
         return manifest
     model = None
-    if client is None:
+    if client is None and aligned is None:
         model = load_frozen_teacher(settings.teacher, dtype=dtype, student_tokenizer=tokenizer, **settings.loading)[0]
         model = model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -236,6 +251,8 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
             for i, batch in enumerate(batches):
                 if answers is not None:
                     scored += response_entries(batch, answers[i].result())
+                elif aligned is not None:
+                    scored += score_aligned(aligned, batch)
                 else:
                     if settings.generate is not None:
                         batch = teacher_rows(model, batch, settings.generate, pad_id=pad_id,
@@ -252,3 +269,19 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
             client.close()
     bar.close()
     return manifest
+
+
+def _aligned_source(settings: PrecomputeSettings, tokenizer, *, dtype: torch.dtype, device: torch.device):
+    """The teacher of another tokenizer (--cross-tokenizer), loaded and placed, with its alignment to `tokenizer`;
+    sampling (--generate) and teacher servers (--server) are not aligned yet."""
+    from axolotl_xkd.cross_tokenizer import KEY, Aligner
+    from axolotl_xkd.teachers.aligned import AlignedTeacherSource
+
+    if settings.generate is not None or settings.server is not None:
+        raise ValueError(f"--cross-tokenizer ({KEY}) aligns a teacher model loaded here; it does not yet combine "
+                         "with --generate or --server. Drop them, or use a teacher of the student's tokenizer.")
+    model, teacher_tokenizer = load_frozen_teacher(settings.teacher, dtype=dtype, student_tokenizer=tokenizer,
+                                                   cross_tokenizer=True, **settings.loading)
+    aligner = Aligner(tokenizer, teacher_tokenizer, f"--teacher {settings.teacher!r} with {KEY}")
+    LOG.info("xkd precompute, cross-tokenizer teacher: %s", aligner.summary())
+    return AlignedTeacherSource(model.to(device), aligner, top_k=settings.top_k)

@@ -30,38 +30,11 @@ class ModelTeacherSource(TeacherSource):
         self.engine = engine
 
     @classmethod
-    def load(
-        cls,
-        path: str,
-        *,
-        student_tokenizer,
-        dtype: torch.dtype,
-        device: torch.device,
-        tokenizer_path: str | None = None,
-        attn_implementation: str | None = None,
-        trust_remote_code: bool = False,
-        ds_config: dict | None = None,
-        offload: bool = False,
-    ) -> ModelTeacherSource:
-        """Load the teacher once, check its tokenizer and output size, freeze it and place it on this rank.
-
-        `ds_config` is the student's DeepSpeed config (None without DeepSpeed): under ZeRO-3 the teacher
-        is sharded across ranks (its shards kept in CPU memory with `offload`) and gathered layer by layer
-        by the hooks of a DeepSpeed inference engine; otherwise it is moved whole to `device`
-        (distributed.place_teacher).
-        """
-        model, _ = load_frozen_teacher(
-            path, dtype=dtype, student_tokenizer=student_tokenizer, tokenizer_path=tokenizer_path,
-            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-            where=f"xkd.teacher.path={path!r}",
-        )
-        vocab_size = len(student_tokenizer)
-        placed = place_teacher(model, device=device, ds_config=ds_config, offload=offload)
-        engine = None if placed is model else placed
-        where = device if engine is None else "ZeRO-3 sharded" + (", offloaded to CPU" if offload else "")
-        rows = full_shape(model.get_output_embeddings().weight)[0]
-        LOG.info("X-KD teacher %s loaded (%s, %s, output rows %d)", path, dtype, where, rows)
-        return cls(model, vocab_size, engine)
+    def load(cls, path: str, *, student_tokenizer, **kwargs) -> ModelTeacherSource:
+        """Load the teacher once, check its tokenizer and output size, freeze it and place it on this rank
+        (`load_placed`)."""
+        model, _, engine = load_placed(path, student_tokenizer=student_tokenizer, **kwargs)
+        return cls(model, len(student_tokenizer), engine)
 
     @property
     def fusable(self) -> bool:
@@ -89,3 +62,36 @@ class ModelTeacherSource(TeacherSource):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         logits = self.model(**inputs, use_cache=False).logits
         return DenseSignal(logits=logits[..., : self.vocab_size])
+
+
+def load_placed(
+    path: str,
+    *,
+    student_tokenizer,
+    dtype: torch.dtype,
+    device: torch.device,
+    tokenizer_path: str | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    ds_config: dict | None = None,
+    offload: bool = False,
+    cross_tokenizer: bool = False,
+) -> tuple[nn.Module, object, nn.Module | None]:
+    """(model, tokenizer, engine): the frozen teacher (frozen_teacher.load_frozen_teacher) placed on this rank.
+
+    `ds_config` is the student's DeepSpeed config (None without DeepSpeed): under ZeRO-3 the teacher
+    is sharded across ranks (its shards kept in CPU memory with `offload`) and gathered layer by layer
+    by the hooks of a DeepSpeed inference engine (returned as `engine`, else None); otherwise it is moved whole
+    to `device` (distributed.place_teacher). `cross_tokenizer` lifts the same-tokenizer rule.
+    """
+    model, tokenizer = load_frozen_teacher(
+        path, dtype=dtype, student_tokenizer=student_tokenizer, tokenizer_path=tokenizer_path,
+        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+        where=f"xkd.teacher.path={path!r}", cross_tokenizer=cross_tokenizer,
+    )
+    placed = place_teacher(model, device=device, ds_config=ds_config, offload=offload)
+    engine = None if placed is model else placed
+    where = device if engine is None else "ZeRO-3 sharded" + (", offloaded to CPU" if offload else "")
+    rows = full_shape(model.get_output_embeddings().weight)[0]
+    LOG.info("X-KD teacher %s loaded (%s, %s, output rows %d)", path, dtype, where, rows)
+    return model, tokenizer, engine

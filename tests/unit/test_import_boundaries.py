@@ -44,6 +44,7 @@ def test_keys_is_a_leaf():
         ("axolotl_xkd.server.client", {"torch", "axolotl", "transformers"}),
         ("axolotl_xkd.teachers.server", {"axolotl", "transformers"}),
         ("axolotl_xkd.frozen_teacher", {"axolotl", "transformers", "deepspeed"}),
+        ("axolotl_xkd.cross_tokenizer", {"axolotl", "transformers", "deepspeed"}),
     ],
 )
 def test_module_imports_without_heavy_stack(module, forbidden):
