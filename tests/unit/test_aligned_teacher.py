@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from axolotl_xkd.cross_tokenizer import KEY, Aligner
-from axolotl_xkd.losses import DenseSignal, XKDHyperparams, xkd_loss
+from axolotl_xkd.losses import DenseSignal, xkd_loss
 from axolotl_xkd.teachers.aligned import AlignedTeacherSource
 from axolotl_xkd.teachers.model import ModelTeacherSource
 from axolotl_xkd.tiny import build_model, build_tokenizer, encode_rows
 from tests.reference import aligned_teacher_record, reference_xkd
+from tests.support import spec_params
 from tests.unit.test_cross_tokenizer import sentencepiece
 
 ROWS = [{"prompt": "what is 3+4=", "response": "7 hello"}, {"prompt": "5-2=", "response": "3"}]
@@ -51,9 +52,9 @@ def reference_signal(student, teacher, model, batch, *, top_k: int, rows=ROWS) -
 
 @pytest.mark.parametrize(
     "params",
-    [XKDHyperparams(divergence="forward_kl"), XKDHyperparams(divergence="jsd", beta=0.5, temperature=1.5),
-     XKDHyperparams(divergence="reverse_kl", td_target="teacher_logprob"),
-     XKDHyperparams(divergence="tvd", td_target="teacher_expected", q_form="logprobs")],
+    [spec_params(divergence="forward_kl"), spec_params(divergence="jsd", beta=0.5, temperature=1.5),
+     spec_params(divergence="reverse_kl", td_target="teacher_logprob"),
+     spec_params(divergence="tvd", td_target="teacher_expected", q_form="logprobs")],
     ids=["forward_kl", "jsd", "reverse_kl+teacher_logprob", "tvd+teacher_expected"],
 )
 def test_aligned_signal_loss_matches_the_float64_reference(params):
@@ -96,7 +97,7 @@ def test_identical_tokenizers_reproduce_the_same_tokenizer_signal():
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     g = torch.Generator().manual_seed(1)
     logits = torch.randn((*batch["input_ids"].shape, len(tokenizer)), generator=g, dtype=torch.float64)
-    params = XKDHyperparams(divergence="jsd", beta=0.3, td_weight=0.0, reward_kl_weight=0.0)
+    params = spec_params(divergence="jsd", beta=0.3, td_weight=0.0, reward_kl_weight=0.0)
     losses = [xkd_loss(logits, batch["labels"], teacher=t, mu=None, log_sigma=None, params=params).loss
               for t in (signal, DenseSignal(dense.logits))]
     torch.testing.assert_close(losses[0], losses[1], atol=1e-12, rtol=1e-12)
