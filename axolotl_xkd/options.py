@@ -22,6 +22,8 @@ TEACHER_TD_TARGETS = ("teacher_expected", "teacher_logprob")
 # The TD targets built without the student's Q: the TD term then sends no gradient into the logits.
 FIXED_TD_TARGETS = ("teacher_logprob",)
 REWARD_INPUTS = ("next_state", "state")
+# The loss's options that take one of a few values, by key.
+LOSS_CHOICES = {"divergence": DIVERGENCES, "q_form": Q_FORMS, "td_target": TD_TARGETS, "reward_input": REWARD_INPUTS}
 
 
 def teacher_reader(*, divergence: str, alpha_kd: float, td_weight: float, td_target: str) -> str | None:

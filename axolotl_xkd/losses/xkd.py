@@ -29,23 +29,8 @@ from axolotl_xkd.losses.td import (
     td_consistency,
     td_difference,
 )
-from axolotl_xkd.options import (
-    DIVERGENCES,
-    FIXED_TD_TARGETS,
-    LOSS_BOUNDS,
-    LOSS_DEFAULTS,
-    Q_FORMS,
-    REWARD_INPUTS,
-    TD_TARGETS,
-    teacher_reader,
-)
+from axolotl_xkd.options import FIXED_TD_TARGETS, LOSS_BOUNDS, LOSS_CHOICES, LOSS_DEFAULTS, teacher_reader
 
-_CHOICES = {
-    "divergence": DIVERGENCES,
-    "q_form": Q_FORMS,
-    "td_target": TD_TARGETS,
-    "reward_input": REWARD_INPUTS,
-}
 _D = LOSS_DEFAULTS
 
 
@@ -76,7 +61,7 @@ class XKDHyperparams:
     ignore_index: int = IGNORE_INDEX
 
     def __post_init__(self) -> None:
-        for name, choices in _CHOICES.items():
+        for name, choices in LOSS_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices} (xkd.{name})")
         for name, interval in LOSS_BOUNDS.items():

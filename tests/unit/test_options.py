@@ -14,7 +14,7 @@ import pytest
 from axolotl_xkd import options
 from axolotl_xkd.args import XKDConfig
 from axolotl_xkd.losses.divergence import REGISTRY
-from axolotl_xkd.losses.xkd import _CHOICES, XKDHyperparams
+from axolotl_xkd.losses.xkd import XKDHyperparams
 
 LOSS_FIELDS = [f.name for f in fields(XKDHyperparams) if f.name != "ignore_index"]
 
@@ -23,9 +23,9 @@ def test_every_loss_hyperparameter_is_a_config_key():
     assert set(LOSS_FIELDS) <= set(XKDConfig.model_fields), set(LOSS_FIELDS) - set(XKDConfig.model_fields)
 
 
-@pytest.mark.parametrize("name", sorted(_CHOICES))
+@pytest.mark.parametrize("name", sorted(options.LOSS_CHOICES))
 def test_config_and_loss_accept_the_same_values(name):
-    assert typing.get_args(XKDConfig.model_fields[name].annotation) == _CHOICES[name]
+    assert typing.get_args(XKDConfig.model_fields[name].annotation) == options.LOSS_CHOICES[name]
 
 
 @pytest.mark.parametrize("name", sorted(options.LOSS_BOUNDS))
