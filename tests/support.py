@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -165,3 +166,44 @@ def with_first_rows(assets: dict[str, Path], folder: Path, rows: int) -> dict[st
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
     return {**assets, "data": folder}
+
+
+# `python -c STOPPING_CLI N ARG...` runs the console script `axolotl ARG...` (the real CLI, unchanged) with one
+# hook: `axolotl_xkd.store.write.write_shard` is wrapped so that the process stops itself (SIGSTOP) right after
+# it has written its N-th shard (counted in this process, so a resumed run counts from 0). A test then kills it
+# at exactly that point (`kill_when_stopped`): no polling, no race with a busy machine.
+STOPPING_CLI = """
+import os, signal, sys
+import axolotl_xkd.store.write as write
+stop_after, written, real = int(sys.argv.pop(1)), [], write.write_shard
+def write_shard(*args, **kwargs):
+    path = real(*args, **kwargs)
+    written.append(path)
+    if len(written) == stop_after:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return path
+write.write_shard = write_shard
+from axolotl.cli.main import main
+sys.argv[0] = "axolotl"
+sys.exit(main())
+"""
+
+
+def start_stopping_cli(args: list[str], stop_after: int, *, env: dict | None = None) -> subprocess.Popen:
+    """`axolotl ARGS...` (ARGS without the leading "axolotl") in its own session, stopping itself after writing
+    `stop_after` store shards (see STOPPING_CLI); output discarded."""
+    full_env = {**os.environ, **ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    return subprocess.Popen([sys.executable, "-c", STOPPING_CLI, str(stop_after), *args], env=full_env, cwd=REPO,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_when_stopped(proc: subprocess.Popen) -> bool:
+    """Wait until `proc` stops itself (then SIGKILL its whole session and return True) or exits (False, its
+    exit code in proc.returncode)."""
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    if os.WIFSTOPPED(status):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return False
