@@ -39,7 +39,7 @@ from axolotl_xkd.losses.positions import IGNORE_INDEX, align_reward
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.options import REWARD_INPUTS
 from axolotl_xkd.reward_store import CONFIG_NAME, WEIGHTS_NAME, load_reward_head
-from axolotl_xkd.sequences import sample_responses
+from axolotl_xkd.sequences import pad_token_id, sample_responses
 
 # What best-of-n sorts by: the learned reward summed or averaged over the response, or the student's own
 # log-likelihood, which the reranking benchmark (docs/reward.md) found the better pick.
@@ -211,7 +211,7 @@ class RewardScorer:
     def _forward(self, rows: list[list[int]], padding_side: str) -> tuple[Tensor, Tensor, list[int]]:
         """Padded student forward -> (last hidden states (B, T, H), logits (B, T, V), left offsets per row)."""
         width = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = pad_token_id(self.tokenizer)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         offsets = []
@@ -271,7 +271,7 @@ class RewardScorer:
             raise ValueError(f"rerank: {len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
         sampling = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         eos = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        pad = pad_token_id(self.tokenizer)
         results: list[list[ScoredResponse]] = []
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="sampling+scoring", unit="batch", disable=not progress):
