@@ -144,8 +144,11 @@ class StoreWriteError(OSError):
 
 def write_error(path: Path, error: OSError) -> StoreWriteError:
     """The error a failed write of `path` raises: nothing half-written is left where a reader looks."""
+    cause = error.strerror or str(error)
+    if error.filename and str(error.filename) != str(path):
+        cause += f": {error.filename}"
     return StoreWriteError(
-        error.errno, f"{path}: writing failed ({error.strerror or error}). Nothing half-written is left where "
+        error.errno, f"{path}: writing failed ({cause}). Nothing half-written is left where "
         "training or a resumed precompute reads: the shards written before it and the manifest are intact. Free "
         "space (or fix the folder's permissions), then rerun the same `axolotl xkd precompute` command: it resumes "
         "with the missing shards.")

@@ -61,7 +61,7 @@ def test_two_process_precompute_writes_the_same_rows(reference, tmp_path):
 
 
 def test_killed_precompute_resumes_to_identical_rows(reference, tmp_path):
-    """Killed right after its third shard (the process stops itself there; see tests.support.STOPPING_CLI), then
+    """Killed right after its third shard (the process stops itself there; see tests.support.HOOKED_CLI), then
     rerun: the rerun keeps those three shards, writes the rest, and the store equals the uninterrupted one."""
     cfg, reference = reference
     resumed = tmp_path / "resumed"
