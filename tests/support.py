@@ -197,7 +197,7 @@ else:
     real_save = datasets.Dataset.save_to_disk
     def save_to_disk(self, path, *args, **kwargs):
         real_save(self, path, *args, **kwargs)
-        if fault():
+        if os.path.basename(str(path)).startswith(".tmp-shard-") and fault():  # not Axolotl's own prepared data
             arrow = next(p for p in os.listdir(path) if p.endswith(".arrow"))
             os.truncate(os.path.join(path, arrow), os.path.getsize(os.path.join(path, arrow)) // 2)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)

@@ -106,9 +106,7 @@ def test_precompute_on_a_full_disk_names_the_path_and_resumes_once_space_is_back
         done = sorted(int(p.name.split("-")[1]) for p in (out / "train").glob("shard-*"))
         assert len(done) < manifest.shards("train")
         assert all(check_shard(out, manifest, "train", i) for i in done)
-        if real:
+        if real:  # space is back (the wrapper's disk fills up only in the process it wraps)
             subprocess.run(["mount", "-o", "remount,size=16m", str(tmp_path / "disk")], check=True)
-            run_cli(["axolotl", *command(cfg, out)], env=ONE_THREAD)
-    if not real:
         run_cli(["axolotl", *command(cfg, out)], env=ONE_THREAD)
-    assert store_hashes(out) == want
+        assert store_hashes(out) == want
