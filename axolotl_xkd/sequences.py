@@ -16,6 +16,15 @@ from axolotl_xkd.args import GenerationSettings
 from axolotl_xkd.losses.positions import IGNORE_INDEX
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id right padding uses: the tokenizer's pad token if set, else its EOS, else 0. Padding sits outside the
+    attention mask and the labels, so its value changes no result; one rule keeps every batch alike."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def segments(batch: dict[str, Tensor]) -> list[tuple[int, int, int]]:
     """(row, start, end) of every sequence in a collated batch: padding (attention_mask 0) left out, packed rows
     split where position_ids restart at 0 (or the attention_mask's segment number changes)."""

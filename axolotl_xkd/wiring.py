@@ -21,6 +21,7 @@ from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams
 from axolotl_xkd.on_policy import OnPolicySampler
 from axolotl_xkd.reward_store import ATTRIBUTE, HeadMetadata, save_beside_student
+from axolotl_xkd.sequences import pad_token_id
 from axolotl_xkd.teachers.base import TeacherSource
 from axolotl_xkd.trainer import XKDSetup, base_model
 
@@ -149,7 +150,7 @@ def on_policy_sampler(config: XKDConfig, cfg, tokenizer) -> OnPolicySampler | No
     """The sampler of `sequences: on_policy`, or None when every step trains on the dataset's sequences."""
     if config.sequences != "on_policy":
         return None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     return OnPolicySampler(config.generation, fraction=config.on_policy_fraction,
                            seed=int(cfg.seed or 0), pad_id=pad_id, eos_id=tokenizer.eos_token_id,
                            max_length=int(cfg.sequence_len))

@@ -1,6 +1,8 @@
-"""Fault-injection soak, the longer runs behind tests/e2e/test_faults.py (the CI-sized cases):
+"""Fault-injection soak, the longer runs behind the CI-sized fault tests (tests/e2e/test_faults.py,
+tests/e2e/test_faults_store.py):
 
     python -m benchmarks.faults --cases server [--seconds 60] [--clients 32]
+    python -m benchmarks.faults --cases store [--kills 12] [--rows 384] [--rows-per-shard 8] [--seed 0]
 
 Each case writes its own section of benchmarks/results/faults.md (between `<!-- case: NAME -->` and
 `<!-- end: NAME -->`; other cases' sections are kept) and prints it.
@@ -9,6 +11,8 @@ Each case writes its own section of benchmarks/results/faults.md (between `<!-- 
   `--clients` concurrent clients for `--seconds` (each client: the server teacher's own HTTP client, no retries,
   requests of 4 prompts x 24 tokens, top 20), then every kind of bad request, each followed by a good one:
   failures, p50 / p99 latency, tokens/s, and that the server still serves.
+- `store` (benchmarks/faults_store.py): `axolotl xkd precompute` killed `--kills` times at seeded points and
+  resumed each time; the finished store compared with an uninterrupted build by sha256 per shard.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from benchmarks import faults_store
 from tests.server_load import run_load
 from tests.support import TeacherServerProcess
 
@@ -109,7 +114,7 @@ def server_case(args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-CASES: dict[str, Callable[[argparse.Namespace], str]] = {"server": server_case}
+CASES: dict[str, Callable[[argparse.Namespace], str]] = {"server": server_case, "store": faults_store.store_case}
 
 
 def write_section(name: str, section: str) -> None:
@@ -127,6 +132,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     parser.add_argument("--seconds", type=float, default=60.0, help="server: how long the load runs")
     parser.add_argument("--clients", type=int, default=32, help="server: concurrent clients")
+    faults_store.add_arguments(parser)
     args = parser.parse_args()
     for name in args.cases:
         section = CASES[name](args)

@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -213,3 +214,77 @@ def spec_params(**overrides):
     from axolotl_xkd.losses import XKDHyperparams
 
     return XKDHyperparams(**{**SPEC_COUPLED, **overrides})
+# `python -c HOOKED_CLI ACTION:POINT:N ARG...` runs the console script `axolotl ARG...` (the real CLI, unchanged)
+# with one fault injected at the N-th shard this process writes (counted from 0 in every run, so a resumed run
+# counts again). POINT "written": after the shard is complete (renamed into place); "saved": after its files are in
+# the shard's tmp folder, before its hash is recorded and it is renamed. ACTION "stop": the process stops itself
+# (SIGSTOP), for a test to kill it at exactly that point (`kill_when_stopped`): no polling, no race with a busy
+# machine. ACTION "enospc" (POINT "saved" only): from the N-th shard on, saving writes half a file and raises
+# OSError(ENOSPC), as a full disk does.
+HOOKED_CLI = """
+import errno, os, signal, sys
+import datasets
+import axolotl_xkd.store.write as write
+action, point, n = sys.argv.pop(1).split(":")
+count = [0]
+def fault():
+    count[0] += 1
+    if action == "stop" and count[0] == int(n):
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return action == "enospc" and count[0] >= int(n)
+if point == "written":
+    real_write = write.write_shard
+    def write_shard(*args, **kwargs):
+        path = real_write(*args, **kwargs)
+        fault()
+        return path
+    write.write_shard = write_shard
+else:
+    real_save = datasets.Dataset.save_to_disk
+    def save_to_disk(self, path, *args, **kwargs):
+        real_save(self, path, *args, **kwargs)
+        if os.path.basename(str(path)).startswith(".tmp-shard-") and fault():  # not Axolotl's own prepared data
+            arrow = next(p for p in os.listdir(path) if p.endswith(".arrow"))
+            os.truncate(os.path.join(path, arrow), os.path.getsize(os.path.join(path, arrow)) // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    datasets.Dataset.save_to_disk = save_to_disk
+from axolotl.cli.main import main
+sys.argv[0] = "axolotl"
+sys.exit(main())
+"""
+
+
+def _hooked(fault: str, args: list[str]) -> list[str]:
+    return [sys.executable, "-c", HOOKED_CLI, fault, *args]
+
+
+def _cli_env(env: dict | None) -> dict:
+    return {**os.environ, **ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+
+
+def start_stopping_cli(args: list[str], stop_after: int, *, point: str = "written",
+                       env: dict | None = None) -> subprocess.Popen:
+    """`axolotl ARGS...` (ARGS without the leading "axolotl") in its own session, stopping itself at `point` of the
+    `stop_after`-th store shard it writes (see HOOKED_CLI); output discarded."""
+    return subprocess.Popen(_hooked(f"stop:{point}:{stop_after}", args), env=_cli_env(env), cwd=REPO,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_disk_full_cli(args: list[str], full_from: int, *, env: dict | None = None,
+                      timeout: float = 900) -> subprocess.CompletedProcess:
+    """`axolotl ARGS...` whose store shard writes fail with ENOSPC from the `full_from`-th on (see HOOKED_CLI);
+    output captured as text, the exit code not checked."""
+    return subprocess.run(_hooked(f"enospc:saved:{full_from}", args), env=_cli_env(env), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def kill_when_stopped(proc: subprocess.Popen) -> bool:
+    """Wait until `proc` stops itself (then SIGKILL its whole session and return True) or exits (False, its
+    exit code in proc.returncode)."""
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    if os.WIFSTOPPED(status):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return False

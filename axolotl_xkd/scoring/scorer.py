@@ -31,7 +31,7 @@ from axolotl_xkd.losses.positions import align_reward
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.options import RANK_FIELDS
 from axolotl_xkd.reward_store import HeadMetadata
-from axolotl_xkd.sequences import sample_responses
+from axolotl_xkd.sequences import pad_token_id, sample_responses
 
 RankBy = Literal["logprob", "sum", "mean"]  # the keys of options.RANK_FIELDS
 
@@ -199,7 +199,7 @@ class RewardScorer:
     def _forward(self, rows: list[list[int]], padding_side: str) -> tuple[Tensor, Tensor, list[int]]:
         """Padded student forward -> (last hidden states (B, T, H), logits (B, T, V), left offsets per row)."""
         width = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = pad_token_id(self.tokenizer)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         offsets = []
@@ -259,7 +259,7 @@ class RewardScorer:
             raise ValueError(f"rerank: {len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
         sampling = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         eos = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        pad = pad_token_id(self.tokenizer)
         results: list[list[ScoredResponse]] = []
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="sampling+scoring", unit="batch", disable=not progress):

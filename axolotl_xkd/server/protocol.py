@@ -15,7 +15,8 @@ reads entry j = i + 1, and a sequence's last position has no entry.
 `axolotl xkd serve-teacher` adds the `INFO_*` fields to its /v1/models card (vLLM has none of them).
 Both halves live here: the client's (`completion_request`, `choices_of`, `parse_prompt_logprobs`) and the server's
 (`prompt_logprobs_entry`, `completion_choice`, `completion_answer`, `error_answer`), so that what one writes and
-the other reads are defined side by side. Imports the standard library and numpy only.
+the other reads are defined side by side. Imports the standard library, numpy and the top-k rule (`topk_rule`,
+a leaf) only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+
+from axolotl_xkd.topk_rule import topk_problem
 
 # Model-card fields `axolotl xkd serve-teacher` adds to /v1/models.
 INFO_TOKENIZER_HASH = "xkd_tokenizer_hash"  # frozen_teacher.tokenizer_hash of the served tokenizer
@@ -56,33 +59,35 @@ def choices_of(answer: object, count: int) -> list[dict]:
 
 def parse_prompt_logprobs(choice: dict, n: int, *, top_k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """One choice of a completions answer for an n-token prompt -> (n, k) int64 ids, float32 log-probs
-    (decreasing), aligned with the student (row i <- entry i + 1; row n-1 -inf). BadAnswer names what is wrong."""
+    (decreasing), aligned with the student (row i <- entry i + 1; row n-1 -inf). Each position's top k must follow
+    the one top-k rule (`axolotl_xkd.topk_rule`; log-probs up to its rounding tolerance above 0 are accepted, then
+    clamped to 0). BadAnswer names the sequence (the choice's index), the entry and what is wrong."""
+    sequence = f"sequence {choice.get('index', 0)}"
     entries = choice.get("prompt_logprobs")
     if not isinstance(entries, list) or len(entries) != n:
         got = len(entries) if isinstance(entries, list) else type(entries).__name__
-        raise BadAnswer(f"prompt_logprobs has {got} positions for a prompt of {n} tokens")
+        raise BadAnswer(f"{sequence}: prompt_logprobs has {got} positions for a prompt of {n} tokens")
     ids = np.zeros((n, top_k), dtype=np.int64)
     logprobs = np.full((n, top_k), -np.inf, dtype=np.float32)
     for j in range(1, n):
         entry = entries[j]
         if not isinstance(entry, dict) or len(entry) < top_k:
-            raise BadAnswer(f"prompt_logprobs[{j}] holds {len(entry) if isinstance(entry, dict) else entry!r} "
-                             f"entries, expected at least top_k={top_k}")
+            raise BadAnswer(f"{sequence}: prompt_logprobs[{j}] holds "
+                            f"{len(entry) if isinstance(entry, dict) else entry!r} entries, expected at least "
+                            f"top_k={top_k}")
         try:
             pairs = [(int(token), float(value["logprob"] if isinstance(value, dict) else value))
                      for token, value in entry.items()]
-        except (KeyError, TypeError, ValueError):
-            raise BadAnswer(f"prompt_logprobs[{j}] is not a map of token id -> {{logprob}}: {str(entry)[:80]}") \
-                from None
-        pairs.sort(key=lambda pair: -pair[1])
-        top = pairs[:top_k]
-        if any(not 0 <= token < vocab_size for token, _ in top):
-            raise BadAnswer(f"prompt_logprobs[{j}] has a token id outside the vocabulary [0, {vocab_size})")
-        if any(math.isnan(value) or value > 1e-4 for _, value in top):
-            raise BadAnswer(f"prompt_logprobs[{j}] has a log-prob that is NaN or above 0")
-        ids[j - 1] = [token for token, _ in top]
-        logprobs[j - 1] = [min(value, 0.0) for _, value in top]
-    return ids, logprobs
+            pairs.sort(key=lambda pair: -pair[1])
+            ids[j - 1] = [token for token, _ in pairs[:top_k]]
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise BadAnswer(f"{sequence}: prompt_logprobs[{j}] is not a map of token id -> {{logprob}}: "
+                            f"{str(entry)[:80]}") from None
+        logprobs[j - 1] = [value for _, value in pairs[:top_k]]
+    problem = topk_problem(ids, logprobs, vocab_size=vocab_size)
+    if problem is not None:
+        raise BadAnswer(f"{sequence}: prompt_logprobs[{problem.position + 1}] has {problem.what}")
+    return ids, np.minimum(logprobs, 0.0)
 
 
 # -- the server's half: building the answers ------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Holds the manifest, the encodings, row validation and shard paths; `write.py` writes a store, `read.py`
 reads one, `collate.py` expands its rows into batches. A store is a folder written by `axolotl xkd precompute`:
 
-    DIR/manifest.json            what made it (teacher, tokenizer hash, k, sequence_len, alignment, encoding)
+    DIR/manifest.json            what made it (teacher, tokenizer hash, k, sequence_len, alignment, encoding),
+                                 the sha256 of each shard, and its own sha256
     DIR/<split>/shard-00000/     Hugging Face `datasets` Arrow shards (save_to_disk), rows in order
 
 Each row holds `input_ids` and `labels` (int32) as Axolotl tokenized them, and the teacher's top-k for
@@ -23,8 +24,7 @@ Imports numpy, pyarrow and torch (for the position rule); nothing of Axolotl, tr
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,9 +33,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from axolotl_xkd.integrity import atomic_write, check_sha256, locked, read_sealed_json, seal_json
 from axolotl_xkd.keys import TOPK_COLUMNS, TOPK_IDS, TOPK_LOGPROBS, TOPK_PACKED
 from axolotl_xkd.losses.positions import IGNORE_INDEX, shift_targets
+from axolotl_xkd.topk_rule import IDS, LOGPROBS, topk_problem
 
+LOG = logging.getLogger("axolotl_xkd")
 FORMAT = "axolotl_xkd.topk"
 # 2: tokenizer_hash covers the token -> id map only (frozen_teacher's same-tokenizer rule), special tokens apart.
 VERSION = 2
@@ -46,14 +49,15 @@ ALIGNMENT = (
 )
 PACKED_ID_BITS = 17
 PACKED_MAX_VOCAB = 1 << PACKED_ID_BITS
-# Stored probabilities of one position may sum above 1 by float16 rounding: at most about
-# 2^-11 * entropy (<= 12 nats), so 1e-2 leaves room while catching real errors.
-PROB_SUM_TOLERANCE = 1e-2
 
 
 @dataclass
 class Manifest:
-    """What a store holds and how it was made; compared with the training config before use."""
+    """What a store holds and how it was made; compared with the training config before use.
+
+    It also records the sha256 of every shard as it is written (`shard_sha256`) and carries its own hash
+    (integrity.seal_json), so that a shard or manifest damaged later is refused when the store is loaded.
+    """
 
     teacher: str
     tokenizer_hash: str  # frozen_teacher.tokenizer_hash of the tokenizer the rows were made with
@@ -73,6 +77,9 @@ class Manifest:
     # (cross_tokenizer.VocabMap.digest); the rows hold its aligned records in student ids, k = top_k slots.
     teacher_tokenizer_hash: str | None = None
     vocab_map: str | None = None
+    # "<split>/shard-NNNNN" -> integrity.folder_sha256 of the shard, recorded when it is written (empty in a store
+    # written before hashes existed: it loads with a warning).
+    shard_sha256: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
     version: int = VERSION
 
@@ -80,12 +87,13 @@ class Manifest:
         """Number of shards of `split`."""
         return -(-self.splits[split] // self.rows_per_shard)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+    def settings(self) -> dict:
+        """What made the store: every field but the shard hashes, which fill in as shards are written."""
+        return {k: v for k, v in asdict(self).items() if k != "shard_sha256"}
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
-        """The manifest of the store at `folder`; errors name the file."""
+        """The manifest of the store at `folder`; errors name the file (also when it is damaged)."""
         path = Path(folder) / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(
@@ -93,21 +101,60 @@ class Manifest:
                 "Run `axolotl xkd precompute CONFIG.yml --out DIR` first, or set xkd.teacher.format: "
                 "axolotl_kd_v2 for a dataset with target_token_ids/logprobs columns."
             )
-        data = json.loads(path.read_text())
+        data, sealed = read_sealed_json(path, advice=f"it cannot be trusted, nor rebuilt from the shards. Delete "
+                                        f"{folder} and run `axolotl xkd precompute` again (or restore {MANIFEST} "
+                                        "from a copy).")
         if data.get("format") != FORMAT or data.get("version") != VERSION:
             raise ValueError(
                 f"{path}: format {data.get('format')!r} version {data.get('version')!r}, expected {FORMAT!r} "
                 f"version {VERSION}; rerun `axolotl xkd precompute` with this axolotl_xkd version."
             )
+        if not sealed:
+            _warn_once(path, "%s has no content hashes (written before stores carried them): damage to it or its "
+                       "shards cannot be detected. Precompute it again into a new folder to add them.")
         return cls(**data)
 
     def write(self, folder: str | Path) -> None:
-        """Write atomically (tmp file + rename)."""
+        """Write atomically (tmp file + rename), sealed with its own hash."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
-        tmp.write_text(self.to_json())
-        os.replace(tmp, folder / MANIFEST)
+        atomic_write(folder / MANIFEST, seal_json(asdict(self)))
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(path: Path, message: str) -> None:
+    if str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        LOG.warning(message, path)
+
+
+def shard_key(split: str, index: int) -> str:
+    """The key of a shard in `Manifest.shard_sha256`."""
+    return f"{split}/shard-{index:05d}"
+
+
+def record_shard(folder: str | Path, split: str, index: int, digest: str) -> None:
+    """Add a shard's hash to the manifest at `folder` (read, update, write under the store's lock: the ranks of one
+    precompute share the file)."""
+    with locked(folder):
+        manifest = Manifest.read(folder)
+        manifest.shard_sha256[shard_key(split, index)] = digest
+        manifest.write(folder)
+
+
+def check_shard(folder: str | Path, manifest: Manifest, split: str, index: int) -> bool:
+    """Refuse (CorruptFileError) a shard whose content differs from the hash the manifest recorded for it; False
+    when the manifest has no hash for it (a store from before hashes: nothing to check)."""
+    recorded = manifest.shard_sha256.get(shard_key(split, index))
+    if recorded is None:
+        return False
+    path = shard_dir(folder, split, index)
+    check_sha256(path, recorded, where=str(Path(folder) / MANIFEST),
+                 advice=f"do not train on it. Delete {path} and rerun the same `axolotl xkd precompute` command: it "
+                 "recomputes only the missing shard.")
+    return True
 
 
 def choose_encoding(vocab_size: int, logprob_dtype: str) -> str:
@@ -155,71 +202,86 @@ class RowError(ValueError):
 
 def validate_rows(batch: pa.Table | pa.RecordBatch, *, top_k: int, vocab_size: int, first_row: int = 0,
                   where: str = "") -> None:
-    """Check rows of a store: top-k lengths match the tokens, log-probs are finite or -inf, ids lie in
-    the vocabulary, and each position's probabilities sum to at most 1 (+ float16 rounding).
+    """Check rows of a store: their lengths agree (labels with input_ids, top-k entries with the response
+    positions), and every position's top-k follows the one top-k rule (`axolotl_xkd.topk_rule`: log-probs finite
+    or -inf and at most 0, probabilities summing to at most 1 + float16 rounding, ids in the vocabulary, no id
+    twice).
 
     Raises RowError naming the (global) row index, the field and what to do; never skips a row.
     """
-    prefix = f"{where}: " if where else ""
-    names = batch.schema.names
-    field_name = topk_field(names)
-    ids_col, labels_col = batch.column(names.index("input_ids")), batch.column(names.index("labels"))
-    n_rows = batch.num_rows
-    token_lengths = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False)
-    label_lengths = pc.list_value_length(labels_col).to_numpy(zero_copy_only=False)
-    bad = np.flatnonzero(token_lengths != label_lengths)
-    if bad.size:
-        r = int(bad[0])
-        raise RowError(f"{prefix}row {first_row + r}, field 'labels': {label_lengths[r]} labels for "
-                       f"{token_lengths[r]} input_ids; the row is corrupt, rerun the precompute.")
-    labels = pc.list_flatten(labels_col).to_numpy(zero_copy_only=False)
-    offsets = np.concatenate([[0], np.cumsum(label_lengths)])
-    # All rows at once, as one packed row whose position_ids restart at every row: no row's last position
-    # pairs with the next row's first label.
-    nxt = response_mask(labels, np.arange(len(labels)) - np.repeat(offsets[:-1], label_lengths))
-    per_row = np.add.reduceat(nxt.astype(np.int64), offsets[:-1]) if len(labels) else np.zeros(n_rows, np.int64)
-    per_row = np.where(label_lengths > 0, per_row, 0)
-    topk_col = batch.column(names.index(field_name))
-    stored = pc.list_value_length(topk_col).to_numpy(zero_copy_only=False)
-    bad = np.flatnonzero(stored != per_row * top_k)
-    if bad.size:
-        r = int(bad[0])
-        raise RowError(
-            f"{prefix}row {first_row + r}, field {field_name!r}: {stored[r]} top-k entries, but the row has "
-            f"{per_row[r]} response positions x k={top_k} = {per_row[r] * top_k}; its top-k data does not "
-            "match its tokens. Rerun `axolotl xkd precompute` for this data."
-        )
-    if TOPK_IDS in names:
-        id_lengths = pc.list_value_length(batch.column(names.index(TOPK_IDS))).to_numpy(zero_copy_only=False)
-        bad = np.flatnonzero(id_lengths != stored)
+    rows = _RowChecker(batch, first_row=first_row, where=where)
+    per_row = rows.response_positions()
+    rows.check_topk_lengths(per_row, top_k)
+    rows.check_topk_entries(per_row, top_k, vocab_size)
+
+
+class _RowChecker:
+    """The checks of `validate_rows` on one table, each raising RowError in the words of the store's columns."""
+
+    def __init__(self, batch: pa.Table | pa.RecordBatch, *, first_row: int, where: str) -> None:
+        self.batch, self.names, self.first_row = batch, batch.schema.names, first_row
+        self.prefix = f"{where}: " if where else ""
+
+    def column(self, name: str):
+        return self.batch.column(self.names.index(name))
+
+    def lengths(self, name: str) -> np.ndarray:
+        return pc.list_value_length(self.column(name)).to_numpy(zero_copy_only=False)
+
+    def fail(self, row: int, field_: str, what: str) -> None:
+        raise RowError(f"{self.prefix}row {self.first_row + row}, field {field_!r}: {what}")
+
+    def response_positions(self) -> np.ndarray:
+        """Response positions per row (by the loss's rule), after checking that labels match input_ids."""
+        token_lengths, label_lengths = self.lengths("input_ids"), self.lengths("labels")
+        bad = np.flatnonzero(token_lengths != label_lengths)
         if bad.size:
             r = int(bad[0])
-            raise RowError(f"{prefix}row {first_row + r}, field {TOPK_IDS!r}: {id_lengths[r]} ids for "
-                           f"{stored[r]} log-probs; rerun `axolotl xkd precompute` for this data.")
-    flat = {name: pc.list_flatten(batch.column(names.index(name))).to_numpy(zero_copy_only=False)
-            for name in TOPK_COLUMNS if name in names}
-    ids, logprobs = decode(flat, top_k)
-    row_of_position = np.repeat(np.arange(n_rows), per_row)
+            self.fail(r, "labels", f"{label_lengths[r]} labels for {token_lengths[r]} input_ids; the row is corrupt, "
+                      "rerun the precompute.")
+        labels = pc.list_flatten(self.column("labels")).to_numpy(zero_copy_only=False)
+        if not len(labels):
+            return np.zeros(self.batch.num_rows, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(label_lengths)])
+        # All rows at once, as one packed row whose position_ids restart at every row: no row's last position
+        # pairs with the next row's first label.
+        nxt = response_mask(labels, np.arange(len(labels)) - np.repeat(offsets[:-1], label_lengths))
+        per_row = np.add.reduceat(nxt.astype(np.int64), offsets[:-1])
+        return np.where(label_lengths > 0, per_row, 0)
 
-    def fail(position_mask: np.ndarray, field_: str, what: str) -> None:
-        hits = np.flatnonzero(position_mask)
-        if hits.size:
-            p = int(hits[0])
-            r = int(row_of_position[p])
-            nth = p - int(np.sum(per_row[:r]))
-            raise RowError(f"{prefix}row {first_row + r}, field {field_!r}: {what} at its response position "
-                           f"#{nth}; the stored teacher data is invalid. Rerun `axolotl xkd precompute`, or fix "
-                           "the row in the source dataset.")
+    def check_topk_lengths(self, per_row: np.ndarray, top_k: int) -> None:
+        """Each row stores k entries per response position (in every top-k column)."""
+        field_name = topk_field(self.names)
+        stored = self.lengths(field_name)
+        bad = np.flatnonzero(stored != per_row * top_k)
+        if bad.size:
+            r = int(bad[0])
+            self.fail(r, field_name, f"{stored[r]} top-k entries, but the row has {per_row[r]} response positions x "
+                      f"k={top_k} = {per_row[r] * top_k}; its top-k data does not match its tokens. Rerun `axolotl "
+                      "xkd precompute` for this data.")
+        if TOPK_IDS in self.names:
+            id_lengths = self.lengths(TOPK_IDS)
+            bad = np.flatnonzero(id_lengths != stored)
+            if bad.size:
+                r = int(bad[0])
+                self.fail(r, TOPK_IDS, f"{id_lengths[r]} ids for {stored[r]} log-probs; rerun `axolotl xkd "
+                          "precompute` for this data.")
 
-    lp_field = TOPK_PACKED if TOPK_PACKED in names else TOPK_LOGPROBS
-    fail(np.isnan(logprobs).any(-1), lp_field, "NaN log-prob")
-    fail(np.isposinf(logprobs).any(-1), lp_field, "+inf log-prob")
-    fail((np.isfinite(logprobs) & (logprobs > 0)).any(-1), lp_field, "log-prob above 0")
-    id_field = TOPK_PACKED if TOPK_PACKED in names else TOPK_IDS
-    fail(((ids < 0) | (ids >= vocab_size)).any(-1), id_field, f"token id outside the vocabulary [0, {vocab_size})")
-    mass = np.exp(logprobs.astype(np.float64)).sum(-1)
-    fail(mass > 1.0 + PROB_SUM_TOLERANCE, lp_field,
-         f"probabilities summing above 1 (+{PROB_SUM_TOLERANCE} rounding tolerance)")
+    def check_topk_entries(self, per_row: np.ndarray, top_k: int, vocab_size: int) -> None:
+        """Every response position's top-k follows the one top-k rule."""
+        flat = {name: pc.list_flatten(self.column(name)).to_numpy(zero_copy_only=False)
+                for name in TOPK_COLUMNS if name in self.names}
+        ids, logprobs = decode(flat, top_k)
+        problem = topk_problem(ids, logprobs, vocab_size=vocab_size)
+        if problem is None:
+            return
+        row_starts = np.cumsum(per_row) - per_row
+        r = int(np.searchsorted(row_starts + per_row, problem.position, side="right"))
+        split_field = {IDS: TOPK_IDS, LOGPROBS: TOPK_LOGPROBS}[problem.field]
+        field_name = TOPK_PACKED if TOPK_PACKED in self.names else split_field
+        self.fail(r, field_name, f"{problem.what} at its response position #{problem.position - int(row_starts[r])}; "
+                  "the stored teacher data is invalid. Rerun `axolotl xkd precompute`, or fix the row in the source "
+                  "dataset.")
 
 
 def shard_dir(folder: str | Path, split: str, index: int) -> Path:

@@ -22,6 +22,7 @@ from axolotl_xkd.store.format import (
     MANIFEST,
     Manifest,
     RowError,
+    check_shard,
     missing_shards,
     response_mask,
     shard_dir,
@@ -216,7 +217,8 @@ def load_datasets_meta(cfg, config: PrecomputedTeacher, *, sequences: str = "dat
 
 
 def load_split(folder: str | Path, manifest: Manifest, split: str, *, validate: bool = True):
-    """All shards of `split` as one `datasets.Dataset`, rows in order; validated row by row."""
+    """All shards of `split` as one `datasets.Dataset`, rows in order; each shard checked against the hash the
+    manifest recorded when it was written, then validated row by row."""
     from datasets import concatenate_datasets, load_from_disk
 
     missing = missing_shards(folder, manifest, split)
@@ -226,14 +228,20 @@ def load_split(folder: str | Path, manifest: Manifest, split: str, *, validate: 
             f"shards of split {split!r}): the precompute did not finish. Rerun the same "
             "`axolotl xkd precompute` command; it resumes where it stopped."
         )
-    parts, first = [], 0
+    parts, first, unhashed = [], 0, 0
     for i in range(manifest.shards(split)):
+        if validate:
+            unhashed += not check_shard(folder, manifest, split, i)  # before loading: a truncated shard may not load
         part = load_from_disk(str(shard_dir(folder, split, i)))
         if validate:
             validate_rows(part.data.table, top_k=manifest.top_k, vocab_size=manifest.vocab_size,
                           first_row=first, where=str(shard_dir(folder, split, i)))
         first += len(part)
         parts.append(part)
+    if unhashed:
+        LOG.warning("xkd: %d of %d shards of split %r in %s have no content hash in %s (written before stores "
+                    "carried them): damage to them cannot be detected.", unhashed, manifest.shards(split), split,
+                    folder, MANIFEST)
     dataset = concatenate_datasets(parts)
     if len(dataset) != manifest.splits[split]:
         raise ValueError(f"{Path(folder) / MANIFEST}: split {split!r} should hold {manifest.splits[split]} rows, "

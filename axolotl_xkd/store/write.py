@@ -28,9 +28,19 @@ from torch import nn
 from axolotl_xkd.args import GenerationSettings, ServerTeacher
 from axolotl_xkd.frozen_teacher import load_frozen_teacher, output_layer_is_linear, special_tokens, tokenizer_hash
 from axolotl_xkd.keys import TOPK_IDS, TOPK_LOGPROBS, TOPK_PACKED
-from axolotl_xkd.sequences import prompt_to_answer, response_rows, right_pad, sample_responses
+from axolotl_xkd.integrity import folder_sha256, locked
+from axolotl_xkd.sequences import pad_token_id, prompt_to_answer, response_rows, right_pad, sample_responses
 from axolotl_xkd.server.client import TeacherServerClient
-from axolotl_xkd.store.format import Manifest, choose_encoding, encode, missing_shards, response_mask, shard_dir
+from axolotl_xkd.store.format import (
+    MANIFEST,
+    Manifest,
+    choose_encoding,
+    encode,
+    missing_shards,
+    record_shard,
+    response_mask,
+    shard_dir,
+)
 
 LOG = logging.getLogger("axolotl_xkd")
 
@@ -140,15 +150,38 @@ def shard_table(rows: list[dict], scored: list[tuple[np.ndarray, np.ndarray]], *
     return pa.table(arrays)
 
 
+class StoreWriteError(OSError):
+    """Writing the store failed (a full disk, a read-only folder); the message names the path and what to do."""
+
+
+def write_error(path: Path, error: OSError) -> StoreWriteError:
+    """The error a failed write of `path` raises: nothing half-written is left where a reader looks."""
+    cause = error.strerror or str(error)
+    if error.filename and str(error.filename) != str(path):
+        cause += f": {error.filename}"
+    return StoreWriteError(
+        error.errno, f"{path}: writing failed ({cause}). Nothing half-written is left where "
+        "training or a resumed precompute reads: the shards written before it and the manifest are intact. Free "
+        "space (or fix the folder's permissions), then rerun the same `axolotl xkd precompute` command: it resumes "
+        "with the missing shards.")
+
+
 def write_shard(dataset, folder: str | Path, split: str, index: int) -> Path:
-    """Save a `datasets.Dataset` as shard `index` atomically: into a tmp folder, then one rename."""
+    """Save a `datasets.Dataset` as shard `index` atomically: into a tmp folder, its hash into the manifest, then
+    one rename. A shard on disk always has its hash recorded; a kill before the rename leaves only the tmp folder
+    (cleared when the shard is written again) and perhaps a hash that the rewrite replaces."""
     final = shard_dir(folder, split, index)
     # One rank writes a given shard, so the tmp name needs no pid; a rerun clears a killed run's leftovers.
     tmp = final.parent / f".tmp-{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    dataset.save_to_disk(str(tmp))  # num_proc=None: no process pool (num_proc=1 spawns one)
-    os.replace(tmp, final)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        dataset.save_to_disk(str(tmp))  # num_proc=None: no process pool (num_proc=1 spawns one)
+        record_shard(folder, split, index, folder_sha256(tmp))
+        os.replace(tmp, final)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(final, error) from error
     return final
 
 
@@ -165,7 +198,7 @@ def prepared_splits(cfg) -> dict:
 
 def check_resume(existing: Manifest, wanted: Manifest, out: str) -> None:
     """A rerun into a folder must use the same settings, or rows would mix two teachers."""
-    theirs, ours = existing.__dict__, wanted.__dict__
+    theirs, ours = existing.settings(), wanted.settings()
     differ = [k for k in ours if theirs.get(k) != ours[k]]
     if differ:
         k = differ[0]
@@ -175,40 +208,46 @@ def check_resume(existing: Manifest, wanted: Manifest, out: str) -> None:
         )
 
 
-def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_size: int = 1,
-                   progress: bool = True) -> Manifest:
-    """Write (or finish) the store at settings.out; returns its manifest."""
-    from axolotl.loaders import load_tokenizer
-    from datasets import Dataset
-    from tqdm.auto import tqdm
+def open_store(wanted: Manifest, out: str) -> Manifest:
+    """The manifest of the store at `out`: written now for a new store, or read (and checked against `wanted`) to
+    resume one. Under the store's lock, as every rank of a torchrun precompute does this at once."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with locked(out):
+        if (Path(out) / MANIFEST).is_file():
+            existing = Manifest.read(out)
+            check_resume(existing, wanted, out)
+            return existing
+        try:
+            wanted.write(out)
+        except OSError as error:
+            raise write_error(Path(out) / MANIFEST, error) from error
+    return wanted
 
-    tokenizer = load_tokenizer(cfg)
-    splits = prepared_splits(cfg)
-    vocab_size = len(tokenizer)
-    if not 1 <= settings.top_k <= vocab_size:
-        raise ValueError(f"--top-k {settings.top_k} must lie in [1, {vocab_size}] (the vocabulary size)")
-    fingerprint = tokenizer_hash(tokenizer)
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    aligned = _aligned_source(settings, tokenizer, dtype=dtype, device=device) if settings.cross_tokenizer else None
-    client = None
-    teacher = str(settings.teacher)
-    if settings.server is not None:
-        if settings.generate is not None:
-            raise ValueError("--generate samples responses with the teacher model in this process; a teacher server "
-                             "(--server) is only asked for log-probs. Drop --server, or drop --generate.")
-        client = TeacherServerClient(settings.server, api_key=settings.server_api_key)
-        client.check_server(tokenizer, fingerprint)
-        teacher = f"{client.base_url} (model {client.model})"
-    manifest = Manifest(
+
+def connect_server(settings: PrecomputeSettings, tokenizer, fingerprint: str) -> TeacherServerClient | None:
+    """The checked client of `--server`, or None when the teacher runs in this process."""
+    if settings.server is None:
+        return None
+    if settings.generate is not None:
+        raise ValueError("--generate samples responses with the teacher model in this process; a teacher server "
+                         "(--server) is only asked for log-probs. Drop --server, or drop --generate.")
+    client = TeacherServerClient(settings.server, api_key=settings.server_api_key)
+    client.check_server(tokenizer, fingerprint)
+    return client
+
+
+def new_manifest(cfg, settings: PrecomputeSettings, tokenizer, splits: dict, *, fingerprint: str,
+                 teacher: str, aligned=None) -> Manifest:
+    """The manifest of the store these settings make (`aligned`: the AlignedTeacherSource of a teacher of another
+    tokenizer, whose records have its width and whose pair is recorded)."""
+    return Manifest(
         teacher=teacher,
         tokenizer_hash=fingerprint,
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
         special_tokens=special_tokens(tokenizer),
         top_k=settings.top_k if aligned is None else aligned.width,
         sequence_len=int(cfg.sequence_len),
-        encoding=choose_encoding(vocab_size, settings.logprob_dtype),
+        encoding=choose_encoding(len(tokenizer), settings.logprob_dtype),
         logprob_dtype=settings.logprob_dtype,
         rows_per_shard=settings.rows_per_shard,
         splits={name: len(ds) for name, ds in splits.items()},
@@ -217,61 +256,116 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
         teacher_tokenizer_hash=None if aligned is None else tokenizer_hash(aligned.aligner.teacher),
         vocab_map=None if aligned is None else aligned.aligner.vocab.digest(),
     )
-    manifest_path = Path(settings.out) / "manifest.json"
-    if manifest_path.is_file():
-        check_resume(Manifest.read(settings.out), manifest, settings.out)
-    else:
-        manifest.write(settings.out)
-    todo = [(name, i) for name in splits for i in missing_shards(settings.out, manifest, name)
-            if i % world_size == rank]
-    if not todo:
-        LOG.info("xkd precompute: %s is complete", settings.out)
-        return manifest
-    model = None
-    if client is None and aligned is None:
+
+
+@dataclass
+class ShardScorer:
+    """The teacher of a precompute (a model in this process, a teacher of another tokenizer aligned here, or a
+    server's client) and how it scores a shard."""
+
+    settings: PrecomputeSettings
+    manifest: Manifest
+    tokenizer: object
+    model: nn.Module | None = None
+    client: TeacherServerClient | None = None
+    aligned: object | None = None  # teachers.aligned.AlignedTeacherSource (--cross-tokenizer)
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def load(cls, settings: PrecomputeSettings, manifest: Manifest, tokenizer, client: TeacherServerClient | None,
+             aligned=None) -> ShardScorer:
+        """Load the teacher model (bfloat16 on a GPU that has it, else float32) unless a server or an aligned teacher
+        (already loaded) scores."""
+        if client is not None or aligned is not None:
+            return cls(settings, manifest, tokenizer, client=client, aligned=aligned)
+        device, dtype = teacher_placement()
         model = load_frozen_teacher(settings.teacher, dtype=dtype, student_tokenizer=tokenizer, **settings.loading)[0]
-        model = model.to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    lengths = {name: np.asarray([len(x) for x in ds["input_ids"]]) for name, ds in splits.items()}
-    total = int(sum(lengths[name][i * settings.rows_per_shard:(i + 1) * settings.rows_per_shard].sum()
-                    for name, i in todo))
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"xkd precompute (rank {rank})", disable=not progress)
+        return cls(settings, manifest, tokenizer, model=model.to(device), device=device)
+
+    def score(self, rows: list[dict], split: str, index: int, bar) -> tuple[list[dict], list]:
+        """(rows, per-row top-k) of one shard; with --generate the rows carry the teacher's responses."""
+        settings, pad_id = self.settings, pad_token_id(self.tokenizer)
+        if settings.generate is not None:
+            # Seeded per shard, so a resumed run samples exactly what an uninterrupted one would.
+            torch.manual_seed(settings.seed * 1_000_003 + index * 2 + (split != "train"))
+        batches = [rows[b: b + settings.batch_size] for b in range(0, len(rows), settings.batch_size)]
+        # A server gets every batch of the shard at once; its client keeps `concurrency` requests in flight.
+        answers = [self.client.submit([r["input_ids"] for r in batch]) for batch in batches] if self.client else None
+        scored = []
+        for i, batch in enumerate(batches):
+            if answers is not None:
+                scored += response_entries(batch, answers[i].result())
+            elif self.aligned is not None:
+                scored += score_aligned(self.aligned, batch)
+            else:
+                if settings.generate is not None:
+                    batch = batches[i] = teacher_rows(self.model, batch, settings.generate, pad_id=pad_id,
+                                                      eos_id=self.tokenizer.eos_token_id,
+                                                      max_length=self.manifest.sequence_len)
+                scored += score_rows(self.model, batch, top_k=settings.top_k, vocab_size=self.manifest.vocab_size,
+                                     pad_id=pad_id, device=self.device)
+            bar.update(sum(len(r["input_ids"]) for r in batch))
+        return [row for batch in batches for row in batch], scored
+
+
+def teacher_placement() -> tuple[torch.device, torch.dtype]:
+    """Where and in what dtype a precompute runs its teacher: this rank's GPU in bfloat16 where it has one, else the
+    CPU in float32."""
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    return device, torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_size: int = 1,
+                   progress: bool = True) -> Manifest:
+    """Write (or finish) the store at settings.out; returns its manifest."""
+    from axolotl.loaders import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    splits = prepared_splits(cfg)
+    if not 1 <= settings.top_k <= len(tokenizer):
+        raise ValueError(f"--top-k {settings.top_k} must lie in [1, {len(tokenizer)}] (the vocabulary size)")
+    fingerprint = tokenizer_hash(tokenizer)
+    aligned = _aligned_source(settings, tokenizer) if settings.cross_tokenizer else None
+    client = connect_server(settings, tokenizer, fingerprint)
     try:
-        for name, index in todo:
-            start = index * settings.rows_per_shard
-            rows = splits[name].select(range(start, min(start + settings.rows_per_shard, len(splits[name]))))
-            rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
-            if settings.generate is not None:
-                # Seeded per shard, so a resumed run samples exactly what an uninterrupted one would.
-                torch.manual_seed(settings.seed * 1_000_003 + index * 2 + (name != "train"))
-            batches = [rows[b: b + settings.batch_size] for b in range(0, len(rows), settings.batch_size)]
-            # A server gets every batch of the shard at once; its client keeps `concurrency` requests in flight.
-            answers = [client.submit([r["input_ids"] for r in batch]) for batch in batches] if client else None
-            scored = []
-            for i, batch in enumerate(batches):
-                if answers is not None:
-                    scored += response_entries(batch, answers[i].result())
-                elif aligned is not None:
-                    scored += score_aligned(aligned, batch)
-                else:
-                    if settings.generate is not None:
-                        batch = teacher_rows(model, batch, settings.generate, pad_id=pad_id,
-                                             eos_id=tokenizer.eos_token_id, max_length=manifest.sequence_len)
-                        batches[i] = batch
-                    scored += score_rows(model, batch, top_k=settings.top_k, vocab_size=vocab_size, pad_id=pad_id,
-                                         device=device)
-                bar.update(sum(len(r["input_ids"]) for r in batch))
-            rows = [row for batch in batches for row in batch]
-            table = shard_table(rows, scored, encoding=manifest.encoding, logprob_dtype=manifest.logprob_dtype)
-            write_shard(Dataset(table), settings.out, name, index)
+        teacher = str(settings.teacher) if client is None else f"{client.base_url} (model {client.model})"
+        manifest = open_store(new_manifest(cfg, settings, tokenizer, splits, fingerprint=fingerprint,
+                                           teacher=teacher, aligned=aligned), settings.out)
+        todo = [(name, i) for name in splits for i in missing_shards(settings.out, manifest, name)
+                if i % world_size == rank]
+        if todo:
+            write_shards(ShardScorer.load(settings, manifest, tokenizer, client, aligned), splits, todo, rank=rank,
+                         progress=progress)
+        else:
+            LOG.info("xkd precompute: %s is complete", settings.out)
     finally:
         if client is not None:
             client.close()
-    bar.close()
     return manifest
 
 
-def _aligned_source(settings: PrecomputeSettings, tokenizer, *, dtype: torch.dtype, device: torch.device):
+def write_shards(scorer: ShardScorer, splits: dict, todo: list[tuple[str, int]], *, rank: int,
+                 progress: bool) -> None:
+    """Score and write the shards `todo` ((split, index) pairs), in order, with a progress bar in tokens."""
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    per_shard, manifest = scorer.settings.rows_per_shard, scorer.manifest
+    lengths = {name: np.asarray([len(x) for x in ds["input_ids"]]) for name, ds in splits.items()}
+    total = int(sum(lengths[name][i * per_shard:(i + 1) * per_shard].sum() for name, i in todo))
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"xkd precompute (rank {rank})", disable=not progress)
+    for name, index in todo:
+        start = index * per_shard
+        selected = splits[name].select(range(start, min(start + per_shard, len(splits[name]))))
+        rows, scored = scorer.score([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in selected],
+                                    name, index, bar)
+        table = shard_table(rows, scored, encoding=manifest.encoding, logprob_dtype=manifest.logprob_dtype)
+        write_shard(Dataset(table), scorer.settings.out, name, index)
+    bar.close()
+
+
+def _aligned_source(settings: PrecomputeSettings, tokenizer):
     """The teacher of another tokenizer (--cross-tokenizer), loaded and placed, with its alignment to `tokenizer`;
     sampling (--generate) and teacher servers (--server) are not aligned yet."""
     from axolotl_xkd.cross_tokenizer import KEY, Aligner
@@ -280,6 +374,7 @@ def _aligned_source(settings: PrecomputeSettings, tokenizer, *, dtype: torch.dty
     if settings.generate is not None or settings.server is not None:
         raise ValueError(f"--cross-tokenizer ({KEY}) aligns a teacher model loaded here; it does not yet combine "
                          "with --generate or --server. Drop them, or use a teacher of the student's tokenizer.")
+    device, dtype = teacher_placement()
     model, teacher_tokenizer = load_frozen_teacher(settings.teacher, dtype=dtype, student_tokenizer=tokenizer,
                                                    cross_tokenizer=True, **settings.loading)
     aligner = Aligner(tokenizer, teacher_tokenizer, f"--teacher {settings.teacher!r} with {KEY}")

@@ -32,8 +32,9 @@ def test_feature_layers_import_nothing_above_them(layer):
         assert not above, f"{path.relative_to(PACKAGE.parent)} imports {sorted(above)}"
 
 
-def test_keys_is_a_leaf():
-    assert not project_imports(PACKAGE / "keys.py")
+@pytest.mark.parametrize("leaf", ["keys.py", "topk_rule.py", "integrity.py"])
+def test_leaf_modules_import_nothing_of_the_package(leaf):
+    assert not project_imports(PACKAGE / leaf)
 
 
 @pytest.mark.parametrize(
@@ -45,6 +46,8 @@ def test_keys_is_a_leaf():
         ("axolotl_xkd.teachers.server", {"axolotl", "transformers"}),
         ("axolotl_xkd.frozen_teacher", {"axolotl", "transformers", "deepspeed"}),
         ("axolotl_xkd.cross_tokenizer", {"axolotl", "transformers", "deepspeed"}),
+        ("axolotl_xkd.topk_rule", {"torch", "axolotl", "transformers"}),
+        ("axolotl_xkd.integrity", {"numpy", "torch", "axolotl", "transformers"}),
     ],
 )
 def test_module_imports_without_heavy_stack(module, forbidden):

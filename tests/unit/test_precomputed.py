@@ -103,7 +103,7 @@ def test_packed_nan_and_sum_are_caught():
     rows = [make_row(rng, 10, 6)]
     nan_bits = np.uint32(0x7E00) << np.uint32(17)
     rows[0][TOPK_PACKED][1] = int(nan_bits | np.uint32(5))
-    with pytest.raises(RowError, match=f"row 0, field '{TOPK_PACKED}': NaN"):
+    with pytest.raises(RowError, match=f"row 0, field '{TOPK_PACKED}': a NaN"):
         validate_rows(table(rows), top_k=K, vocab_size=V)
 
 
@@ -130,7 +130,7 @@ def store_with(tmp_path, rows: list[dict]) -> tuple:
 
 def test_loading_a_bad_store_names_shard_row_and_field(tmp_path):
     manifest, folder = store_with(tmp_path, bad_rows("nan"))
-    with pytest.raises(RowError, match="shard-00001: row 2, field 'xkd_topk_logprobs': NaN"):
+    with pytest.raises(RowError, match="shard-00001: row 2, field 'xkd_topk_logprobs': a NaN"):
         load_split(folder, manifest, "train")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from axolotl_xkd.integrity import seal_json
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.reward_store import CONFIG_NAME, WEIGHTS_NAME, save_reward_head
 from axolotl_xkd.scoring import load_scorer
@@ -179,7 +180,7 @@ def test_head_from_a_model_with_another_hidden_size(tmp_path):
 def test_head_from_another_tokenizer_or_model(tmp_path, key, value, message):
     student_dir = make_student(tmp_path)
     config = json.loads((student_dir / CONFIG_NAME).read_text())
-    (student_dir / CONFIG_NAME).write_text(json.dumps({**config, key: value}))
+    (student_dir / CONFIG_NAME).write_text(seal_json({**config, key: value}))  # as another run would have saved it
     with pytest.raises(ValueError, match=message):
         load_scorer(student_dir)
 

@@ -14,6 +14,7 @@ from axolotl_xkd.on_policy import OnPolicySampler
 from axolotl_xkd.sequences import (
     IGNORE_INDEX,
     collate_rows,
+    pad_token_id,
     prompts_of,
     response_rows,
     sample_responses,
@@ -126,3 +127,13 @@ def test_sample_replaces_responses_and_restores_training_mode(tiny):
     assert new["labels"][0, :width].tolist() == [M] * 5 + response
     logs = s.metrics()
     assert logs["gen_length"] == len(response) and 0 < logs["gen_time_share"] <= 1
+
+
+def test_pad_token_id_is_pad_else_eos_else_zero():
+    """One padding rule for every batch the package builds (store/write.py used 0 where the others used EOS)."""
+    tokenizer = build_tokenizer()
+    assert pad_token_id(tokenizer) == tokenizer.pad_token_id
+    tokenizer.pad_token = None
+    assert pad_token_id(tokenizer) == tokenizer.eos_token_id
+    tokenizer.eos_token = None
+    assert pad_token_id(tokenizer) == 0

@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import socket
 import threading
-import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from axolotl_xkd.args import ServerTeacher
 from axolotl_xkd.frozen_teacher import tokenizer_hash
-from axolotl_xkd.keys import TEACHER_TICKET
+from axolotl_xkd.keys import TEACHER_TICKET, TOPK_IDS, TOPK_LOGPROBS
 from axolotl_xkd.sequences import segments
 from axolotl_xkd.server.app import TeacherScorer, make_server
 from axolotl_xkd.server.client import TeacherServerClient, TeacherServerError
+from axolotl_xkd.store.format import RowError, validate_rows
 from axolotl_xkd.teachers.server import ServerTeacherSource
 from axolotl_xkd.tiny import build_model, build_tokenizer
+from axolotl_xkd.topk_rule import LOGPROB_TOLERANCE, topk_problem
 
 
 @pytest.fixture(scope="module")
@@ -110,16 +114,25 @@ def test_other_tokenizer_is_refused_at_start(tiny, served):
         client_for(served, other, top_k=5)
 
 
+HOLD_LIMIT_S = 120.0
+
+
 class FaultServer(ThreadingHTTPServer):
-    """Answers /v1/models correctly and /v1/completions with the fault named by `mode`; counts requests."""
+    """Answers /v1/models correctly and /v1/completions with the fault named by `mode`; counts requests.
+
+    Mode "timeout" holds every answer until the test sets `release` (after the client has given up), so the
+    client's timeout is what ends each attempt, however slow the machine. Held answers give up after
+    HOLD_LIMIT_S: a client that never times out then gets its answer and the test fails instead of hanging."""
 
     daemon_threads = True
 
-    def __init__(self, tokenizer, mode: str, *, fail_first: int | None = None) -> None:
+    def __init__(self, tokenizer, mode: str, *, fail_first: int | None = None, record: dict | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _FaultHandler)
         self.tokenizer, self.mode, self.fail_first = tokenizer, mode, fail_first
+        self.record = record  # mode "record": the top-k entry (token id string -> logprob) of the last position
         self.hits: Counter = Counter()
         self.auth: list[str | None] = []
+        self.release = threading.Event()
 
     @property
     def url(self) -> str:
@@ -162,7 +175,7 @@ class _FaultHandler(BaseHTTPRequestHandler):
         if mode == "ok":
             self._send(200, good)
         elif mode == "timeout":
-            time.sleep(1.0)
+            server.release.wait(HOLD_LIMIT_S)
             self._send(200, good)
         elif mode == "5xx":
             self._send(503, b'{"message": "overloaded"}')
@@ -176,6 +189,10 @@ class _FaultHandler(BaseHTTPRequestHandler):
         elif mode == "positions":
             short = {"choices": [{"index": 0, "prompt_logprobs": [None] + [entry] * (n - 2)}]}
             self._send(200, json.dumps(short).encode())
+        elif mode == "record":  # Python's json writes NaN / Infinity, which the client's json.loads reads
+            record = {token: {"logprob": value} for token, value in server.record.items()}
+            answer = {"choices": [{"index": 0, "prompt_logprobs": [None] + [entry] * (n - 2) + [record]}]}
+            self._send(200, json.dumps(answer).encode())
 
 
 @pytest.fixture()
@@ -190,6 +207,7 @@ def fault_server(tiny):
 
     yield start
     for server in servers:
+        server.release.set()
         server.shutdown()
         server.server_close()
 
@@ -208,11 +226,14 @@ def test_fault_is_retried_then_named(tiny, fault_server, mode):
     """1 + max_retries attempts reach the server, then TeacherServerError names the URL and the cause."""
     tokenizer, _ = tiny
     server = fault_server(mode)
-    client = client_for(server.url, tokenizer, top_k=4, timeout_s=0.3, max_retries=2)
-    started = time.monotonic()
-    with pytest.raises(TeacherServerError) as error:
-        client.score([list(range(1, 8))])
-    assert time.monotonic() - started < 10
+    client = client_for(server.url, tokenizer, top_k=4, max_retries=2)
+    if mode == "timeout":  # after the start-up check, which keeps client_for's 5 s
+        client.settings = client.settings.model_copy(update={"timeout_s": 0.3})
+    try:
+        with pytest.raises(TeacherServerError) as error:
+            client.score([list(range(1, 8))])
+    finally:
+        server.release.set()  # mode "timeout": the held answers go out only now, after the client gave up
     assert server.hits["completions"] == 3
     message = str(error.value)
     assert f"xkd.teacher.base_url={server.url}" in message and "after 3 attempt(s)" in message
@@ -311,3 +332,52 @@ def test_client_sends_the_key_a_keyed_server_checks(tiny):
     finally:
         server.shutdown()
         server.server_close()
+# One position's top-k (k = 4) as a server sends it: token id strings ("01" and "1" are both id 1) -> log-prob.
+RECORDS = {
+    "nan": {"0": -1.0, "1": math.nan, "2": -3.0, "3": -4.0},
+    "posinf": {"0": -1.0, "1": math.inf, "2": -3.0, "3": -4.0},
+    "above_zero": {"0": 0.5, "1": -2.0, "2": -3.0, "3": -4.0},
+    "mass": {"0": -0.1, "1": -0.2, "2": -0.3, "3": -0.4},
+    "duplicate_id": {"1": -1.0, "01": -2.0, "2": -3.0, "3": -4.0},
+    "outside_vocabulary": {"0": -1.0, "1": -2.0, "2": -3.0, "79": -4.0},
+}
+
+
+def store_row(record: dict) -> pa.Table:
+    """A one-row store table (split encoding, float32 log-probs) whose one response position holds `record`."""
+    ids, logprobs = [int(t) for t in record], [float(v) for v in record.values()]
+    return pa.table({"input_ids": pa.array([[5, 5]], pa.list_(pa.int32())),
+                     "labels": pa.array([[-100, 5]], pa.list_(pa.int32())),
+                     TOPK_IDS: pa.array([ids], pa.list_(pa.int32())),
+                     TOPK_LOGPROBS: pa.array([logprobs], pa.list_(pa.float32()))})
+
+
+@pytest.mark.parametrize("case", list(RECORDS))
+def test_store_and_server_client_refuse_the_same_records(tiny, fault_server, case):
+    """One top-k rule (axolotl_xkd.topk_rule): a record the store reader refuses, the server client refuses too, in
+    the same words, each naming where it is (store: row and field; server: URL, sequence and entry). Duplicate ids
+    in a store row were accepted before the rule was shared; the server path had no sum check."""
+    tokenizer, _ = tiny
+    record = RECORDS[case]
+    pairs = sorted(((int(t), v) for t, v in record.items()), key=lambda pair: -pair[1])
+    what = topk_problem(np.array([[t for t, _ in pairs]]), np.array([[v for _, v in pairs]]),
+                        vocab_size=len(tokenizer)).what
+    with pytest.raises(RowError) as stored:
+        validate_rows(store_row(record), top_k=4, vocab_size=len(tokenizer), where="store/train/shard-00000")
+    assert f"store/train/shard-00000: row 0, field '{TOPK_IDS if 'id' in case else TOPK_LOGPROBS}'" in str(stored.value)
+    assert what in str(stored.value)
+    server = fault_server("record", record=record)
+    with pytest.raises(TeacherServerError) as served:
+        client_for(server.url, tokenizer, top_k=4, max_retries=0).score([[1, 2, 3]])
+    assert f"base_url={server.url}" in str(served.value) and "sequence 0: prompt_logprobs[2] has" in str(served.value)
+    assert what in str(served.value)
+
+
+def test_store_and_server_client_accept_vllm_rounding(tiny, fault_server):
+    """A log-prob a little above 0 (float32 rounding of z - logsumexp(z), which vLLM sends as it is) is accepted by
+    both, within the rule's LOGPROB_TOLERANCE; the client clamps it to 0."""
+    tokenizer, _ = tiny
+    record = {"0": LOGPROB_TOLERANCE / 2, "1": -12.0, "2": -13.0, "3": -14.0}
+    validate_rows(store_row(record), top_k=4, vocab_size=len(tokenizer))
+    [(ids, logprobs)] = client_for(fault_server("record", record=record).url, tokenizer, top_k=4).score([[1, 2, 3]])
+    assert ids[1].tolist() == [0, 1, 2, 3] and logprobs[1].tolist() == [0.0, -12.0, -13.0, -14.0]
