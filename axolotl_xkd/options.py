@@ -25,3 +25,9 @@ def teacher_reader(*, divergence: str, alpha_kd: float, td_weight: float, td_tar
     if td_weight > 0 and td_target in TEACHER_TD_TARGETS:
         return f"td_target {td_target!r}"
     return None
+
+
+def reward_reaches_student(*, td_target: str, detach_backbone: bool) -> bool:
+    """Whether the reward terms change the student's weights: through Q in TD_i (every target but the fixed ones,
+    FIXED_TD_TARGETS) or through the reward head's input (unless its hidden states are detached)."""
+    return td_target not in FIXED_TD_TARGETS or not detach_backbone

@@ -62,8 +62,16 @@ class XKDPlugin(BasePlugin):
         attach_reward_head(model, config)
 
     def load_datasets(self, cfg, preprocess: bool = False):
+        """The first hook of `axolotl train` and `preprocess` (0.19 and 0.21) after the config is validated, before
+        the dataset is prepared and the model loaded: the teacher's places are checked here, then a precomputed
+        store is read as the training data."""
         config = self._xkd_config(cfg)
-        if config is None or getattr(config.teacher, "source", None) != "precomputed":
+        if config is None:
+            return None
+        from axolotl_xkd.locations import check_teacher
+
+        check_teacher(config.teacher, training=not preprocess)
+        if getattr(config.teacher, "source", None) != "precomputed":
             return None
         from axolotl_xkd.store.read import load_datasets_meta
 
