@@ -124,3 +124,22 @@ class XKDPlugin(BasePlugin):
             LOG.info("X-KD reward head copied into the merged model folder %s", output_path)
         else:
             LOG.warning("X-KD: %s holds no reward head to copy into %s", adapter_path, output_path)
+
+
+# The spellings of XKDPlugin in `plugins:` (Axolotl 0.21 also accepts `module:Class`).
+PLUGIN_NAMES = ("axolotl_xkd.XKDPlugin", "axolotl_xkd.plugin.XKDPlugin")
+
+
+class XKDBlockCheck(BasePlugin):
+    """Warns when a config has an `xkd:` block but does not list XKDPlugin: Axolotl then drops the block silently
+    and trains plain SFT. Axolotl >= 0.21 loads every installed `axolotl.plugins` entry point (pyproject.toml names
+    this class) without a `plugins:` line and hands its `register` the raw config; 0.19 loads listed plugins only,
+    so there nothing of this package runs and only the missing `axolotl_xkd <version> active:` line tells."""
+
+    def register(self, cfg) -> None:
+        listed = {str(name).replace(":", ".") for name in cfg.get("plugins") or ()}
+        if cfg.get("xkd") is not None and not listed & set(PLUGIN_NAMES):
+            LOG.warning(
+                "the config has an `xkd:` block but its `plugins:` list lacks axolotl_xkd.XKDPlugin, so Axolotl "
+                "ignores the block and this run trains without X-KD; add `plugins: [axolotl_xkd.XKDPlugin]`."
+            )
