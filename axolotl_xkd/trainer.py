@@ -110,7 +110,8 @@ class XKDTrainer(AxolotlTrainer, _CrossEntropyPerplexity):
     """Computes the X-KD loss normalised per response token over the whole optimizer step.
 
     Logged as `loss`: with the reward head apart from the student (`XKDSetup.head_apart`, the defaults) the student's
-    own objective, alpha_kd * D + alpha_ce * CE, comparable with a GKD or SFT run; otherwise the whole objective.
+    own objective, alpha_kd * D + alpha_ce * CE, the number a GKD run with the same settings logs; otherwise the
+    whole objective.
     """
 
     def __init__(self, *args, **kwargs) -> None:
