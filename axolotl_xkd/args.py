@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -15,12 +16,12 @@ from axolotl_xkd.options import (
     DEFAULT_CHUNK_SIZE,
     DIVERGENCES,
     DTYPE_NAMES,
-    FIXED_TD_TARGETS,
     LOSS_BOUNDS,
     LOSS_DEFAULTS,
     Q_FORMS,
     REWARD_INPUTS,
     TD_TARGETS,
+    reward_reaches_student,
     teacher_reader,
 )
 
@@ -104,12 +105,24 @@ class ServerTeacher(BaseModel):
 
     @model_validator(mode="after")
     def _http_url(self) -> ServerTeacher:
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(
-                f"xkd.teacher.base_url={self.base_url!r} must start with http:// or https://, "
-                "e.g. http://127.0.0.1:8000"
-            )
+        check_base_url(self.base_url, "xkd.teacher.base_url")
         return self
+
+
+def check_base_url(url: str, key: str) -> None:
+    """Raise unless `url` (given as `key`) is a server root of the form http(s)://HOST[:PORT][/path]."""
+    example = "e.g. http://127.0.0.1:8000"
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{key}={url!r} must start with http:// or https://, {example}")
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number in 0-65535)
+    except ValueError:
+        raise ValueError(f"{key}={url!r} has a port that is not a number in 0-65535, {example}") from None
+    if not parts.hostname:
+        raise ValueError(f"{key}={url!r} names no host after {parts.scheme}://, {example}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{key}={url!r} is a server root: requests go to <root>/v1/...; drop the ?query or #part")
 
 
 class GenerationSettings(BaseModel):
@@ -260,9 +273,8 @@ _LOGGED: set[str] = set()
 
 
 def reaches_student(config: XKDConfig) -> bool:
-    """Whether the reward terms change the student's weights: through Q in TD_i (every target but the fixed
-    ones, FIXED_TD_TARGETS) or through the reward head's input (unless reward_detach_backbone)."""
-    return config.td_target not in FIXED_TD_TARGETS or not config.reward_detach_backbone
+    """Whether the reward terms change the student's weights (options.reward_reaches_student)."""
+    return reward_reaches_student(td_target=config.td_target, detach_backbone=config.reward_detach_backbone)
 
 
 def collapse_risk(config: XKDConfig) -> str | None:

@@ -105,3 +105,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # summed or averaged over the response, or the student's own log-likelihood, which the reranking benchmark
 # (docs/reward.md) found the better pick.
 RANK_FIELDS: dict[str, str] = {"logprob": "logprob_sum", "sum": "reward_sum", "mean": "reward_mean"}
+def reward_reaches_student(*, td_target: str, detach_backbone: bool) -> bool:
+    """Whether the reward terms change the student's weights: through Q in TD_i (every target but the fixed ones,
+    FIXED_TD_TARGETS) or through the reward head's input (unless its hidden states are detached)."""
+    return td_target not in FIXED_TD_TARGETS or not detach_backbone

@@ -62,8 +62,16 @@ class XKDPlugin(BasePlugin):
         attach_reward_head(model, config)
 
     def load_datasets(self, cfg, preprocess: bool = False):
+        """The first hook of `axolotl train` and `preprocess` (0.19 and 0.21) after the config is validated, before
+        the dataset is prepared and the model loaded: the teacher's places are checked here, then a precomputed
+        store is read as the training data."""
         config = self._xkd_config(cfg)
-        if config is None or getattr(config.teacher, "source", None) != "precomputed":
+        if config is None:
+            return None
+        from axolotl_xkd.locations import check_teacher
+
+        check_teacher(config.teacher, training=not preprocess)
+        if getattr(config.teacher, "source", None) != "precomputed":
             return None
         from axolotl_xkd.store.read import load_datasets_meta
 
@@ -116,3 +124,22 @@ class XKDPlugin(BasePlugin):
             LOG.info("X-KD reward head copied into the merged model folder %s", output_path)
         else:
             LOG.warning("X-KD: %s holds no reward head to copy into %s", adapter_path, output_path)
+
+
+# The spellings of XKDPlugin in `plugins:` (Axolotl 0.21 also accepts `module:Class`).
+PLUGIN_NAMES = ("axolotl_xkd.XKDPlugin", "axolotl_xkd.plugin.XKDPlugin")
+
+
+class XKDBlockCheck(BasePlugin):
+    """Warns when a config has an `xkd:` block but does not list XKDPlugin: Axolotl then drops the block silently
+    and trains plain SFT. Axolotl >= 0.21 loads every installed `axolotl.plugins` entry point (pyproject.toml names
+    this class) without a `plugins:` line and hands its `register` the raw config; 0.19 loads listed plugins only,
+    so there nothing of this package runs and only the missing `axolotl_xkd <version> active:` line tells."""
+
+    def register(self, cfg) -> None:
+        listed = {str(name).replace(":", ".") for name in cfg.get("plugins") or ()}
+        if cfg.get("xkd") is not None and not listed & set(PLUGIN_NAMES):
+            LOG.warning(
+                "the config has an `xkd:` block but its `plugins:` list lacks axolotl_xkd.XKDPlugin, so Axolotl "
+                "ignores the block and this run trains without X-KD; add `plugins: [axolotl_xkd.XKDPlugin]`."
+            )

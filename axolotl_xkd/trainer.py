@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from torch import Tensor, nn
+from transformers import Trainer
 
 from axolotl_xkd.distributed import gathered, through_output_layer
 from axolotl_xkd.frozen_teacher import output_layer_is_linear
@@ -23,7 +25,7 @@ from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams, XKDLossOutput, xkd_loss
 from axolotl_xkd.on_policy import OnPolicySampler
-from axolotl_xkd.options import DEFAULT_CHUNK_SIZE
+from axolotl_xkd.options import DEFAULT_CHUNK_SIZE, reward_reaches_student
 from axolotl_xkd.reward_store import WEIGHTS_NAME, load_reward_head, save_beside_student
 from axolotl_xkd.server.client import TeacherServerError
 from axolotl_xkd.teachers.base import TeacherSource
@@ -56,9 +58,62 @@ class XKDSetup:
     chunk_size: int = DEFAULT_CHUNK_SIZE  # 0: unchunked loss over full logits
     sampler: OnPolicySampler | None = None  # on-policy steps (sequences: on_policy)
 
+    @property
+    def head_apart(self) -> bool:
+        """Whether the reward terms train the reward head only: the student's objective is then
+        alpha_kd * D + alpha_ce * CE, the loss GKD with the same settings has."""
+        return not reward_reaches_student(td_target=self.params.td_target, detach_backbone=self.detach_backbone)
 
-class XKDTrainer(AxolotlTrainer):
-    """Computes the X-KD loss normalised per response token over the whole optimizer step."""
+    @property
+    def ce_metric(self) -> str | None:
+        """The logged metric (under xkd/) that is the per-token cross-entropy with the data, if the loss computes
+        one: `ce` with alpha_ce > 0, else `distill` for SeqKD (-log pi(a_i | s_i)) at temperature 1."""
+        if self.params.alpha_ce > 0:
+            return "ce"
+        if self.params.alpha_kd > 0 and self.params.divergence == "sequence" and self.params.temperature == 1.0:
+            return "distill"
+        return None
+
+
+class _ShownAs(torch.autograd.Function):
+    """The value of `shown` with the gradient of `loss`: what the Trainer logs as `loss`, while it differentiates
+    the whole objective (the reward head's terms included) exactly as before."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, shown: Tensor) -> Tensor:
+        return shown.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _CrossEntropyPerplexity(Trainer):
+    """Axolotl's `log` adds ppl = exp(loss) (0.19 always, 0.21 unless `reports_token_perplexity` is off), but the
+    X-KD loss is a divergence, not a cross-entropy. This class comes after AxolotlTrainer in XKDTrainer's bases, so
+    its `log` runs after Axolotl's and before transformers' records and reports the entry: there ppl (eval_ppl)
+    becomes exp of the logged cross-entropy where the loss computes one (`XKDSetup.ce_metric`), and is dropped
+    elsewhere."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        ce_metric = None if self.xkd is None else self.xkd.ce_metric
+        for ppl, prefix in (("ppl", "xkd/"), ("eval_ppl", "eval_xkd/")):
+            logs.pop(ppl, None)
+            if ce_metric is not None and prefix + ce_metric in logs:
+                try:
+                    logs[ppl] = round(math.exp(logs[prefix + ce_metric]), 5)
+                except OverflowError:
+                    logs[ppl] = float("inf")
+        super().log(logs, start_time)
+
+
+class XKDTrainer(AxolotlTrainer, _CrossEntropyPerplexity):
+    """Computes the X-KD loss normalised per response token over the whole optimizer step.
+
+    Logged as `loss`: with the reward head apart from the student (`XKDSetup.head_apart`, the defaults) the student's
+    own objective, alpha_kd * D + alpha_ce * CE, the number a GKD run with the same settings logs; otherwise the
+    whole objective.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -216,10 +271,14 @@ class XKDTrainer(AxolotlTrainer):
                 logits = logits[..., : self.xkd.vocab_size]
             out = xkd_loss(logits, inputs["labels"], **common)
         self._accumulate(out, "train" if model.training else "eval")
+        total = out.loss
+        if self.xkd.head_apart:
+            # The head's terms do not reach the student: `loss` shows the student's objective (they are under xkd/).
+            total = _ShownAs.apply(out.loss, params.alpha_kd * out.divergence + params.alpha_ce * out.ce)
         if num_items_in_batch is None:
-            loss = out.loss / out.num_tokens.clamp(min=1)
+            loss = total / out.num_tokens.clamp(min=1)
         else:
-            loss = out.loss / num_items_in_batch
+            loss = total / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 # Data-parallel gradients are averaged over ranks; the divisor already counts every rank.
                 loss = loss * self.accelerator.num_processes

@@ -28,8 +28,15 @@ fi
 STAMP="$VENV/.axolotl_xkd_installed"
 WANT="$( (cat "$ROOT/pyproject.toml"; echo "axolotl=$XKD_AXOLOTL") | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  # pip runs quietly (-q), so say what is happening: a first install runs for minutes without a line of pip's own.
+  SETUP_START=$SECONDS
+  echo "setup.sh: installing into $VENV: torch 2.13.0, then axolotl ${XKD_AXOLOTL:-(>=0.19,<0.22)} with" \
+    "transformers, deepspeed and the rest of its stack, and this package with its test tools (pytest, tokenizers," \
+    "matplotlib). A first install takes minutes (about 6 on a 2-core machine, ~4 GB) and pip prints nothing" \
+    "meanwhile; later runs skip it while pyproject.toml is unchanged." >&2
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0"
   python -m pip install -q ${PIN[@]+"${PIN[@]}"} -e "$ROOT[test]"
   echo "$WANT" > "$STAMP"
+  echo "setup.sh: install done in $((SECONDS - SETUP_START)) s ($VENV)." >&2
 fi

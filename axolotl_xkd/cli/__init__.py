@@ -5,6 +5,7 @@ only when it runs, so `axolotl --help` stays fast."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import click
 
@@ -32,3 +33,12 @@ class _LazyGroup(click.Group):
 @click.group(cls=_LazyGroup)
 def xkd() -> None:
     """X-KD distillation tools (axolotl_xkd)."""
+
+
+def checked(check: Callable[[str, str], None], value: str, key: str) -> None:
+    """Run a check that names `key` in its ValueError (`locations.check_model_location`, `args.check_base_url`) on
+    a command's argument, as a usage error: the message, without a traceback, before any work."""
+    try:
+        check(value, key)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None

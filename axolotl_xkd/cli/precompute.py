@@ -10,7 +10,9 @@ import click
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
-from axolotl_xkd.args import ModelTeacher, PrecomputedTeacher, ServerTeacher, XKDConfig
+from axolotl_xkd.args import ModelTeacher, PrecomputedTeacher, ServerTeacher, XKDConfig, check_base_url
+from axolotl_xkd.cli import checked
+from axolotl_xkd.locations import check_model_location
 
 Teacher = ModelTeacher | PrecomputedTeacher | ServerTeacher
 # Validates `xkd.teacher` alone, as XKDConfig does, without the block-level checks (and their warnings).
@@ -54,9 +56,11 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
     top_k = top_k or (teacher.top_k if source in ("precomputed", "server") and teacher.top_k else 64)
     server_block = None
     if server is not None:
+        checked(check_base_url, server, "--server")
         server_block = ServerTeacher(base_url=server, model=server_model, top_k=top_k)
     elif source == "server" and teacher_path is None:
         server_block = teacher.model_copy(update={"top_k": top_k, "model": server_model or teacher.model})
+    teacher_key = "--teacher" if teacher_path else ("xkd.teacher.model_path" if precomputed else "xkd.teacher.path")
     if server_block is None:
         teacher_path = teacher_path or (teacher.model_path if precomputed else getattr(teacher, "path", None))
     out = out or (teacher.path if precomputed else None)
@@ -66,6 +70,11 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
         raise click.UsageError(
             "no output folder: pass --out DIR or set `xkd.teacher: {source: precomputed, path: DIR}`"
         )
+    if server_block is None:
+        checked(check_model_location, teacher_path, teacher_key)
+        tokenizer_path = _loading(teacher, teacher_path).get("tokenizer_path")
+        if tokenizer_path is not None:
+            checked(check_model_location, tokenizer_path, "xkd.teacher.tokenizer_path")
 
     from axolotl.cli.config import load_cfg
 

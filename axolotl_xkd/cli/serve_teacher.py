@@ -44,6 +44,13 @@ def serve_teacher(model_path: str, host: str, port: int, top_k_max: int | None, 
 
     Logs one line per request (method, path, status, positions scored, seconds) and one when it stops.
     """
+    from axolotl_xkd.cli import checked
+    from axolotl_xkd.locations import check_model_location
+
+    for value, key in ((model_path, "--model"), (tokenizer_path, "--tokenizer")):
+        if value is not None:
+            checked(check_model_location, value, key)
+
     import torch
 
     from axolotl_xkd.server.app import MAX_REQUEST_BYTES, MAX_REQUEST_TOKENS, TeacherScorer, is_loopback, make_server

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.support import base_config, log_history, merged, train, write_config
+from tests.support import base_config, log_history, merged, train, trained, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -43,10 +43,21 @@ def test_trains_and_logs_every_component(run):
         for key in XKD_METRICS:
             assert key in entry and math.isfinite(entry[key]), (key, entry)
     assert losses[-1]["loss"] < losses[0]["loss"]
-    # The logged loss is the weighted sum of the logged per-token components.
-    first = losses[0]
-    total = first["xkd/distill"] + 0.1 * first["xkd/ce"] + first["xkd/reward_kl"] + first["xkd/td_nll"]
-    assert total == pytest.approx(first["loss"], rel=1e-3)
+    # With the defaults the reward terms train only the head: the logged loss is the student's objective, the
+    # weighted sum of the logged distillation and CE terms, and ppl the CE's perplexity.
+    for entry in losses:
+        assert entry["loss"] == pytest.approx(entry["xkd/distill"] + 0.1 * entry["xkd/ce"], rel=1e-4)
+        assert entry["ppl"] == pytest.approx(math.exp(entry["xkd/ce"]), rel=1e-4)
+    assert losses[0]["xkd/reward_kl"] + losses[0]["xkd/td_nll"] > 0.1  # the head's terms, left out of `loss`
+
+
+def test_coupled_form_logs_the_whole_objective(tiny_assets, tmp_path):
+    """Where the reward terms reach the student, `loss` is everything it trains on; no CE, so no ppl."""
+    coupled = {"divergence": "forward_kl", "td_target": "observed", "reward_detach_backbone": False}
+    out = trained(tiny_assets, tmp_path, {"max_steps": 2, "save_steps": 2, "xkd": coupled})
+    for entry in [e for e in log_history(out) if "loss" in e]:
+        whole = entry["xkd/distill"] + 0.1 * entry["xkd/reward_kl"] + 0.1 * entry["xkd/td_nll"]
+        assert entry["loss"] == pytest.approx(whole, rel=1e-4) and "ppl" not in entry, entry
 
 
 def test_reward_head_saved_beside_student_and_checkpoints(run):

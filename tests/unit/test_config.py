@@ -41,6 +41,7 @@ def test_valid_block_passes_with_defaults(load):
         ({"tempurature": 2.0}, "xkd.tempurature"),
         ({"teacher": "REPLACE"}, "xkd.teacher.model.path"),
         ({"teacher": {"source": "hub", "path": "x"}}, "xkd.teacher"),
+        ({"teacher": {"source": "server", "base_url": "http://:8000", "path": None}}, "xkd.teacher.base_url='http:"),
         ({"log_std_min": 3.0, "log_std_max": 1.0}, "xkd.log_std_min"),
         ({"alpha_kd": 0.0, "reward_kl_weight": 0.0, "td_weight": 0.0}, "all 0"),
         ({"sequences": "teacher"}, "xkd.sequences: teacher"),

@@ -4,7 +4,9 @@ checked through Axolotl's own config loading on whichever release is installed."
 from __future__ import annotations
 
 import pytest
+from packaging.version import Version
 
+from axolotl_xkd.compat import axolotl_version
 from tests.support import base_config, merged, write_config
 
 
@@ -63,3 +65,45 @@ def test_copy_reward_head(tmp_path):
     torch.testing.assert_close(loaded.proj.weight, head.proj.weight)
     assert config["q_form"] == "ava"
     assert copy_reward_head(tmp_path / "empty", tmp_path / "merged2") == []
+
+
+@pytest.mark.parametrize(
+    ("config", "warns"),
+    [({"xkd": {"divergence": "jsd"}}, True),
+     ({"xkd": {"divergence": "jsd"}, "plugins": ["axolotl_liger.LigerPlugin"]}, True),
+     ({"xkd": {"divergence": "jsd"}, "plugins": ["axolotl_xkd.XKDPlugin"]}, False),
+     ({"xkd": {"divergence": "jsd"}, "plugins": ["axolotl_xkd.plugin:XKDPlugin"]}, False),
+     ({"base_model": "x"}, False)],
+)
+def test_an_xkd_block_without_its_plugin_is_warned_about(caplog, config, warns):
+    """Without the `plugins:` line Axolotl drops the `xkd:` block silently and trains plain SFT; Axolotl 0.21 runs the
+    `axolotl.plugins` entry point XKDBlockCheck on every config, listed or not."""
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_xkd.plugin import XKDBlockCheck
+
+    with caplog.at_level("WARNING", logger="axolotl_xkd"):
+        XKDBlockCheck().register(DictDefault(config))
+    assert ("lacks axolotl_xkd.XKDPlugin" in caplog.text) == warns, caplog.text
+
+
+def test_block_check_is_an_axolotl_plugins_entry_point():
+    import importlib
+    import tomllib
+
+    from axolotl.integrations.base import BasePlugin
+
+    from axolotl_xkd.plugin import XKDBlockCheck
+    from tests.support import REPO
+
+    points = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["axolotl.plugins"]
+    module, attribute = points["xkd-block-check"].split(":")
+    assert getattr(importlib.import_module(module), attribute) is XKDBlockCheck
+    assert issubclass(XKDBlockCheck, BasePlugin)
+
+
+@pytest.mark.skipif(axolotl_version() < Version("0.21"), reason="Axolotl 0.19 loads only the plugins a config lists")
+def test_axolotl_loads_the_block_check_unlisted():
+    from axolotl.integrations.base import get_builtin_plugins
+
+    assert "axolotl_xkd.plugin.XKDBlockCheck" in get_builtin_plugins()
