@@ -174,3 +174,17 @@ def test_repeated_prompts_of_a_step_are_answered_once(tiny):
         del model.generate
     assert calls == [2]
     assert out[0]["input_ids"].tolist() == out[2]["input_ids"].tolist()
+
+
+def test_seeded_sampling_draws_from_the_tempered_distribution(tiny):
+    """RowSeededSampling (argmax of logits / T plus Gumbel noise) samples softmax(logits / T): the first tokens of
+    4000 seeded responses to one prompt have the model's tempered next-token frequencies."""
+    tokenizer, model = tiny
+    prompt = tokenizer("3+4=")["input_ids"]
+    sampling = GenerationSettings(max_new_tokens=1, temperature=1.5)
+    draws = sample_responses(model, [prompt] * 4000, sampling, pad_id=tokenizer.pad_token_id, eos_id=None,
+                             seeds=list(range(4000)))
+    counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=model.config.vocab_size).float()
+    with torch.no_grad():
+        expected = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1] / 1.5, -1)
+    assert (counts / 4000 - expected).abs().max() < 0.025
