@@ -62,7 +62,8 @@ def main() -> None:
     # Room for the prompt (about 6 tokens) and every new token.
     config = merged(config, {"gradient_accumulation_steps": args.gradient_accumulation_steps,
                              "sequence_len": 16 + args.max_new_tokens})
-    on_policy = {"sequences": "on_policy", "on_policy_fraction": 1.0, "generation": {"max_new_tokens": args.max_new_tokens}}
+    on_policy = {"sequences": "on_policy", "on_policy_fraction": 1.0,
+                 "generation": {"max_new_tokens": args.max_new_tokens}}
     arms = {
         "dataset": ({"sequences": "dataset"}, None),
         "per_micro_batch": (merged(on_policy, {"generation": {"batch_size": args.micro_batch_size}}), None),
@@ -76,7 +77,7 @@ def main() -> None:
         for name, (xkd, path) in arms.items():
             out = work / f"{name}-{r}"
             run = merged(config, {"output_dir": str(out / "model"), "xkd": xkd})
-            env = None if path is None else {"PYTHONPATH": os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")])}
+            env = None if path is None else {"PYTHONPATH": f"{path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
             proc = train(write_config(out / "cfg.yml", run), env=env)
             times[name].append(step_seconds(proc.stdout + proc.stderr, args.steps))
             logged = [e for e in log_history(out / "model") if "loss" in e][-1]

@@ -133,8 +133,9 @@ def window(tokenizer, problems: list[str]) -> list[dict]:
     batches = []
     for problem in problems:
         prompt = tokenizer(problem)["input_ids"]
-        ids = prompt + [5] * (12 - len(prompt))
-        batches.append({"input_ids": torch.tensor([ids]), "labels": torch.tensor([[M] * len(prompt) + [5] * (12 - len(prompt))]),
+        answer = [5] * (12 - len(prompt))
+        batches.append({"input_ids": torch.tensor([prompt + answer]),
+                        "labels": torch.tensor([[M] * len(prompt) + answer]),
                         "attention_mask": torch.ones(1, 12, dtype=torch.long)})
     return batches
 
