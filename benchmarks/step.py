@@ -1,7 +1,8 @@
 """Whole-step benchmark: the real `axolotl train` step of plain SFT, GKD and X-KD (the plugin's defaults) with each
 teacher source on the same student and data, as ratios to SFT measured in the same run, runs interleaved.
 
-    python -m benchmarks.step [--quick] [--repeats 3] [--steps 12] [--max-seconds 3000] [--top-k 64] [--threads N]
+    python -m benchmarks.step [--quick] [--repeats 3] [--steps 12] [--max-seconds 3000] [--run-timeout 900]
+        [--top-k 64] [--threads N] [--arms sft xkd_precomputed ...]
 
 Shapes (the issue's): vocabulary 32000, student hidden 256 x 4 layers, teacher hidden 512 x 4 layers, steps of
 4 x 256 tokens (micro_batch_size 4, sequence_len 256, every row full length, no accumulation); `--quick`: vocabulary
@@ -14,7 +15,8 @@ Arms: `sft` (Axolotl alone, no plugin), `gkd_model` (X-KD with the reward terms 
 `tokens/train_per_sec_per_gpu` of that step (logged every step), median over the steps after the first of every
 run; peak memory = the training process's peak resident set (CPU) or Axolotl's `memory/max_allocated` (CUDA).
 On CUDA the runs use bf16 and flash-attention-2 where `flash_attn` is installed (else sdpa). `--max-seconds` bounds
-the whole benchmark: no run starts after it, and the report covers the runs done. Writes
+the whole benchmark: no run starts after it (a run may take up to `--run-timeout`), and the report covers the runs
+done. Writes
 benchmarks/results/step.md (`step_quick.md` with --quick) with the CPU model, thread count and versions, and prints it.
 """
 
@@ -201,6 +203,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12, help="steps per run (the first is not timed)")
     parser.add_argument("--max-seconds", type=float, default=3000, help="no run starts after this many seconds")
+    parser.add_argument("--run-timeout", type=float, default=900, help="seconds one `axolotl train` may take")
     parser.add_argument("--top-k", type=int, default=64, help="top-k of the precomputed store and the server")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the runs (0: torch's default)")
@@ -233,7 +236,7 @@ def main() -> None:
                 out = work / f"{arm}-{r}"
                 run = merged(config, {"output_dir": str(out / "model"),
                                       **arm_overrides(arm, assets, store, url, args.top_k)})
-                runs[arm].append(train_once(run, out / "cfg.yml", cuda, timeout=max(left, 60)))
+                runs[arm].append(train_once(run, out / "cfg.yml", cuda, timeout=args.run_timeout))
                 print(f"{arm} repeat {r}: {runs[arm][-1].step_s * 1000:.1f} ms/step", flush=True)
     report = render(args, shape, runs, cuda, __version__, time.perf_counter() - started)
     write_report(RESULTS / ("step_quick.md" if args.quick else "step.md"), report)
