@@ -257,7 +257,8 @@ def render(args, shape: Shape, runs: dict[str, list[Run]], cuda: bool, version: 
         "",
         f"- date {datetime.now(UTC).isoformat(timespec='seconds')}, axolotl_xkd {version}, axolotl "
         f"{installed('axolotl')}, torch {torch.__version__}, transformers {transformers.__version__}",
-        f"- CPU **{cpu_model()}**, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+        f"- CPU **{cpu_model()}**, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, torch "
+        f"threads {torch.get_num_threads()}"
         f"{', OMP_NUM_THREADS ' + os.environ['OMP_NUM_THREADS'] if 'OMP_NUM_THREADS' in os.environ else ''}; "
         f"device {device}{', bf16' if cuda else ', fp32'}",
         f"- vocabulary {shape.vocab}, student hidden {shape.student[0]} x {shape.student[1]} layers, teacher hidden "
