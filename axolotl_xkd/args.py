@@ -133,6 +133,11 @@ class GenerationSettings(BaseModel):
     max_new_tokens: int = Field(128, ge=1, description="Longest response; a prompt's row never exceeds sequence_len.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 = greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    batch_size: int | None = Field(
+        None, ge=1, description="sequences: on_policy: most prompts per `generate` call. An on-policy step answers "
+        "the distinct prompts of all its micro-batches together; set this to bound the memory of the KV cache "
+        "(unset: one call per optimizer step). The samples do not depend on it."
+    )
 
 
 def _loss_key(name: str, description: str) -> Any:

@@ -69,3 +69,29 @@ def merge_instructions(adapter_dir: str | Path) -> str:
         f"reward head: after merging, copy {WEIGHTS_NAME} and {CONFIG_NAME} from {adapter_dir} into the merged "
         "folder (or use axolotl >= 0.21, where the plugin copies them)."
     )
+
+
+def count_trained_tokens(trainer, inputs: dict) -> None:
+    """Add a training micro-batch to Axolotl's throughput counters (`tokens/trainable`, `tokens/total`,
+    `tokens/train_per_sec_per_gpu`), which Axolotl's own `compute_loss` keeps and a trainer that overrides it must.
+
+    Axolotl 0.21 has a method for it (`_accumulate_token_counts`; its `log` reduces across ranks); 0.19 counts inline
+    in `compute_loss`, so this is that code: trainable = labels != -100 (input_ids without labels), summed over
+    ranks at every micro-batch, cumulative in `trainer.state.tokens`, which 0.19's `log` reads.
+    """
+    if hasattr(trainer, "_accumulate_token_counts"):
+        trainer._accumulate_token_counts(inputs)
+        return
+    import torch
+    from axolotl.utils.distributed import is_distributed
+
+    tokens = inputs["labels"] if "labels" in inputs else inputs["input_ids"]
+    counts = torch.stack([(tokens != -100).sum(), torch.tensor(tokens.numel(), device=tokens.device)])
+    if is_distributed():
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+    trainable, total = counts.detach().cpu()
+    state = trainer.state
+    if not hasattr(state, "tokens"):
+        state.tokens = {"trainable": torch.zeros(1), "total": torch.zeros(1)}
+    state.tokens["trainable"] = state.tokens["trainable"] + trainable
+    state.tokens["total"] = state.tokens["total"] + total

@@ -3,18 +3,18 @@ step trains on its answers instead of the dataset's.
 
 The trainer asks `OnPolicySampler` once per optimizer step; the choice is a pure function of (seed, step),
 so every rank agrees (under ZeRO-3 generation gathers parameters collectively) and a resumed run makes the
-same choices. Imports torch only; the trainer hands in the model, unwrapped for generation.
+same choices; each sample is a pure function of (seed, step, prompt) and the student's weights. Imports torch
+only; the trainer hands in the model, unwrapped for generation.
 """
 
 from __future__ import annotations
 
 import random
-import time
 
 from torch import Tensor, nn
 
 from axolotl_xkd.args import GenerationSettings
-from axolotl_xkd.sequences import collate_rows, prompts_of, response_rows, sample_responses
+from axolotl_xkd.sequences import collate_rows, prompt_seed, prompts_of, response_rows, sample_responses
 
 
 class OnPolicySampler:
@@ -32,51 +32,58 @@ class OnPolicySampler:
 
     def _reset(self) -> None:
         self.steps = self.on_policy_steps = self.sequences = self.tokens = 0
-        self.generation_s = 0.0
-        self._since: float | None = None  # the window opens at the first step after a reset
 
     def is_on_policy(self, step: int) -> bool:
         """Whether optimizer step `step` trains on samples; the same on every rank and after a resume."""
-        if self._since is None:
-            self._since = time.perf_counter()
         self.steps += 1
         chosen = random.Random(f"xkd-on-policy:{self.seed}:{step}").random() < self.fraction
         self.on_policy_steps += chosen
         return chosen
 
-    def sample(self, model: nn.Module, batches: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-        """Each batch rebuilt from its prompts and `model`'s responses (one unpacked row per sequence).
+    def sample(self, model: nn.Module, batches: list[dict[str, Tensor]], step: int) -> list[dict[str, Tensor]]:
+        """Each batch of optimizer step `step` rebuilt from its prompts and `model`'s responses (one unpacked row
+        per sequence).
 
+        The prompts of the whole step (every micro-batch) are answered together: each distinct prompt once, in
+        generate calls of at most `sampling.batch_size` prompts (similar lengths together, so little padding), each
+        response sampled from its own seed (`prompt_seed`), so it is the same whatever the other prompts of the step.
         Generation runs in eval mode without gradients; the model's mode is restored afterwards.
         """
-        started = time.perf_counter()
+        asked = [prompts_of(batch) for batch in batches]
+        answers = self._answers(model, {tuple(p) for prompts in asked for p in prompts}, step)
+        out = []
+        for batch, prompts in zip(batches, asked):
+            if not prompts:
+                out.append(batch)  # nothing to answer; the dataset's batch trains as it is
+                continue
+            responses = [answers[tuple(p)] for p in prompts]
+            self.sequences += len(responses)
+            self.tokens += sum(map(len, responses))
+            out.append(collate_rows(response_rows(prompts, responses), pad_id=self.pad_id, like=batch))
+        return out
+
+    def _answers(self, model: nn.Module, prompts: set[tuple[int, ...]], step: int) -> dict[tuple[int, ...], list[int]]:
+        """prompt -> the student's response, in generate calls of at most `sampling.batch_size` prompts."""
+        ordered = sorted(prompts, key=lambda p: (len(p), p))
+        size = self.sampling.batch_size or max(len(ordered), 1)
+        answers = {}
         was_training = model.training
         model.eval()
         try:
-            out = []
-            for batch in batches:
-                prompts = prompts_of(batch)
-                if not prompts:
-                    out.append(batch)  # nothing to answer; the dataset's batch trains as it is
-                    continue
-                responses = sample_responses(model, prompts, self.sampling, pad_id=self.pad_id, eos_id=self.eos_id,
-                                             max_length=self.max_length)
-                self.sequences += len(responses)
-                self.tokens += sum(map(len, responses))
-                out.append(collate_rows(response_rows(prompts, responses), pad_id=self.pad_id, like=batch))
+            for start in range(0, len(ordered), size):
+                chunk = [list(p) for p in ordered[start: start + size]]
+                seeds = [prompt_seed(self.seed, step, p) for p in chunk]
+                responses = sample_responses(model, chunk, self.sampling, pad_id=self.pad_id, eos_id=self.eos_id,
+                                             max_length=self.max_length, seeds=seeds)
+                answers.update(zip(ordered[start: start + size], responses))
         finally:
             model.train(was_training)
-        self.generation_s += time.perf_counter() - started
-        return out
+        return answers
 
     def metrics(self) -> dict[str, float]:
-        """Share of on-policy steps, generation's share of wall time and (when anything was generated) the mean
-        response length, since the last call; then starts a new window."""
-        elapsed = max(time.perf_counter() - (self._since or time.perf_counter()), 1e-9)
-        logs = {
-            "on_policy_fraction": self.on_policy_steps / max(self.steps, 1),
-            "gen_time_share": min(self.generation_s / elapsed, 1.0),
-        }
+        """Share of on-policy steps and (when anything was generated) the mean response length, since the last call;
+        then starts a new window. (The rollout's share of the step time is the trainer's `rollout_time_share`.)"""
+        logs = {"on_policy_fraction": self.on_policy_steps / max(self.steps, 1)}
         if self.sequences:
             logs["gen_length"] = self.tokens / self.sequences
         self._reset()

@@ -8,6 +8,8 @@ and losses.positions only; the model is anything with HF's `generate`.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -78,11 +80,39 @@ def prompts_of(batch: dict[str, Tensor]) -> list[list[int]]:
     return [p for p in prompts if p is not None]
 
 
+def prompt_seed(seed: int, step: int, prompt: list[int] | tuple[int, ...]) -> int:
+    """The sampling seed of one prompt at one optimizer step: a hash of (seed, step, prompt), the same on every
+    rank, after a resume and whatever other prompts share its generation batch."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{list(prompt)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class RowSeededSampling:
+    """A logits processor that samples every row from its own generator (the Gumbel-max trick), for greedy decoding.
+
+    argmax(logits + Gumbel noise) is a draw from softmax(logits), so with `do_sample=False` after the temperature and
+    top-p processors each row is sampled as HF's sampling would sample it, but its noise comes from a generator seeded
+    for that row alone: a row's sample does not depend on its batch neighbours (HF's sampling draws every row from the
+    one global generator, so a row's sample depends on the rows before it).
+    """
+
+    def __init__(self, seeds: list[int], device: torch.device) -> None:
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device, dtype=torch.float32)
+                               for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(torch.float32).tiny)))
+        return scores.float() + gumbel
+
+
 @torch.inference_mode()
-def sample_responses(model: nn.Module, prompts: list[list[int]], sampling: GenerationSettings, *, pad_id: int, eos_id: int | None,
-                     n: int = 1, max_length: int | None = None) -> list[list[int]]:
+def sample_responses(model: nn.Module, prompts: list[list[int]], sampling: GenerationSettings, *, pad_id: int,
+                     eos_id: int | None, n: int = 1, max_length: int | None = None,
+                     seeds: list[int] | None = None) -> list[list[int]]:
     """n responses per prompt (prompt-major), each cut after its first EOS and to `max_length` tokens with its
-    prompt. Prompts are left-padded into one batch; sampling draws from torch's global generator."""
+    prompt. Prompts are left-padded into one batch (KV cache on); sampling draws from torch's global generator, or,
+    with `seeds` (one per response), each response from its own (`RowSeededSampling`)."""
     device = next(model.parameters()).device
     width = max(map(len, prompts))
     budget = sampling.max_new_tokens
@@ -92,12 +122,10 @@ def sample_responses(model: nn.Module, prompts: list[list[int]], sampling: Gener
         return [[] for _ in range(len(prompts) * n)]
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    greedy = sampling.temperature == 0
-    decoding = {"do_sample": False} if greedy else {
-        "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": None}
     generated = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=budget, num_return_sequences=n, pad_token_id=pad_id,
-        eos_token_id=eos_id, use_cache=True, **decoding,  # training configs often turn the model's cache off
+        eos_token_id=eos_id, use_cache=True,  # training configs often turn the model's cache off
+        **_decoding(sampling, seeds, device),
     )
     responses = []
     for k, row in enumerate(generated[:, width:].tolist()):
@@ -105,6 +133,22 @@ def sample_responses(model: nn.Module, prompts: list[list[int]], sampling: Gener
         room = budget if max_length is None else max_length - len(prompts[k // n])
         responses.append(row[: min(cut, room)])
     return responses
+
+
+def _decoding(sampling: GenerationSettings, seeds: list[int] | None, device: torch.device) -> dict:
+    """generate's decoding arguments: greedy at temperature 0; HF's sampling; or, with per-response `seeds`, greedy
+    over HF's own temperature and top-p processors followed by `RowSeededSampling`."""
+    if sampling.temperature == 0:
+        return {"do_sample": False}
+    if seeds is None:
+        return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": None}
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    processors = [TemperatureLogitsWarper(sampling.temperature)]
+    if sampling.top_p < 1:
+        processors.append(TopPLogitsWarper(sampling.top_p))
+    processors.append(RowSeededSampling(seeds, device))
+    return {"do_sample": False, "top_k": None, "logits_processor": LogitsProcessorList(processors)}
 
 
 def response_rows(prompts: list[list[int]], responses: list[list[int]]) -> list[dict[str, list[int]]]:

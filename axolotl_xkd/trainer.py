@@ -18,6 +18,7 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from torch import Tensor, nn
 from transformers import Trainer
 
+from axolotl_xkd.compat import count_trained_tokens
 from axolotl_xkd.distributed import gathered, through_output_layer
 from axolotl_xkd.frozen_teacher import output_layer_is_linear
 from axolotl_xkd.keys import is_xkd_key
@@ -29,6 +30,7 @@ from axolotl_xkd.options import DEFAULT_CHUNK_SIZE, reward_reaches_student
 from axolotl_xkd.reward_store import WEIGHTS_NAME, load_reward_head, save_beside_student
 from axolotl_xkd.server.client import TeacherServerError
 from axolotl_xkd.teachers.base import TeacherSource
+from axolotl_xkd.time_shares import TimeShares
 
 LOG = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ def base_model(model: nn.Module) -> nn.Module:
 METRIC_FIELDS = {"distill": "divergence", "ce": "ce", "reward_kl": "kl_prior", "td_nll": "td_nll",
                  "reward_mu": "mu_sum", "reward_sigma": "sigma_sum"}
 METRICS = tuple(METRIC_FIELDS)
+# The parts of a training step logged as xkd/<part>_time_share: the teacher's signal, on-policy generation, the loss
+# (its forward, which in the chunked loss also forms the output layer's gradients).
+STEP_PARTS = ("teacher", "rollout", "loss")
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ class XKDTrainer(AxolotlTrainer, _CrossEntropyPerplexity):
         self.xkd: XKDSetup | None = None
         self._xkd_head_state: dict[str, Tensor] | None = None
         self._xkd_sums: dict[str, dict[str, Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._xkd_time = TimeShares()
         # The loss divides by num_items_in_batch itself, so the Trainer must count it and not
         # divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
@@ -187,6 +193,7 @@ class XKDTrainer(AxolotlTrainer, _CrossEntropyPerplexity):
         on-policy steps, drawn now, replaced by the student's samples on an on-policy step, then sent to the teacher.
         """
         teacher = None if self.xkd is None else self.xkd.teacher
+        self._xkd_time.open()
         if self.xkd is None or self.xkd.sampler is None:
             if teacher is not None:
                 epoch_iterator = teacher.prefetched(epoch_iterator)
@@ -196,8 +203,9 @@ class XKDTrainer(AxolotlTrainer, _CrossEntropyPerplexity):
             from trl.models.utils import unwrap_model_for_generation
 
             # Under ZeRO-3 the student's parameters are gathered once for the whole generation.
-            with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as student:
-                batches = self.xkd.sampler.sample(student, batches)
+            with (self._xkd_time.timed("rollout", self.args.device),
+                  unwrap_model_for_generation(self.model_wrapped, self.accelerator) as student):
+                batches = self.xkd.sampler.sample(student, batches, self.state.global_step)
         for batch in batches if teacher is not None else ():
             teacher.submit(batch)
         return batches, self._get_num_items_in_batch(batches, device)
@@ -235,14 +243,39 @@ class XKDTrainer(AxolotlTrainer, _CrossEntropyPerplexity):
     def _teacher_signal(self, inputs: dict[str, Tensor], *, fused: bool):
         if not self.xkd.params.needs_teacher:
             return None
-        if fused and self.xkd.teacher.fusable:
-            return self.xkd.teacher.get_hidden_signal(inputs)
-        return self.xkd.teacher.get_signal(inputs)
+        with self._xkd_time.timed("teacher", self.args.device):
+            if fused and self.xkd.teacher.fusable:
+                return self.xkd.teacher.get_hidden_signal(inputs)
+            return self.xkd.teacher.get_signal(inputs)
+
+    def _count_tokens(self, model: nn.Module, inputs: dict[str, Tensor]) -> None:
+        """Axolotl's throughput counters, as its own compute_loss keeps them (which this trainer's does not call):
+        the batch the step trains on, so an on-policy step counts the student's samples."""
+        if self.args.include_tkps and model.training:
+            count_trained_tokens(self, inputs)
+
+    def _loss_output(self, model: nn.Module, inputs: dict[str, Tensor], outputs, hidden: Tensor, common: dict, *,
+                     fused: bool) -> XKDLossOutput:
+        """The X-KD loss of the micro-batch: chunked and fused with the output layer, or over the full logits."""
+        with self._xkd_time.timed("loss", self.args.device):
+            if fused:
+                return through_output_layer(
+                    model,
+                    lambda weight, bias, h: chunked_xkd_loss(h, weight, inputs["labels"], output_bias=bias,
+                                                             vocab_size=self.xkd.vocab_size,
+                                                             chunk_size=self.xkd.chunk_size, **common),
+                    hidden,
+                )
+            logits = outputs.logits
+            if logits.shape[-1] != self.xkd.vocab_size:
+                logits = logits[..., : self.xkd.vocab_size]
+            return xkd_loss(logits, inputs["labels"], **common)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.xkd is None:
             raise RuntimeError("XKDTrainer.configure_xkd was not called; use it through axolotl_xkd.XKDPlugin")
         params = self.xkd.params
+        self._count_tokens(model, inputs)
         fused = self._uses_fused_loss(model)
         outputs, hidden = self._forward_with_hidden(model, inputs, fused=fused)
         teacher = self._teacher_signal(inputs, fused=fused)
@@ -257,19 +290,7 @@ class XKDTrainer(AxolotlTrainer, _CrossEntropyPerplexity):
             "position_ids": inputs.get("position_ids"),
             "eos_token_id": self.xkd.eos_token_id,
         }
-        if fused:
-            out = through_output_layer(
-                model,
-                lambda weight, bias, h: chunked_xkd_loss(h, weight, inputs["labels"], output_bias=bias,
-                                                         vocab_size=self.xkd.vocab_size,
-                                                         chunk_size=self.xkd.chunk_size, **common),
-                hidden,
-            )
-        else:
-            logits = outputs.logits
-            if logits.shape[-1] != self.xkd.vocab_size:
-                logits = logits[..., : self.xkd.vocab_size]
-            out = xkd_loss(logits, inputs["labels"], **common)
+        out = self._loss_output(model, inputs, outputs, hidden, common, fused=fused)
         self._accumulate(out, "train" if model.training else "eval")
         total = out.loss
         if self.xkd.head_apart:
@@ -300,9 +321,16 @@ class XKDTrainer(AxolotlTrainer, _CrossEntropyPerplexity):
             prefix = "xkd/" if mode == "train" else "eval_xkd/"
             logs.update({prefix + name: round(total / tokens, 6) for name, total in totals.items()})
             self._xkd_sums[mode] = defaultdict(float)
-        if mode == "train" and self.xkd is not None and self.xkd.sampler is not None:
-            logs.update({f"xkd/{k}": round(v, 6) for k, v in self.xkd.sampler.metrics().items()})
+        if mode == "train":
+            logs.update(self._xkd_step_logs())
         super().log(logs, start_time)
+
+    def _xkd_step_logs(self) -> dict[str, float]:
+        """The on-policy statistics and the step's time shares since the last log, under xkd/."""
+        logs = self._xkd_time.shares(STEP_PARTS)
+        if self.xkd is not None and self.xkd.sampler is not None:
+            logs.update(self.xkd.sampler.metrics())
+        return {f"xkd/{k}": round(v, 6) for k, v in logs.items()}
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Every rank comes here; under ZeRO-3 the head is gathered (a collective) and copied now, so that

@@ -147,6 +147,7 @@ EXAMPLES: dict[str, Any] = {
     "GenerationSettings.max_new_tokens": 64,
     "GenerationSettings.temperature": 0.0,
     "GenerationSettings.top_p": 0.9,
+    "GenerationSettings.batch_size": 16,
 }
 
 BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))

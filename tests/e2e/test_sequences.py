@@ -58,7 +58,7 @@ def test_on_policy_steps_train_on_the_students_greedy_answers(assets, tmp_path):
     out = Path(config["output_dir"])
     logs = [e for e in log_history(out) if "loss" in e]
     assert [e["xkd/on_policy_fraction"] for e in logs] == [1.0, 1.0, 1.0]
-    assert all(0 < e["xkd/gen_length"] <= 6 and 0 < e["xkd/gen_time_share"] < 1 and math.isfinite(e["loss"])
+    assert all(0 < e["xkd/gen_length"] <= 6 and 0 < e["xkd/rollout_time_share"] < 1 and math.isfinite(e["loss"])
                for e in logs)
 
     tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])

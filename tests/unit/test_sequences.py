@@ -119,14 +119,77 @@ def test_sample_replaces_responses_and_restores_training_mode(tiny):
              "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     model.train()
     s = sampler(1.0)
-    (new,) = s.sample(model, [batch])
+    (new,) = s.sample(model, [batch], step=0)
     assert model.training
     response = argmax_loop(model.eval(), ids[:5], 4, tokenizer.eos_token_id)
     width = 5 + len(response)
     assert new["input_ids"][0, :width].tolist() == ids[:5] + response
     assert new["labels"][0, :width].tolist() == [M] * 5 + response
     logs = s.metrics()
-    assert logs["gen_length"] == len(response) and 0 < logs["gen_time_share"] <= 1
+    assert logs == {"on_policy_fraction": 0.0, "gen_length": len(response)}
+
+
+def window(tokenizer, problems: list[str]) -> list[dict]:
+    """One micro-batch per problem, as Axolotl collates them (prompt masked, right-padded to 12)."""
+    batches = []
+    for problem in problems:
+        prompt = tokenizer(problem)["input_ids"]
+        answer = [5] * (12 - len(prompt))
+        batches.append({"input_ids": torch.tensor([prompt + answer]),
+                        "labels": torch.tensor([[M] * len(prompt) + answer]),
+                        "attention_mask": torch.ones(1, 12, dtype=torch.long)})
+    return batches
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_a_prompts_sample_does_not_depend_on_the_window_or_generation_batch(tiny, temperature):
+    """One generation per step, per-prompt seeds: the same prompt at the same step gets the same response whether
+    it is answered alone, in a window of four micro-batches, or in generate calls of two prompts."""
+    tokenizer, model = tiny
+
+    def answers(problems: list[str], batch_size: int | None, step: int = 7) -> dict[str, list[int]]:
+        s = OnPolicySampler(GenerationSettings(max_new_tokens=8, temperature=temperature, batch_size=batch_size),
+                            fraction=1.0, seed=5, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                            max_length=32)
+        out = s.sample(model, window(tokenizer, problems), step=step)
+        return {p: b["input_ids"][0, b["labels"][0] != M].tolist() for p, b in zip(problems, out)}
+
+    problems = ["3+4=", "12-7=", "9=", "100+1="]
+    together = answers(problems, None)
+    assert together == answers(problems, 2) == answers(problems[::-1], 1)
+    assert together["3+4="] == answers(["3+4="], None)["3+4="]
+    if temperature:
+        # Sampled, not greedy: another step (or a repeated prompt in another micro-batch) draws otherwise.
+        assert answers(problems, None, step=8) != together
+
+
+def test_repeated_prompts_of_a_step_are_answered_once(tiny):
+    tokenizer, model = tiny
+    calls = []
+    generate = model.generate
+    model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or generate(**kw)
+    try:
+        s = OnPolicySampler(GenerationSettings(max_new_tokens=4, temperature=1.0), fraction=1.0, seed=0,
+                            pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_length=32)
+        out = s.sample(model, window(tokenizer, ["3+4=", "9=", "3+4="]), step=0)
+    finally:
+        del model.generate
+    assert calls == [2]
+    assert out[0]["input_ids"].tolist() == out[2]["input_ids"].tolist()
+
+
+def test_seeded_sampling_draws_from_the_tempered_distribution(tiny):
+    """RowSeededSampling (argmax of logits / T plus Gumbel noise) samples softmax(logits / T): the first tokens of
+    4000 seeded responses to one prompt have the model's tempered next-token frequencies."""
+    tokenizer, model = tiny
+    prompt = tokenizer("3+4=")["input_ids"]
+    sampling = GenerationSettings(max_new_tokens=1, temperature=1.5)
+    draws = sample_responses(model, [prompt] * 4000, sampling, pad_id=tokenizer.pad_token_id, eos_id=None,
+                             seeds=list(range(4000)))
+    counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=model.config.vocab_size).float()
+    with torch.no_grad():
+        expected = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1] / 1.5, -1)
+    assert (counts / 4000 - expected).abs().max() < 0.025
 
 
 def test_pad_token_id_is_pad_else_eos_else_zero():

@@ -1,0 +1,287 @@
+"""Whole-step benchmark: the real `axolotl train` step of plain SFT, GKD and X-KD (the plugin's defaults) with each
+teacher source on the same student and data, as ratios to SFT measured in the same run, runs interleaved.
+
+    python -m benchmarks.step [--quick] [--repeats 3] [--steps 12] [--max-seconds 3000] [--run-timeout 900]
+        [--top-k 64] [--threads N] [--arms sft xkd_precomputed ...]
+
+Shapes (the issue's): vocabulary 32000, student hidden 256 x 4 layers, teacher hidden 512 x 4 layers, steps of
+4 x 256 tokens (micro_batch_size 4, sequence_len 256, every row full length, no accumulation); `--quick`: vocabulary
+2000, student 64 x 2, teacher 128 x 2, 4 x 64 tokens. Models, tokenizer (one word per token) and data (random words)
+are built in code, untrained: the step's cost does not depend on what the weights know.
+
+Arms: `sft` (Axolotl alone, no plugin), `gkd_model` (X-KD with the reward terms off, in-process teacher) and
+`xkd_model`, `xkd_precomputed` (a top-k store written by `axolotl xkd precompute`), `xkd_server`
+(`axolotl xkd serve-teacher` on loopback). Step time = trainable tokens of a step / Axolotl's own
+`tokens/train_per_sec_per_gpu` of that step (logged every step), median over the steps after the first of every
+run; peak memory = the training process's peak resident set (CPU) or Axolotl's `memory/max_allocated` (CUDA).
+On CUDA the runs use bf16 and flash-attention-2 where `flash_attn` is installed (else sdpa). `--max-seconds` bounds
+the whole benchmark: no run starts after it (a run may take up to `--run-timeout`), and the report covers the runs
+done. Writes
+benchmarks/results/step.md (`step_quick.md` with --quick) with the CPU model, thread count and versions, and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks import write_report
+from tests.support import BIN, ENV, log_history, merged, run_cli, serve_teacher, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+ARMS = ("sft", "gkd_model", "xkd_model", "xkd_precomputed", "xkd_server")
+
+
+@dataclass(frozen=True)
+class Shape:
+    vocab: int
+    student: tuple[int, int]  # hidden, layers
+    teacher: tuple[int, int]
+    batch: int
+    tokens: int
+
+
+FULL = Shape(vocab=32000, student=(256, 4), teacher=(512, 4), batch=4, tokens=256)
+QUICK = Shape(vocab=2000, student=(64, 2), teacher=(128, 2), batch=4, tokens=64)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_assets(out: Path, shape: Shape, rows: int, seed: int = 0) -> dict[str, Path]:
+    """A word-level tokenizer of `shape.vocab` tokens, an untrained student and teacher over it, and `rows` rows of
+    random words that tokenize to exactly `shape.tokens` tokens (BOS, a 16-word prompt, the response, EOS)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(f"w{i}" for i in range(shape.vocab - len(SPECIALS))))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    paths = {name: out / name for name in ("student", "teacher", "data")}
+    for name, (hidden, layers) in (("student", shape.student), ("teacher", shape.teacher)):
+        torch.manual_seed(seed + len(name))
+        config = LlamaConfig(vocab_size=shape.vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=hidden // 64 or 1,
+                             num_key_value_heads=hidden // 64 or 1, max_position_embeddings=shape.tokens,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+        LlamaForCausalLM(config).save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(shape.vocab - len(SPECIALS))]
+    prompt_words = 16
+    response_words = shape.tokens - prompt_words - 2  # BOS and EOS
+    lines = []
+    for _ in range(rows):
+        lines.append(json.dumps({"prompt": " ".join(rng.choices(words, k=prompt_words)),
+                                 "response": " " + " ".join(rng.choices(words, k=response_words))}))
+    paths["data"].mkdir(parents=True, exist_ok=True)
+    (paths["data"] / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def base(assets: dict[str, Path], work: Path, shape: Shape, steps: int, cuda: bool) -> dict:
+    """The SFT config every arm starts from (the arms add the plugin and an `xkd:` block)."""
+    flash = cuda and _installed("flash_attn")
+    return {
+        "base_model": str(assets["student"]),
+        "datasets": [{"path": str(assets["data"] / "train.jsonl"), "ds_type": "json",
+                      "type": {"field_instruction": "prompt", "field_output": "response", "format": "{instruction}",
+                               "no_input_format": "{instruction}"}}],
+        "train_on_inputs": False,
+        "dataset_prepared_path": str(work / "prepared"),
+        "val_set_size": 0,
+        "sequence_len": shape.tokens,
+        "sample_packing": False,
+        "micro_batch_size": shape.batch,
+        "gradient_accumulation_steps": 1,
+        "num_epochs": 1,
+        "max_steps": steps,
+        "optimizer": "adamw_torch",
+        "learning_rate": 1e-4,
+        "lr_scheduler": "constant",
+        "logging_steps": 1,
+        "save_steps": steps,
+        "seed": 42,
+        "bf16": cuda,
+        "fp16": False,
+        "tf32": False,
+        "attn_implementation": "flash_attention_2" if flash else "sdpa",
+        "save_safetensors": True,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+    }
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def arm_overrides(arm: str, assets: dict[str, Path], store: Path, url: str, top_k: int) -> dict:
+    """The config changes of one arm on top of `base`."""
+    if arm == "sft":
+        return {}
+    teachers = {
+        "model": {"source": "model", "path": str(assets["teacher"])},
+        "precomputed": {"source": "precomputed", "path": str(store)},
+        "server": {"source": "server", "base_url": url, "top_k": top_k, "timeout_s": 120},
+    }
+    kind, source = arm.split("_")
+    xkd = {"teacher": teachers[source]}
+    if kind == "gkd":
+        xkd.update({"reward_kl_weight": 0.0, "td_weight": 0.0})
+    return {"plugins": ["axolotl_xkd.XKDPlugin"], "xkd": xkd}
+
+
+@dataclass
+class Run:
+    step_s: float  # median seconds per step, after the first
+    tokens_per_s: float  # median tokens/train_per_sec_per_gpu, after the first step
+    trainable: int  # tokens/trainable at the end
+    peak_mb: float
+
+
+def train_once(config: dict, path: Path, cuda: bool, timeout: float) -> Run:
+    """One `axolotl train` of `config`; its per-step throughput from the logs and its peak memory."""
+    env = {**os.environ, **ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    write_config(path, config)
+    with open(path.with_suffix(".log"), "w") as log:
+        proc = subprocess.Popen([str(BIN / "axolotl"), "train", str(path)], env=env, cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        # wait4, not Popen.wait: it also returns the peak resident set of the process tree.
+        _, status, usage = os.wait4(proc.pid, 0)
+        timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"axolotl train {path} failed ({proc.returncode}):\n"
+                           f"{path.with_suffix('.log').read_text()[-6000:]}")
+    logs = [e for e in log_history(Path(config["output_dir"])) if "loss" in e]
+    trainable = [e["tokens/trainable"] for e in logs]
+    steps = [b - a for a, b in zip(trainable, trainable[1:])]
+    rates = [e.get("tokens/train_per_sec_per_gpu") for e in logs[1:]]
+    if not rates or not all(rates):
+        raise RuntimeError(f"axolotl train {path} did not log tokens/train_per_sec_per_gpu at every step: {logs}")
+    gpu = [e["memory/max_allocated (GiB)"] * 1024 for e in logs if "memory/max_allocated (GiB)" in e]
+    peak = max(gpu) if cuda and gpu else usage.ru_maxrss / 1024
+    return Run(statistics.median(s / r for s, r in zip(steps, rates)), statistics.median(rates), trainable[-1], peak)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the small check shape")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=12, help="steps per run (the first is not timed)")
+    parser.add_argument("--max-seconds", type=float, default=3000, help="no run starts after this many seconds")
+    parser.add_argument("--run-timeout", type=float, default=900, help="seconds one `axolotl train` may take")
+    parser.add_argument("--top-k", type=int, default=64, help="top-k of the precomputed store and the server")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the runs (0: torch's default)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    from axolotl_xkd import __version__
+
+    shape = QUICK if args.quick else FULL
+    cuda = torch.cuda.is_available()
+    work = Path(tempfile.mkdtemp(prefix="xkd_step_bench_"))
+    assets = build_assets(work / "assets", shape, rows=shape.batch * args.steps * 2)
+    config = base(assets, work, shape, args.steps, cuda)
+    store = work / "topk"
+    if "xkd_precomputed" in args.arms:
+        precompute = merged(config, {"output_dir": str(work / "unused"),
+                                     **arm_overrides("xkd_model", assets, store, "", args.top_k)})
+        run_cli(["axolotl", "xkd", "precompute", str(write_config(work / "precompute.yml", precompute)), "--out",
+                 str(store), "--top-k", str(args.top_k), "--teacher", str(assets["teacher"])])
+    runs: dict[str, list[Run]] = {arm: [] for arm in args.arms}
+    with serve_teacher(assets["teacher"]) if "xkd_server" in args.arms else contextlib.nullcontext("") as url:
+        for r in range(args.repeats):
+            for arm in args.arms:
+                left = args.max_seconds - (time.perf_counter() - started)
+                if left <= 0:
+                    break
+                out = work / f"{arm}-{r}"
+                run = merged(config, {"output_dir": str(out / "model"),
+                                      **arm_overrides(arm, assets, store, url, args.top_k)})
+                runs[arm].append(train_once(run, out / "cfg.yml", cuda, timeout=args.run_timeout))
+                print(f"{arm} repeat {r}: {runs[arm][-1].step_s * 1000:.1f} ms/step", flush=True)
+    report = render(args, shape, runs, cuda, __version__, time.perf_counter() - started)
+    write_report(RESULTS / ("step_quick.md" if args.quick else "step.md"), report)
+
+
+def render(args, shape: Shape, runs: dict[str, list[Run]], cuda: bool, version: str, seconds: float) -> str:
+    """The markdown report: conditions, then one row per arm (median of the repeats, ratio to SFT's median)."""
+    import torch
+    import transformers
+    from importlib.metadata import version as installed
+
+    sft = statistics.median(r.step_s for r in runs["sft"]) if runs.get("sft") else None
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    lines = [
+        "# Whole-step benchmark" + (" (--quick)" if args.quick else ""),
+        "",
+        f"`python -m benchmarks.step {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        "",
+        f"- date {datetime.now(UTC).isoformat(timespec='seconds')}, axolotl_xkd {version}, axolotl "
+        f"{installed('axolotl')}, torch {torch.__version__}, transformers {transformers.__version__}",
+        f"- CPU **{cpu_model()}**, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, torch "
+        f"threads {torch.get_num_threads()}"
+        f"{', OMP_NUM_THREADS ' + os.environ['OMP_NUM_THREADS'] if 'OMP_NUM_THREADS' in os.environ else ''}; "
+        f"device {device}{', bf16' if cuda else ', fp32'}",
+        f"- vocabulary {shape.vocab}, student hidden {shape.student[0]} x {shape.student[1]} layers, teacher hidden "
+        f"{shape.teacher[0]} x {shape.teacher[1]} layers, {shape.batch} x {shape.tokens} tokens per step, "
+        f"{args.steps} steps per run (the first not timed), top-k {args.top_k}; {seconds:.0f} s in all",
+        "- step time = a step's trainable tokens / Axolotl's `tokens/train_per_sec_per_gpu` for it, median over the "
+        "steps of a run, then over the repeats (runs interleave the arms); peak memory: "
+        + ("Axolotl's memory/max_allocated" if cuda else "peak RSS of the `axolotl train` process tree"),
+        "",
+        "| arm | ms/step (each repeat) | median ms/step | / SFT | tokens/s per GPU | trainable tokens | peak MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, done in runs.items():
+        if not done:
+            lines.append(f"| {arm} | not run (time bound) | | | | | |")
+            continue
+        median = statistics.median(r.step_s for r in done)
+        ratio = f"{median / sft:.2f}x" if sft else "-"
+        lines.append(f"| {arm} | {', '.join(f'{r.step_s * 1000:.1f}' for r in done)} | {median * 1000:.1f} | {ratio} | "
+                     f"{statistics.median(r.tokens_per_s for r in done):.0f} | {done[-1].trainable} | "
+                     f"{max(r.peak_mb for r in done):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
