@@ -1,6 +1,6 @@
 """The CPU demo's steps around `axolotl train` (scripts/demo.sh runs them):
 
-    python -m scripts.demo configs --out runs/tiny   # the data split and three configs from example_configs/xkd_tiny.yml
+    python -m scripts.demo configs --out runs/tiny   # the data split, three configs (example_configs/xkd_tiny.yml)
     python -m scripts.demo report --out runs/tiny    # exact-match table of the students, the untrained one, the teacher
 
 The case distillation is for: a strong teacher, many prompts, few gold answers. `configs` keeps the gold answers of
@@ -10,8 +10,9 @@ OUT: sft.yml (plain SFT on the labelled rows: the example without the plugin lin
 example on the same labelled rows) and xkd_teacher.yml (X-KD on the teacher's greedy answers to every prompt, stored
 once by `axolotl xkd precompute OUT/xkd_teacher.yml`). All three train the same student with the same steps, batch
 and optimizer. `report` greedy-decodes OUT/data/eval.jsonl with transformers on the CPU
-(axolotl_xkd.tiny.greedy_exact_matches) and writes OUT/exact_match.json beside the printed table. Needs torch and transformers, not axolotl. A repository
-tool (it reads example_configs/), run from the checkout's root: not in the installed package.
+(axolotl_xkd.tiny.greedy_exact_matches) and writes OUT/exact_match.json beside the printed table. Needs torch and
+transformers, not axolotl. A repository tool (it reads example_configs/), run from the checkout's root: not in the
+installed package.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "example_configs" / "xkd_tiny.yml"
 EXAMPLE_ROOT = "runs/tiny"  # the folder the example's paths point into
 LABELLED = 32  # gold answers kept: the rest of the training rows count as prompts without answers
+# Optimizer steps of every student: enough for the student on the teacher's answers to learn most of the task, while
+# SFT on 32 rows has long memorised them (docs/demo.md); the example config's 64 steps are its quick default.
+STEPS = 256
 # (table label, folder under OUT, the data it trained on): the models the report compares
 MODELS = (
     ("untrained student", "student", "-"),
@@ -47,11 +51,12 @@ def relocated(value: object, out: str) -> object:
     return value
 
 
-def demo_configs(base: dict, out: str) -> dict[str, dict]:
-    """The demo's configs in `out` by file stem: `base` relocated, on the labelled rows (xkd); the same without the
-    plugin and the `xkd:` block (sft); and X-KD on the teacher's answers to every prompt (xkd_teacher), each in its
-    own output and prepared-data folders."""
-    xkd = relocated(base, out)
+def demo_configs(base: dict, out: str, seed: int = 42) -> dict[str, dict]:
+    """The demo's configs in `out` by file stem: `base` relocated, on the labelled rows, for STEPS steps with `seed`
+    (xkd); the same without the plugin and the `xkd:` block (sft); and X-KD on the teacher's answers to every prompt
+    (xkd_teacher), each in its own output and prepared-data folders."""
+    xkd = {**relocated(base, out), "max_steps": STEPS, "save_steps": STEPS // 2, "logging_steps": STEPS // 8,
+           "seed": seed}
     (dataset,) = xkd["datasets"]
     xkd["datasets"] = [{**dataset, "path": f"{out}/data/labelled.jsonl"}]
     sft = {key: value for key, value in xkd.items() if key != "xkd"}
@@ -77,16 +82,16 @@ def split_data(out: Path, labelled: int = LABELLED) -> None:
     """OUT/data/labelled.jsonl (the first `labelled` training rows with their answers) and OUT/data/prompts.jsonl
     (every training prompt, without an answer: the teacher answers them)."""
     rows = read_jsonl(out / "data" / "train.jsonl")
-    write = lambda name, items: (out / "data" / name).write_text("".join(json.dumps(r) + "\n" for r in items))  # noqa: E731
-    write("labelled.jsonl", rows[:labelled])
-    write("prompts.jsonl", [{"prompt": row["prompt"], "response": ""} for row in rows])
+    for name, items in (("labelled.jsonl", rows[:labelled]),
+                        ("prompts.jsonl", [{"prompt": row["prompt"], "response": ""} for row in rows])):
+        (out / "data" / name).write_text("".join(json.dumps(item) + "\n" for item in items))
 
 
-def write_configs(out: str, base_path: Path = EXAMPLE) -> list[Path]:
+def write_configs(out: str, base_path: Path = EXAMPLE, seed: int = 42) -> list[Path]:
     """Split the data and write OUT/{sft,xkd,xkd_teacher}.yml (see demo_configs); returns their paths."""
     split_data(Path(out))
     paths = []
-    for stem, config in demo_configs(yaml.safe_load(base_path.read_text()), out.rstrip("/")).items():
+    for stem, config in demo_configs(yaml.safe_load(base_path.read_text()), out.rstrip("/"), seed).items():
         path = Path(out) / f"{stem}.yml"
         path.write_text(f"# {stem} config of the demo, written by `python -m scripts.demo configs` from "
                         f"{base_path.name}\n" + yaml.safe_dump(config, sort_keys=False))
@@ -141,11 +146,13 @@ def main() -> None:
     configs = commands.add_parser("configs", help="split the data; write OUT/{sft,xkd,xkd_teacher}.yml")
     configs.add_argument("--out", default=EXAMPLE_ROOT, help=f"the demo's folder (default: {EXAMPLE_ROOT})")
     configs.add_argument("--base", type=Path, default=EXAMPLE, help="X-KD config to derive from")
+    configs.add_argument("--seed", type=int, default=42, help="the training runs' seed (default: 42, the example's)")
     report = commands.add_parser("report", help="print the exact-match table and write OUT/exact_match.json")
-    report.add_argument("--out", type=Path, default=Path(EXAMPLE_ROOT), help=f"the demo's folder (default: {EXAMPLE_ROOT})")
+    report.add_argument("--out", type=Path, default=Path(EXAMPLE_ROOT),
+                        help=f"the demo's folder (default: {EXAMPLE_ROOT})")
     args = parser.parse_args()
     if args.command == "configs":
-        for path in write_configs(args.out, args.base):
+        for path in write_configs(args.out, args.base, args.seed):
             print(f"demo: wrote {path}", flush=True)
         return
     result = evaluate(args.out)

@@ -4,7 +4,8 @@
 # rows, X-KD on the same rows, and X-KD on the teacher's answers to every prompt, through `axolotl train` on the
 # CPU with the same student and budget; compare the models' exact match (docs/demo.md).
 # Deletes and rewrites the demo folder: XKD_DEMO_OUT, default runs/tiny (the folder the example configs use).
-# XKD_TEACHER_STEPS (default 800) sets the tiny teacher's training steps.
+# XKD_TEACHER_STEPS (default 800) sets the tiny teacher's training steps; XKD_DEMO_SEED (default 0) seeds the tiny
+# models and data (and, as 42 + seed, the training runs): docs/demo.md reports seeds 0, 1 and 2.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/setup.sh
@@ -16,8 +17,9 @@ step() { echo; echo "=== demo [$((SECONDS - START)) s]: $*"; }
 
 step "building the tiny tokenizer, teacher, student and data in $OUT (deleted first); training the teacher"
 rm -rf "$OUT"
-python -m axolotl_xkd.tiny --out "$OUT" --teacher-steps "${XKD_TEACHER_STEPS:-800}"
-python -m scripts.demo configs --out "$OUT"
+SEED="${XKD_DEMO_SEED:-0}"
+python -m axolotl_xkd.tiny --out "$OUT" --teacher-steps "${XKD_TEACHER_STEPS:-800}" --seed "$SEED"
+python -m scripts.demo configs --out "$OUT" --seed "$((42 + SEED))"
 step "plain SFT on the 32 labelled rows: axolotl train $OUT/sft.yml (the X-KD config without the plugin and xkd: block)"
 axolotl train "$OUT/sft.yml"
 step "X-KD on the same 32 labelled rows: axolotl train $OUT/xkd.yml (example_configs/xkd_tiny.yml, paths under $OUT)"
