@@ -3,6 +3,7 @@ tests/e2e/test_faults_store.py):
 
     python -m benchmarks.faults --cases server [--seconds 60] [--clients 32]
     python -m benchmarks.faults --cases store [--kills 12] [--rows 384] [--rows-per-shard 8] [--seed 0]
+    python -m benchmarks.faults --cases training
 
 Each case writes its own section of benchmarks/results/faults.md (between `<!-- case: NAME -->` and
 `<!-- end: NAME -->`; other cases' sections are kept) and prints it.
@@ -11,6 +12,9 @@ Each case writes its own section of benchmarks/results/faults.md (between `<!-- 
   `--clients` concurrent clients for `--seconds` (each client: the server teacher's own HTTP client, no retries,
   requests of 4 prompts x 24 tokens, top 20), then every kind of bad request, each followed by a good one:
   failures, p50 / p99 latency, tokens/s, and that the server still serves.
+- `training`: every training fault case of tests/e2e/test_faults.py, the `soak` ones included that `scripts/test.sh`
+  leaves out (a precomputed run killed at its last step, one rank of two killed, a teacher server restarted within the
+  retry budget), as a pytest run: each case holds or fails as in CI.
 - `store` (benchmarks/faults_store.py): `axolotl xkd precompute` killed `--kills` times at seeded points and
   resumed each time; the finished store compared with an uninterrupted build by sha256 per shard.
 """
@@ -114,7 +118,24 @@ def server_case(args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-CASES: dict[str, Callable[[argparse.Namespace], str]] = {"server": server_case, "store": faults_store.store_case}
+def training_case(args: argparse.Namespace) -> str:
+    """The training fault cases (`soak` included) run by pytest; the section is its summary."""
+    import subprocess
+
+    started = datetime.now(UTC)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "e2e", "-k",
+               "killed or teacher_server", "tests/e2e/test_faults.py"]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    return (f"## Training killed, teacher server down\n\n`python -m benchmarks.faults --cases training` "
+            f"(`{' '.join(command[2:])}`)\n\n- {started.isoformat(timespec='seconds')}, {platform.machine()}, "
+            f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start\n- pytest: **{summary}** "
+            f"(exit code {proc.returncode}); each case compares the resumed student and reward head with an "
+            "uninterrupted run bit for bit, and counts teacher answers against training batches\n")
+
+
+CASES: dict[str, Callable[[argparse.Namespace], str]] = {"server": server_case, "store": faults_store.store_case,
+                                                         "training": training_case}
 
 
 def write_section(name: str, section: str) -> None:

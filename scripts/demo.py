@@ -135,8 +135,8 @@ def table(report: dict, steps: int | None) -> str:
     for label, result in report["models"].items():
         overall = f"{result['exact']}/{rows} {result['exact'] / max(rows, 1):4.0%}"
         lines.append(f"  {label:<24} {result['data']:<36} {overall:>10} {result['unseen_exact']:>5}/{unseen}")
-    lines.append("The teacher's row depends on the CPU (its 800 training steps round differently on Intel and AMD), "
-                 "and the students' rows with it: docs/demo.md gives the spread over seeds.")
+    lines.append("The teacher's row depends on the CPU (its training rounds differently on Intel and AMD), and the "
+                 "students' rows with it: docs/demo.md gives the spread over seeds.")
     return "\n".join(lines)
 
 

@@ -1,6 +1,8 @@
 """Faults injected into real runs: `axolotl xkd serve-teacher` under load and bad requests; `axolotl train` killed
 and resumed (one process, and one rank of two); a teacher server killed during training and restarted in time or
-too late. The longer soak is `python -m benchmarks.faults`; what a user does after each fault is docs/faults.md.
+too late. The cases marked `soak` (each starts two or three training runs, some on two ranks) are left out of
+`scripts/test.sh` (pyproject's addopts) to keep CI within its budget and run by `python -m benchmarks.faults --cases
+training`, with the longer soak; what a user does after each fault is docs/faults.md.
 """
 
 from __future__ import annotations
@@ -287,7 +289,7 @@ def teacher_block(kind: str, assets: dict[str, Path], tmp: Path) -> dict:
     return {"source": "precomputed", "path": str(tmp / "store")}
 
 
-@pytest.mark.parametrize(("teacher", "stop_at"), [("model", 3), ("precomputed", 5)])
+@pytest.mark.parametrize(("teacher", "stop_at"), [("model", 3), pytest.param("precomputed", 5, marks=pytest.mark.soak)])
 def test_killed_run_resumes_to_the_uninterrupted_run(short_assets, tmp_path, teacher, stop_at):
     """SIGKILL after checkpoint-2 (in-process teacher) or at the last step, after checkpoint-4 (precomputed store);
     resume from it: the student and the reward head equal the uninterrupted run's bit for bit (one process, the
@@ -313,6 +315,7 @@ def test_killed_run_resumes_to_the_uninterrupted_run(short_assets, tmp_path, tea
     assert_log_continues(out, tmp_path / "straight", SHORT["max_steps"])
 
 
+@pytest.mark.soak
 def test_killed_rank_stops_the_job_naming_it_and_the_resume_matches(short_assets, tmp_path):
     """Two ranks under ZeRO-2: rank 1 SIGKILLed after step 3 (checkpoint-2 written). torchrun stops the other rank
     and exits non-zero naming rank 1 (the test's timeout bounds the wait); resumed from checkpoint-2, the run
@@ -354,6 +357,7 @@ def server_config(assets: dict[str, Path], tmp: Path, url: str, **teacher) -> di
     return config
 
 
+@pytest.mark.soak
 def test_teacher_server_restarted_within_the_retry_budget(short_assets, tmp_path):
     """The server is SIGKILLed after step 2; the run's next requests fail and are retried; a new server on the
     same port answers them. Every trained micro-batch got exactly one answer (none missing, none twice)."""
