@@ -112,7 +112,12 @@ def sample_responses(model: nn.Module, prompts: list[list[int]], sampling: Gener
                      seeds: list[int] | None = None) -> list[list[int]]:
     """n responses per prompt (prompt-major), each cut after its first EOS and to `max_length` tokens with its
     prompt. Prompts are left-padded into one batch (KV cache on); sampling draws from torch's global generator, or,
-    with `seeds` (one per response), each response from its own (`RowSeededSampling`)."""
+    with `seeds` (one per response), each response from its own (`RowSeededSampling`). Greedy (temperature 0): the
+    one answer, n times."""
+    if sampling.temperature == 0 and n > 1:
+        # Greedy decoding has one answer per prompt (generate refuses num_return_sequences > 1 without sampling).
+        once = sample_responses(model, prompts, sampling, pad_id=pad_id, eos_id=eos_id, max_length=max_length)
+        return [response for response in once for _ in range(n)]
     device = next(model.parameters()).device
     width = max(map(len, prompts))
     budget = sampling.max_new_tokens
