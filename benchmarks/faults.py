@@ -12,9 +12,10 @@ Each case writes its own section of benchmarks/results/faults.md (between `<!-- 
   `--clients` concurrent clients for `--seconds` (each client: the server teacher's own HTTP client, no retries,
   requests of 4 prompts x 24 tokens, top 20), then every kind of bad request, each followed by a good one:
   failures, p50 / p99 latency, tokens/s, and that the server still serves.
-- `training`: every training fault case of tests/e2e/test_faults.py, the `soak` ones included that `scripts/test.sh`
-  leaves out (a precomputed run killed at its last step, one rank of two killed, a teacher server restarted within the
-  retry budget), as a pytest run: each case holds or fails as in CI.
+- `training`: every kill-and-resume case of tests/e2e/test_faults.py and test_faults_store.py, the `soak` ones
+  included that `scripts/test.sh` leaves out (a precomputed run killed at its last step, one rank of two killed, a
+  teacher server restarted within the retry budget, precompute killed three times), as a pytest run: each case holds
+  or fails as in CI.
 - `store` (benchmarks/faults_store.py): `axolotl xkd precompute` killed `--kills` times at seeded points and
   resumed each time; the finished store compared with an uninterrupted build by sha256 per shard.
 """
@@ -124,7 +125,7 @@ def training_case(args: argparse.Namespace) -> str:
 
     started = datetime.now(UTC)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "e2e", "-k",
-               "killed or teacher_server", "tests/e2e/test_faults.py"]
+               "killed or teacher_server", "tests/e2e/test_faults.py", "tests/e2e/test_faults_store.py"]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
     return (f"## Training killed, teacher server down\n\n`python -m benchmarks.faults --cases training` "

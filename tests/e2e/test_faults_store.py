@@ -60,6 +60,7 @@ def reference(tiny_assets, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return cfg, store_hashes(folder / "reference")
 
 
+@pytest.mark.soak  # three precompute kills and resumes: `python -m benchmarks.faults --cases training` runs it
 def test_precompute_killed_repeatedly_resumes_to_the_uninterrupted_store(reference, tmp_path):
     """Three SIGKILLs, each at a seeded shard: after a complete shard, or while a shard's files sit in its tmp
     folder (not yet hashed nor renamed); then a rerun finishes the store. Nothing lost, nothing duplicated."""
