@@ -151,8 +151,8 @@ def output_rows(scored, ranked, prompts: list[str], rank_by: str, per_token: boo
               "prompt) and responses as plain strings plus EOS.")
 def score(model_dir: Path | None, prompts_file: Path, responses_file: Path | None, samples: int | None,
           out_file: Path | None, batch_size: int, per_token: bool, seed: int, rank_by: str, max_new_tokens: int,
-          temperature: float, top_p: float, no_eos: bool, prompt_field: str, response_field: str, device: str, dtype: str,
-          config_file: Path | None, dataset_index: int, raw: bool) -> None:
+          temperature: float, top_p: float, no_eos: bool, prompt_field: str, response_field: str, device: str,
+          dtype: str, config_file: Path | None, dataset_index: int, raw: bool) -> None:
     """Score responses with the reward head learned by X-KD, or sample N per prompt and rerank them.
 
     Prompts and responses are strings in JSONL rows (a prompt may also be a row of the training dataset). They are
