@@ -23,21 +23,20 @@ from pathlib import Path
 from tests.support import (
     BIN,
     ENV,
+    ONE_THREAD,
     REPO,
     base_config,
     kill_when_stopped,
+    precompute_args,
     run_cli,
     start_stopping_cli,
     with_first_rows,
     write_config,
 )
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
 
 def _command(cfg: Path, out: Path, per_shard: int) -> list[str]:
-    return ["xkd", "precompute", str(cfg), "--out", str(out), "--top-k", "8", "--batch-size", "4",
-            "--rows-per-shard", str(per_shard)]
+    return precompute_args(cfg, out, rows_per_shard=per_shard)
 
 
 def _shard_hashes(out: Path) -> dict[str, str]:

@@ -196,6 +196,17 @@ def serve_teacher(model_dir: Path, *extra: str, start_timeout: float = 180) -> I
         server.stop()
 
 
+# One thread, as torchrun gives each rank: a store is then computed with the same kernels in the same order by one
+# process or by two (docs/teachers.md: what two builds of one store may differ in).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def precompute_args(cfg: Path, out: Path, *, rows_per_shard: int, batch_size: int = 4) -> list[str]:
+    """The arguments after `axolotl` of a top-8 `xkd precompute` of `cfg` into `out`."""
+    return ["xkd", "precompute", str(cfg), "--out", str(out), "--top-k", "8", "--batch-size", str(batch_size),
+            "--rows-per-shard", str(rows_per_shard)]
+
+
 def with_first_rows(assets: dict[str, Path], folder: Path, rows: int) -> dict[str, Path]:
     """`assets` with a training file cut to its first `rows` rows (written into `folder`), for short runs."""
     lines = (assets["data"] / "train.jsonl").read_text().splitlines()[:rows]

@@ -17,8 +17,10 @@ import pytest
 from axolotl_xkd.integrity import folder_sha256
 from axolotl_xkd.store.format import Manifest, check_shard, shard_key
 from tests.support import (
+    ONE_THREAD,
     base_config,
     kill_when_stopped,
+    precompute_args,
     run_cli,
     run_disk_full_cli,
     start_stopping_cli,
@@ -29,12 +31,10 @@ from tests.support import (
 pytestmark = pytest.mark.e2e
 
 ROWS, PER_SHARD = 96, 8
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def command(cfg: Path, out: Path) -> list[str]:
-    return ["xkd", "precompute", str(cfg), "--out", str(out), "--top-k", "8", "--batch-size", "4",
-            "--rows-per-shard", str(PER_SHARD)]
+    return precompute_args(cfg, out, rows_per_shard=PER_SHARD)
 
 
 def store_hashes(folder: Path) -> dict[str, str]:

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.support import (
+    ONE_THREAD,
     base_config,
     kill_when_stopped,
+    precompute_args,
     run_cli,
     start_stopping_cli,
     with_first_rows,
@@ -24,12 +26,10 @@ from tests.support import (
 pytestmark = pytest.mark.e2e
 
 ROWS, PER_SHARD = 96, 8
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def command(cfg: Path, out: Path) -> list[str]:
-    return ["axolotl", "xkd", "precompute", str(cfg), "--out", str(out), "--top-k", "8", "--batch-size", "1",
-            "--rows-per-shard", str(PER_SHARD)]
+    return ["axolotl", *precompute_args(cfg, out, rows_per_shard=PER_SHARD, batch_size=1)]
 
 
 def assert_same_shards(got: Path, want: Path) -> None:
