@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -97,12 +98,27 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for a rendezvous or a server of the test's own)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env(extra: dict | None = None) -> dict[str, str]:
+    """The environment of a test's subprocess: this venv first on PATH, the offline settings, and a rendezvous port
+    of its own (MASTER_PORT, and PET_MASTER_PORT, torchrun's --master_port), so that runs side by side (pytest -n 2,
+    another job on the machine) never meet at torchrun's and DeepSpeed's default 29500."""
+    port = str(free_port())
+    return {**os.environ, **ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MASTER_PORT": port,
+            "PET_MASTER_PORT": port, **(extra or {})}
+
+
 def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 900, check: bool = True,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run a console script of this venv (e.g. ["axolotl", "train", cfg]); output captured as text."""
-    full_env = {**os.environ, **ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
     proc = subprocess.run(
-        [str(BIN / args[0]), *args[1:]], env=full_env, cwd=cwd or REPO, capture_output=True, text=True,
+        [str(BIN / args[0]), *args[1:]], env=cli_env(env), cwd=cwd or REPO, capture_output=True, text=True,
         timeout=timeout,
     )
     if check and proc.returncode != 0:

@@ -12,8 +12,6 @@ head is optimised. Every multi-process run is compared with one process training
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -22,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.support import BIN, ENV, REPO, base_config, log_history, merged, run_cli, train, write_config
+from tests.support import (BIN, REPO, base_config, cli_env, free_port, log_history, merged, run_cli, train,
+                           write_config)
 
 pytestmark = pytest.mark.e2e
 
@@ -210,12 +209,6 @@ def test_ddp_and_zero1(mode, tiny_assets, tmp_path, single):
     assert (out / "xkd_reward_head.safetensors").is_file()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_on_loopback(tiny_assets, tmp_path, single):
     """Two torchrun agents, one process each, meet at a c10d rendezvous on 127.0.0.1 as two nodes would,
     launched with the line the README gives for multi-node runs (ZeRO-2)."""
@@ -225,7 +218,7 @@ def test_two_nodes_on_loopback(tiny_assets, tmp_path, single):
     launch = [str(BIN / "axolotl"), "train", str(path), "--launcher", "torchrun", "--", "--nnodes", "2",
               "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
               "--rdzv_id", "xkd-loopback"]
-    env = {**os.environ, **ENV, **TORCHRUN_ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = cli_env(TORCHRUN_ENV)
     nodes = [subprocess.Popen(launch, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outputs = [node.communicate(timeout=900)[0] for node in nodes]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from tests.support import BIN, ENV, REPO, base_config, merged, run_cli, train, write_config
+from tests.support import BIN, REPO, base_config, cli_env, merged, run_cli, train, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +68,7 @@ def _post(url: str, body: dict) -> int:
 
 
 def test_serve_teacher_logs_requests_and_shutdown(untrained_assets):
-    env = {**os.environ, **ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = cli_env()
     proc = subprocess.Popen(
         [str(BIN / "axolotl"), "xkd", "serve-teacher", "--model", str(untrained_assets["teacher"]), "--port", "0"],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
