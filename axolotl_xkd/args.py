@@ -18,6 +18,7 @@ from axolotl_xkd.options import (
     DTYPE_NAMES,
     LOSS_BOUNDS,
     LOSS_DEFAULTS,
+    PRESETS,
     Q_FORMS,
     REWARD_INPUTS,
     TD_TARGETS,
@@ -153,9 +154,23 @@ class XKDConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    preset: Literal[tuple(PRESETS)] | None = Field(
+        None,
+        description="Named settings of several keys; keys set beside it win. `coupled`: the spec's coupled X-KD, "
+        "the reward terms pulling on the student (" + ", ".join(f"{k}: {v}" for k, v in PRESETS["coupled"].items())
+        + "; docs/defaults.md).",
+    )
     teacher: ModelTeacher | PrecomputedTeacher | ServerTeacher | None = Field(
         None, description="Where the teacher distribution p_T comes from.", discriminator="source"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Fill the preset's keys that the block does not set itself (so keys set beside it win)."""
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
     divergence: Divergence = _loss_key("divergence", "The distillation term D_i.")
     beta: float = _loss_key("beta", "JSD mixture weight (TRL GKD: 0 = forward KL, 1 = reverse KL).")
     skew_alpha: float = _loss_key("skew_alpha", "Skew of skew_forward_kl / skew_reverse_kl.")

@@ -105,6 +105,18 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # summed or averaged over the response, or the student's own log-likelihood, which the reranking benchmark
 # (docs/reward.md) found the better pick.
 RANK_FIELDS: dict[str, str] = {"logprob": "logprob_sum", "sum": "reward_sum", "mean": "reward_mean"}
+
+# `xkd.preset`: settings that take several keys, by name. Keys set beside the preset win over its values.
+PRESETS: dict[str, dict[str, object]] = {
+    # The spec's coupled form (XKD_METHOD.md section 2): TD_i built from the student's Q at the observed tokens and
+    # the reward head's gradient into the student's body, so the reward terms pull on the student. Weights: the
+    # coupled setting measured on every study task (docs/defaults.md); issue 27's sweep replaces them with its
+    # dev-chosen setting.
+    "coupled": {"td_target": "observed", "reward_detach_backbone": False, "td_weight": 0.1, "reward_kl_weight": 0.1},
+}
+
+
+
 def reward_reaches_student(*, td_target: str, detach_backbone: bool) -> bool:
     """Whether the reward terms change the student's weights: through Q in TD_i (every target but the fixed ones,
     FIXED_TD_TARGETS) or through the reward head's input (unless its hidden states are detached)."""

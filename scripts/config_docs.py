@@ -94,9 +94,12 @@ NOTES: dict[str, str] = {
     "PrecomputedTeacher.format": "In KD v2 data, entry i is the distribution over token i+1.",
     "ServerTeacher.max_retries": "The error names the server and the cause.",
     "ServerTeacher.api_key_env": "Never read from the YAML, never logged.",
+    "XKDConfig.preset": "The start-up line (`axolotl_xkd ... active: {...}`) shows the effective settings. What the "
+    "coupled form measured against plain distillation: docs/defaults.md.",
 }
 
 EXAMPLES: dict[str, Any] = {
+    "XKDConfig.preset": "coupled",
     "XKDConfig.teacher": {"source": "model", "path": "runs/tiny/teacher"},
     "XKDConfig.divergence": "jsd",
     "XKDConfig.beta": 0.3,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.support import base_config, log_history, merged, train, trained, write_config
+from axolotl_xkd.options import PRESETS
+from tests.support import base_config, log_history, merged, train, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -51,12 +53,21 @@ def test_trains_and_logs_every_component(run):
     assert losses[0]["xkd/reward_kl"] + losses[0]["xkd/td_nll"] > 0.1  # the head's terms, left out of `loss`
 
 
-def test_coupled_form_logs_the_whole_objective(tiny_assets, tmp_path):
-    """Where the reward terms reach the student, `loss` is everything it trains on; no CE, so no ppl."""
-    coupled = {"divergence": "forward_kl", "td_target": "observed", "reward_detach_backbone": False}
-    out = trained(tiny_assets, tmp_path, {"max_steps": 2, "save_steps": 2, "xkd": coupled})
-    for entry in [e for e in log_history(out) if "loss" in e]:
-        whole = entry["xkd/distill"] + 0.1 * entry["xkd/reward_kl"] + 0.1 * entry["xkd/td_nll"]
+def test_coupled_preset_trains_and_logs_the_whole_objective(tiny_assets, tmp_path):
+    """`preset: coupled` trains the spec's coupled form, and the start-up line shows its effective settings. Where
+    the reward terms reach the student, `loss` is everything it trains on; no CE, so no ppl."""
+    config = merged(base_config(tiny_assets, tmp_path), {"max_steps": 2, "save_steps": 2,
+                                                         "xkd": {"preset": "coupled", "divergence": "forward_kl"}})
+    proc = train(write_config(tmp_path / "cfg.yml", config))
+    active = re.search(r"axolotl_xkd \S+ active: (\{.*\})", proc.stdout + proc.stderr)
+    assert active, (proc.stdout + proc.stderr)[-3000:]
+    coupled = PRESETS["coupled"]
+    assert {key: json.loads(active[1])[key] for key in coupled} == coupled
+    logs = [e for e in log_history(Path(config["output_dir"])) if "loss" in e]
+    assert len(logs) == 2
+    for entry in logs:
+        whole = (entry["xkd/distill"] + coupled["reward_kl_weight"] * entry["xkd/reward_kl"]
+                 + coupled["td_weight"] * entry["xkd/td_nll"])
         assert entry["loss"] == pytest.approx(whole, rel=1e-4) and "ppl" not in entry, entry
 
 

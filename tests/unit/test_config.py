@@ -27,6 +27,17 @@ def test_valid_block_passes_with_defaults(load):
     assert cfg.xkd["td_weight"] == 0.1 and cfg.xkd["reward_kl_weight"] == 0.1 and cfg.xkd["q_form"] == "ava"
 
 
+def test_coupled_preset_sets_the_coupled_form_and_keys_beside_it_win(load):
+    from axolotl_xkd.options import PRESETS
+
+    cfg = load({"preset": "coupled"})
+    assert {key: cfg.xkd[key] for key in PRESETS["coupled"]} == PRESETS["coupled"]
+    assert PRESETS["coupled"]["td_target"] == "observed" and PRESETS["coupled"]["reward_detach_backbone"] is False
+    beside = load({"preset": "coupled", "td_weight": 0.05, "reward_detach_backbone": True})
+    assert beside.xkd["td_weight"] == 0.05 and beside.xkd["reward_detach_backbone"] is True
+    assert beside.xkd["td_target"] == "observed" and beside.xkd["preset"] == "coupled"
+
+
 @pytest.mark.parametrize(
     "override,fragment",
     [
@@ -51,6 +62,7 @@ def test_valid_block_passes_with_defaults(load):
         ({"generation": {"temperature": -1}}, "xkd.generation.temperature"),
         ({"generation": {"top_p": 0}}, "xkd.generation.top_p"),
         ({"generation": {"max_tokens": 8}}, "xkd.generation.max_tokens"),
+        ({"preset": "paper"}, "xkd.preset"),
     ],
 )
 def test_bad_values_name_the_key(load, override, fragment):
