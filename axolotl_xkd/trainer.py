@@ -289,6 +289,7 @@ class XKDTrainer(AxolotlTrainer, _CrossEntropyPerplexity):
             "params": params,
             "position_ids": inputs.get("position_ids"),
             "eos_token_id": self.xkd.eos_token_id,
+            "forces": self._forces_due(model),
         }
         out = self._loss_output(model, inputs, outputs, hidden, common, fused=fused)
         self._accumulate(out, "train" if model.training else "eval")
@@ -305,21 +306,36 @@ class XKDTrainer(AxolotlTrainer, _CrossEntropyPerplexity):
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def _forces_due(self, model: nn.Module) -> bool:
+        """Whether this micro-batch measures the terms' pulls on the logits (xkd/kd_force, xkd/td_force): in training
+        steps that end in a log, when the TD term pulls on the student's Q (a coupled, unfixed TD target)."""
+        p = self.xkd.params
+        if not (model.training and p.uses_td and not p.fixed_td_target) or self.args.logging_steps <= 0:
+            return False
+        return (self.state.global_step + 1) % int(self.args.logging_steps) == 0
+
     def _accumulate(self, out: XKDLossOutput, mode: str) -> None:
         sums = self._xkd_sums[mode]
         sums["tokens"] = sums["tokens"] + out.num_tokens.detach().float()
         for name, output_field in METRIC_FIELDS.items():
             sums[name] = sums[name] + getattr(out, output_field).detach().float()
+        if out.forces is not None:
+            sums["forces"] = sums["forces"] + out.forces.detach().float()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
         sums = self._xkd_sums[mode]
         if sums:
+            forces = sums.pop("forces", None)
             stacked = torch.stack([torch.as_tensor(sums[k], device=self.args.device) for k in ("tokens", *METRICS)])
             totals = dict(zip(("tokens", *METRICS), self.accelerator.reduce(stacked, reduction="sum").tolist()))
             tokens = max(totals.pop("tokens"), 1.0)
             prefix = "xkd/" if mode == "train" else "eval_xkd/"
             logs.update({prefix + name: round(total / tokens, 6) for name, total in totals.items()})
+            if forces is not None:  # the same micro-batches ask for them on every rank
+                kd, td, rows = self.accelerator.reduce(forces.to(self.args.device), reduction="sum").tolist()
+                rows = max(rows, 1.0)
+                logs.update({"xkd/kd_force": round(kd / rows, 6), "xkd/td_force": round(td / rows, 6)})
             self._xkd_sums[mode] = defaultdict(float)
         if mode == "train":
             logs.update(self._xkd_step_logs())

@@ -40,6 +40,7 @@ from axolotl_xkd.losses.xkd import (
     XKDLossOutput,
     loss_output,
     prepare,
+    term_forces,
     token_terms,
 )
 from axolotl_xkd.options import DEFAULT_CHUNK_SIZE
@@ -63,6 +64,7 @@ class _Plan:
     chunk_size: int
     mode: str
     grad_enabled: bool  # Function.forward sees needs_input_grad True even under no_grad (evaluation)
+    forces: bool = False  # measure the terms' pulls on the first chunk's logits (xkd.term_forces)
 
     @property
     def teacher_kind(self) -> str:
@@ -125,6 +127,7 @@ class _ChunkedXKDFunction(torch.autograd.Function):
             else _chunk_step(plan, argnums)
         )
         sums = torch.zeros(4, dtype=acc, device=hidden.device)
+        pulls = torch.zeros(3, dtype=acc, device=hidden.device)
         for start in range(0, n_rows, plan.chunk_size):
             stop = min(start + plan.chunk_size, n_rows)
             ext = min(stop + 1, n_rows) if look_ahead else stop  # the look-ahead row for TD_{stop-1}
@@ -140,6 +143,8 @@ class _ChunkedXKDFunction(torch.autograd.Function):
             )
             args = (upcast(logits), mu[start:stop] if uses_td else None, log_sigma[start:stop] if uses_td else None,
                     rows_in)
+            if plan.forces and start == 0:  # before the fused step overwrites the logits and the teacher's buffer
+                pulls = term_forces(*args[:3], rows_in, params=plan.params)
             if by_hand:
                 grad_logits, grad_m, grad_s, loss, parts = step(*args)
                 grads = (grad_logits, grad_m, grad_s)
@@ -164,8 +169,9 @@ class _ChunkedXKDFunction(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_mu, grad_log_sigma)
         ctx.input_dtypes = (hidden.dtype, bias.dtype if bias is not None else None)
         loss, div_sum, ce_sum, td_sum = (sums[i].clone() for i in range(4))
-        ctx.mark_non_differentiable(div_sum, ce_sum, td_sum)
-        return loss, div_sum, ce_sum, td_sum
+        pulls = pulls.to(acc)
+        ctx.mark_non_differentiable(div_sum, ce_sum, td_sum, pulls)
+        return loss, div_sum, ce_sum, td_sum, pulls
 
     @staticmethod
     def backward(ctx, grad_output, *_unused):
@@ -212,6 +218,7 @@ def chunked_xkd_loss(
     output_bias: Tensor | None = None,
     vocab_size: int | None = None,
     mode: str = "fused",
+    forces: bool = False,
 ) -> XKDLossOutput:
     """X-KD loss SUM over response tokens, equal to `xkd_loss(student_hidden @ output_weight.T, ...)`.
 
@@ -228,6 +235,9 @@ def chunked_xkd_loss(
     configuration (`fused.supports`) and torch.func autograd of `token_terms` per chunk elsewhere;
     "autograd" always uses autograd. (A torch.compile'd autograd step was measured slower than "fused" and at
     3.5-4.6x its peak memory, benchmarks/results/loss_memory.md, and removed.)
+
+    forces: also measure the terms' pulls on the logits of the first chunk (xkd.term_forces; one autograd pass per
+    term over one chunk, so the trainer asks for it on logging steps only).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -253,9 +263,10 @@ def chunked_xkd_loss(
         chunk_size=chunk_size,
         mode=mode,
         grad_enabled=torch.is_grad_enabled(),
+        forces=forces,
     )
     hidden = student_hidden.reshape(n_rows, student_hidden.shape[-1])
-    logit_loss, div_sum, ce_sum, td_sum = _ChunkedXKDFunction.apply(
+    logit_loss, div_sum, ce_sum, td_sum, pulls = _ChunkedXKDFunction.apply(
         hidden, output_weight, output_bias, positions.mu, positions.log_sigma, plan
     )
-    return loss_output(logit_loss, (div_sum, ce_sum, td_sum), positions, params=p)
+    return loss_output(logit_loss, (div_sum, ce_sum, td_sum), positions, params=p, forces=pulls if forces else None)

@@ -10,7 +10,7 @@ the optimizer step's token count (num_items_in_batch). Imports torch only; hyper
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -102,6 +102,9 @@ class XKDLossOutput(NamedTuple):
     mu_sum: Tensor
     sigma_sum: Tensor
     num_tokens: Tensor
+    # With forces=True: (sum ||d(alpha_kd D)/dz_i||, sum ||d(lambda TD-NLL)/dz_i||, rows) over the rows measured
+    # (term_forces); None otherwise.
+    forces: Tensor | None = None
 
 
 class Positions(NamedTuple):
@@ -237,6 +240,43 @@ def token_terms(logits: Tensor, mu: Tensor | None, log_sigma: Tensor | None, row
     return loss, (div_sum.detach(), ce_sum.detach(), td_sum.detach())
 
 
+def _row_pulls(logits: Tensor, mu: Tensor | None, log_sigma: Tensor | None, rows: RowInputs,
+               params: XKDHyperparams) -> Tensor:
+    """Per-row norm of d(token_terms under `params`)/dz over the counted rows (a look-ahead row excluded)."""
+    z = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss, _ = token_terms(z, mu, log_sigma, rows, params=params)
+        (grad,) = torch.autograd.grad(loss, z, allow_unused=True)
+    n = rows.valid.shape[0]
+    if grad is None:
+        return z.new_zeros(n)
+    return torch.where(rows.valid, grad[:n].norm(dim=-1), 0.0)
+
+
+def term_forces(logits: Tensor, mu: Tensor | None, log_sigma: Tensor | None, rows: RowInputs, *,
+                params: XKDHyperparams) -> Tensor:
+    """How hard the distillation and the TD term pull on the student: (sum_i ||d(alpha_kd D_i)/dz_i||,
+    sum_i ||d(lambda TD-NLL)/dz_i||, counted rows) over these rows, by autograd through token_terms with one term on
+    at a time; nothing reaches the inputs' gradients.
+
+    docs/defaults.md derives that with the coupled form (TD_i built from the student's Q) the TD term's pull does
+    not fade at lambda = w_kl while a bounded divergence's does; the trainer logs the means as xkd/kd_force and
+    xkd/td_force. The TD gradient at row i holds TD_i's pull on Q(s_i, a_i) and TD_{i-1}'s on Q(s'_{i-1}, a'_{i-1}),
+    so a chunk's look-ahead row must be present, as the loss has it. A fixed TD target sends nothing into the
+    logits: its norm is 0.
+    """
+    mu = None if mu is None else mu.detach()
+    log_sigma = None if log_sigma is None else log_sigma.detach()
+    zeros = logits.new_zeros(rows.valid.shape[0])
+    kd, td = zeros, zeros
+    if params.alpha_kd > 0:
+        kd = _row_pulls(logits, mu, log_sigma, rows._replace(nonterminal=None),
+                        replace(params, alpha_ce=0.0, td_weight=0.0))
+    if rows.nonterminal is not None and params.td_weight > 0 and not params.fixed_td_target:
+        td = _row_pulls(logits, mu, log_sigma, rows, replace(params, alpha_kd=0.0, alpha_ce=0.0))
+    return torch.stack([kd.sum(), td.sum(), rows.valid.sum().to(zeros.dtype)])
+
+
 def td_per_row(logits: Tensor, logprobs: Tensor, actions: Tensor, nonterminal: Tensor, teacher: TeacherSignal | None,
                *, params: XKDHyperparams) -> Tensor:
     """TD_i of every row, (m,), by td_target (XKD_METHOD.md section 2); actions (m,) in the vocabulary.
@@ -282,7 +322,7 @@ def first_rows(teacher: TeacherSignal, n: int) -> TeacherSignal:
 
 
 def loss_output(logit_loss: Tensor, parts: tuple[Tensor, Tensor, Tensor], positions: Positions, *,
-                params: XKDHyperparams) -> XKDLossOutput:
+                params: XKDHyperparams, forces: Tensor | None = None) -> XKDLossOutput:
     """Add w_kl * KL(q_phi(R_i) || prior) to the logit terms' sum and collect the logged sums."""
     p, valid = params, positions.valid
     zero = logit_loss.new_zeros(())
@@ -303,6 +343,7 @@ def loss_output(logit_loss: Tensor, parts: tuple[Tensor, Tensor, Tensor], positi
         mu_sum=mu_sum,
         sigma_sum=sigma_sum,
         num_tokens=valid.sum(),
+        forces=forces,
     )
 
 
@@ -316,13 +357,15 @@ def xkd_loss(
     params: XKDHyperparams,
     position_ids: Tensor | None = None,
     eos_token_id: int | None = None,
+    forces: bool = False,
 ) -> XKDLossOutput:
     """X-KD loss SUM over response tokens.
 
     student_logits (B, T, V); labels (B, T), unshifted, ignore_index where masked; teacher aligned
     with the student (position i predicts u_{i+1}), a dense one over the same V tokens; mu /
     log_sigma (B, T): the reward head applied to the student's last hidden state at every position;
-    position_ids (B, T) marks packed segments (a reset to 0 starts a new sequence).
+    position_ids (B, T) marks packed segments (a reset to 0 starts a new sequence). forces: also measure the
+    terms' pulls on the logits over every row (term_forces).
     """
     vocab_size = student_logits.shape[-1]
     positions, signal = prepare(labels, teacher, mu, log_sigma, params=params, vocab_size=vocab_size,
@@ -330,4 +373,5 @@ def xkd_loss(
     logits = upcast(student_logits).reshape(labels.numel(), vocab_size)
     rows = RowInputs(signal, positions.targets, positions.valid, positions.nonterminal)
     loss, parts = token_terms(logits, positions.mu, positions.log_sigma, rows, params=params)
-    return loss_output(loss, parts, positions, params=params)
+    pulls = term_forces(logits, positions.mu, positions.log_sigma, rows, params=params) if forces else None
+    return loss_output(loss, parts, positions, params=params, forces=pulls)

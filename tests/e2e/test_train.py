@@ -51,6 +51,7 @@ def test_trains_and_logs_every_component(run):
         assert entry["loss"] == pytest.approx(entry["xkd/distill"] + 0.1 * entry["xkd/ce"], rel=1e-4)
         assert entry["ppl"] == pytest.approx(math.exp(entry["xkd/ce"]), rel=1e-4)
     assert losses[0]["xkd/reward_kl"] + losses[0]["xkd/td_nll"] > 0.1  # the head's terms, left out of `loss`
+    assert not any("xkd/td_force" in e for e in losses)  # measured only where the TD term pulls on the student
 
 
 def test_coupled_preset_trains_and_logs_the_whole_objective(tiny_assets, tmp_path):
@@ -69,6 +70,8 @@ def test_coupled_preset_trains_and_logs_the_whole_objective(tiny_assets, tmp_pat
         whole = (entry["xkd/distill"] + coupled["reward_kl_weight"] * entry["xkd/reward_kl"]
                  + coupled["td_weight"] * entry["xkd/td_nll"])
         assert entry["loss"] == pytest.approx(whole, rel=1e-4) and "ppl" not in entry, entry
+        # The TD term pulls on the student's Q: both pulls on the logits are measured at every logging step.
+        assert entry["xkd/td_force"] > 0 and entry["xkd/kd_force"] > 0, entry
 
 
 def test_reward_head_saved_beside_student_and_checkpoints(run):

@@ -136,3 +136,40 @@ def test_gradcheck_reward_head():
     torch.nn.init.normal_(head.proj.weight, std=0.3)
     hidden = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda h: torch.stack(head(h)), (hidden,))
+
+
+@pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
+@pytest.mark.parametrize(("divergence", "td_target"), [("forward_kl", "observed"), ("jsd", "soft"),
+                                                       ("tvd", "observed"), ("forward_kl", "teacher_logprob")])
+def test_term_forces_match_the_reference_gradients(divergence, td_target, teacher_kind):
+    """xkd/kd_force and xkd/td_force: per response token, the norms of the gradients that alpha_kd * D and
+    lambda * TD-NLL put on the logits, equal to the float64 reference's (one term differentiated at a time), through
+    xkd_loss and through the chunked loss (first chunk, with its look-ahead row); a fixed target pulls with 0."""
+    from axolotl_xkd.losses.chunked import chunked_xkd_loss
+
+    params = spec_params(divergence=divergence, td_target=td_target, td_weight=0.3, alpha_kd=0.7, q_form="ava")
+    logits, labels, t_logits, ids, lps, mu, log_std, _ = make_batch(3)
+    signal, ref_teacher = teachers(t_logits, ids, lps)[teacher_kind]
+    z = logits.clone().requires_grad_(True)
+    _, terms, count = reference_xkd(z, labels, teacher=ref_teacher, mu=mu, log_sigma=log_std,
+                                    hp=dataclasses.asdict(params), eos=EOS)
+    want = []
+    for weight, term in ((params.alpha_kd, "divergence"), (params.td_weight, "td_nll")):
+        pulls = terms[term].requires_grad  # a fixed TD target's term does not depend on the logits
+        grad = torch.autograd.grad(weight * terms[term], z)[0] if pulls else torch.zeros_like(z)
+        want.append(grad.norm(dim=-1).sum().item())
+    got = xkd_loss(logits, labels, teacher=signal, mu=mu, log_sigma=log_std, params=params, eos_token_id=EOS,
+                   forces=True).forces.tolist()
+    assert got[2] == count
+    assert got[:2] == pytest.approx(want, rel=1e-9, abs=1e-12)
+    if td_target == "teacher_logprob":
+        assert got[1] == 0 and got[0] > 0
+    else:
+        assert got[1] > 0
+    # The chunked loss measures its first chunk: with one chunk of every row, the same numbers.
+    weight = torch.eye(V, dtype=torch.float64)  # logits = hidden @ I: the same logits, formed by the output layer
+    chunked = chunked_xkd_loss(logits, weight, labels, teacher=signal, mu=mu, log_sigma=log_std, params=params,
+                               eos_token_id=EOS, chunk_size=B * T, forces=True)
+    assert chunked.forces.tolist() == pytest.approx(got, rel=1e-9, abs=1e-12)
+    assert xkd_loss(logits, labels, teacher=signal, mu=mu, log_sigma=log_std, params=params,
+                    eos_token_id=EOS).forces is None
