@@ -176,10 +176,12 @@ def student_config(task: Task, assets: dict[str, Path], out: Path, data_file: st
 
 
 def train_one(task: Task, assets: dict[str, Path], work: Path, method: str, seed: int, fraction: float,
-              args: argparse.Namespace, *, xkd: dict | None = None, split: str = "eval", dev_too: bool = False) -> dict:
+              args: argparse.Namespace, *, xkd: dict | None = None, split: str = "eval", dev_too: bool = False,
+              logged: list[str] = LOGGED, history: Path | None = None) -> dict:
     """Train one student with `axolotl train`, score it on `split` (eval: the test prompts; dev: the tuning
     prompts) and, with dev_too, greedily on dev as `dev_metric`; delete its weights; returns its CSV row with
-    the last logged X-KD metrics."""
+    the `logged` X-KD metrics of the last logging step. history: a JSON-lines file that gets the run's whole log
+    (every logging step's loss and xkd/* metrics) as one line."""
     import shutil
 
     data_file = "train.jsonl" if fraction == 1.0 else "train_10pct.jsonl"
@@ -199,11 +201,15 @@ def train_one(task: Task, assets: dict[str, Path], work: Path, method: str, seed
     if dev_too:
         dev = [json.loads(line) for line in (assets["data"] / "dev.jsonl").read_text().splitlines()]
         scores["dev_metric"] = evaluate(Path(config["output_dir"]), task, dev, samples=0)["metric"]
-    last = [e for e in log_history(Path(config["output_dir"])) if "loss" in e][-1]
+    steps = [e for e in log_history(Path(config["output_dir"])) if "loss" in e]
     shutil.rmtree(out, ignore_errors=True)
+    if history is not None:
+        with history.open("a") as f:
+            f.write(json.dumps({"task": task.name, "method": method, "seed": seed, "data_fraction": fraction,
+                                "log": steps}) + "\n")
     return {"task": task.name, "method": method, "seed": seed, "data_fraction": fraction,
             "metric_name": task.metric_name, **scores, "steps": args.steps, "train_seconds": round(seconds, 1),
-            **{k: round(last[f"xkd/{k}"], 4) for k in LOGGED if f"xkd/{k}" in last}}
+            **{k: round(steps[-1][f"xkd/{k}"], 4) for k in logged if f"xkd/{k}" in steps[-1]}}
 
 
 def evaluate(model_dir: Path, task: Task, rows: list[dict], *, samples: int, seed: int = 0) -> dict:

@@ -1,0 +1,186 @@
+"""Where does coupled X-KD help? The sweep of issue 27: the fading-force regime lambda < w_kl, on dev only.
+
+    python -m benchmarks.quality.coupled [--seeds 3] [--jobs 2] [--tasks arithmetic arithmetic_v2 translation summary]
+        [--divergences fkl jsd tvd seq] [--td-targets observed soft] [--ratios 0.1 0.25 0.5] [--w-kl 0.1 1]
+
+docs/defaults.md derives that with lambda = w_kl (every coupled setting measured before) the TD term pulls on the
+student's Q with a constant force lambda * sign(r) that never fades, while with lambda < w_kl the head's sigma^2
+stays near 1 - lambda / w_kl and the pull fades linearly with the residual r. This sweep trains, through the real
+`axolotl train`, the spec's coupled form (TD_i from the student's Q: `td_target` observed or soft,
+`reward_detach_backbone: false`) at lambda / w_kl in --ratios and w_kl in --w-kl, with each divergence in
+--divergences (sequence-level: SeqKD on the teacher's generations), beside GKD with the same divergence (`gkd_<d>`:
+the reward terms off), on the four study tasks, --seeds seeds, the study's budget, every student scored greedily
+on the dev prompts only (nothing here reads the test split). Every run's whole log (loss, xkd/reward_sigma,
+xkd/kd_force and xkd/td_force, the pulls of the divergence and the TD term on the logits) goes to history.jsonl,
+to check the analysis. One setting (target, ratio, w_kl) is chosen for all divergences and tasks: the one whose
+worst dev ratio to GKD with the same divergence, over every task and divergence, is highest.
+
+Writes, under --out (default benchmarks/results/quality/coupled): sweep.csv (resumable), history.jsonl, sweep.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+
+from benchmarks.quality import study
+from benchmarks.quality.defaults import TASKS_GATED
+from benchmarks.quality.tasks import TASKS
+
+DIVERGENCES = {"fkl": "forward_kl", "jsd": "jsd", "tvd": "tvd", "seq": "sequence"}
+LOGGED = [*study.LOGGED, "kd_force", "td_force"]
+FIELDS = [*study.FIELDS[: -len(study.LOGGED)], *LOGGED]
+
+
+def setting_name(target: str, ratio: float, w_kl: float) -> str:
+    """The sweep's name of a coupled setting, e.g. observed_r0.25_w1 (lambda = 0.25, w_kl = 1)."""
+    return f"{target}_r{ratio:g}_w{w_kl:g}"
+
+
+def block(divergence: str, setting: dict | None) -> dict:
+    """The `xkd:` block of GKD with `divergence` (setting None) or of the coupled form with `setting`'s weights."""
+    base = {"divergence": divergence}
+    if divergence == "sequence":
+        base |= {"sequences": "teacher", "teacher": study.TEACHER_SEQUENCES}
+    if setting is None:
+        return {**base, **study.REWARD_OFF}
+    return {**base, "q_form": "ava", "td_target": setting["target"], "reward_detach_backbone": False,
+            "td_weight": setting["ratio"] * setting["w_kl"], "reward_kl_weight": setting["w_kl"]}
+
+
+def arms(divergences: list[str], targets: list[str], ratios: list[float], w_kls: list[float]) -> dict[str, dict]:
+    """Run name -> `xkd:` block: gkd_<d> and coupled_<d>_<setting> for every divergence and setting."""
+    table = {}
+    for short in divergences:
+        table[f"gkd_{short}"] = block(DIVERGENCES[short], None)
+        for target in targets:
+            for ratio in ratios:
+                for w_kl in w_kls:
+                    setting = {"target": target, "ratio": ratio, "w_kl": w_kl}
+                    table[f"coupled_{short}_{setting_name(target, ratio, w_kl)}"] = block(DIVERGENCES[short], setting)
+    return table
+
+
+def dev_means(runs: list[dict]) -> dict[tuple[str, str], list[float]]:
+    """(task, run name) -> the dev metrics of its seeds."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        out.setdefault((r["task"], r["method"]), []).append(float(r["metric"]))
+    return out
+
+
+def ratio(mine: float, reference: float) -> float:
+    """mine / reference, 1 when both are 0."""
+    return mine / reference if reference else (1.0 if mine == 0 else math.inf)
+
+
+def cell_ratios(runs: list[dict], tasks: list[str], divergences: list[str]) -> dict[str, dict[tuple[str, str], float]]:
+    """setting -> {(task, divergence): mean dev of the coupled arm / mean dev of gkd_<d>}, complete settings only."""
+    means = {k: statistics.fmean(v) for k, v in dev_means(runs).items()}
+    settings = {m.split("_", 2)[2] for _, m in means if m.startswith("coupled_")}
+    out = {}
+    for setting in settings:
+        cells = {(t, d): ratio(means[(t, f"coupled_{d}_{setting}")], means[(t, f"gkd_{d}")])
+                 for t in tasks for d in divergences
+                 if (t, f"coupled_{d}_{setting}") in means and (t, f"gkd_{d}") in means}
+        if len(cells) == len(tasks) * len(divergences):
+            out[setting] = cells
+    return out
+
+
+def choose(ratios: dict[str, dict[tuple[str, str], float]]) -> str | None:
+    """The setting with the highest worst ratio over its cells (ties: the highest mean ratio)."""
+    if not ratios:
+        return None
+    return max(ratios, key=lambda s: (min(ratios[s].values()), statistics.fmean(ratios[s].values())))
+
+
+def last_logged(history: Path) -> dict[tuple[str, str, int], dict]:
+    """(task, run name, seed) -> the run's last logging step that measured the pulls (or its last one)."""
+    out = {}
+    if history.is_file():
+        for line in history.read_text().splitlines():
+            run = json.loads(line)
+            measured = [e for e in run["log"] if "xkd/td_force" in e] or run["log"]
+            out[(run["task"], run["method"], run["seed"])] = measured[-1]
+    return out
+
+
+def force_table(history: Path, settings: list[str], divergences: list[str]) -> list[str]:
+    """Per setting and divergence: the head's sigma^2 at the end against 1 - lambda / w_kl (lambda < w_kl), and the
+    TD term's pull on the logits relative to the divergence's, means over tasks and seeds."""
+    ends = last_logged(history)
+    lines = ["| setting | divergence | (mean sigma)^2 at the end | 1 - lambda / w_kl | td_force / kd_force | runs |",
+             "|---|---|---|---|---|---|"]
+    for setting in settings:
+        r = float(setting.split("_r")[1].split("_w")[0])
+        for d in divergences:
+            logs = [e for (_, m, _), e in ends.items() if m == f"coupled_{d}_{setting}"]
+            if not logs:
+                continue
+            sigma2 = statistics.fmean(e["xkd/reward_sigma"] ** 2 for e in logs)
+            pulls = [e["xkd/td_force"] / e["xkd/kd_force"] for e in logs if e.get("xkd/kd_force")]
+            pull = f"{statistics.fmean(pulls):.3f}" if pulls else ""
+            lines.append(f"| {setting} | {d} | {sigma2:.3f} | {1 - r:.2f} | {pull} | {len(logs)} |")
+    return lines
+
+
+def report(runs: list[dict], history: Path, tasks: list[str], divergences: list[str], command: str) -> str:
+    """sweep.md: per setting its worst and mean dev ratio to GKD and every cell, the choice, and the force table."""
+    ratios = cell_ratios(runs, tasks, divergences)
+    chosen = choose(ratios)
+    cells = [(t, d) for d in divergences for t in tasks]
+    lines = ["# Coupled X-KD sweep (dev split only)", "", f"`{command}`", "",
+             "Dev metric ratio of the coupled form to GKD with the same divergence (means over seeds); a setting is "
+             "target, lambda / w_kl (r) and w_kl (w). Chosen: the highest worst ratio over every task and "
+             "divergence.", "",
+             "| setting | worst | mean | " + " | ".join(f"{t} {d}" for t, d in cells) + " |",
+             "|---" * (len(cells) + 3) + "|"]
+    for setting in sorted(ratios, key=lambda s: -min(ratios[s].values())):
+        row = ratios[setting]
+        lines.append(f"| {setting} | {min(row.values()):.2f} | {statistics.fmean(row.values()):.2f} | "
+                     + " | ".join(f"{row[c]:.2f}" for c in cells) + " |")
+    seeds = dev_means(runs)
+    lines += ["", "GKD dev means: " + ", ".join(
+        f"{t} {d} {statistics.fmean(seeds[(t, f'gkd_{d}')]):.1f} (n={len(seeds[(t, f'gkd_{d}')])})"
+        for t, d in cells if (t, f"gkd_{d}") in seeds), "",
+              f"Chosen: **{chosen}**" if chosen else "No setting is complete yet.", "",
+              "## The pulls on the student, at the last logging step", "",
+              *force_table(history, sorted(ratios), divergences)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = study.follow_up_parser(__doc__.splitlines()[0])
+    parser.set_defaults(tasks=TASKS_GATED, samples=0, out=study.REPO / "benchmarks" / "results" / "quality" / "coupled")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES), choices=list(DIVERGENCES))
+    parser.add_argument("--td-targets", nargs="+", default=["observed", "soft"], choices=["observed", "soft"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.25, 0.5], help="lambda / w_kl")
+    parser.add_argument("--w-kl", nargs="+", type=float, default=[0.1, 1.0])
+    args = study.follow_up_args(parser)
+    csv_path, history = args.out / "sweep.csv", args.out / "history.jsonl"
+    table = arms(args.divergences, args.td_targets, args.ratios, args.w_kl)
+    done = {(r["task"], r["method"], int(r["seed"])) for r in study.read_runs(csv_path)}
+    assets = {t: study.prepare_task(TASKS[t], args.work, args) for t in args.tasks}
+    # Seed-major, references first: an interrupted sweep has every setting at its first seeds.
+    todo = [(t, m, s) for s in range(args.seeds) for m in table for t in args.tasks if (t, m, s) not in done]
+    for t in args.tasks:
+        if any(table[m].get("teacher") == study.TEACHER_SEQUENCES for _, m, _ in todo):
+            study.teacher_store(TASKS[t], assets[t], "train.jsonl", args.work)
+    jobs = [partial(study.train_one, TASKS[t], assets[t], args.work, m, s, 1.0, args, xkd=table[m], split="dev",
+                    logged=LOGGED, history=history) for t, m, s in todo]
+    study.run_all(jobs, csv_path, args.jobs, "coupled sweep (dev)", fields=FIELDS)
+    command = ("python -m benchmarks.quality.coupled " + " ".join(sys.argv[1:])).strip()
+    text = report(study.read_runs(csv_path), history, args.tasks, args.divergences, command)
+    (args.out / "sweep.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""benchmarks.quality.coupled: the sweep's arms and its choice rule (the worst dev ratio to GKD over every cell)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.quality.coupled import arms, cell_ratios, choose
+
+
+def test_arms_are_gkd_and_the_coupled_form_at_each_weight():
+    table = arms(["fkl", "seq"], ["observed"], [0.1, 0.5], [1.0])
+    assert table["gkd_fkl"] == {"divergence": "forward_kl", "reward_kl_weight": 0.0, "td_weight": 0.0}
+    coupled = table["coupled_fkl_observed_r0.5_w1"]
+    assert coupled["td_weight"] == 0.5 and coupled["reward_kl_weight"] == 1.0
+    assert coupled["td_target"] == "observed" and coupled["reward_detach_backbone"] is False
+    assert table["coupled_seq_observed_r0.1_w1"]["sequences"] == "teacher"  # SeqKD on the teacher's generations
+    assert len(table) == 2 * (1 + 2)
+
+
+def test_choice_is_the_highest_worst_ratio_over_complete_settings():
+    def runs(method, task, *metrics):
+        return [{"task": task, "method": method, "metric": m} for m in metrics]
+
+    rows = [*runs("gkd_fkl", "a", 10, 10), *runs("gkd_fkl", "b", 20, 20),
+            *runs("coupled_fkl_observed_r0.1_w1", "a", 11, 11), *runs("coupled_fkl_observed_r0.1_w1", "b", 18, 18),
+            *runs("coupled_fkl_observed_r0.5_w1", "a", 15, 15), *runs("coupled_fkl_observed_r0.5_w1", "b", 16, 16),
+            *runs("coupled_fkl_soft_r0.1_w1", "a", 30, 30)]  # incomplete: no task b
+    ratios = cell_ratios(rows, ["a", "b"], ["fkl"])
+    assert set(ratios) == {"observed_r0.1_w1", "observed_r0.5_w1"}
+    assert ratios["observed_r0.1_w1"] == {("a", "fkl"): pytest.approx(1.1), ("b", "fkl"): pytest.approx(0.9)}
+    assert choose(ratios) == "observed_r0.1_w1"  # worst 0.9 beats worst 0.8, though 0.5's mean is higher
+    assert choose({}) is None
