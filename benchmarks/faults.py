@@ -3,7 +3,7 @@ tests/e2e/test_faults_store.py):
 
     python -m benchmarks.faults --cases server [--seconds 60] [--clients 32]
     python -m benchmarks.faults --cases store [--kills 12] [--rows 384] [--rows-per-shard 8] [--seed 0]
-    python -m benchmarks.faults --cases training
+    python -m benchmarks.faults --cases training [--seed 0]
 
 Each case writes its own section of benchmarks/results/faults.md (between `<!-- case: NAME -->` and
 `<!-- end: NAME -->`; other cases' sections are kept) and prints it.
@@ -13,9 +13,9 @@ Each case writes its own section of benchmarks/results/faults.md (between `<!-- 
   requests of 4 prompts x 24 tokens, top 20), then every kind of bad request, each followed by a good one:
   failures, p50 / p99 latency, tokens/s, and that the server still serves.
 - `training`: every kill-and-resume case of tests/e2e/test_faults.py and test_faults_store.py, the `soak` ones
-  included that `scripts/test.sh` leaves out (a precomputed run killed at its last step, one rank of two killed, a
-  teacher server restarted within the retry budget, precompute killed three times), as a pytest run: each case holds
-  or fails as in CI.
+  included that `scripts/test.sh` leaves out (a precomputed run killed at its last step, a run killed three times
+  at random steps drawn from `--seed` and resumed each time, one rank of two killed, a teacher server restarted
+  within the retry budget, precompute killed three times), as a pytest run: each case holds or fails as in CI.
 - `store` (benchmarks/faults_store.py): `axolotl xkd precompute` killed `--kills` times at seeded points and
   resumed each time; the finished store compared with an uninterrupted build by sha256 per shard.
 """
@@ -124,15 +124,18 @@ def training_case(args: argparse.Namespace) -> str:
     import subprocess
 
     started = datetime.now(UTC)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "e2e", "-k",
+    command = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-m", "e2e", "-k",
                "killed or teacher_server", "tests/e2e/test_faults.py", "tests/e2e/test_faults_store.py"]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "XKD_FAULT_SEED": str(args.seed)})
     summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return (f"## Training killed, teacher server down\n\n`python -m benchmarks.faults --cases training` "
-            f"(`{' '.join(command[2:])}`)\n\n- {started.isoformat(timespec='seconds')}, {platform.machine()}, "
-            f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start\n- pytest: **{summary}** "
-            f"(exit code {proc.returncode}); each case compares the resumed student and reward head with an "
-            "uninterrupted run bit for bit, and counts teacher answers against training batches\n")
+    kills = re.findall(r"seed \d+: killed at steps \[[\d, ]*\]", proc.stdout)
+    return (f"## Training killed, teacher server down\n\n`python -m benchmarks.faults --cases training --seed "
+            f"{args.seed}` (`{' '.join(command[2:])}`)\n\n- {started.isoformat(timespec='seconds')}, "
+            f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start\n"
+            f"- pytest: **{summary}** (exit code {proc.returncode}); each case compares the resumed student and reward "
+            "head with an uninterrupted run bit for bit, and counts teacher answers against training batches\n"
+            f"- random kill points (XKD_FAULT_SEED={args.seed}): {'; '.join(kills) or 'none reported'}\n")
 
 
 CASES: dict[str, Callable[[argparse.Namespace], str]] = {"server": server_case, "store": faults_store.store_case,

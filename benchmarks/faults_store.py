@@ -131,4 +131,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kills", type=int, default=12, help="store: kills before the last rerun")
     parser.add_argument("--rows", type=int, default=384, help="store: training rows precomputed")
     parser.add_argument("--rows-per-shard", type=int, default=8, help="store: rows per shard")
-    parser.add_argument("--seed", type=int, default=0, help="store: seed of the kill points")
+    parser.add_argument("--seed", type=int, default=0, help="store and training: seed of the kill points")

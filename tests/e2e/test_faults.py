@@ -307,6 +307,41 @@ def test_killed_run_resumes_to_the_uninterrupted_run(short_assets, tmp_path, tea
 
 
 @pytest.mark.soak
+def test_killed_at_random_steps_again_and_again_resumes_to_the_uninterrupted_run(short_assets, tmp_path):
+    """Three SIGKILLs at seeded random steps (XKD_FAULT_SEED, default 0), each of a run resumed from the newest
+    checkpoint the previous one left: the last resume ends with the uninterrupted run's student and reward head bit
+    for bit, and its log has every step once with the uninterrupted run's values."""
+    import random
+
+    seed = int(os.environ.get("XKD_FAULT_SEED", "0"))
+    rng = random.Random(seed)
+    steps = 8
+    config = merged(base_config(short_assets, tmp_path), {**SHORT, "max_steps": steps, "xkd": {"teacher": None}})
+    config["xkd"]["teacher"] = teacher_block("model", short_assets, tmp_path)
+    completed(python_train(write_config(tmp_path / "straight.yml",
+                                        merged(config, {"output_dir": str(tmp_path / "straight")}))))
+    out = Path(config["output_dir"])
+    newest, kills = 0, []
+    for kill in range(3):
+        step = rng.randint(newest + 1, steps)  # after the newest checkpoint, up to the last step
+        resume = {"resume_from_checkpoint": str(out / f"checkpoint-{newest}")} if newest else {}
+        run = Training(python_train(write_config(tmp_path / f"killed{kill}.yml", merged(config, resume))),
+                       fault={"XKD_FAULT_STEP": str(step)})
+        run.wait_stopped()
+        os.kill(run.proc.pid, signal.SIGKILL)
+        assert run.finish() == -signal.SIGKILL
+        kills.append(step)
+        # Killed after step `step`'s update, before its checkpoint: the newest one is the save before it.
+        newest = (step - 1) // SHORT["save_steps"] * SHORT["save_steps"]
+        assert max((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")), default=0) == newest, kills
+    resume = {"resume_from_checkpoint": str(out / f"checkpoint-{newest}")} if newest else {}
+    completed(python_train(write_config(tmp_path / "resumed.yml", merged(config, resume))))
+    print(f"seed {seed}: killed at steps {kills}")
+    assert_same_weights(out, tmp_path / "straight")
+    assert_log_continues(out, tmp_path / "straight", steps)
+
+
+@pytest.mark.soak
 def test_killed_rank_stops_the_job_naming_it_and_the_resume_matches(short_assets, tmp_path):
     """Two ranks under ZeRO-2: rank 1 SIGKILLed after step 3 (checkpoint-2 written). torchrun stops the other rank
     and exits non-zero naming rank 1 (the test's timeout bounds the wait); resumed from checkpoint-2, the run
