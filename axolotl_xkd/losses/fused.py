@@ -109,17 +109,27 @@ def _first_pass(logits: Tensor, teacher: TeacherSignal | None, safe: Tensor, row
         rows.lse_ava, rows.s_ava = torch.empty_like(z_a), torch.empty_like(z_a)
     for b in row_blocks(*logits.shape):
         z = logits[b]
-        if rows.lse_z is not None:
+        if rows.lse_z is not None and tau != 1.0:
             rows.lse_z[b] = torch.logsumexp(z, dim=-1)
         if tau != 1.0:
             z.div_(tau)  # x = z / tau
-        rows.lse_x[b] = rows.lse_z[b] if rows.lse_z is not None and tau == 1.0 else torch.logsumexp(z, dim=-1)
-        z.sub_(rows.lse_x[b].unsqueeze(-1))  # log pi
-        if dense_kl:
-            _dense_teacher_block(rows, b, z, row_mask[b], tau)
+        # One exp per element: x' = x - max x, pi = exp(x') / sum exp(x'), log pi = x' - log sum exp(x').
+        shift = z.amax(-1)
+        z.sub_(shift.unsqueeze(-1))
+        shifted_kl = _dense_teacher_block(rows, b, z, row_mask[b], tau) if dense_kl else None
         if topk_kl:
             rows.logpi_ids[b] = z.gather(-1, rows.ids[b])
-        z.exp_()  # pi
+        z.exp_()
+        total = z.sum(-1)
+        log_total = total.log()
+        rows.lse_x[b] = shift + log_total
+        if rows.lse_z is not None and tau == 1.0:
+            rows.lse_z[b] = rows.lse_x[b]
+        z.div_(total.unsqueeze(-1))  # pi
+        if shifted_kl is not None:
+            rows.dense_kl[b] = shifted_kl + log_total  # sum p (log p - x') + log sum exp(x') sum p
+        if topk_kl:
+            rows.logpi_ids[b] -= log_total.unsqueeze(-1)
         if ava:
             _ava_block(rows, b, z, p.ava_alpha)
         if topk_kl:
@@ -127,16 +137,20 @@ def _first_pass(logits: Tensor, teacher: TeacherSignal | None, safe: Tensor, row
     return rows
 
 
-def _dense_teacher_block(rows: _RowStats, b: slice, log_pi: Tensor, counted: Tensor, tau: float) -> None:
-    """KL(p_T || pi) of the block's rows, and p_T in the teacher's own buffer."""
+def _dense_teacher_block(rows: _RowStats, b: slice, shifted_x: Tensor, counted: Tensor, tau: float) -> Tensor:
+    """sum_v p_T (log p_T - x'_v) per row of the block, x' = x - max x (the KL less log sum exp(x')), with one exp
+    per element; p_T into the teacher's own buffer, 0 on rows the loss does not count."""
     t = rows.teacher_probs[b].div_(tau) if tau != 1.0 else rows.teacher_probs[b]
-    t.sub_(torch.logsumexp(t, dim=-1, keepdim=True)).clamp_(min=torch.finfo(t.dtype).min)  # log p
-    probs = t.exp()
-    # sum p (log p - log pi) term by term, as kl() does: two separate large sums would cancel
-    rows.dense_kl[b] = (probs * (t - log_pi)).sum(-1)
-    # Zero on rows the loss does not count: a non-finite teacher value there must not reach the gradient as
-    # NaN * 0 (the autograd paths never read it).
-    t.copy_(probs.masked_fill_(~counted.unsqueeze(-1), 0.0))
+    skipped = (~counted).nonzero().squeeze(-1)
+    if skipped.numel():  # a non-finite teacher value on a row not counted must not reach the gradient as NaN * 0
+        t.index_fill_(0, skipped, 0.0)
+    t.sub_(t.amax(-1, keepdim=True)).clamp_(min=torch.finfo(t.dtype).min)  # t' = t - max t; -inf: 0 * t' stays 0
+    difference = torch.sub(t, shifted_x)  # log p_T - x' + log sum exp(t'), term by term
+    t.exp_()
+    total = t.sum(-1)
+    shifted_kl = torch.linalg.vecdot(t, difference) / total - total.log()
+    t.mul_((counted / total).unsqueeze(-1))  # p_T
+    return shifted_kl
 
 
 def _ava_block(rows: _RowStats, b: slice, pi: Tensor, alpha: float) -> None:
@@ -255,7 +269,7 @@ def _write_gradient(logits: Tensor, rows: _RowStats, grad: _Gradient, safe: Tens
         else:
             g.mul_(pi_coef[b].unsqueeze(-1))
         if grad.teacher_coef is not None:
-            g.sub_(rows.teacher_probs[b].mul_(grad.teacher_coef[b].unsqueeze(-1)))
+            g.addcmul_(rows.teacher_probs[b], grad.teacher_coef[b].unsqueeze(-1), value=-1.0)
         if grad.ids_coef is not None:
             g.scatter_add_(-1, rows.ids[b], at_ids[b])
         if softmax_part is not None:
