@@ -103,10 +103,44 @@ class ServerTeacher(BaseModel):
     api_key_env: str | None = Field(
         None, description="Name of the environment variable holding the API key (sent as a Bearer token)."
     )
+    cross_tokenizer: bool = Field(
+        False,
+        description="Allow a served teacher whose tokenizer differs from the student's: each sequence is "
+        "re-tokenized here with tokenizer_path, sent as the prompt, and the answer aligned to the student's "
+        "positions by byte spans (docs/cross_tokenizer.md).",
+    )
+    cross_tokenizer_top_k: int = Field(
+        64, ge=1, description="With cross_tokenizer: student tokens kept per aligned position (plus the student's "
+        "own next token), chosen among the top_k teacher tokens the server sends.",
+    )
+    tokenizer_path: str | None = Field(
+        None, description="With cross_tokenizer (required there): the served model's tokenizer, folder or hub id; "
+        "checked against the server's at start.",
+    )
 
     @model_validator(mode="after")
     def _http_url(self) -> ServerTeacher:
         check_base_url(self.base_url, "xkd.teacher.base_url")
+        return self
+
+    @model_validator(mode="after")
+    def _cross_tokenizer_names_the_tokenizer(self) -> ServerTeacher:
+        if self.cross_tokenizer and self.tokenizer_path is None:
+            raise ValueError(
+                "xkd.teacher.tokenizer_path is required with xkd.teacher.cross_tokenizer: true (source: server): the "
+                "student's text is re-tokenized with the teacher's tokenizer before it is sent. Set it to the served "
+                "model's tokenizer (the folder `axolotl xkd serve-teacher --model` or `vllm serve` loaded)."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tokenizer_path_only_across_tokenizers(self) -> ServerTeacher:
+        if self.tokenizer_path is not None and not self.cross_tokenizer:
+            raise ValueError(
+                f"xkd.teacher.tokenizer_path={self.tokenizer_path!r} (source: server) is read only with "
+                "xkd.teacher.cross_tokenizer: true; without it the server's tokenizer is checked against the "
+                "student's. Remove tokenizer_path, or set cross_tokenizer: true for a teacher of another tokenizer."
+            )
         return self
 
 

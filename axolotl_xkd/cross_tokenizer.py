@@ -278,15 +278,37 @@ def express(teacher_logprobs: Tensor, actions: Tensor, vocab: VocabMap, inverse:
     log-prob); unused slots are -inf. Mass on teacher tokens without a twin is left to the tail.
     """
     map_ = vocab.student_ids.to(teacher_logprobs.device)
-    mapped = torch.where(map_ >= 0, teacher_logprobs, -math.inf)
-    k = min(top_k, vocab.exact)
-    top = mapped.topk(k, dim=-1)
-    ids = map_[top.indices].clamp(min=0)
-    lps = torch.where(map_[top.indices] >= 0, top.values, -math.inf)
     twin = inverse.to(actions.device)[actions.clamp(min=0)]
-    known = (actions >= 0) & (twin >= 0)
-    extra_lp = teacher_logprobs.gather(-1, twin.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    own = torch.where((actions >= 0) & (twin >= 0), twin, -1)
+    return _express(map_.expand_as(teacher_logprobs), teacher_logprobs, own, actions, k=min(top_k, vocab.exact))
+
+
+def express_sparse(teacher_ids: Tensor, teacher_logprobs: Tensor, actions: Tensor, vocab: VocabMap, *,
+                   top_k: int) -> tuple[Tensor, Tensor]:
+    """`express` for a teacher that sent only some of its log-probs: entries (P, K) of teacher ids and log-probs
+    (-inf: padding) -> (ids, log-probs), (P, k + 1), over student ids, k = min(top_k, K, mapped tokens).
+
+    The same rule over what was sent: the k most likely entries with a student twin, plus the student's own next
+    token when its twin is among the entries but outside those k. A token that was not sent is in the tail. On
+    all V_T entries (in any order) it equals `express`.
+    """
+    student = vocab.student_ids.to(teacher_ids.device)[teacher_ids]
+    match = (student == actions.unsqueeze(-1)) & torch.isfinite(teacher_logprobs) & (actions >= 0).unsqueeze(-1)
+    own = torch.where(match.any(-1), match.long().argmax(-1), -1)
+    k = min(top_k, teacher_ids.shape[-1], vocab.exact)
+    return _express(student, teacher_logprobs, own, actions, k=k)
+
+
+def _express(student: Tensor, logprobs: Tensor, own: Tensor, actions: Tensor, *, k: int) -> tuple[Tensor, Tensor]:
+    """The rule `express` and `express_sparse` share. Entries (P, K): `student` their student ids (-1: no twin),
+    `logprobs` the teacher's; `own` (P,) the entry holding the twin of the student's next token `actions` (-1:
+    none). The k most likely mapped entries, then the own slot (-inf unless its entry is outside them)."""
+    top = torch.where(student >= 0, logprobs, -math.inf).topk(k, dim=-1)
+    picked = student.gather(-1, top.indices)
+    ids = picked.clamp(min=0)
+    lps = torch.where(picked >= 0, top.values, -math.inf)
     seen = ((ids == actions.unsqueeze(-1)) & torch.isfinite(lps)).any(-1)
-    extra_lp = torch.where(known & ~seen, extra_lp, -math.inf)
-    return (torch.cat([ids, torch.where(known, actions, 0).unsqueeze(-1)], -1),
-            torch.cat([lps, extra_lp.unsqueeze(-1)], -1))
+    own_lp = logprobs.gather(-1, own.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    own_lp = torch.where((own >= 0) & ~seen, own_lp, -math.inf)
+    return (torch.cat([ids, torch.where(own >= 0, actions, 0).unsqueeze(-1)], -1),
+            torch.cat([lps, own_lp.unsqueeze(-1)], -1))

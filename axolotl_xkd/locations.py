@@ -64,14 +64,14 @@ def check_store(value: str, key: str, *, store_format: str) -> None:
 def check_teacher(teacher, *, training: bool) -> None:
     """The places of an `xkd.teacher` block (args.py's ModelTeacher / PrecomputedTeacher / ServerTeacher) that a run
     reads: the store always (it is the training data, also for `axolotl preprocess`); a model's path and
-    tokenizer_path when training."""
+    tokenizer_path (a model's, or a server's of another tokenizer) when training."""
     source = getattr(teacher, "source", None)
     if source == "precomputed":
         check_store(teacher.path, "xkd.teacher.path", store_format=teacher.format)
     elif source == "model" and training:
         check_model_location(teacher.path, "xkd.teacher.path")
-        if teacher.tokenizer_path is not None:
-            check_model_location(teacher.tokenizer_path, "xkd.teacher.tokenizer_path")
+    if source in ("model", "server") and training and teacher.tokenizer_path is not None:
+        check_model_location(teacher.tokenizer_path, "xkd.teacher.tokenizer_path")
 
 
 def offline() -> bool:

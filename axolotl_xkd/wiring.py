@@ -107,12 +107,18 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
 
 
 def load_server_teacher(teacher, tokenizer) -> TeacherSource:
-    """A teacher server client for `xkd.teacher` (source: server), checked once against the student's tokenizer."""
+    """A teacher server client for `xkd.teacher` (source: server), checked once against the student's tokenizer, or
+    with cross_tokenizer against the teacher's (xkd.teacher.tokenizer_path), which is aligned with the student's."""
     from axolotl_xkd.frozen_teacher import tokenizer_hash
     from axolotl_xkd.server.client import TeacherServerClient, api_key_from_env
     from axolotl_xkd.teachers.server import ServerTeacherSource
 
     client = TeacherServerClient(teacher, api_key=api_key_from_env(teacher))
+    if teacher.cross_tokenizer:
+        from axolotl_xkd.teachers.aligned import AlignedServerTeacherSource
+
+        return AlignedServerTeacherSource.connect(client, student_tokenizer=tokenizer,
+                                                  top_k=teacher.cross_tokenizer_top_k)
     client.check_server(tokenizer, tokenizer_hash(tokenizer))
     return ServerTeacherSource(client)
 

@@ -94,6 +94,8 @@ NOTES: dict[str, str] = {
     "PrecomputedTeacher.format": "In KD v2 data, entry i is the distribution over token i+1.",
     "ServerTeacher.max_retries": "The error names the server and the cause.",
     "ServerTeacher.api_key_env": "Never read from the YAML, never logged.",
+    "ServerTeacher.tokenizer_path": "Set without cross_tokenizer it is an error (the server's tokenizer is then "
+    "checked against the student's).",
     "XKDConfig.preset": "The start-up line (`axolotl_xkd ... active: {...}`) shows the effective settings. What the "
     "coupled form measured against plain distillation: docs/defaults.md.",
 }
@@ -147,6 +149,8 @@ EXAMPLES: dict[str, Any] = {
     "ServerTeacher.request_tokens": 4096,
     "ServerTeacher.prefetch": 4,
     "ServerTeacher.api_key_env": "TEACHER_API_KEY",
+    "ServerTeacher.cross_tokenizer": True,
+    "ServerTeacher.tokenizer_path": "runs/tiny/teacher",
     "GenerationSettings.max_new_tokens": 64,
     "GenerationSettings.temperature": 0.0,
     "GenerationSettings.top_p": 0.9,

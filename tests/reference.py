@@ -167,11 +167,14 @@ def reference_xkd(logits, labels, *, teacher, mu, log_sigma, hp, position_ids=No
     return total, terms, count
 
 
-def aligned_teacher_record(student, teacher, teacher_logits, text: str, student_ids: list[int]) -> list[dict]:
+def aligned_teacher_record(student, teacher, teacher_logits, text: str, student_ids: list[int], *,
+                           server_top_k: int | None = None) -> list[dict]:
     """Cross-tokenizer reference (docs/cross_tokenizer.md), one student position at a time, for ASCII `text`:
     {student id: log p_T} at each position of `student_ids` (the student's tokens of `text`, then its EOS), or {}
     where no teacher prefix ends at the same character. Written from offsets and token strings (`Ġ` and `▁` read as
     a space), not from the library's byte pieces. `teacher_logits` (T_T, V_T) are the teacher's on `teacher(text)`.
+    With `server_top_k`, only what a teacher server sends: its top k and the teacher's next token (its EOS after
+    the last).
     """
     def spelled(tokenizer, tid: int) -> str | None:
         token = tokenizer.convert_ids_to_tokens(tid)
@@ -196,7 +199,8 @@ def aligned_teacher_record(student, teacher, teacher_logits, text: str, student_
             student_of[tid] = free[0]
     s_ends = [end for _, end in student(text, return_offsets_mapping=True)["offset_mapping"]]
     s_ends = [max(s_ends[: i + 1]) for i in range(len(s_ends))] + [len(text)] * (len(student_ids) - len(s_ends))
-    t_ends = [end for _, end in teacher(text, return_offsets_mapping=True)["offset_mapping"]]
+    encoded = teacher(text, return_offsets_mapping=True)
+    t_ends = [end for _, end in encoded["offset_mapping"]]
     records = []
     for end in s_ends:
         js = [j for j, e in enumerate(t_ends) if max(t_ends[: j + 1]) == end]
@@ -204,5 +208,9 @@ def aligned_teacher_record(student, teacher, teacher_logits, text: str, student_
             records.append({})
             continue
         lp = torch.log_softmax(teacher_logits[js[-1]].double(), dim=0)
-        records.append({student_of[t]: lp[t] for t in range(len(teacher)) if t in student_of})
+        sent = range(len(teacher))
+        if server_top_k is not None:
+            following = [*encoded["input_ids"], teacher.eos_token_id][js[-1] + 1]
+            sent = {*lp.topk(server_top_k).indices.tolist(), following}
+        records.append({student_of[t]: lp[t] for t in sent if t in student_of})
     return records

@@ -143,11 +143,13 @@ class TeacherServerClient:
 
     # -- start-up check ------------------------------------------------------------------------------
     def check_server(self, tokenizer, tokenizer_hash: str) -> None:
-        """Read /v1/models once: pick the model, and refuse a server whose tokenizer is not the student's.
+        """Read /v1/models once: pick the model, and refuse a server whose tokenizer is not `tokenizer`: the
+        student's, or with `cross_tokenizer` the teacher's named by xkd.teacher.tokenizer_path (the prompts are its
+        ids).
 
         The same-tokenizer rule (frozen_teacher): `axolotl xkd serve-teacher` publishes its tokenizer's fingerprint
-        (compared with the student's `tokenizer_hash`) and special tokens (a difference is a warning). A server
-        without them (vLLM) can only be checked on a sample: a probe text is tokenized by both through /tokenize.
+        (compared with `tokenizer_hash`) and special tokens (a difference is a warning). A server without them
+        (vLLM) can only be checked on a sample: a probe text is tokenized by both through /tokenize.
         """
         def attempt() -> dict:
             info = self._exchange("GET", "/v1/models", None)
@@ -170,9 +172,8 @@ class TeacherServerClient:
             if theirs != tokenizer_hash or entry.get(INFO_VOCAB_SIZE, vocab_size) != vocab_size:
                 raise TeacherServerError(
                     f"xkd.teacher.base_url={self.base_url}: model {self.model!r} uses another tokenizer (fingerprint "
-                    f"{str(theirs)[:12]}..., {entry.get(INFO_VOCAB_SIZE)} tokens) than the student "
-                    f"({tokenizer_hash[:12]}..., {vocab_size} tokens). X-KD compares distributions token id by token "
-                    "id, so both must use the same tokenizer: serve a teacher with the student's tokenizer.")
+                    f"{str(theirs)[:12]}..., {entry.get(INFO_VOCAB_SIZE)} tokens) than {self._whose()} "
+                    f"({tokenizer_hash[:12]}..., {vocab_size} tokens). {self._advice()}")
             warn_other_special_tokens(special_tokens(tokenizer), entry.get(INFO_SPECIAL_TOKENS) or {},
                                       f"xkd.teacher.base_url={self.base_url} (model {self.model!r})")
         else:
@@ -206,12 +207,30 @@ class TeacherServerClient:
             first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
             raise TeacherServerError(
                 f"xkd.teacher.base_url={self.base_url}: model {self.model!r} tokenizes a probe text differently from "
-                f"the student (first difference at token {first}); it uses another tokenizer. X-KD compares "
-                "distributions token id by token id: serve a teacher with the student's tokenizer.")
+                f"{self._whose()} (first difference at token {first}); it uses another tokenizer. {self._advice()}")
+
+    def _whose(self) -> str:
+        """The tokenizer the server must use, as errors name it."""
+        if self.settings.cross_tokenizer:
+            return f"xkd.teacher.tokenizer_path={self.settings.tokenizer_path!r}"
+        return "the student"
+
+    def _advice(self) -> str:
+        """What to do about a server of another tokenizer than `_whose`."""
+        if self.settings.cross_tokenizer:
+            return ("With xkd.teacher.cross_tokenizer the student's text is re-tokenized with "
+                    "xkd.teacher.tokenizer_path and sent as token ids, so it must be the served model's tokenizer: "
+                    "point xkd.teacher.tokenizer_path at the tokenizer the server loaded (the folder given to "
+                    "`axolotl xkd serve-teacher --model` or --tokenizer, or `vllm serve`'s model).")
+        return ("X-KD compares distributions token id by token id, so both must use the same tokenizer: serve a "
+                "teacher with the student's tokenizer, or set xkd.teacher.cross_tokenizer: true with "
+                "xkd.teacher.tokenizer_path naming the served model's tokenizer to align the teacher's tokens with "
+                "the student's (docs/cross_tokenizer.md).")
 
     # -- scoring -------------------------------------------------------------------------------------
-    def score(self, sequences: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per sequence of n tokens, (n, k) ids and log-probs: row i is p_T(. | u_<=i), row n-1 is empty (-inf).
+    def score(self, sequences: list[list[int]], *, prompt_token: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per sequence of n tokens, (n, k) ids and log-probs: row i is p_T(. | u_<=i), row n-1 is empty (-inf);
+        with `prompt_token`, (n, k + 1): column k is u_{i+1} when it ranks below k (protocol.parse_prompt_logprobs).
 
         One request with one prompt per sequence (vLLM answers a list of token-id prompts with one choice each).
         """
@@ -222,7 +241,8 @@ class TeacherServerClient:
         def attempt() -> list[tuple[np.ndarray, np.ndarray]]:
             try:
                 choices = choices_of(self._exchange("POST", "/v1/completions", payload), len(sequences))
-                return [parse_prompt_logprobs(c, len(s), top_k=self.settings.top_k, vocab_size=self.vocab_size)
+                return [parse_prompt_logprobs(c, len(s), top_k=self.settings.top_k, vocab_size=self.vocab_size,
+                                              prompt=s if prompt_token else None)
                         for c, s in zip(choices, sequences)]
             except BadAnswer as error:
                 raise _Retryable(str(error)) from None
@@ -230,9 +250,9 @@ class TeacherServerClient:
         tokens = sum(len(s) for s in sequences)
         return self._with_retries(f"POST /v1/completions ({len(sequences)} sequences, {tokens} tokens)", attempt)
 
-    def submit(self, sequences: list[list[int]]) -> Future:
+    def submit(self, sequences: list[list[int]], *, prompt_token: bool = False) -> Future:
         """`score` in the thread pool."""
-        return self._pool.submit(self.score, sequences)
+        return self._pool.submit(self.score, sequences, prompt_token=prompt_token)
 
     def close(self) -> None:
         """Drop queued requests; requests in flight end within their timeout."""

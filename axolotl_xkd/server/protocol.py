@@ -57,18 +57,23 @@ def choices_of(answer: object, count: int) -> list[dict]:
     return sorted(choices, key=lambda c: c.get("index", 0))
 
 
-def parse_prompt_logprobs(choice: dict, n: int, *, top_k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def parse_prompt_logprobs(choice: dict, n: int, *, top_k: int, vocab_size: int,
+                          prompt: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One choice of a completions answer for an n-token prompt -> (n, k) int64 ids, float32 log-probs
     (decreasing), aligned with the student (row i <- entry i + 1; row n-1 -inf). Each position's top k must follow
     the one top-k rule (`axolotl_xkd.topk_rule`; log-probs up to its rounding tolerance above 0 are accepted, then
-    clamped to 0). BadAnswer names the sequence (the choice's index), the entry and what is wrong."""
+    clamped to 0). BadAnswer names the sequence (the choice's index), the entry and what is wrong.
+
+    Given the `prompt` itself, (n, k + 1): column k holds the prompt's next token u_{i+1} with the log-prob the
+    entry sends for it when it ranks below k (vLLM and serve-teacher always send it), -inf otherwise."""
     sequence = f"sequence {choice.get('index', 0)}"
     entries = choice.get("prompt_logprobs")
     if not isinstance(entries, list) or len(entries) != n:
         got = len(entries) if isinstance(entries, list) else type(entries).__name__
         raise BadAnswer(f"{sequence}: prompt_logprobs has {got} positions for a prompt of {n} tokens")
-    ids = np.zeros((n, top_k), dtype=np.int64)
-    logprobs = np.full((n, top_k), -np.inf, dtype=np.float32)
+    width = top_k + (prompt is not None)
+    ids = np.zeros((n, width), dtype=np.int64)
+    logprobs = np.full((n, width), -np.inf, dtype=np.float32)
     for j in range(1, n):
         entry = entries[j]
         if not isinstance(entry, dict) or len(entry) < top_k:
@@ -79,11 +84,14 @@ def parse_prompt_logprobs(choice: dict, n: int, *, top_k: int, vocab_size: int) 
             pairs = [(int(token), float(value["logprob"] if isinstance(value, dict) else value))
                      for token, value in entry.items()]
             pairs.sort(key=lambda pair: -pair[1])
-            ids[j - 1] = [token for token, _ in pairs[:top_k]]
+            ids[j - 1, :top_k] = [token for token, _ in pairs[:top_k]]
         except (KeyError, TypeError, ValueError, OverflowError):
             raise BadAnswer(f"{sequence}: prompt_logprobs[{j}] is not a map of token id -> {{logprob}}: "
                             f"{str(entry)[:80]}") from None
-        logprobs[j - 1] = [value for _, value in pairs[:top_k]]
+        logprobs[j - 1, :top_k] = [value for _, value in pairs[:top_k]]
+        below = prompt is not None and [pair for pair in pairs[top_k:] if pair[0] == prompt[j]]
+        if below:
+            ids[j - 1, top_k], logprobs[j - 1, top_k] = below[0]
     problem = topk_problem(ids, logprobs, vocab_size=vocab_size)
     if problem is not None:
         raise BadAnswer(f"{sequence}: prompt_logprobs[{problem.position + 1}] has {problem.what}")

@@ -1,24 +1,30 @@
-"""The in-process teacher of another tokenizer (`xkd.teacher.cross_tokenizer: true`): each student sequence is
-re-tokenized by the teacher, run through it, and its distributions aligned to the student's positions
-(cross_tokenizer.py); the loss receives a top-k signal in student ids, so the loss paths stay as they are.
+"""Teachers of another tokenizer (`xkd.teacher.cross_tokenizer: true`): each student sequence is re-tokenized by
+the teacher's tokenizer and the teacher's distributions are aligned to the student's positions (cross_tokenizer.py),
+in this process (`AlignedTeacherSource`) or by a teacher server (`AlignedServerTeacherSource`, which sends the
+teacher's ids as the prompt). The loss receives a top-k signal in student ids, so the loss paths stay as they are.
 
-Imports torch and the alignment module; knows nothing of Axolotl or the trainer.
+Imports torch, the alignment module and the two same-tokenizer sources it builds on; knows nothing of Axolotl or the
+trainer.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from axolotl_xkd.cross_tokenizer import KEY, Aligner, express
+from axolotl_xkd.cross_tokenizer import KEY, AlignedSegment, Aligner, express, express_sparse
 from axolotl_xkd.losses.positions import IGNORE_INDEX, shift_targets
 from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import TopKSignal
 from axolotl_xkd.sequences import segments
+from axolotl_xkd.server.client import TeacherServerClient
 from axolotl_xkd.teachers.base import TeacherSource
 from axolotl_xkd.teachers.model import load_placed
+from axolotl_xkd.teachers.server import Segment, ServerTeacherSource
 
 LOG = logging.getLogger("axolotl_xkd")
 
@@ -37,9 +43,7 @@ class AlignedTeacherSource(TeacherSource):
         self.inverse = aligner.vocab.teacher_ids()
         self.dtype = upcast(next(model.parameters()).new_zeros(())).dtype  # the log-probs' dtype
         self.pad_id = aligner.teacher.pad_token_id if aligner.teacher.pad_token_id is not None else 0
-        self.batches = 0
-        self.covered = 0
-        self.responses = 0
+        self.coverage = Coverage()
 
     @classmethod
     def load(cls, path: str, *, student_tokenizer, top_k: int, **kwargs) -> AlignedTeacherSource:
@@ -76,7 +80,7 @@ class AlignedTeacherSource(TeacherSource):
                                        self.inverse, top_k=self.top_k)
             token_ids[rows_b, cols] = top_ids.to(ids.device)
             logprobs[rows_b, cols] = top_lps.to(ids.device)
-        self._report(batch, torch.isfinite(logprobs).any(-1))
+        self.coverage.report(batch, torch.isfinite(logprobs).any(-1))
         return TopKSignal(token_ids=token_ids, logprobs=logprobs)
 
     def _teacher_logprobs(self, sequences: list[list[int]], seg_of: Tensor, t_pos: Tensor) -> Tensor:
@@ -93,8 +97,89 @@ class AlignedTeacherSource(TeacherSource):
         picked = logits[seg_of.to(device), t_pos.to(device), : self.aligner.vocab.teacher_size]
         return torch.log_softmax(upcast(picked), dim=-1)
 
-    def _report(self, batch: dict[str, Tensor], covered: Tensor) -> None:
-        """Count the response positions that got a teacher distribution; log the running share at REPORT_AT."""
+
+class AlignedServerTeacherSource(ServerTeacherSource):
+    """A teacher server of another tokenizer: each student sequence is re-tokenized here, the teacher's ids are the
+    prompt, and the top-k answer is expressed in student ids at the aligned positions (`express_sparse`)."""
+
+    def __init__(self, client: TeacherServerClient, aligner: Aligner, *, top_k: int) -> None:
+        super().__init__(client)
+        self.aligner = aligner
+        self.record_k = top_k
+        eos = aligner.teacher.eos_token_id
+        self.end_id = eos if eos is not None else 0
+        self.coverage = Coverage()
+
+    @classmethod
+    def connect(cls, client: TeacherServerClient, *, student_tokenizer, top_k: int) -> AlignedServerTeacherSource:
+        """Read the teacher's tokenizer (xkd.teacher.tokenizer_path), check the server serves it, align it with the
+        student's and log what maps."""
+        from transformers import AutoTokenizer
+
+        from axolotl_xkd.frozen_teacher import tokenizer_hash
+
+        path = client.settings.tokenizer_path
+        teacher_tokenizer = AutoTokenizer.from_pretrained(path)
+        client.check_server(teacher_tokenizer, tokenizer_hash(teacher_tokenizer))
+        aligner = Aligner(student_tokenizer, teacher_tokenizer, f"xkd.teacher.tokenizer_path={path!r} with {KEY}")
+        LOG.info("X-KD cross-tokenizer teacher server: %s", aligner.summary())
+        return cls(client, aligner, top_k=top_k)
+
+    @property
+    def width(self) -> int:
+        """Slots of each position's record: at most k mapped tokens among the k_server + 1 entries of a position,
+        and the student's own token (express_sparse)."""
+        return min(self.record_k, self.client.settings.top_k + 1, self.aligner.vocab.exact) + 1
+
+    def _prompt(self, sequence: list[int], where: str) -> tuple[list[int], AlignedSegment] | None:
+        """The teacher's ids of the sequence's text and one token more (its EOS), whose entry is the teacher's
+        distribution after the whole text: the one the student's EOS position is aligned with."""
+        segment = self.aligner.segment(sequence, where)
+        if not segment.student_positions:
+            return None
+        return [*segment.teacher_ids, self.end_id], segment
+
+    def _ask(self, prompts: list[list[int]]) -> Future:
+        """Ask also for the log-prob of each prompt's next token (the own-token slot, docs/cross_tokenizer.md)."""
+        return self.client.submit(prompts, prompt_token=True)
+
+    def _signal(self, batch: dict[str, Tensor],
+                answers: list[tuple[Segment, AlignedSegment, tuple[np.ndarray, np.ndarray]]]) -> TopKSignal:
+        """Each aligned student position i gets its teacher position j's entries (the top k and the teacher's next
+        token), expressed in student ids with its next token u_{i+1} as the own token; empty records elsewhere."""
+        ids = batch["input_ids"].cpu()
+        shape = (*ids.shape, self.width)
+        token_ids = torch.zeros(shape, dtype=torch.long)
+        logprobs = torch.full(shape, -torch.inf, dtype=torch.float32)
+        rows, cols, actions, sent_ids, sent_lps = [], [], [], [], []
+        for (b, start, end), segment, (answer_ids, answer_lps) in answers:
+            col = torch.tensor(segment.student_positions, dtype=torch.long) + start
+            t_pos = torch.tensor(segment.teacher_positions, dtype=torch.long)
+            rows.append(torch.full_like(col, b))
+            cols.append(col)
+            actions.append(torch.where(col + 1 < end, ids[b, (col + 1).clamp(max=end - 1)], -1))
+            sent_ids.append(torch.from_numpy(answer_ids)[t_pos])
+            sent_lps.append(torch.from_numpy(answer_lps)[t_pos])
+        if rows:
+            rows_b, cols_b = torch.cat(rows), torch.cat(cols)
+            token_ids[rows_b, cols_b], logprobs[rows_b, cols_b] = express_sparse(
+                torch.cat(sent_ids), torch.cat(sent_lps), torch.cat(actions), self.aligner.vocab, top_k=self.record_k)
+        device = batch["input_ids"].device
+        signal = TopKSignal(token_ids=token_ids.to(device), logprobs=logprobs.to(device))
+        self.coverage.report(batch, torch.isfinite(signal.logprobs).any(-1))
+        return signal
+
+
+class Coverage:
+    """The running share of response positions that got a teacher distribution, logged at REPORT_AT batches."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.covered = 0
+        self.responses = 0
+
+    def report(self, batch: dict[str, Tensor], covered: Tensor) -> None:
+        """Count the response positions of `batch` that are `covered` (B, T); log the running share at REPORT_AT."""
         if "labels" not in batch:
             return
         responses = shift_targets(batch["labels"], batch.get("position_ids")) != IGNORE_INDEX

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,13 +32,21 @@ def has_response(labels: Tensor) -> bool:
     return bool((shift_targets(labels, None) != IGNORE_INDEX).any())
 
 
+Segment = tuple[int, int, int]
+"""(row, start, end) of one sequence of a batch (sequences.segments)."""
+
+
 class ServerTeacherSource(TeacherSource):
-    """Turns batches into teacher top-k signals by asking a teacher server, several batches ahead."""
+    """Turns batches into teacher top-k signals by asking a teacher server, several batches ahead.
+
+    A teacher of another tokenizer (teachers/aligned.py) changes three steps: what a sequence's prompt is
+    (`_prompt`), how it is asked (`_ask`) and how the answers become the signal (`_signal`).
+    """
 
     def __init__(self, client: TeacherServerClient) -> None:
         self.client = client
         self.top_k = client.settings.top_k
-        self._pending: dict[int, list[tuple[Future, list[tuple[int, int, int]]]]] = {}
+        self._pending: dict[int, list[tuple[Future, list[tuple[Segment, object]]]]] = {}
         self._tickets = itertools.count()
         self._lock = threading.Lock()
         self._lookahead: _Lookahead | None = None
@@ -54,22 +63,34 @@ class ServerTeacherSource(TeacherSource):
         labels = batch.get("labels")
         labels = None if labels is None else labels.cpu()
         budget = self.client.settings.request_tokens
-        work: list[tuple[Future, list[tuple[int, int, int]]]] = []
-        group: list[tuple[int, int, int]] = []
+        work: list[tuple[Future, list[tuple[Segment, object]]]] = []
+        group: list[tuple[Segment, list[int], object]] = []
         for b, start, end in segments(batch):
             # A sequence with no response token needs no teacher (its positions are not trained).
             if end - start < 2 or (labels is not None and not has_response(labels[b : b + 1, start:end])):
                 continue
-            if group and sum(e - s for _, s, e in group) + end - start > budget:
-                work.append((self.client.submit([input_ids[g, s:e].tolist() for g, s, e in group]), group))
+            asked = self._prompt(input_ids[b, start:end].tolist(), f"batch row {b} (tokens {start}..{end - 1})")
+            if asked is None:
+                continue
+            if group and sum(len(p) for _, p, _ in group) + len(asked[0]) > budget:
+                work.append((self._ask([p for _, p, _ in group]), [(seg, plan) for seg, _, plan in group]))
                 group = []
-            group.append((b, start, end))
+            group.append(((b, start, end), *asked))
         if group:
-            work.append((self.client.submit([input_ids[g, s:e].tolist() for g, s, e in group]), group))
+            work.append((self._ask([p for _, p, _ in group]), [(seg, plan) for seg, _, plan in group]))
         with self._lock:
             ticket = next(self._tickets)
             self._pending[ticket] = work
         batch[TEACHER_TICKET] = ticket
+
+    def _prompt(self, sequence: list[int], where: str) -> tuple[list[int], object] | None:
+        """The prompt that asks for a sequence's teacher entries, and what `_signal` needs to place them (None:
+        nothing to ask). Here the sequence itself: the student's tokens are the teacher's."""
+        return sequence, None
+
+    def _ask(self, prompts: list[list[int]]) -> Future:
+        """One request for `prompts`, in the client's thread pool."""
+        return self.client.submit(prompts)
 
     def prefetched(self, batches: Iterator) -> Iterator:
         """`batches`, with each batch's requests sent `prefetch` batches before it is handed out.
@@ -86,17 +107,23 @@ class ServerTeacherSource(TeacherSource):
             self.submit(batch)  # not drawn through `prefetched` (evaluation): ask now
         with self._lock:
             work = self._pending.pop(batch[TEACHER_TICKET])
-        shape = (*batch["input_ids"].shape, self.top_k)
-        ids = torch.zeros(shape, dtype=torch.long)
-        logprobs = torch.full(shape, -torch.inf, dtype=torch.float32)
         try:
-            for future, group in work:
-                for (b, start, end), (row_ids, row_logprobs) in zip(group, future.result()):
-                    ids[b, start:end] = torch.from_numpy(row_ids)
-                    logprobs[b, start:end] = torch.from_numpy(row_logprobs)
+            answers = [(segment, plan, answer) for future, group in work
+                       for (segment, plan), answer in zip(group, future.result())]
         except BaseException:
             self.close()
             raise
+        return self._signal(batch, answers)
+
+    def _signal(self, batch: dict[str, Tensor],
+                answers: list[tuple[Segment, object, tuple[np.ndarray, np.ndarray]]]) -> TopKSignal:
+        """The answers (each sequence's (n, k) ids and log-probs) placed at their sequences' positions."""
+        shape = (*batch["input_ids"].shape, self.top_k)
+        ids = torch.zeros(shape, dtype=torch.long)
+        logprobs = torch.full(shape, -torch.inf, dtype=torch.float32)
+        for (b, start, end), _, (row_ids, row_logprobs) in answers:
+            ids[b, start:end] = torch.from_numpy(row_ids)
+            logprobs[b, start:end] = torch.from_numpy(row_logprobs)
         device = batch["input_ids"].device
         return TopKSignal(token_ids=ids.to(device), logprobs=logprobs.to(device))
 

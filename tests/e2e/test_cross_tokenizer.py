@@ -1,6 +1,7 @@
-"""End to end: `axolotl train` distils from an in-process teacher of another tokenizer (a sentencepiece-style BPE
-built in code, the student keeps the tiny character tokenizer) with `xkd.teacher.cross_tokenizer: true`, unpacked
-and with sample packing, and logs what maps and the coverage."""
+"""End to end: `axolotl train` distils from a teacher of another tokenizer (a sentencepiece-style BPE built in code,
+the student keeps the tiny character tokenizer) with `xkd.teacher.cross_tokenizer: true`: in process, unpacked and
+with sample packing, logging what maps and the coverage; from a precomputed store; and from `axolotl xkd
+serve-teacher`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import base_config, log_history, merged, run_cli, train, write_config
+from tests.support import base_config, log_history, merged, run_cli, serve_teacher, train, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -70,3 +71,36 @@ def test_precomputed_store_matches_the_in_process_teacher(untrained_assets, othe
     assert manifest["top_k"] == 17  # the top 16 and the student's own token
     assert first["precomputed"]["xkd/distill"] == pytest.approx(first["model"]["xkd/distill"], rel=2e-3, abs=1e-4)
     assert first["model"]["xkd/distill"] > 0.01
+
+
+def test_server_teacher_matches_the_in_process_teacher(untrained_assets, other_teacher, tmp_path):
+    """`axolotl xkd serve-teacher` serves the teacher of another tokenizer; the run re-tokenizes each sequence, sends
+    the teacher's ids and aligns the answers. With every teacher token sent (top_k = |V_T|) its records are the
+    in-process teacher's: the same coverage, finite losses, and the first xkd/distill equal up to float32 rounding
+    (the two teacher forwards pad their batches differently)."""
+    from transformers import AutoTokenizer
+
+    cross = {"cross_tokenizer": True, "cross_tokenizer_top_k": 16}
+    teachers = {"model": {"source": "model", "path": str(other_teacher), **cross}}
+    first, coverage = {}, {}
+    with serve_teacher(other_teacher, "--num-threads", "1") as url:
+        teachers["server"] = {"source": "server", "base_url": url, "tokenizer_path": str(other_teacher),
+                              "top_k": len(AutoTokenizer.from_pretrained(other_teacher)), "timeout_s": 120, **cross}
+        for source, teacher in teachers.items():
+            config = merged(base_config(untrained_assets, tmp_path / source),
+                            {"max_steps": 2, "save_steps": 2, "learning_rate": 1e-6,
+                             "xkd": {"td_target": "teacher_logprob"}})
+            config["xkd"]["teacher"] = teacher
+            proc = train(write_config(tmp_path / f"{source}.yml", config))
+            logs = proc.stdout + proc.stderr
+            coverage[source] = re.search(r"coverage after 1 batches: (\d+) of (\d+) response positions", logs)
+            assert coverage[source], logs[-3000:]
+            losses = [e for e in log_history(Path(config["output_dir"])) if "loss" in e]
+            assert len(losses) == 2
+            assert all(math.isfinite(e["loss"]) and math.isfinite(e["xkd/distill"]) for e in losses)
+            first[source] = losses[0]
+    assert coverage["server"].groups() == coverage["model"].groups()
+    assert 0 < int(coverage["server"][1]) <= int(coverage["server"][2])
+    assert first["server"]["xkd/distill"] == pytest.approx(first["model"]["xkd/distill"], rel=1e-4, abs=1e-6)
+    assert first["server"]["loss"] == pytest.approx(first["model"]["loss"], rel=1e-4, abs=1e-6)
+    assert first["model"]["xkd/distill"] > 0.01  # the teacher's signal reaches the loss: the check has teeth

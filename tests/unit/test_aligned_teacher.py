@@ -31,9 +31,9 @@ def student_batch(student, rows=ROWS) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": (ids != student.pad_token_id).long(), "labels": labels}
 
 
-def reference_signal(student, teacher, model, batch, *, top_k: int, rows=ROWS) -> dict:
-    """The reference's records cut to the k most likely entries plus the student's next token, padded into the
-    (ids, logprobs) shape reference_xkd reads."""
+def reference_signal(student, teacher, model, batch, *, top_k: int, rows=ROWS, server_top_k: int | None = None) -> dict:
+    """The reference's records (with `server_top_k`: of what a server sends) cut to the k most likely entries plus
+    the student's next token, padded into the (ids, logprobs) shape reference_xkd reads."""
     shape = (*batch["input_ids"].shape, top_k + 1)
     token_ids, logprobs = torch.zeros(shape, dtype=torch.long), torch.full(shape, -math.inf, dtype=torch.float64)
     for b, (row, ids) in enumerate(zip(rows, batch["input_ids"].tolist())):
@@ -41,7 +41,8 @@ def reference_signal(student, teacher, model, batch, *, top_k: int, rows=ROWS) -
         length = len(student(text)["input_ids"]) + 1
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([teacher(text)["input_ids"]])).logits[0]
-        for i, entries in enumerate(aligned_teacher_record(student, teacher, logits, text, ids[:length])):
+        records = aligned_teacher_record(student, teacher, logits, text, ids[:length], server_top_k=server_top_k)
+        for i, entries in enumerate(records):
             kept = sorted(entries, key=lambda sid: -entries[sid])[:top_k]
             if i + 1 < length and ids[i + 1] in entries and ids[i + 1] not in kept:
                 kept.append(ids[i + 1])

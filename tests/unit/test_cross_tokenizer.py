@@ -12,8 +12,8 @@ import torch
 from tokenizers import normalizers
 from transformers import ByT5Tokenizer
 
-from axolotl_xkd.cross_tokenizer import KEY, Aligner, VocabMap, express, token_pieces
-from axolotl_xkd.losses.categories import teacher_token_logprob
+from axolotl_xkd.cross_tokenizer import KEY, Aligner, VocabMap, express, express_sparse, token_pieces
+from axolotl_xkd.losses.categories import TAIL_FLOOR, teacher_token_logprob
 from axolotl_xkd.tiny import arithmetic_rows, build_bpe_tokenizer, build_tokenizer
 
 WORDS = ["the sum is", "the answer is", "what is the sum", "naïve café", "日本 is here", "hello there"]
@@ -187,6 +187,66 @@ def test_express_keeps_unmapped_mass_in_the_tail_and_the_students_token():
                                 vocab_size=len(student))
     assert float(got[0]) == float(lp[0, ranked[-1]])
     assert float(got[2]) == float(lp[2, int(inverse[actions[2]])])
+
+
+def test_sparse_express_on_the_whole_vocabulary_equals_express():
+    """Given every teacher token, in any order, the sparse rule keeps what the dense one keeps, slot for slot: the
+    k most likely mapped tokens, then the student's own token outside them (or -inf)."""
+    student, teacher = build_tokenizer(), sentencepiece()
+    vocab = Aligner(student, teacher, "test").vocab
+    inverse = vocab.teacher_ids()
+    g = torch.Generator().manual_seed(1)
+    lp = torch.log_softmax(torch.randn(4, vocab.teacher_size, generator=g, dtype=torch.float64) * 3, -1)
+    mapped = (vocab.student_ids >= 0).nonzero().squeeze(-1)
+    least, best = (vocab.student_ids[mapped[lp[r, mapped].argsort()[0 if r == 0 else -1]]] for r in (0, 2))
+    no_twin = (inverse < 0).nonzero().squeeze(-1)
+    actions = torch.tensor([int(least), -1, int(best), int(no_twin[0]) if no_twin.numel() else 0])
+    order = torch.stack([torch.randperm(vocab.teacher_size, generator=g) for _ in range(4)])
+    for top_k in (4, vocab.exact + 5):
+        want_ids, want_lps = express(lp, actions, vocab, inverse, top_k=top_k)
+        got_ids, got_lps = express_sparse(order, lp.gather(-1, order), actions, vocab, top_k=top_k)
+        assert torch.equal(got_ids, want_ids) and torch.equal(got_lps, want_lps)
+        # top 4: the least likely token comes through the own slot; all mapped tokens: it is in the record
+        assert math.isfinite(float(want_lps[0, -1])) == (top_k == 4)
+
+
+def test_sparse_express_matches_the_float64_reference_of_what_was_sent():
+    """A server sends its top 5 and the log-prob of the prompt's next token; the record keeps the 3 most likely of
+    them with a student twin, plus the student's own token when it was sent. Written from dicts: an unsent or
+    unmapped token is in the tail, so td_target teacher_logprob reads the exact log-prob of a sent token and the
+    tail's share (floored, spread over the tokens outside the record) of any other."""
+    student, teacher = build_tokenizer(), sentencepiece()
+    vocab = Aligner(student, teacher, "test").vocab
+    m = vocab.student_ids.tolist()
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, vocab.teacher_size, generator=g, dtype=torch.float64) * 3
+    lp = torch.log_softmax(logits + 4.0 * (vocab.student_ids >= 0), -1)  # mapped tokens lead, unmapped ones mix in
+    top = lp.topk(5, dim=-1).indices
+    below = [[t for t in lp[r].argsort(descending=True)[5:].tolist() if m[t] >= 0] for r in range(6)]
+    prompt = torch.tensor([below[r][r % 3] for r in range(6)])  # the teacher's next token, ranked below 5
+    sent_ids = torch.cat([top, prompt[:, None]], -1)
+    sent_lps = lp.gather(-1, sent_ids)
+    best = [next(m[t] for t in row if m[t] >= 0) for row in top.tolist()]
+    # sent outside the record's 3 (own slot), in the record, not sent (tail), none, own slot, not sent
+    actions = torch.tensor([m[int(prompt[0])], best[1], m[below[2][4]], -1, m[int(prompt[4])], m[below[5][7]]])
+    ids, lps = express_sparse(sent_ids, sent_lps, actions, vocab, top_k=3)
+    assert ids.shape == (6, 4)
+    td = teacher_token_logprob(_signal(ids, lps), actions.clamp(min=0), temperature=1.0, topk_tail=True,
+                               vocab_size=len(student))
+    for r in range(6):
+        entries = {m[t]: float(lp[r, t]) for t in sent_ids[r].tolist() if m[t] >= 0}
+        kept = sorted(entries, key=lambda s: -entries[s])[:3]
+        action = int(actions[r])
+        if action in entries and action not in kept:
+            kept.append(action)
+        record = {int(i): float(v) for i, v in zip(ids[r], lps[r]) if math.isfinite(float(v))}
+        assert record == {s: entries[s] for s in kept}
+        if action < 0:
+            continue
+        tail = max(1.0 - sum(math.exp(v) for v in record.values()), TAIL_FLOOR)
+        want = entries[action] if action in entries else math.log(tail) - math.log(len(student) - len(record))
+        assert float(td[r]) == pytest.approx(want, rel=1e-12, abs=1e-12)
+    assert [math.isfinite(float(v)) for v in lps[:, 3]] == [True, False, False, False, True, False]
 
 
 def _signal(ids, lps):

@@ -70,8 +70,9 @@ def test_a_kd_v2_dataset_must_exist(tmp_path):
 
 
 def test_check_teacher_reads_what_the_run_reads(tmp_path):
-    """`axolotl preprocess` reads a store (it is the data) but never the teacher model."""
-    from axolotl_xkd.args import ModelTeacher, PrecomputedTeacher
+    """`axolotl preprocess` reads a store (it is the data) but never the teacher model; a server of another tokenizer
+    is read through its tokenizer_path when training."""
+    from axolotl_xkd.args import ModelTeacher, PrecomputedTeacher, ServerTeacher
 
     model = ModelTeacher(path=str(tmp_path / "missing"))
     check_teacher(model, training=False)
@@ -81,6 +82,10 @@ def test_check_teacher_reads_what_the_run_reads(tmp_path):
         check_teacher(ModelTeacher(path=str(tmp_path), tokenizer_path=str(tmp_path / "tok")), training=True)
     with pytest.raises(ValueError, match=r"xkd\.teacher\.path=.* has no manifest"):
         check_teacher(PrecomputedTeacher(path=str(tmp_path)), training=False)
+    server = ServerTeacher(base_url="http://127.0.0.1:8000", cross_tokenizer=True, tokenizer_path=str(tmp_path / "t"))
+    check_teacher(server, training=False)
+    with pytest.raises(ValueError, match=r"xkd\.teacher\.tokenizer_path="):
+        check_teacher(server, training=True)
 
 
 @pytest.mark.parametrize(
