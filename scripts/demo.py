@@ -51,12 +51,12 @@ def relocated(value: object, out: str) -> object:
     return value
 
 
-def demo_configs(base: dict, out: str, seed: int = 42) -> dict[str, dict]:
-    """The demo's configs in `out` by file stem: `base` relocated, on the labelled rows, for STEPS steps with `seed`
+def demo_configs(base: dict, out: str, seed: int = 42, steps: int = STEPS) -> dict[str, dict]:
+    """The demo's configs in `out` by file stem: `base` relocated, on the labelled rows, for `steps` steps with `seed`
     (xkd); the same without the plugin and the `xkd:` block (sft); and X-KD on the teacher's answers to every prompt
     (xkd_teacher), each in its own output and prepared-data folders."""
-    xkd = {**relocated(base, out), "max_steps": STEPS, "save_steps": STEPS // 2, "logging_steps": STEPS // 8,
-           "seed": seed}
+    xkd = {**relocated(base, out), "max_steps": steps, "save_steps": max(1, steps // 2),
+           "logging_steps": max(1, steps // 8), "seed": seed}
     (dataset,) = xkd["datasets"]
     xkd["datasets"] = [{**dataset, "path": f"{out}/data/labelled.jsonl"}]
     sft = {key: value for key, value in xkd.items() if key != "xkd"}
@@ -87,11 +87,11 @@ def split_data(out: Path, labelled: int = LABELLED) -> None:
         (out / "data" / name).write_text("".join(json.dumps(item) + "\n" for item in items))
 
 
-def write_configs(out: str, base_path: Path = EXAMPLE, seed: int = 42) -> list[Path]:
+def write_configs(out: str, base_path: Path = EXAMPLE, seed: int = 42, steps: int = STEPS) -> list[Path]:
     """Split the data and write OUT/{sft,xkd,xkd_teacher}.yml (see demo_configs); returns their paths."""
     split_data(Path(out))
     paths = []
-    for stem, config in demo_configs(yaml.safe_load(base_path.read_text()), out.rstrip("/"), seed).items():
+    for stem, config in demo_configs(yaml.safe_load(base_path.read_text()), out.rstrip("/"), seed, steps).items():
         path = Path(out) / f"{stem}.yml"
         path.write_text(f"# {stem} config of the demo, written by `python -m scripts.demo configs` from "
                         f"{base_path.name}\n" + yaml.safe_dump(config, sort_keys=False))
@@ -147,12 +147,13 @@ def main() -> None:
     configs.add_argument("--out", default=EXAMPLE_ROOT, help=f"the demo's folder (default: {EXAMPLE_ROOT})")
     configs.add_argument("--base", type=Path, default=EXAMPLE, help="X-KD config to derive from")
     configs.add_argument("--seed", type=int, default=42, help="the training runs' seed (default: 42, the example's)")
+    configs.add_argument("--steps", type=int, default=STEPS, help=f"every student's optimizer steps (default: {STEPS})")
     report = commands.add_parser("report", help="print the exact-match table and write OUT/exact_match.json")
     report.add_argument("--out", type=Path, default=Path(EXAMPLE_ROOT),
                         help=f"the demo's folder (default: {EXAMPLE_ROOT})")
     args = parser.parse_args()
     if args.command == "configs":
-        for path in write_configs(args.out, args.base, args.seed):
+        for path in write_configs(args.out, args.base, args.seed, args.steps):
             print(f"demo: wrote {path}", flush=True)
         return
     result = evaluate(args.out)

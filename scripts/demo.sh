@@ -5,7 +5,8 @@
 # CPU with the same student and budget; compare the models' exact match (docs/demo.md).
 # Deletes and rewrites the demo folder: XKD_DEMO_OUT, default runs/tiny (the folder the example configs use).
 # XKD_TEACHER_STEPS (default 800) sets the tiny teacher's training steps; XKD_DEMO_SEED (default 0) seeds the tiny
-# models and data (and, as 42 + seed, the training runs): docs/demo.md reports seeds 0, 1 and 2.
+# models and data (and, as 42 + seed, the training runs): docs/demo.md reports seeds 0, 1 and 2. XKD_DEMO_STEPS
+# (default 256, scripts/demo.py STEPS) sets every student's optimizer steps (the CI-sized test runs a few).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/setup.sh
@@ -19,7 +20,7 @@ step "building the tiny tokenizer, teacher, student and data in $OUT (deleted fi
 rm -rf "$OUT"
 SEED="${XKD_DEMO_SEED:-0}"
 python -m axolotl_xkd.tiny --out "$OUT" --teacher-steps "${XKD_TEACHER_STEPS:-800}" --seed "$SEED"
-python -m scripts.demo configs --out "$OUT" --seed "$((42 + SEED))"
+python -m scripts.demo configs --out "$OUT" --seed "$((42 + SEED))" ${XKD_DEMO_STEPS:+--steps "$XKD_DEMO_STEPS"}
 step "plain SFT on the 32 labelled rows: axolotl train $OUT/sft.yml (the X-KD config without the plugin and xkd: block)"
 axolotl train "$OUT/sft.yml"
 step "X-KD on the same 32 labelled rows: axolotl train $OUT/xkd.yml (example_configs/xkd_tiny.yml, paths under $OUT)"

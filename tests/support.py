@@ -126,14 +126,19 @@ def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 900, c
     return proc
 
 
-def train(config_path: Path, *extra: str, **kwargs) -> subprocess.CompletedProcess:
-    """`axolotl train CONFIG` for real."""
-    return run_cli(["axolotl", "train", str(config_path), *extra], **kwargs)
+def train(config_path: Path, *, console: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """Axolotl's training for real: `python -m axolotl.cli.train CONFIG`, the process that `axolotl train CONFIG`
+    starts (through `accelerate launch`) for a one-process run, and that torchrun starts on every rank; or, with
+    console, the `axolotl train` console script, launcher and all. The console script's two launcher processes
+    (`axolotl`, then `accelerate launch`) add 15-20 s of imports to every run, so the suite goes through them only
+    in the tests of the launch itself (tests/e2e/test_train.py's main run, test_versions.py, test_install.py)."""
+    args = ["axolotl", "train", str(config_path)] if console else ["python", "-m", "axolotl.cli.train", str(config_path)]
+    return run_cli(args, **kwargs)
 
 
 def trained(assets: dict[str, Path], folder: Path, overrides: dict) -> Path:
-    """`axolotl train` of `base_config(assets, folder)` with `overrides` (config written to folder/config.yml);
-    returns the run's output directory."""
+    """`train` of `base_config(assets, folder)` with `overrides` (config written to folder/config.yml); returns the
+    run's output directory."""
     config = merged(base_config(assets, folder), overrides)
     train(write_config(folder / "config.yml", config))
     return Path(config["output_dir"])

@@ -29,7 +29,8 @@ def prepared_rows(out: Path) -> list[dict]:
     return list(load_from_disk(str(folder)))
 
 
-@pytest.fixture(scope="module", params=["type_dict", "alpaca", "chat_template"])
+# alpaca (a system line and ### headers around the prompt) is `slow`: the same rule as the other two, 4 more processes.
+@pytest.fixture(scope="module", params=["type_dict", pytest.param("alpaca", marks=pytest.mark.slow), "chat_template"])
 def trained(request, tiny_assets, tmp_path_factory) -> dict:
     """An X-KD student trained on ROWS arithmetic rows in one dataset format; its config and data."""
     out = tmp_path_factory.mktemp(f"score_{request.param}")

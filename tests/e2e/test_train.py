@@ -31,7 +31,7 @@ def run(tiny_assets, tmp_path_factory):
     # lambda = w_kl = 1 stated (the defaults are 0.1): the loss-sum check below weights every component by 1.
     config["xkd"].update({"divergence": "jsd", "beta": 0.5, "alpha_ce": 0.1, "td_weight": 1.0,
                           "reward_kl_weight": 1.0})
-    proc = train(write_config(tmp / "cfg.yml", config))
+    proc = train(write_config(tmp / "cfg.yml", config), console=True)  # the `axolotl train` console script
     return config, Path(config["output_dir"]), proc
 
 

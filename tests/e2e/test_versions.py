@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 
 def _trained(tiny_assets, folder: Path, overrides: dict) -> tuple[Path, str]:
     config = merged(base_config(tiny_assets, folder), overrides)
-    proc = train(write_config(folder / "cfg.yml", config))
+    proc = train(write_config(folder / "cfg.yml", config), console=True)
     return Path(config["output_dir"]), proc.stdout + proc.stderr
 
 
