@@ -4,6 +4,7 @@ tests/e2e/test_faults_store.py):
     python -m benchmarks.faults --cases server [--seconds 60] [--clients 32]
     python -m benchmarks.faults --cases store [--kills 12] [--rows 384] [--rows-per-shard 8] [--seed 0]
     python -m benchmarks.faults --cases training [--seed 0]
+    python -m benchmarks.faults --cases random-kills [--seed 0] [--repeats 3]
 
 Each case writes its own section of benchmarks/results/faults.md (between `<!-- case: NAME -->` and
 `<!-- end: NAME -->`; other cases' sections are kept) and prints it.
@@ -16,6 +17,7 @@ Each case writes its own section of benchmarks/results/faults.md (between `<!-- 
   included that `scripts/test.sh` leaves out (a precomputed run killed at its last step, a run killed three times
   at random steps drawn from `--seed` and resumed each time, one rank of two killed, a teacher server restarted
   within the retry budget, precompute killed three times), as a pytest run: each case holds or fails as in CI.
+- `random-kills`: the repeated random-kill case alone, once per seed in --seed .. --seed + --repeats - 1.
 - `store` (benchmarks/faults_store.py): `axolotl xkd precompute` killed `--kills` times at seeded points and
   resumed each time; the finished store compared with an uninterrupted build by sha256 per shard.
 """
@@ -138,8 +140,41 @@ def training_case(args: argparse.Namespace) -> str:
             f"- random kill points (XKD_FAULT_SEED={args.seed}): {'; '.join(kills) or 'none reported'}\n")
 
 
+def random_kills_case(args: argparse.Namespace) -> str:
+    """The repeated random-kill soak (three kills per run at seeded steps, resumed each time) for --repeats seeds
+    from --seed; the section lists each seed's kill steps and whether the run ended bit for bit as the
+    uninterrupted one."""
+    import subprocess
+
+    started = datetime.now(UTC)
+    test = "tests/e2e/test_faults.py::test_killed_at_random_steps_again_and_again_resumes_to_the_uninterrupted_run"
+    rows = []
+    for seed in range(args.seed, args.seed + args.repeats):
+        command = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-m", "soak", test]
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "XKD_FAULT_SEED": str(seed)})
+        kills = re.search(r"killed at steps (\[[\d, ]*\])", proc.stdout)
+        rows.append(f"| {seed} | {kills[1] if kills else '(none reported)'} | "
+                    f"{'yes' if proc.returncode == 0 else 'NO (exit code %d)' % proc.returncode} |")
+    held = sum(row.endswith("| yes |") for row in rows)
+    return "\n".join([
+        "## Training killed at random steps, again and again", "",
+        f"`python -m benchmarks.faults --cases random-kills --seed {args.seed} --repeats {args.repeats}` "
+        f"(`pytest -m soak {test}` once per seed)", "",
+        f"- {started.isoformat(timespec='seconds')}, {platform.machine()}, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f} at the start",
+        "- injected per seed: an 8-step X-KD run (in-process teacher, checkpoints every 2 steps) SIGKILLed three "
+        "times, each at a step drawn uniformly after the newest checkpoint, each time resumed from that checkpoint; "
+        "then resumed to the end",
+        "- survived: the final student and reward head equal the uninterrupted run's bit for bit, and the log has "
+        "steps 1-8 once each with the uninterrupted run's loss, grad_norm and xkd/* values", "",
+        "| seed | kill steps | survived, nothing lost |", "|---|---|---|", *rows, "",
+        f"Survived: {held} of {len(rows)} runs ({3 * len(rows)} kills); runs that lost something: "
+        f"{len(rows) - held}.", ""])
+
+
 CASES: dict[str, Callable[[argparse.Namespace], str]] = {"server": server_case, "store": faults_store.store_case,
-                                                         "training": training_case}
+                                                         "training": training_case, "random-kills": random_kills_case}
 
 
 def write_section(name: str, section: str) -> None:
@@ -157,6 +192,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     parser.add_argument("--seconds", type=float, default=60.0, help="server: how long the load runs")
     parser.add_argument("--clients", type=int, default=32, help="server: concurrent clients")
+    parser.add_argument("--repeats", type=int, default=3, help="random-kills: seeds, from --seed")
     faults_store.add_arguments(parser)
     args = parser.parse_args()
     for name in args.cases:
