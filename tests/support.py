@@ -132,8 +132,8 @@ def train(config_path: Path, *, console: bool = False, **kwargs) -> subprocess.C
     console, the `axolotl train` console script, launcher and all. The console script's two launcher processes
     (`axolotl`, then `accelerate launch`) add 15-20 s of imports to every run, so the suite goes through them only
     in the tests of the launch itself (tests/e2e/test_train.py's main run, test_versions.py, test_install.py)."""
-    args = ["axolotl", "train", str(config_path)] if console else ["python", "-m", "axolotl.cli.train", str(config_path)]
-    return run_cli(args, **kwargs)
+    command = ["axolotl", "train"] if console else ["python", "-m", "axolotl.cli.train"]
+    return run_cli([*command, str(config_path)], **kwargs)
 
 
 def trained(assets: dict[str, Path], folder: Path, overrides: dict) -> Path:

@@ -165,7 +165,8 @@ class _ChunkedXKDFunction(torch.autograd.Function):
                 if grad_log_sigma is not None:
                     grad_log_sigma[start:stop] = grads[2]
             sums += torch.stack([loss, *parts])
-            logits = args = rows_in = grads = grad_logits = None  # free this chunk's (C, V) buffers before the next matmul
+            # Free this chunk's (C, V) buffers before the next matmul.
+            logits = args = rows_in = grads = grad_logits = None
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_mu, grad_log_sigma)
         ctx.input_dtypes = (hidden.dtype, bias.dtype if bias is not None else None)
         loss, div_sum, ce_sum, td_sum = (sums[i].clone() for i in range(4))
