@@ -9,7 +9,9 @@ Shapes (the issue's): vocabulary 32000, student hidden 256 x 4 layers, teacher h
 2000, student 64 x 2, teacher 128 x 2, 4 x 64 tokens. Models, tokenizer (one word per token) and data (random words)
 are built in code, untrained: the step's cost does not depend on what the weights know.
 
-Arms: `sft` (Axolotl alone, no plugin), `gkd_model` (X-KD with the reward terms off, in-process teacher) and
+Arms: `sft` (Axolotl alone, no plugin), `gkd_model` (X-KD with the reward terms off, in-process teacher),
+`gkd_cross` (the same with a teacher of another tokenizer, `cross_tokenizer: true`: the teacher's words under
+shuffled ids, so the ratio to gkd_model is what re-tokenizing and aligning costs, top-k records included) and
 `xkd_model`, `xkd_precomputed` (a top-k store written by `axolotl xkd precompute`), `xkd_server`
 (`axolotl xkd serve-teacher` on loopback). Step time = trainable tokens of a step / Axolotl's own
 `tokens/train_per_sec_per_gpu` of that step (logged every step), median over the steps after the first of every
@@ -44,7 +46,7 @@ from tests.support import BIN, ENV, log_history, merged, run_cli, serve_teacher,
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
-ARMS = ("sft", "gkd_model", "xkd_model", "xkd_precomputed", "xkd_server")
+ARMS = ("sft", "gkd_model", "gkd_cross", "xkd_model", "xkd_precomputed", "xkd_server")
 
 
 @dataclass(frozen=True)
@@ -75,16 +77,11 @@ def build_assets(out: Path, shape: Shape, rows: int, seed: int = 0) -> dict[str,
     """A word-level tokenizer of `shape.vocab` tokens, an untrained student and teacher over it, and `rows` rows of
     random words that tokenize to exactly `shape.tokens` tokens (BOS, a 16-word prompt, the response, EOS)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(f"w{i}" for i in range(shape.vocab - len(SPECIALS))))}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>")
-    paths = {name: out / name for name in ("student", "teacher", "data")}
+    words = [f"\u2581w{i}" for i in range(shape.vocab - len(SPECIALS))]
+    tokenizer = word_tokenizer(words)
+    paths = {name: out / name for name in ("student", "teacher", "teacher_cross", "data")}
     for name, (hidden, layers) in (("student", shape.student), ("teacher", shape.teacher)):
         torch.manual_seed(seed + len(name))
         config = LlamaConfig(vocab_size=shape.vocab, hidden_size=hidden, intermediate_size=4 * hidden,
@@ -92,10 +89,24 @@ def build_assets(out: Path, shape: Shape, rows: int, seed: int = 0) -> dict[str,
                              num_key_value_heads=hidden // 64 or 1, max_position_embeddings=shape.tokens,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-        LlamaForCausalLM(config).save_pretrained(paths[name])
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
+    # The teacher of another tokenizer (gkd_cross): the same words under shuffled ids, and the teacher's embedding
+    # and output rows moved with them, so it is the same function of the text and every position aligns.
+    order = random.Random(seed).sample(range(len(words)), len(words))
+    cross = word_tokenizer([words[i] for i in order])
+    new_id = {len(SPECIALS) + i: len(SPECIALS) + rank for rank, i in enumerate(order)}
+    permutation = [new_id.get(i, i) for i in range(shape.vocab)]  # old id -> new id
+    inverse = torch.empty(shape.vocab, dtype=torch.long)
+    inverse[torch.tensor(permutation)] = torch.arange(shape.vocab)  # new id -> old id
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight[inverse])
+        model.lm_head.weight.copy_(model.lm_head.weight[inverse])
+    model.save_pretrained(paths["teacher_cross"])
+    cross.save_pretrained(paths["teacher_cross"])
     rng = random.Random(seed)
-    words = [f"w{i}" for i in range(shape.vocab - len(SPECIALS))]
+    words = [word[1:] for word in words]
     prompt_words = 16
     response_words = shape.tokens - prompt_words - 2  # BOS and EOS
     lines = []
@@ -105,6 +116,21 @@ def build_assets(out: Path, shape: Shape, rows: int, seed: int = 0) -> dict[str,
     paths["data"].mkdir(parents=True, exist_ok=True)
     (paths["data"] / "train.jsonl").write_text("\n".join(lines) + "\n")
     return paths
+
+
+def word_tokenizer(words: list[str]):
+    """One token per `words` entry (each `▁` + a word; a space before every word, sentencepiece style, so that the
+    cross-tokenizer alignment can read each token's text), BOS prepended, after the SPECIALS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(words))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
 
 
 def base(assets: dict[str, Path], work: Path, shape: Shape, steps: int, cuda: bool) -> dict:
@@ -154,6 +180,8 @@ def arm_overrides(arm: str, assets: dict[str, Path], store: Path, url: str, top_
         "model": {"source": "model", "path": str(assets["teacher"])},
         "precomputed": {"source": "precomputed", "path": str(store)},
         "server": {"source": "server", "base_url": url, "top_k": top_k, "timeout_s": 120},
+        "cross": {"source": "model", "path": str(assets["teacher_cross"]), "cross_tokenizer": True,
+                  "cross_tokenizer_top_k": top_k},
     }
     kind, source = arm.split("_")
     xkd = {"teacher": teachers[source]}
