@@ -3,7 +3,8 @@ each time, then compared with an uninterrupted build shard by shard (content sha
 
 Kills alternate between the two kinds the CI test (tests/e2e/test_faults_store.py) uses a few of: SIGSTOP at a
 seeded shard (after it is complete, or while its files sit in its tmp folder) then SIGKILL, and SIGKILL at a
-seeded random moment of the run (start-up, scoring, writing: wherever it lands). Every run computes with one thread,
+seeded random moment of the run (start-up, scoring, writing: wherever it lands), drawn below the time the rest of
+the build takes so that it lands before the run ends. Every run computes with one thread,
 so that equal means equal bytes.
 """
 
@@ -82,7 +83,10 @@ def store_case(args: argparse.Namespace) -> str:
                                                           env=ONE_THREAD))
             how = f"SIGKILL when stopped {'after' if point == 'written' else 'inside'} its shard #{n}"
         else:
-            seconds = rng.uniform(1.0, full_run_s)
+            # A resumed run with r of the n shards left takes at least full_run_s * r / n (start-up included), so a
+            # moment drawn below that lands while it runs, wherever: start-up, scoring or writing.
+            shards_total = len(want)
+            seconds = rng.uniform(1.0, max(1.5, full_run_s * (shards_total - shards_before) / shards_total))
             landed = _kill_at_random_moment(_command(cfg, out, args.rows_per_shard), seconds)
             how = f"SIGKILL {seconds:.1f} s after start"
         tmp = sorted(p.name for p in (out / "train").glob(".tmp-*")) if (out / "train").exists() else []
