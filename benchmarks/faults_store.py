@@ -83,10 +83,11 @@ def store_case(args: argparse.Namespace) -> str:
                                                           env=ONE_THREAD))
             how = f"SIGKILL when stopped {'after' if point == 'written' else 'inside'} its shard #{n}"
         else:
-            # A resumed run with r of the n shards left takes at least full_run_s * r / n (start-up included), so a
-            # moment drawn below that lands while it runs, wherever: start-up, scoring or writing.
-            shards_total = len(want)
-            seconds = rng.uniform(1.0, max(1.5, full_run_s * (shards_total - shards_before) / shards_total))
+            # A resumed run with r of the n shards left takes about full_run_s * r / n or more (start-up included);
+            # a moment drawn below half of that lands while it runs, wherever (start-up, scoring, writing), on a
+            # machine whose load varies.
+            left = (len(want) - shards_before) / len(want)
+            seconds = rng.uniform(1.0, max(1.5, 0.5 * full_run_s * left))
             landed = _kill_at_random_moment(_command(cfg, out, args.rows_per_shard), seconds)
             how = f"SIGKILL {seconds:.1f} s after start"
         tmp = sorted(p.name for p in (out / "train").glob(".tmp-*")) if (out / "train").exists() else []
