@@ -58,18 +58,37 @@ def arms(other_teacher: Path, divergences: list[str]) -> dict[str, dict]:
 # ---- the teacher of another tokenizer -----------------------------------------------------------------------
 
 
+def response_alignment(aligner, student, row: dict, where: str) -> tuple[list[int], list[int], int]:
+    """One row tokenized as Axolotl tokenizes it (prompt with BOS, response, EOS) and aligned: (the teacher's ids,
+    the teacher positions paired with the row's response positions, the number of response positions). Response
+    positions are those predicting a response token or the EOS."""
+    prompt = student(row["prompt"])["input_ids"]
+    ids = prompt + student(row["response"], add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+    segment = aligner.segment(ids, where)
+    first, last = len(prompt) - 1, len(ids) - 2
+    paired = [j for i, j in zip(segment.student_positions, segment.teacher_positions) if first <= i <= last]
+    return segment.teacher_ids, paired, last - first + 1
+
+
 def response_coverage(aligner, student, rows: list[dict]) -> float:
-    """Share of the response positions (those predicting a response token or the EOS) that the alignment gives a
-    teacher distribution, over `rows` tokenized as Axolotl tokenizes them (prompt with BOS, response, EOS)."""
-    covered = total = 0
-    for n, row in enumerate(rows):
-        prompt = student(row["prompt"])["input_ids"]
-        ids = prompt + student(row["response"], add_special_tokens=False)["input_ids"] + [student.eos_token_id]
-        aligned = set(aligner.segment(ids, f"row {n}").student_positions)
-        responses = range(len(prompt) - 1, len(ids) - 1)
-        covered += sum(i in aligned for i in responses)
-        total += len(responses)
-    return covered / max(total, 1)
+    """Share of the rows' response positions that the alignment gives a teacher distribution."""
+    counts = [response_alignment(aligner, student, row, f"row {n}")[1:] for n, row in enumerate(rows)]
+    return sum(len(paired) for paired, _ in counts) / max(sum(total for _, total in counts), 1)
+
+
+def unmapped_mass(model, aligner, student, rows: list[dict]) -> float:
+    """The teacher's mean probability, at the rows' aligned response positions, on its tokens without a student
+    twin (its multi-character tokens): the mass the record leaves to the tail (docs/cross_tokenizer.md)."""
+    import torch
+
+    unmapped = aligner.vocab.student_ids < 0
+    masses = []
+    with torch.no_grad():
+        for n, row in enumerate(rows):
+            teacher_ids, paired, _ = response_alignment(aligner, student, row, f"row {n}")
+            logits = model(input_ids=torch.tensor([teacher_ids])).logits[0, paired, : unmapped.numel()]
+            masses += logits.softmax(-1)[:, unmapped].sum(-1).tolist()
+    return statistics.fmean(masses)
 
 
 def prepare_other_teacher(task: Task, assets: dict[str, Path], work: Path, args: argparse.Namespace) -> dict:
@@ -99,21 +118,24 @@ def prepare_other_teacher(task: Task, assets: dict[str, Path], work: Path, args:
     evaluation = [json.loads(line) for line in (assets["data"] / "eval.jsonl").read_text().splitlines()]
     student = AutoTokenizer.from_pretrained(assets["student"])
     sample = rows[:500]
+    aligner = Aligner(student, tokenizer, OTHER_TEACHER)
     info = {
         "settings": settings, "teacher_loss": loss, "teacher_seconds": round(seconds, 1),
         "teacher_metric": study.evaluate(folder, task, evaluation, samples=0)["metric"],
         "parameters": sum(p.numel() for p in teacher.parameters()),
         "student_vocab": len(student), "teacher_vocab": len(tokenizer),
-        "exact": Aligner(student, tokenizer, OTHER_TEACHER).vocab.exact,
+        "exact": aligner.vocab.exact,
         "student_tokens": statistics.fmean(len(student(r["response"], add_special_tokens=False)["input_ids"])
                                            for r in sample),
         "teacher_tokens": statistics.fmean(len(tokenizer(r["response"], add_special_tokens=False)["input_ids"])
                                            for r in sample),
-        "coverage": response_coverage(Aligner(student, tokenizer, OTHER_TEACHER), student, sample),
+        "coverage": response_coverage(aligner, student, sample),
+        "unmapped_mass": unmapped_mass(teacher, aligner, student, sample[:200]),
     }
     stamp.write_text(json.dumps(info))
     print(f"{task.name}: teacher of another tokenizer ({len(tokenizer)} tokens) trained in {seconds:.0f} s, "
-          f"held-out {task.metric_name} {info['teacher_metric']:.1f}; coverage {info['coverage']:.1%}", flush=True)
+          f"held-out {task.metric_name} {info['teacher_metric']:.1f}; coverage {info['coverage']:.1%}, unmapped mass "
+          f"{info['unmapped_mass']:.1%}", flush=True)
     return {**info, "path": folder}
 
 
@@ -223,12 +245,15 @@ def report(runs: list[dict], tasks: list[str], teachers: dict[str, dict], candid
              f"other tokenizer ({BPE_STYLE} BPE, {BPE_VOCAB} tokens: 256 bytes, 4 specials, 64 merges, trained on "
              "the task's training text) cuts a response:", "",
              "| task | same-tokenizer teacher | other-tokenizer teacher | vocab student / teacher (mapped) | "
-             "response tokens student / teacher | response positions aligned |", "|---|---|---|---|---|---|"]
+             "response tokens student / teacher | response positions aligned | teacher mass there without a student "
+             "twin |",
+             "|---|---|---|---|---|---|---|"]
     for t in tasks:
         info = teachers[t]
         lines.append(f"| {t} ({TASKS[t].metric_name}) | {info['same_metric']:.1f} | {info['teacher_metric']:.1f} | "
                      f"{info['student_vocab']} / {info['teacher_vocab']} ({info['exact']}) | "
-                     f"{info['student_tokens']:.1f} / {info['teacher_tokens']:.1f} | {info['coverage']:.1%} |")
+                     f"{info['student_tokens']:.1f} / {info['teacher_tokens']:.1f} | {info['coverage']:.1%} | "
+                     f"{info['unmapped_mass']:.1%} |")
     lines += ["", f"{gold.ARM}: TRL {version('trl')} GOLDTrainer (benchmarks/quality/gold.py): " + ", ".join(
         f"{k}={v}" for k, v in gold.GOLD_SETTINGS.items()) + ", the rest of GOLDConfig at its defaults; the same "
         "student, teacher of another tokenizer, rows, 150 steps of 32, lr 3e-3 (constant), scoring. GOLD's own data "
