@@ -28,7 +28,9 @@ from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
+from axolotl_xkd.options import TOKEN_DIVERGENCES
 from benchmarks.quality import gold, study
+from benchmarks.quality.defaults import SHORT
 from benchmarks.quality.tasks import TASKS, Task
 
 DEFAULT_TASKS = ["translation", "summary", "arithmetic_v2"]
@@ -37,8 +39,7 @@ DEFAULT_TASKS = ["translation", "summary", "arithmetic_v2"]
 BPE_STYLE = "byte_level"
 BPE_VOCAB = 256 + 4 + 64
 OTHER_TEACHER = "teacher_byte_level"
-DIVERGENCES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd", "sfkl": "skew_forward_kl",
-               "srkl": "skew_reverse_kl", "tvd": "tvd"}
+DIVERGENCES = {short: name for name, short in SHORT.items() if name in TOKEN_DIVERGENCES}  # fkl -> forward_kl, ...
 DEFAULT_DIVERGENCES = ["fkl", "rkl", "jsd"]
 REFERENCE, SFT, DEFAULT_ARM = "gkd_same_fkl", "sft", "cross_default"
 FIELDS = [*study.FIELDS, "dev_metric"]
