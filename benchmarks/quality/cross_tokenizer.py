@@ -34,8 +34,9 @@ from benchmarks.quality.defaults import SHORT
 from benchmarks.quality.tasks import TASKS, Task
 
 DEFAULT_TASKS = ["translation", "summary", "arithmetic_v2"]
-# The other tokenizer: byte-level BPE, whose base vocabulary is the 256 bytes and the 4 specials; 64 merges on top
-# give whole words and number pieces (about 4x the character tokenizer's 79 tokens).
+# The other tokenizer: byte-level BPE, whose base vocabulary is the 256 bytes and the 4 specials; up to 64 merges on
+# top give whole words and two-digit numbers (324 tokens, about 4x the character tokenizer's 79; arithmetic_v2's text
+# has 27 pairs to merge, so its teacher has 287).
 BPE_STYLE = "byte_level"
 BPE_VOCAB = 256 + 4 + 64
 OTHER_TEACHER = "teacher_byte_level"
@@ -243,8 +244,11 @@ def report(runs: list[dict], tasks: list[str], teachers: dict[str, dict], candid
     lines = ["# Cross-tokenizer distillation: quality (generated tasks, CPU)", "",
              f"`{command}`. Mean ± std over seeds (n = seeds), greedy decoding, {len(runs)} runs.", "",
              "Teachers (hidden 128, 2 layers, the same steps and training rows; held-out test metric) and how the "
-             f"other tokenizer ({BPE_STYLE} BPE, {BPE_VOCAB} tokens: 256 bytes, 4 specials, 64 merges, trained on "
-             "the task's training text) cuts a response:", "",
+             f"other tokenizer cuts a response: a {BPE_STYLE} BPE trained on the task's training text, 256 bytes, 4 "
+             f"specials and up to {BPE_VOCAB - 260} merges (fewer where the text has fewer pairs to merge). Aligned: "
+             "response positions whose prefix ends where a teacher token ends (the rest get no teacher "
+             "distribution); the last column is the teacher's probability there on its tokens without a student "
+             "twin (multi-character tokens), which the top-k record leaves to the tail.", "",
              "| task | same-tokenizer teacher | other-tokenizer teacher | vocab student / teacher (mapped) | "
              "response tokens student / teacher | response positions aligned | teacher mass there without a student "
              "twin |",
