@@ -167,6 +167,16 @@ def stats(runs: list[dict], task: str, arm: str, key: str) -> tuple[float, float
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
+def seed_counts(runs: list[dict], task: str) -> str:
+    """How many seeds each arm has on `task`: one number when all arms have the same, else the range."""
+    counts = {}
+    for r in runs:
+        if r["task"] == task:
+            counts[r["method"]] = counts.get(r["method"], 0) + 1
+    low, high = min(counts.values(), default=0), max(counts.values(), default=0)
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def cell(value: tuple[float, float, int] | None) -> str:
     return "" if value is None else f"{value[0]:.1f} ± {value[1]:.1f} (n={value[2]})"
 
@@ -206,7 +216,8 @@ def verdicts(runs: list[dict], tasks: list[str], chosen: str) -> list[str]:
             checks["sft"].append((t, ours[0] >= sft[0], f"{t} {ours[0]:.1f} vs {sft[0]:.1f}"))
         if ours and trl:
             place = ("ahead" if ours[0] - ours[1] > trl[0] + trl[1] else
-                     "behind" if ours[0] + ours[1] < trl[0] - trl[1] else "level")
+                     "behind" if ours[0] + ours[1] < trl[0] - trl[1] else
+                     "level, both 0" if ours[0] == trl[0] == 0 else "level")
             checks["gold"].append((t, place != "behind", f"{t} {ours[0]:.1f} ± {ours[1]:.1f} vs {trl[0]:.1f} ± "
                                                          f"{trl[1]:.1f} ({place})"))
     names = {"dev": f"dev mean >= {DEV_RATIO}x same-tokenizer GKD's ({REFERENCE})",
@@ -242,7 +253,8 @@ def report(runs: list[dict], tasks: list[str], teachers: dict[str, dict], candid
     names = [a for a in names if any(r["method"] == a and r["task"] in tasks for r in runs)]
     chosen, dev_means = choose(runs, tasks, candidates)
     lines = ["# Cross-tokenizer distillation: quality (generated tasks, CPU)", "",
-             f"`{command}`. Mean ± std over seeds (n = seeds), greedy decoding, {len(runs)} runs.", "",
+             f"`{command}`. Mean ± std over seeds (n = seeds), greedy decoding, {len(runs)} runs; seeds finished per "
+             "task: " + "; ".join(f"{t} {seed_counts(runs, t)}" for t in tasks) + ".", "",
              "Teachers (hidden 128, 2 layers, the same steps and training rows; held-out test metric) and how the "
              f"other tokenizer cuts a response: a {BPE_STYLE} BPE trained on the task's training text, 256 bytes, 4 "
              f"specials and up to {BPE_VOCAB - 260} merges (fewer where the text has fewer pairs to merge). Aligned: "
@@ -269,8 +281,9 @@ def report(runs: list[dict], tasks: list[str], teachers: dict[str, dict], candid
         lines += ["", f"## {split} prompts", "", "| arm | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
         lines += [f"| {a} | " + " | ".join(cell(stats(runs, t, a, key)) for t in tasks) + " |" for a in names]
     lines += ["", "## Choice (dev) and targets", "",
-              "Cross-tokenizer divergence chosen by the dev mean over the tasks: " + (", ".join(
-                  f"{a} {m:.1f}" for a, m in dev_means.items()) or "no arm has dev runs on every task yet") + "."]
+              "Cross-tokenizer divergence chosen by the dev mean over the tasks (ties: the first listed): "
+              + (", ".join(f"{a} {m:.1f}" for a, m in dev_means.items()) or "no arm has dev runs on every task yet")
+              + "."]
     if chosen:
         lines += [f"Chosen: **{chosen}**; its test numbers are the ones reported.", "", *verdicts(runs, tasks, chosen)]
         lines += ["", f"Ratios of {chosen}'s mean to the other arms' means:", "",
