@@ -1,0 +1,341 @@
+"""Cross-tokenizer quality study: does distillation from a teacher of another tokenizer work, against GKD with a
+teacher of the student's tokenizer, SFT, and TRL's GOLD? One command, on the CPU, resumable.
+
+    python -m benchmarks.quality.cross_tokenizer [--seeds 3] [--jobs 2] [--tasks translation summary arithmetic_v2]
+
+Per task the student is the study's (its character tokenizer, the untrained student of study.prepare_task). Two
+teachers of the study's size (hidden 128, 2 layers, the same steps on the same training split): the study's own, of
+the student's tokenizer, and one of another tokenizer, a byte-level BPE trained in code on the task's training text
+(cached under --work like the study's teacher). Arms, each for the study's budget (150 steps of 32 rows) through the
+real `axolotl train` and the plugin, except GOLD: `sft`; `gkd_same_fkl` (the same-tokenizer teacher, forward KL,
+reward terms off); `cross_<d>` (the other teacher, `cross_tokenizer: true`, divergence d, reward terms off);
+`cross_default` (the other teacher at the plugin's defaults: the reward head learns beside the student, which trains
+as cross_fkl's); `trl_gold_off` (TRL's GOLDTrainer, benchmarks/quality/gold.py). Every student is scored greedily on
+the dev prompts and the test prompts; the cross-tokenizer divergence is chosen by its dev mean over the tasks and
+reported on test. Writes runs.csv (appended per run) and table.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+from importlib.metadata import version
+from pathlib import Path
+
+from axolotl_xkd.options import TOKEN_DIVERGENCES
+from benchmarks.quality import gold, study
+from benchmarks.quality.defaults import SHORT
+from benchmarks.quality.tasks import TASKS, Task
+
+DEFAULT_TASKS = ["translation", "summary", "arithmetic_v2"]
+# The other tokenizer: byte-level BPE, whose base vocabulary is the 256 bytes and the 4 specials; up to 64 merges on
+# top give whole words and two-digit numbers (324 tokens, about 4x the character tokenizer's 79; arithmetic_v2's text
+# has 27 pairs to merge, so its teacher has 287).
+BPE_STYLE = "byte_level"
+BPE_VOCAB = 256 + 4 + 64
+OTHER_TEACHER = "teacher_byte_level"
+DIVERGENCES = {short: name for name, short in SHORT.items() if name in TOKEN_DIVERGENCES}  # fkl -> forward_kl, ...
+DEFAULT_DIVERGENCES = ["fkl", "rkl", "jsd"]
+REFERENCE, SFT, DEFAULT_ARM = "gkd_same_fkl", "sft", "cross_default"
+FIELDS = [*study.FIELDS, "dev_metric"]
+DEV_RATIO = 0.95  # target: the chosen cross-tokenizer arm's dev mean >= 0.95x same-tokenizer GKD's, per task
+
+
+def arms(other_teacher: Path, divergences: list[str]) -> dict[str, dict]:
+    """Arm name -> `xkd:` block of study.train_one, for a task whose teacher of another tokenizer is `other_teacher`."""
+    cross = {"source": "model", "path": str(other_teacher), "cross_tokenizer": True}
+    table = {SFT: study.METHODS["sft"], REFERENCE: {"divergence": "forward_kl", **study.REWARD_OFF}}
+    for short in divergences:
+        table[f"cross_{short}"] = {"divergence": DIVERGENCES[short], **study.REWARD_OFF, "teacher": cross}
+    table[DEFAULT_ARM] = {"teacher": cross}
+    return table
+
+
+# ---- the teacher of another tokenizer -----------------------------------------------------------------------
+
+
+def response_alignment(aligner, student, row: dict, where: str) -> tuple[list[int], list[int], int]:
+    """One row tokenized as Axolotl tokenizes it (prompt with BOS, response, EOS) and aligned: (the teacher's ids,
+    the teacher positions paired with the row's response positions, the number of response positions). Response
+    positions are those predicting a response token or the EOS."""
+    prompt = student(row["prompt"])["input_ids"]
+    ids = prompt + student(row["response"], add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+    segment = aligner.segment(ids, where)
+    first, last = len(prompt) - 1, len(ids) - 2
+    paired = [j for i, j in zip(segment.student_positions, segment.teacher_positions) if first <= i <= last]
+    return segment.teacher_ids, paired, last - first + 1
+
+
+def response_coverage(aligner, student, rows: list[dict]) -> float:
+    """Share of the rows' response positions that the alignment gives a teacher distribution."""
+    counts = [response_alignment(aligner, student, row, f"row {n}")[1:] for n, row in enumerate(rows)]
+    return sum(len(paired) for paired, _ in counts) / max(sum(total for _, total in counts), 1)
+
+
+def unmapped_mass(model, aligner, student, rows: list[dict]) -> float:
+    """The teacher's mean probability, at the rows' aligned response positions, on its tokens without a student
+    twin (its multi-character tokens): the mass the record leaves to the tail (docs/cross_tokenizer.md)."""
+    import torch
+
+    unmapped = aligner.vocab.student_ids < 0
+    masses = []
+    with torch.no_grad():
+        for n, row in enumerate(rows):
+            teacher_ids, paired, _ = response_alignment(aligner, student, row, f"row {n}")
+            logits = model(input_ids=torch.tensor([teacher_ids])).logits[0, paired, : unmapped.numel()]
+            masses += logits.softmax(-1)[:, unmapped].sum(-1).tolist()
+    return statistics.fmean(masses)
+
+
+def prepare_other_teacher(task: Task, assets: dict[str, Path], work: Path, args: argparse.Namespace) -> dict:
+    """Train (once, cached in `work`) the teacher of another tokenizer for `task`: the study's teacher size, steps and
+    training rows, over a byte-level BPE trained on the training text; returns its folder and how it tokenizes."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from axolotl_xkd.cross_tokenizer import Aligner
+    from axolotl_xkd.tiny import build_bpe_tokenizer, build_model, train_teacher
+
+    folder = work / task.name / OTHER_TEACHER
+    stamp = work / task.name / f"{OTHER_TEACHER}.json"
+    settings = {**study.task_settings(task.name, args), "style": BPE_STYLE, "vocab_size": BPE_VOCAB}
+    if stamp.is_file() and (info := json.loads(stamp.read_text())).get("settings") == settings:
+        return {**info, "path": folder}
+    rows = [json.loads(line) for line in (assets["data"] / "train.jsonl").read_text().splitlines()]
+    tokenizer = build_bpe_tokenizer([r["prompt"] + r["response"] for r in rows], style=BPE_STYLE,
+                                    vocab_size=BPE_VOCAB)
+    torch.manual_seed(0)
+    teacher = build_model(tokenizer, hidden=settings["teacher_hidden"], layers=2, seed=0)
+    started = time.perf_counter()
+    loss = train_teacher(teacher, tokenizer, rows, steps=settings["teacher_steps"], seed=0)
+    seconds = time.perf_counter() - started
+    teacher.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    evaluation = [json.loads(line) for line in (assets["data"] / "eval.jsonl").read_text().splitlines()]
+    student = AutoTokenizer.from_pretrained(assets["student"])
+    sample = rows[:500]
+    aligner = Aligner(student, tokenizer, OTHER_TEACHER)
+    info = {
+        "settings": settings, "teacher_loss": loss, "teacher_seconds": round(seconds, 1),
+        "teacher_metric": study.evaluate(folder, task, evaluation, samples=0)["metric"],
+        "parameters": sum(p.numel() for p in teacher.parameters()),
+        "student_vocab": len(student), "teacher_vocab": len(tokenizer),
+        "exact": aligner.vocab.exact,
+        "student_tokens": statistics.fmean(len(student(r["response"], add_special_tokens=False)["input_ids"])
+                                           for r in sample),
+        "teacher_tokens": statistics.fmean(len(tokenizer(r["response"], add_special_tokens=False)["input_ids"])
+                                           for r in sample),
+        "coverage": response_coverage(aligner, student, sample),
+        "unmapped_mass": unmapped_mass(teacher, aligner, student, sample[:200]),
+    }
+    stamp.write_text(json.dumps(info))
+    print(f"{task.name}: teacher of another tokenizer ({len(tokenizer)} tokens) trained in {seconds:.0f} s, "
+          f"held-out {task.metric_name} {info['teacher_metric']:.1f}; coverage {info['coverage']:.1%}, unmapped mass "
+          f"{info['unmapped_mass']:.1%}", flush=True)
+    return {**info, "path": folder}
+
+
+# ---- GOLD ---------------------------------------------------------------------------------------------------
+
+
+def run_gold(task: str, seed: int, teacher: Path, args: argparse.Namespace) -> dict:
+    """gold.train_gold in its own process (accelerate's state is per process); returns its CSV row."""
+    command = [sys.executable, "-m", "benchmarks.quality.gold", task, str(seed), "--teacher", str(teacher),
+               "--steps", str(args.steps), "--samples", str(args.samples), "--threads", str(args.threads),
+               "--work", str(args.work)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=study.REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+
+
+def stats(runs: list[dict], task: str, arm: str, key: str) -> tuple[float, float, int] | None:
+    """(mean, std, n) of `key` over the seeds of `arm` on `task`; None without runs."""
+    values = [float(r[key]) for r in runs if r["task"] == task and r["method"] == arm and r[key] != ""]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def seed_counts(runs: list[dict], task: str) -> str:
+    """How many seeds each arm has on `task`: one number when all arms have the same, else the range."""
+    counts = {}
+    for r in runs:
+        if r["task"] == task:
+            counts[r["method"]] = counts.get(r["method"], 0) + 1
+    low, high = min(counts.values(), default=0), max(counts.values(), default=0)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def cell(value: tuple[float, float, int] | None) -> str:
+    return "" if value is None else f"{value[0]:.1f} ± {value[1]:.1f} (n={value[2]})"
+
+
+def ratio(runs: list[dict], task: str, arm: str, other: str, key: str) -> str:
+    """`arm`'s mean of `key` over `other`'s on `task`, two decimals; empty without runs of both, '-' over a 0 mean."""
+    ours, theirs = stats(runs, task, arm, key), stats(runs, task, other, key)
+    if not ours or not theirs:
+        return ""
+    return f"{ours[0] / theirs[0]:.2f}" if theirs[0] else "-"
+
+
+def choose(runs: list[dict], tasks: list[str], candidates: list[str]) -> tuple[str | None, dict[str, float]]:
+    """The candidate arm with the highest dev mean over `tasks` (each task's mean over seeds, then the mean over the
+    tasks); only candidates with runs on every task compete. Returns (chosen or None, candidate -> that mean)."""
+    means = {}
+    for arm in candidates:
+        per_task = [stats(runs, t, arm, "dev_metric") for t in tasks]
+        if all(per_task):
+            means[arm] = statistics.fmean(s[0] for s in per_task)
+    return (max(means, key=means.get) if means else None), means
+
+
+def verdicts(runs: list[dict], tasks: list[str], chosen: str) -> list[str]:
+    """The three targets for the chosen arm, per task, with the numbers: dev >= DEV_RATIO x same-tokenizer GKD's dev;
+    test mean >= SFT's test mean; not behind GOLD on test (behind: its mean + std below GOLD's mean - std)."""
+    lines = []
+    checks = {"dev": [], "sft": [], "gold": []}
+    for t in tasks:
+        ours_dev, ours = stats(runs, t, chosen, "dev_metric"), stats(runs, t, chosen, "metric")
+        ref, sft, trl = stats(runs, t, REFERENCE, "dev_metric"), stats(runs, t, SFT, "metric"), \
+            stats(runs, t, gold.ARM, "metric")
+        if ours_dev and ref:
+            ratio = ours_dev[0] / ref[0] if ref[0] else (1.0 if ours_dev[0] == 0 else float("inf"))
+            checks["dev"].append((t, ratio >= DEV_RATIO, f"{t} {ours_dev[0]:.1f} / {ref[0]:.1f} = {ratio:.2f}"))
+        if ours and sft:
+            checks["sft"].append((t, ours[0] >= sft[0], f"{t} {ours[0]:.1f} vs {sft[0]:.1f}"))
+        if ours and trl:
+            place = ("ahead" if ours[0] - ours[1] > trl[0] + trl[1] else
+                     "behind" if ours[0] + ours[1] < trl[0] - trl[1] else
+                     "level, both 0" if ours[0] == trl[0] == 0 else "level")
+            checks["gold"].append((t, place != "behind", f"{t} {ours[0]:.1f} ± {ours[1]:.1f} vs {trl[0]:.1f} ± "
+                                                         f"{trl[1]:.1f} ({place})"))
+    names = {"dev": f"dev mean >= {DEV_RATIO}x same-tokenizer GKD's ({REFERENCE})",
+             "sft": "test mean >= SFT's, every task", "gold": f"level with GOLD ({gold.ARM}) on test or ahead"}
+    for key, found in checks.items():
+        if not found:
+            lines.append(f"- {names[key]}: no runs yet.")
+            continue
+        missed = [t for t, ok, _ in found if not ok]
+        verdict = ("met" if not missed else "missed on " + ", ".join(missed)) + (
+            "" if len(found) == len(tasks) else f" ({len(found)} of {len(tasks)} tasks have runs)")
+        lines.append(f"- {names[key]}: **{verdict}**. " + "; ".join(text for _, _, text in found) + ".")
+    return lines
+
+
+def same_student(runs: list[dict], task: str) -> str:
+    """Whether cross_default trained cross_fkl's student: every common seed's test and dev metric and final
+    xkd/distill equal ('yes' / 'no', with the seeds compared)."""
+    by_arm = {arm: {r["seed"]: r for r in runs if r["task"] == task and r["method"] == arm}
+              for arm in ("cross_fkl", DEFAULT_ARM)}
+    seeds = sorted(set(by_arm["cross_fkl"]) & set(by_arm[DEFAULT_ARM]))
+    if not seeds:
+        return "no common seeds yet"
+    same = all(by_arm["cross_fkl"][s][k] == by_arm[DEFAULT_ARM][s][k] for s in seeds
+               for k in ("metric", "dev_metric", "distill"))
+    return f"{'yes' if same else 'no'} ({len(seeds)} seeds)"
+
+
+def report(runs: list[dict], tasks: list[str], teachers: dict[str, dict], candidates: list[str], command: str) -> str:
+    """table.md: the setup, mean ± std per arm and task on dev and test, the chosen divergence, the targets and the
+    train seconds."""
+    names = list(dict.fromkeys([SFT, REFERENCE, *candidates, DEFAULT_ARM, gold.ARM, *(r["method"] for r in runs)]))
+    names = [a for a in names if any(r["method"] == a and r["task"] in tasks for r in runs)]
+    chosen, dev_means = choose(runs, tasks, candidates)
+    lines = ["# Cross-tokenizer distillation: quality (generated tasks, CPU)", "",
+             f"`{command}`. Mean ± std over seeds (n = seeds), greedy decoding, {len(runs)} runs; seeds finished per "
+             "task: " + "; ".join(f"{t} {seed_counts(runs, t)}" for t in tasks) + ".", "",
+             "Teachers (hidden 128, 2 layers, the same steps and training rows; held-out test metric) and how the "
+             f"other tokenizer cuts a response: a {BPE_STYLE} BPE trained on the task's training text, 256 bytes, 4 "
+             f"specials and up to {BPE_VOCAB - 260} merges (fewer where the text has fewer pairs to merge). Aligned: "
+             "response positions whose prefix ends where a teacher token ends (the rest get no teacher "
+             "distribution); the last column is the teacher's probability there on its tokens without a student "
+             "twin (multi-character tokens), which the top-k record leaves to the tail.", "",
+             "| task | same-tokenizer teacher | other-tokenizer teacher | vocab student / teacher (mapped) | "
+             "response tokens student / teacher | response positions aligned | teacher mass there without a student "
+             "twin |",
+             "|---|---|---|---|---|---|---|"]
+    for t in tasks:
+        info = teachers[t]
+        lines.append(f"| {t} ({TASKS[t].metric_name}) | {info['same_metric']:.1f} | {info['teacher_metric']:.1f} | "
+                     f"{info['student_vocab']} / {info['teacher_vocab']} ({info['exact']}) | "
+                     f"{info['student_tokens']:.1f} / {info['teacher_tokens']:.1f} | {info['coverage']:.1%} | "
+                     f"{info['unmapped_mass']:.1%} |")
+    lines += ["", f"{gold.ARM}: TRL {version('trl')} GOLDTrainer (benchmarks/quality/gold.py): " + ", ".join(
+        f"{k}={v}" for k, v in gold.GOLD_SETTINGS.items()) + ", the rest of GOLDConfig at its defaults; the same "
+        "student, teacher of another tokenizer, rows, 150 steps of 32, lr 3e-3 (constant), scoring. GOLD's own data "
+        "preparation refuses the character student (encode_with_byte_offsets: 'Cross-tokenizer ULD currently "
+        "supports only ByteLevel BPE tokenizers'), so the rows are prepared as it prepares them (gold.gold_rows) "
+        "and passed with skip_prepare_dataset."]
+    for split, key in (("dev", "dev_metric"), ("test", "metric")):
+        lines += ["", f"## {split} prompts", "", "| arm | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(cell(stats(runs, t, a, key)) for t in tasks) + " |" for a in names]
+    lines += ["", "## Choice (dev) and targets", "",
+              "Cross-tokenizer divergence chosen by the dev mean over the tasks (ties: the first listed): "
+              + (", ".join(f"{a} {m:.1f}" for a, m in dev_means.items()) or "no arm has dev runs on every task yet")
+              + "."]
+    if chosen:
+        lines += [f"Chosen: **{chosen}**; its test numbers are the ones reported.", "", *verdicts(runs, tasks, chosen)]
+        lines += ["", f"Ratios of {chosen}'s mean to the other arms' means:", "",
+                  f"| task | dev / {REFERENCE} | test / {REFERENCE} | test / {SFT} | test / {gold.ARM} |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {t} | " + " | ".join(ratio(runs, t, chosen, arm, key) for arm, key in (
+            (REFERENCE, "dev_metric"), (REFERENCE, "metric"), (SFT, "metric"), (gold.ARM, "metric"))) + " |"
+                  for t in tasks]
+    lines += ["", f"{DEFAULT_ARM} trains cross_fkl's student (equal test and dev metric and xkd/distill per seed): " +
+              "; ".join(f"{t} {same_student(runs, t)}" for t in tasks) + ".", "",
+              "## Train seconds per run (mean)", "",
+              "`axolotl train` wall time for the plugin's arms (start-up, data preparation, 150 steps, saving); for "
+              f"{gold.ARM} the process's time from its start to the end of training (start-up, 150 steps).", "",
+              "| arm | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for a in names:
+        lines.append(f"| {a} | " + " | ".join("" if (s := stats(runs, t, a, "train_seconds")) is None else
+                                              f"{s[0]:.0f}" for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- driver -------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = study.follow_up_parser(__doc__.splitlines()[0])
+    parser.set_defaults(tasks=DEFAULT_TASKS, samples=0, out=study.REPO / "benchmarks" / "results" / "quality" /
+                        "cross_tokenizer")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--divergences", nargs="+", default=DEFAULT_DIVERGENCES, choices=list(DIVERGENCES),
+                        help="the cross_<d> arms (default: %(default)s)")
+    parser.add_argument("--no-gold", action="store_true", help="leave out the TRL GOLD arm")
+    args = study.follow_up_args(parser)
+    csv_path = args.out / "runs.csv"
+    assets = {t: study.prepare_task(TASKS[t], args.work, args) for t in args.tasks}
+    teachers = {t: prepare_other_teacher(TASKS[t], assets[t], args.work, args) for t in args.tasks}
+    for t in args.tasks:
+        teachers[t]["same_metric"] = json.loads((args.work / t / "assets.json").read_text())["teacher_metric"]
+    done = {(r["task"], r["method"], int(r["seed"])) for r in study.read_runs(csv_path)}
+    jobs = []
+    for seed in range(args.seeds):  # seed-major: an interrupted study has every arm at its first seeds
+        for t in args.tasks:
+            table = arms(teachers[t]["path"], args.divergences)
+            jobs += [partial(study.train_one, TASKS[t], assets[t], args.work, arm, seed, 1.0, args, xkd=xkd,
+                             dev_too=True) for arm, xkd in table.items() if (t, arm, seed) not in done]
+            if not args.no_gold and (t, gold.ARM, seed) not in done:
+                jobs.append(partial(run_gold, t, seed, teachers[t]["path"], args))
+    study.run_all(jobs, csv_path, args.jobs, "cross-tokenizer study", fields=FIELDS)
+    command = ("python -m benchmarks.quality.cross_tokenizer " + " ".join(sys.argv[1:])).strip()
+    text = report(study.read_runs(csv_path), args.tasks, teachers, [f"cross_{d}" for d in args.divergences], command)
+    (args.out / "table.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""benchmarks/quality/cross_tokenizer.py and gold.py: the GOLD rows are what GOLD's own preparation would write for
+the character student, the coverage count, the arms, and the dev choice and target verdicts of the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from axolotl_xkd.tiny import build_bpe_tokenizer, build_tokenizer
+from benchmarks.quality import cross_tokenizer as ct
+from benchmarks.quality.gold import gold_rows
+
+ROWS = [{"prompt": "ba ke:", "response": "lum dok"}, {"prompt": "mi tu so:", "response": "gen pif zar"}]
+
+
+def test_gold_rows_for_the_character_student():
+    """Completion-relative byte spans of every completion token, the EOS spanning the EOS string GOLD appends to the
+    completion text; (0, 0) on the prompt, which starts with the BOS. (The same ids and offsets as TRL's own
+    encode_with_byte_offsets gives with its ByteLevel check lifted; importing TRL here would cost CI ~15 s.)"""
+    student = build_tokenizer()
+    first, second = gold_rows(student, ROWS, max_length=48)
+    prompt = student("ba ke:")["input_ids"]
+    assert prompt[0] == student.bos_token_id and len(prompt) == 7
+    assert first["input_ids"] == prompt + student("lum dok", add_special_tokens=False)["input_ids"] + [
+        student.eos_token_id]
+    assert first["byte_offsets"] == [(0, 0)] * 7 + [(k, k + 1) for k in range(7)] + [(7, 11)]
+    assert first["completion_mask"] == [0] * 7 + [1] * 8 and first["attention_mask"] == [1] * 15
+    assert (first["original_prompt_text"], first["original_completion_text"]) == ("ba ke:", "lum dok</s>")
+    assert second["byte_offsets"][-1] == (11, 15)
+    assert gold_rows(student, ROWS, max_length=16) == [first]  # 15 tokens kept, 22 dropped
+
+
+def test_response_coverage():
+    from axolotl_xkd.cross_tokenizer import Aligner
+
+    student = build_tokenizer()
+    assert ct.response_coverage(Aligner(student, build_tokenizer(), "same"), student, ROWS) == 1.0
+    texts = [r["prompt"] + r["response"] for r in ROWS] * 20
+    words = build_bpe_tokenizer(texts, style="byte_level", vocab_size=ct.BPE_VOCAB)
+    # Whole words on the teacher's side: only the positions at word ends (and the EOS) are aligned.
+    coverage = ct.response_coverage(Aligner(student, words, "bpe"), student, ROWS)
+    assert 0.2 < coverage < 0.6
+
+
+def test_arms():
+    table = ct.arms(Path("/t"), ["fkl", "jsd"])
+    assert list(table) == ["sft", "gkd_same_fkl", "cross_fkl", "cross_jsd", "cross_default"]
+    cross = {"source": "model", "path": "/t", "cross_tokenizer": True}
+    assert table["cross_jsd"] == {"divergence": "jsd", "reward_kl_weight": 0.0, "td_weight": 0.0, "teacher": cross}
+    assert table["cross_default"] == {"teacher": cross}  # every other key at the plugin's defaults
+    assert "teacher" not in table["gkd_same_fkl"]  # study.train_one gives it the study's teacher
+
+
+def run(task: str, arm: str, seed: int, test: float, dev: float) -> dict:
+    return {"task": task, "method": arm, "seed": str(seed), "metric": str(test), "dev_metric": str(dev),
+            "train_seconds": "1", "distill": "0.1"}
+
+
+def test_choice_by_dev_mean_and_verdicts():
+    runs = [run(t, arm, s, test, dev) for t in ("a", "b") for s in (0, 1) for arm, test, dev in (
+        ("sft", 50, 50), ("gkd_same_fkl", 80, 80), ("cross_fkl", 70, 78), ("cross_rkl", 90, 60),
+        ("trl_gold_off", 72 + s, 70))]
+    chosen, means = ct.choose(runs, ["a", "b"], ["cross_fkl", "cross_rkl", "cross_jsd"])
+    assert chosen == "cross_fkl" and means == {"cross_fkl": 78.0, "cross_rkl": 60.0}  # on dev, not test
+    lines = ct.verdicts(runs, ["a", "b"], chosen)
+    assert lines[0].startswith("- dev mean >= 0.95x") and "**met**" in lines[0] and "78.0 / 80.0 = 0.97" in lines[0]
+    assert "**met**" in lines[1]  # 70 >= 50
+    assert "**missed on a, b**" in lines[2] and "(behind)" in lines[2]  # 70 ± 0 below 72.5 - 0.7
