@@ -170,7 +170,6 @@ class _ChunkedXKDFunction(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_mu, grad_log_sigma)
         ctx.input_dtypes = (hidden.dtype, bias.dtype if bias is not None else None)
         loss, div_sum, ce_sum, td_sum = (sums[i].clone() for i in range(4))
-        pulls = pulls.to(acc)
         ctx.mark_non_differentiable(div_sum, ce_sum, td_sum, pulls)
         return loss, div_sum, ce_sum, td_sum, pulls
 
