@@ -92,14 +92,12 @@ def build_assets(out: Path, shape: Shape, rows: int, seed: int = 0) -> dict[str,
         model = LlamaForCausalLM(config)
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
-    # The teacher of another tokenizer (gkd_cross): the same words under shuffled ids, and the teacher's embedding
-    # and output rows moved with them, so it is the same function of the text and every position aligns.
+    # The teacher of another tokenizer (gkd_cross): the same words under shuffled ids, and the teacher's (the loop's
+    # last model) embedding and output rows moved with them, so it is the same function of the text and every
+    # position aligns.
     order = random.Random(seed).sample(range(len(words)), len(words))
     cross = word_tokenizer([words[i] for i in order])
-    new_id = {len(SPECIALS) + i: len(SPECIALS) + rank for rank, i in enumerate(order)}
-    permutation = [new_id.get(i, i) for i in range(shape.vocab)]  # old id -> new id
-    inverse = torch.empty(shape.vocab, dtype=torch.long)
-    inverse[torch.tensor(permutation)] = torch.arange(shape.vocab)  # new id -> old id
+    inverse = torch.tensor([*range(len(SPECIALS)), *(len(SPECIALS) + i for i in order)])  # new id -> old id
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight[inverse])
         model.lm_head.weight.copy_(model.lm_head.weight[inverse])
