@@ -12,6 +12,14 @@ import pytest
 
 from tests import support  # noqa: F401  (sets the offline environment variables first)
 
+# Axolotl configures logging when `axolotl.cli` is first imported: colorama wraps sys.stdout and sys.stderr, then
+# logging's dictConfig closes every handler that exists. absl's handler (absl comes with rouge-score, which the
+# quality tasks import) closes its stream on close unless that stream is the current sys.stderr, and under pytest's
+# capture its stream is pytest's own capture file: a test importing `axolotl.cli` after one importing absl closed
+# it and every later test on that worker failed. Importing `axolotl.cli` here, before any test module, runs that
+# configuration once, before absl exists.
+import axolotl.cli  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> dict[str, Path]:
