@@ -1,12 +1,14 @@
-"""Distillation across tokenizers: the one home of the vocabulary map and the byte-span alignment that turn a
-teacher's next-token distributions over its own tokens into a top-k signal at the student's positions.
+"""Distillation across tokenizers: the one home of the vocabulary map, the byte-span alignment and the prefix
+projection that turn a teacher's next-token distributions over its own tokens into a top-k signal at the student's
+positions.
 
 The student's text of a sequence is the concatenation of its tokens' bytes; the teacher re-tokenizes that text.
-A student position i whose prefix u_<=i ends at byte b, where a teacher prefix also ends, gets the teacher's
-distribution at that teacher position, expressed in student ids through the vocabulary map (tokens whose byte
-strings are equal); the teacher's mass on tokens without a student twin stays in the top-k tail. Every other
-position gets an empty record (the tail holds everything): no divergence there, counted as not covered.
-docs/cross_tokenizer.md has the math and the rules for special tokens, BOS and leading spaces.
+Student position i, whose prefix u_<=i ends at byte b, reads the teacher's distribution at the last teacher position
+j whose prefix ends at or before b. The teacher's next token t_{j+1} then starts with the bytes r between the two
+ends (empty where both prefixes end at b). Every teacher token t that starts with r gives its probability to the
+student token that the rest of its bytes start with (the longest such student token, or its exact twin where r is
+empty), normalised over the tokens that start with r. docs/cross_tokenizer.md has the math and the rules for
+special tokens, BOS and leading spaces.
 
 Imports torch and the loss's signal type; reads tokenizers through their own (fast) backend. Knows nothing of the
 trainer, Axolotl or the config schema.
@@ -18,6 +20,7 @@ import hashlib
 import json
 import math
 import re
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from functools import cache
 
@@ -142,13 +145,6 @@ class VocabMap:
         """How many teacher tokens have a student twin."""
         return int((self.student_ids >= 0).sum())
 
-    def teacher_ids(self) -> Tensor:
-        """student id -> teacher id (-1: none), the inverse map."""
-        inverse = torch.full((self.student_size,), -1, dtype=torch.long)
-        mapped = (self.student_ids >= 0).nonzero().squeeze(-1)
-        inverse[self.student_ids[mapped]] = mapped
-        return inverse
-
     def digest(self) -> str:
         """sha256 of the map: a store built for another pair of tokenizers has another digest."""
         payload = json.dumps({"student_size": self.student_size, "map": self.student_ids.tolist()})
@@ -157,11 +153,26 @@ class VocabMap:
 
 @dataclass(frozen=True)
 class AlignedSegment:
-    """One student sequence re-tokenized by the teacher: the teacher's ids and the aligned position pairs."""
+    """One student sequence re-tokenized by the teacher, and the student positions that read a teacher position.
+
+    For each such student position i (`student_positions`): the teacher position j it reads (`teacher_positions`),
+    the bytes r that the teacher's next token must start with (`partials`, empty where both prefixes end at the same
+    byte) and the column of the projection table that holds the student token each continuation starts with
+    (`columns`: |r|, one less where the student's next token carries its tokenizer's dummy-prefix space), and how
+    many bytes of the text the student has written past the teacher's prefix (`written`, 0 where both end together).
+    """
 
     teacher_ids: list[int]
     student_positions: list[int]
     teacher_positions: list[int]
+    partials: list[bytes]
+    columns: list[int]
+    written: list[int]
+
+    @property
+    def aligned(self) -> list[int]:
+        """The student positions whose prefix ends where a teacher prefix ends."""
+        return [i for i, n in zip(self.student_positions, self.written) if not n]
 
 
 def _prefix_ends(pieces: list[bytes]) -> list[int]:
@@ -173,25 +184,29 @@ def _prefix_ends(pieces: list[bytes]) -> list[int]:
     return ends
 
 
-def _strip_dummy_prefix(pieces: list[bytes]) -> list[bytes]:
-    """Drop the leading space a sentencepiece-style tokenizer adds to a text (its decoder strips it too)."""
+def _strip_dummy_prefix(pieces: list[bytes]) -> tuple[list[bytes], int]:
+    """Drop the leading space a sentencepiece-style tokenizer adds to a text (its decoder strips it too); returns the
+    pieces and the index of the token that lost it (-1: none)."""
     first = next((k for k, p in enumerate(pieces) if p), None)
     if first is None or not pieces[first].startswith(b" "):
-        return pieces
-    return [*pieces[:first], pieces[first][1:], *pieces[first + 1:]]
+        return pieces, -1
+    return [*pieces[:first], pieces[first][1:], *pieces[first + 1:]], first
 
 
-def _drop_dummy_spaces(pieces: list[bytes], ids: list[int], added: set[int], data: bytes) -> list[bytes]:
+def _drop_dummy_spaces(pieces: list[bytes], ids: list[int], added: set[int],
+                       data: bytes) -> tuple[list[bytes], list[bool]]:
     """The teacher's side of the dummy prefix: a sentencepiece-style tokenizer puts a space before the text and
-    (prepend_scheme 'always') again after each added token; drop it there, where the student's text has none."""
-    out, at, fresh = [], 0, True
+    (prepend_scheme 'always') again after each added token; drop it there, where the student's text has none.
+    Returns the pieces and, per token, whether its space was dropped."""
+    out, dropped, at, fresh = [], [], 0, True
     for piece, token in zip(pieces, ids):
-        if fresh and piece.startswith(b" ") and not data.startswith(b" ", at):
-            piece = piece[1:]
+        drop = fresh and piece.startswith(b" ") and not data.startswith(b" ", at)
+        piece = piece[1:] if drop else piece
         fresh = token in added if piece else fresh
         out.append(piece)
+        dropped.append(drop)
         at += len(piece)
-    return out
+    return out, dropped
 
 
 def _utf8_text(data: bytes, where: str) -> bytes:
@@ -208,6 +223,59 @@ def _utf8_text(data: bytes, where: str) -> bytes:
         ) from error
 
 
+class Projection:
+    """The teacher's vocabulary read for the prefix projection: its tokens sorted by their bytes (the tokens that start
+    with r are one run of that order) and, for each teacher token t and byte offset o < |beta(t)|, the student token
+    that beta(t)[o:] starts with: the longest student token that is a prefix of it (among student tokens of the same
+    bytes, one that is not a byte-fallback token `<0xHH>`, then the lowest id). Column 0 is the vocabulary map where t
+    has a twin (special tokens by role)."""
+
+    def __init__(self, student_pieces: list[bytes | None], teacher_pieces: list[bytes | None], vocab: VocabMap,
+                 fallback: set[int]) -> None:
+        self.student_size = vocab.student_size
+        teacher = [piece or b"" for piece in teacher_pieces]
+        trie: dict = {}
+        for sid in sorted((sid for sid, piece in enumerate(student_pieces) if piece), key=lambda s: (s in fallback, s)):
+            node = trie
+            for byte in student_pieces[sid]:
+                node = node.setdefault(byte, {})
+            node.setdefault(-1, sid)
+        twins = vocab.student_ids.tolist()
+        widths = [max(len(piece), 1) for piece in teacher]
+        table: list[int] = []
+        for tid, piece in enumerate(teacher):
+            table.append(twins[tid] if twins[tid] >= 0 else _longest(trie, piece, 0))
+            table.extend(_longest(trie, piece, o) for o in range(1, len(piece)))
+        order = sorted(range(len(teacher)), key=teacher.__getitem__)
+        self.sorted_pieces = [teacher[t] for t in order]
+        rank = [0] * len(teacher)
+        for position, tid in enumerate(order):
+            rank[tid] = position
+        self.rank = torch.tensor(rank, dtype=torch.long)
+        self.widths = torch.tensor(widths, dtype=torch.long)
+        self.starts = torch.cumsum(self.widths, 0) - self.widths
+        self.table = torch.tensor(table, dtype=torch.long)
+
+    def run(self, partial: bytes) -> tuple[int, int]:
+        """The ranks [lo, hi) of the teacher tokens whose bytes start with `partial`."""
+        lo = bisect_left(self.sorted_pieces, partial)
+        stop = partial.rstrip(b"\xff")
+        if not stop:
+            return lo, len(self.sorted_pieces)
+        return lo, bisect_left(self.sorted_pieces, stop[:-1] + bytes([stop[-1] + 1]), lo)
+
+
+def _longest(trie: dict, piece: bytes, offset: int) -> int:
+    """The student id of the longest student token that piece[offset:] starts with (-1: none)."""
+    found, node = -1, trie
+    for byte in piece[offset:]:
+        node = node.get(byte)
+        if node is None:
+            break
+        found = node.get(-1, found)
+    return found
+
+
 class Aligner:
     """The student and teacher tokenizers, read once: the token bytes, the vocabulary map, each side's BOS and
     dummy-prefix conventions; `segment` aligns one student sequence with its re-tokenization by the teacher."""
@@ -218,6 +286,9 @@ class Aligner:
         self.teacher_pieces = token_pieces(teacher, f"{where} (the teacher's tokenizer)")
         self.vocab = VocabMap.build(self.student_pieces, self.teacher_pieces,
                                     special_tokens(student), special_tokens(teacher))
+        fallback = {i for i, token in enumerate(student.convert_ids_to_tokens(list(range(len(student)))))
+                    if token is not None and _BYTE_FALLBACK.fullmatch(token)}
+        self.projection = Projection(self.student_pieces, self.teacher_pieces, self.vocab, fallback)
         self.student_dummy = self._adds_dummy_prefix(student, self.student_pieces)
         self.teacher_dummy = self._adds_dummy_prefix(teacher, self.teacher_pieces)
         self.teacher_leading = self._leading_specials(teacher)
@@ -244,17 +315,18 @@ class Aligner:
         return next(full[:k] for k in range(len(full) + 1) if full[k: k + len(plain)] == plain)
 
     def segment(self, student_ids: list[int], where: str) -> AlignedSegment:
-        """Re-tokenize one student sequence with the teacher and pair the positions whose prefixes end at the same
-        byte: position i (predicting u_{i+1}) with the last teacher position j whose prefix t_<=j covers the same
-        bytes. Raises, naming `where`, when the teacher's tokens do not spell the student's text."""
+        """Re-tokenize one student sequence with the teacher and give each student position i (predicting u_{i+1})
+        the last teacher position j whose prefix t_<=j ends at or before the byte where u_<=i ends, with the bytes r
+        between the two ends. Raises, naming `where`, when the teacher's tokens do not spell the student's text."""
         pieces = _joined(self.student_pieces, student_ids)
-        pieces = _strip_dummy_prefix(pieces) if self.student_dummy else pieces
+        pieces, student_space = _strip_dummy_prefix(pieces) if self.student_dummy else (pieces, -1)
         data = _utf8_text(b"".join(pieces), where)
         text = data.decode("utf-8")
         teacher_ids = self.teacher_leading + self.teacher(text, add_special_tokens=False)["input_ids"]
         teacher_pieces = _joined(self.teacher_pieces, teacher_ids)
+        teacher_space = [False] * len(teacher_ids)
         if self.teacher_dummy:
-            teacher_pieces = _drop_dummy_spaces(teacher_pieces, teacher_ids, self.teacher_added, data)
+            teacher_pieces, teacher_space = _drop_dummy_spaces(teacher_pieces, teacher_ids, self.teacher_added, data)
         spelled = b"".join(teacher_pieces)
         if spelled != data:
             at = next((k for k, (a, b) in enumerate(zip(spelled, data)) if a != b), min(len(spelled), len(data)))
@@ -264,51 +336,70 @@ class Aligner:
                 f"{spelled[max(0, at - 20): at + 20]!r} (a normalizer or unknown characters). Clean the row's text "
                 "or use a teacher whose tokenizer keeps it as it is."
             )
-        last = {end: j for j, end in enumerate(_prefix_ends(teacher_pieces))}
-        pairs = [(i, last[end]) for i, end in enumerate(_prefix_ends(pieces)) if end in last and end <= len(data)]
-        return AlignedSegment(teacher_ids, [i for i, _ in pairs], [j for _, j in pairs])
+        teacher_ends = _prefix_ends(teacher_pieces)
+        found = []
+        for i, end in enumerate(_prefix_ends(pieces)):
+            j = bisect_right(teacher_ends, end) - 1
+            if j < 0 or end > len(data):
+                continue
+            space = j + 1 < len(teacher_ids) and teacher_space[j + 1]
+            partial = b" " * space + data[teacher_ends[j]: end]
+            column = len(partial) - (i + 1 == student_space)
+            if column >= 0:  # else only the student writes a dummy space here: no teacher token spells it
+                found.append((i, j, partial if column else b"", column, end - teacher_ends[j]))  # column 0: both
+        fields = list(zip(*found)) or [()] * 5
+        return AlignedSegment(teacher_ids, *(list(field) for field in fields))
 
 
-def express(teacher_logprobs: Tensor, actions: Tensor, vocab: VocabMap, inverse: Tensor, *,
-            top_k: int) -> tuple[Tensor, Tensor]:
-    """Teacher log-probs (P, V_T) over its own tokens -> (ids, log-probs), (P, k + 1), over student ids.
+def project(segments: list[AlignedSegment], entry_ids: Tensor, entry_logprobs: Tensor, actions: Tensor,
+            projection: Projection, *, top_k: int, chunk_elements: int = 1 << 22) -> tuple[Tensor, Tensor]:
+    """The teacher's entries at the segments' student positions, in order -> (ids, log-probs), (P, k + 1), over
+    student ids, k = min(top_k, |V_S|).
 
-    The k most likely teacher tokens that have a student twin, plus one slot for the student's own next token
-    `actions` (P,) when it has a teacher twin outside those k (so td_target teacher_logprob reads its exact
-    log-prob); unused slots are -inf. Mass on teacher tokens without a twin is left to the tail.
-    """
-    map_ = vocab.student_ids.to(teacher_logprobs.device)
-    twin = inverse.to(actions.device)[actions.clamp(min=0)]
-    own = torch.where((actions >= 0) & (twin >= 0), twin, -1)
-    return _express(map_.expand_as(teacher_logprobs), teacher_logprobs, own, actions, k=min(top_k, vocab.exact))
+    `entry_ids`, `entry_logprobs` (P, K): the teacher tokens and log-probs at each position's teacher position j
+    (all of V_T for a teacher run here, what a server sent otherwise; -inf pads). Each entry whose bytes start with
+    the position's r gives its probability to the student token of the projection table; entries equal to r give
+    theirs to no one (the tail). Where r is not empty the sums are divided by the mass of the entries that start
+    with r. The record is the k most likely student tokens plus one slot for the student's own next token `actions`
+    (P,) when it has mass outside those k (-inf otherwise, and in unused slots)."""
+    k = min(top_k, projection.student_size)
+    runs = [projection.run(r) for segment in segments for r in segment.partials]
+    lows, highs = torch.tensor(runs, dtype=torch.long).reshape(-1, 2).unbind(-1)
+    columns = torch.tensor([c for segment in segments for c in segment.columns], dtype=torch.long)
+    partial = torch.tensor([bool(r) for segment in segments for r in segment.partials], dtype=torch.bool)
+    device = entry_logprobs.device
+    lows, highs, columns, partial = (x.to(device) for x in (lows, highs, columns, partial))
+    rank, widths, starts, table = (x.to(device) for x in
+                                   (projection.rank, projection.widths, projection.starts, projection.table))
+    step = max(1, chunk_elements // max(entry_ids.shape[-1], 1))
+    ids, lps = [], []
+    for a in range(0, entry_ids.shape[0], step):
+        t, lp, c = entry_ids[a: a + step].to(device).long(), entry_logprobs[a: a + step], columns[a: a + step, None]
+        ranks = rank[t]
+        inside = (ranks >= lows[a: a + step, None]) & (ranks < highs[a: a + step, None]) & torch.isfinite(lp)
+        lp = torch.where(inside, lp, -math.inf)
+        sid = torch.where(inside & (c < widths[t]), table[(starts[t] + c).clamp(max=table.numel() - 1)], -1)
+        gives = torch.where(sid >= 0, lp, -math.inf)
+        dense = _scatter_logsumexp(gives, sid.clamp(min=0), projection.student_size)
+        norm = torch.where(partial[a: a + step], torch.logsumexp(lp, -1), 0.0)
+        dense = dense - torch.where(torch.isfinite(norm), norm, 0.0).unsqueeze(-1)
+        top = dense.topk(k, dim=-1)
+        own = actions[a: a + step].to(device)
+        own_lp = dense.gather(-1, own.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        fresh = (own >= 0) & ~(top.indices == own.unsqueeze(-1)).any(-1)
+        ids.append(torch.cat([top.indices, own.clamp(min=0).unsqueeze(-1)], -1))
+        lps.append(torch.cat([top.values, torch.where(fresh, own_lp, -math.inf).unsqueeze(-1)], -1))
+    width = k + 1
+    if not ids:
+        return entry_ids.new_zeros((0, width)), entry_logprobs.new_zeros((0, width))
+    return torch.cat(ids), torch.cat(lps)
 
 
-def express_sparse(teacher_ids: Tensor, teacher_logprobs: Tensor, actions: Tensor, vocab: VocabMap, *,
-                   top_k: int) -> tuple[Tensor, Tensor]:
-    """`express` for a teacher that sent only some of its log-probs: entries (P, K) of teacher ids and log-probs
-    (-inf: padding) -> (ids, log-probs), (P, k + 1), over student ids, k = min(top_k, K, mapped tokens).
-
-    The same rule over what was sent: the k most likely entries with a student twin, plus the student's own next
-    token when its twin is among the entries but outside those k. A token that was not sent is in the tail. On
-    all V_T entries (in any order) it equals `express`.
-    """
-    student = vocab.student_ids.to(teacher_ids.device)[teacher_ids]
-    match = (student == actions.unsqueeze(-1)) & torch.isfinite(teacher_logprobs) & (actions >= 0).unsqueeze(-1)
-    own = torch.where(match.any(-1), match.long().argmax(-1), -1)
-    k = min(top_k, teacher_ids.shape[-1], vocab.exact)
-    return _express(student, teacher_logprobs, own, actions, k=k)
-
-
-def _express(student: Tensor, logprobs: Tensor, own: Tensor, actions: Tensor, *, k: int) -> tuple[Tensor, Tensor]:
-    """The rule `express` and `express_sparse` share. Entries (P, K): `student` their student ids (-1: no twin),
-    `logprobs` the teacher's; `own` (P,) the entry holding the twin of the student's next token `actions` (-1:
-    none). The k most likely mapped entries, then the own slot (-inf unless its entry is outside them)."""
-    top = torch.where(student >= 0, logprobs, -math.inf).topk(k, dim=-1)
-    picked = student.gather(-1, top.indices)
-    ids = picked.clamp(min=0)
-    lps = torch.where(picked >= 0, top.values, -math.inf)
-    seen = ((ids == actions.unsqueeze(-1)) & torch.isfinite(lps)).any(-1)
-    own_lp = logprobs.gather(-1, own.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    own_lp = torch.where((own >= 0) & ~seen, own_lp, -math.inf)
-    return (torch.cat([ids, torch.where(own >= 0, actions, 0).unsqueeze(-1)], -1),
-            torch.cat([lps, own_lp.unsqueeze(-1)], -1))
+def _scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
+    """(n, K) log-values grouped by `index` into (n, size): log sum exp of each group (-inf for none); exact (no
+    exp/log round trip) for a group of one."""
+    peak = values.new_full((values.shape[0], size), -math.inf).scatter_reduce(-1, index, values, "amax")
+    shift = peak.gather(-1, index)
+    safe = torch.where(torch.isfinite(shift), shift, 0.0)
+    total = values.new_zeros((values.shape[0], size)).scatter_add(-1, index, (values - safe).exp())
+    return torch.where(torch.isfinite(peak), peak + total.log(), -math.inf)

@@ -169,12 +169,12 @@ def reference_xkd(logits, labels, *, teacher, mu, log_sigma, hp, position_ids=No
 
 def aligned_teacher_record(student, teacher, teacher_logits, text: str, student_ids: list[int], *,
                            server_top_k: int | None = None) -> list[dict]:
-    """Cross-tokenizer reference (docs/cross_tokenizer.md), one student position at a time, for ASCII `text`:
-    {student id: log p_T} at each position of `student_ids` (the student's tokens of `text`, then its EOS), or {}
-    where no teacher prefix ends at the same character. Written from offsets and token strings (`Ġ` and `▁` read as
-    a space), not from the library's byte pieces. `teacher_logits` (T_T, V_T) are the teacher's on `teacher(text)`.
-    With `server_top_k`, only what a teacher server sends: its top k and the teacher's next token (its EOS after
-    the last).
+    """Cross-tokenizer reference (docs/cross_tokenizer.md, the prefix projection), one student position at a time,
+    for ASCII `text`: {student id: log p~_T} at each position of `student_ids` (the student's tokens of `text`, then
+    its EOS), {} where no teacher position is read. Written from offsets and token strings (`Ġ` and `▁` read as a
+    space), not from the library's byte pieces or tables. `teacher_logits` (T_T, V_T) are the teacher's on
+    `teacher(text)`. With `server_top_k`, only what a teacher server sends: its top k and the teacher's next token
+    (its EOS after the last).
     """
     def spelled(tokenizer, tid: int) -> str | None:
         token = tokenizer.convert_ids_to_tokens(tid)
@@ -197,20 +197,66 @@ def aligned_teacher_record(student, teacher, teacher_logits, text: str, student_
         free = [s for s in by_string.get(spelled(teacher, tid) or "", []) if s not in student_of.values()]
         if tid not in student_of and free:
             student_of[tid] = free[0]
-    s_ends = [end for _, end in student(text, return_offsets_mapping=True)["offset_mapping"]]
-    s_ends = [max(s_ends[: i + 1]) for i in range(len(s_ends))] + [len(text)] * (len(student_ids) - len(s_ends))
+
+    def longest(rest: str) -> int | None:
+        """The student token the continuation starts with: the longest spelled prefix; a byte-fallback token only
+        where no other token spells the same, then the lowest id."""
+        best = None
+        for sid in range(len(student)):
+            piece = spelled(student, sid)
+            if not piece or not rest.startswith(piece):
+                continue
+            key = (len(piece), not student.convert_ids_to_tokens(sid).startswith("<0x"), -sid)
+            if best is None or key > best[0]:
+                best = (key, sid)
+        return None if best is None else best[1]
+
+    def dummy_space(tokenizer, tid: int, start: int, end: int) -> bool:
+        """Whether the token's string carries a space that is not in the text (a sentencepiece dummy prefix)."""
+        piece = spelled(tokenizer, tid)
+        return piece is not None and piece == " " + text[start:end] and (start == 0 or text[start - 1] != " ")
+
+    s_offsets = student(text, return_offsets_mapping=True)["offset_mapping"]
+    s_offsets = s_offsets + [(len(text), len(text))] * (len(student_ids) - len(s_offsets))
+    s_ends = [max(end for _, end in s_offsets[: i + 1]) for i in range(len(s_offsets))]
     encoded = teacher(text, return_offsets_mapping=True)
-    t_ends = [end for _, end in encoded["offset_mapping"]]
+    t_ids, t_offsets = encoded["input_ids"], encoded["offset_mapping"]
+    t_ends = [max(end for _, end in t_offsets[: j + 1]) for j in range(len(t_offsets))]
     records = []
-    for end in s_ends:
-        js = [j for j, e in enumerate(t_ends) if max(t_ends[: j + 1]) == end]
+    for i, end in enumerate(s_ends):
+        js = [j for j, e in enumerate(t_ends) if e <= end]
         if not js:
             records.append({})
             continue
-        lp = torch.log_softmax(teacher_logits[js[-1]].double(), dim=0)
+        j = js[-1]
+        space_t = j + 1 < len(t_ids) and dummy_space(teacher, t_ids[j + 1], *t_offsets[j + 1])
+        space_s = i + 1 < len(student_ids) and i + 1 < len(s_offsets) and dummy_space(
+            student, student_ids[i + 1], *s_offsets[i + 1])
+        r = " " * space_t + text[t_ends[j]: end]
+        if space_s and not r:
+            records.append({})
+            continue
+        if len(r) == space_s:  # both sides write their dummy space here: nothing of the next token is written yet
+            r, space_s = "", 0
+        lp = torch.log_softmax(teacher_logits[j].double(), dim=0)
         sent = range(len(teacher))
         if server_top_k is not None:
-            following = [*encoded["input_ids"], teacher.eos_token_id][js[-1] + 1]
+            following = [*t_ids, teacher.eos_token_id][j + 1]
             sent = {*lp.topk(server_top_k).indices.tolist(), following}
-        records.append({student_of[t]: lp[t] for t in sent if t in student_of})
+        mass: dict[int, float] = {}
+        norm = 0.0
+        for t in sent:
+            piece = spelled(teacher, t)
+            if r and (piece is None or not piece.startswith(r)):
+                continue
+            norm += math.exp(lp[t])
+            if not r and t in student_of:
+                target = student_of[t]
+            else:
+                rest = (piece or "")[len(r) - space_s:]
+                target = longest(rest) if rest else None
+            if target is not None:
+                mass[target] = mass.get(target, 0.0) + math.exp(lp[t])
+        scale = norm if r else 1.0
+        records.append({sid: math.log(m / scale) for sid, m in mass.items() if m > 0})
     return records

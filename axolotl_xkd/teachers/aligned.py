@@ -1,5 +1,5 @@
 """Teachers of another tokenizer (`xkd.teacher.cross_tokenizer: true`): each student sequence is re-tokenized by
-the teacher's tokenizer and the teacher's distributions are aligned to the student's positions (cross_tokenizer.py),
+the teacher's tokenizer and the teacher's distributions are projected onto the student's positions (cross_tokenizer.py),
 in this process (`AlignedTeacherSource`) or by a teacher server (`AlignedServerTeacherSource`, which sends the
 teacher's ids as the prompt). The loss receives a top-k signal in student ids, so the loss paths stay as they are.
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from axolotl_xkd.cross_tokenizer import KEY, AlignedSegment, Aligner, express, express_sparse
+from axolotl_xkd.cross_tokenizer import KEY, AlignedSegment, Aligner, project
 from axolotl_xkd.losses.positions import IGNORE_INDEX, shift_targets
 from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import TopKSignal
@@ -40,7 +40,6 @@ class AlignedTeacherSource(TeacherSource):
         self.aligner = aligner
         self.top_k = top_k
         self.engine = engine  # kept alive under ZeRO-3 (see ModelTeacherSource)
-        self.inverse = aligner.vocab.teacher_ids()
         self.dtype = upcast(next(model.parameters()).new_zeros(())).dtype  # the log-probs' dtype
         self.pad_id = aligner.teacher.pad_token_id if aligner.teacher.pad_token_id is not None else 0
         self.coverage = Coverage()
@@ -57,12 +56,13 @@ class AlignedTeacherSource(TeacherSource):
 
     @property
     def width(self) -> int:
-        """Slots of each position's record: the top k (at most the mapped tokens) and the student's own token."""
-        return min(self.top_k, self.aligner.vocab.exact) + 1
+        """Slots of each position's record: the top k (at most the student's vocabulary) and its own token."""
+        return min(self.top_k, self.aligner.vocab.student_size) + 1
 
     @torch.no_grad()
     def get_signal(self, batch: dict[str, Tensor]) -> TopKSignal:
-        """Teacher top-k (+ the student's own token) at every aligned student position; empty records elsewhere."""
+        """The teacher's top k (+ the student's own token) projected onto every student position that reads a
+        teacher position; empty records elsewhere."""
         ids = batch["input_ids"]
         found = segments(batch)
         rows = ids.tolist()
@@ -76,8 +76,8 @@ class AlignedTeacherSource(TeacherSource):
             seg_of, rows_b, cols, stops, t_pos = torch.tensor(pairs, dtype=torch.long).reshape(-1, 5).unbind(-1)
             actions = torch.where(cols + 1 < stops, ids.cpu()[rows_b, (cols + 1).clamp(max=ids.shape[1] - 1)], -1)
             teacher_lp = self._teacher_logprobs([seg.teacher_ids for seg in aligned], seg_of, t_pos)
-            top_ids, top_lps = express(teacher_lp, actions.to(teacher_lp.device), self.aligner.vocab,
-                                       self.inverse, top_k=self.top_k)
+            every = torch.arange(teacher_lp.shape[-1], device=teacher_lp.device).expand_as(teacher_lp)
+            top_ids, top_lps = project(aligned, every, teacher_lp, actions, self.aligner.projection, top_k=self.top_k)
             token_ids[rows_b, cols] = top_ids.to(ids.device)
             logprobs[rows_b, cols] = top_lps.to(ids.device)
         self.coverage.report(batch, torch.isfinite(logprobs).any(-1))
@@ -100,7 +100,7 @@ class AlignedTeacherSource(TeacherSource):
 
 class AlignedServerTeacherSource(ServerTeacherSource):
     """A teacher server of another tokenizer: each student sequence is re-tokenized here, the teacher's ids are the
-    prompt, and the top-k answer is expressed in student ids at the aligned positions (`express_sparse`)."""
+    prompt, and the top-k answer is projected onto the student's positions (`project` over the entries sent)."""
 
     def __init__(self, client: TeacherServerClient, aligner: Aligner, *, top_k: int) -> None:
         super().__init__(client)
@@ -127,9 +127,9 @@ class AlignedServerTeacherSource(ServerTeacherSource):
 
     @property
     def width(self) -> int:
-        """Slots of each position's record: at most k mapped tokens among the k_server + 1 entries of a position,
-        and the student's own token (express_sparse)."""
-        return min(self.record_k, self.client.settings.top_k + 1, self.aligner.vocab.exact) + 1
+        """Slots of each position's record: the top k student tokens (at most the k_server + 1 entries of a position
+        and the student's vocabulary) and the student's own token."""
+        return min(self.record_k, self.client.settings.top_k + 1, self.aligner.vocab.student_size) + 1
 
     def _prompt(self, sequence: list[int], where: str) -> tuple[list[int], AlignedSegment] | None:
         """The teacher's ids of the sequence's text and one token more (its EOS), whose entry is the teacher's
@@ -145,8 +145,8 @@ class AlignedServerTeacherSource(ServerTeacherSource):
 
     def _signal(self, batch: dict[str, Tensor],
                 answers: list[tuple[Segment, AlignedSegment, tuple[np.ndarray, np.ndarray]]]) -> TopKSignal:
-        """Each aligned student position i gets its teacher position j's entries (the top k and the teacher's next
-        token), expressed in student ids with its next token u_{i+1} as the own token; empty records elsewhere."""
+        """Each student position i that reads teacher position j gets j's entries (the top k and the teacher's next
+        token) projected onto student ids, with its next token u_{i+1} as the own token; empty records elsewhere."""
         ids = batch["input_ids"].cpu()
         shape = (*ids.shape, self.width)
         token_ids = torch.zeros(shape, dtype=torch.long)
@@ -162,8 +162,9 @@ class AlignedServerTeacherSource(ServerTeacherSource):
             sent_lps.append(torch.from_numpy(answer_lps)[t_pos])
         if rows:
             rows_b, cols_b = torch.cat(rows), torch.cat(cols)
-            token_ids[rows_b, cols_b], logprobs[rows_b, cols_b] = express_sparse(
-                torch.cat(sent_ids), torch.cat(sent_lps), torch.cat(actions), self.aligner.vocab, top_k=self.record_k)
+            token_ids[rows_b, cols_b], logprobs[rows_b, cols_b] = project(
+                [segment for _, segment, _ in answers], torch.cat(sent_ids), torch.cat(sent_lps), torch.cat(actions),
+                self.aligner.projection, top_k=self.record_k)
         device = batch["input_ids"].device
         signal = TopKSignal(token_ids=token_ids.to(device), logprobs=logprobs.to(device))
         self.coverage.report(batch, torch.isfinite(signal.logprobs).any(-1))
@@ -188,5 +189,5 @@ class Coverage:
         self.covered += int((responses & covered).sum())
         if self.batches in REPORT_AT:
             LOG.info("X-KD cross-tokenizer coverage after %d batches: %d of %d response positions (%.1f%%) got a "
-                     "teacher distribution; the rest are inside spans the two tokenizers cut differently",
+                     "teacher distribution; the rest had none of the teacher's mass on a student token",
                      self.batches, self.covered, self.responses, 100.0 * self.covered / max(self.responses, 1))

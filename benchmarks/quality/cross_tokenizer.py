@@ -62,25 +62,29 @@ def arms(other_teacher: Path, divergences: list[str]) -> dict[str, dict]:
 
 def response_alignment(aligner, student, row: dict, where: str) -> tuple[list[int], list[int], int]:
     """One row tokenized as Axolotl tokenizes it (prompt with BOS, response, EOS) and aligned: (the teacher's ids,
-    the teacher positions paired with the row's response positions, the number of response positions). Response
-    positions are those predicting a response token or the EOS."""
+    the teacher positions paired with the row's response positions where both tokenizers cut the text, the number of
+    response positions). Response positions are those predicting a response token or the EOS."""
     prompt = student(row["prompt"])["input_ids"]
     ids = prompt + student(row["response"], add_special_tokens=False)["input_ids"] + [student.eos_token_id]
     segment = aligner.segment(ids, where)
     first, last = len(prompt) - 1, len(ids) - 2
-    paired = [j for i, j in zip(segment.student_positions, segment.teacher_positions) if first <= i <= last]
+    both = set(segment.aligned)
+    paired = [j for i, j in zip(segment.student_positions, segment.teacher_positions)
+              if first <= i <= last and i in both]
     return segment.teacher_ids, paired, last - first + 1
 
 
 def response_coverage(aligner, student, rows: list[dict]) -> float:
-    """Share of the rows' response positions that the alignment gives a teacher distribution."""
+    """Share of the rows' response positions where both tokenizers cut the text (the rest read the teacher inside one
+    of its tokens)."""
     counts = [response_alignment(aligner, student, row, f"row {n}")[1:] for n, row in enumerate(rows)]
     return sum(len(paired) for paired, _ in counts) / max(sum(total for _, total in counts), 1)
 
 
 def unmapped_mass(model, aligner, student, rows: list[dict]) -> float:
     """The teacher's mean probability, at the rows' aligned response positions, on its tokens without a student
-    twin (its multi-character tokens): the mass the record leaves to the tail (docs/cross_tokenizer.md)."""
+    twin (its multi-character tokens): the mass an exact vocabulary map would leave to the tail, which the prefix
+    projection gives to the student token each of them starts with (docs/cross_tokenizer.md)."""
     import torch
 
     unmapped = aligner.vocab.student_ids < 0
@@ -258,9 +262,10 @@ def report(runs: list[dict], tasks: list[str], teachers: dict[str, dict], candid
              "Teachers (hidden 128, 2 layers, the same steps and training rows; held-out test metric) and how the "
              f"other tokenizer cuts a response: a {BPE_STYLE} BPE trained on the task's training text, 256 bytes, 4 "
              f"specials and up to {BPE_VOCAB - 260} merges (fewer where the text has fewer pairs to merge). Aligned: "
-             "response positions whose prefix ends where a teacher token ends (the rest get no teacher "
-             "distribution); the last column is the teacher's probability there on its tokens without a student "
-             "twin (multi-character tokens), which the top-k record leaves to the tail.", "",
+             "response positions whose prefix ends where a teacher token ends (the rest read the teacher inside one "
+             "of its tokens); the last column is the teacher's probability there on its tokens without a student "
+             "twin (multi-character tokens), which the prefix projection gives to the student token each starts "
+             "with (an exact vocabulary map would leave it to the tail).", "",
              "| task | same-tokenizer teacher | other-tokenizer teacher | vocab student / teacher (mapped) | "
              "response tokens student / teacher | response positions aligned | teacher mass there without a student "
              "twin |",

@@ -12,8 +12,8 @@ import torch
 from tokenizers import normalizers
 from transformers import ByT5Tokenizer
 
-from axolotl_xkd.cross_tokenizer import KEY, Aligner, VocabMap, express, express_sparse, token_pieces
-from axolotl_xkd.losses.categories import TAIL_FLOOR, teacher_token_logprob
+from axolotl_xkd.cross_tokenizer import KEY, AlignedSegment, Aligner, VocabMap, project, token_pieces
+from axolotl_xkd.losses.categories import teacher_token_logprob
 from axolotl_xkd.tiny import arithmetic_rows, build_bpe_tokenizer, build_tokenizer
 
 WORDS = ["the sum is", "the answer is", "what is the sum", "naïve café", "日本 is here", "hello there"]
@@ -74,8 +74,8 @@ def test_identical_tokenizers_align_every_position_with_itself():
 
 
 def test_multibyte_character_split_differently():
-    """'日' is one sentencepiece token but three byte-level tokens: positions inside the character are not aligned,
-    the positions before and after it are."""
+    """'日' is one sentencepiece token but three byte-level tokens: the positions before and after it are aligned, the
+    positions inside the character read the teacher's distribution before it with the character's bytes so far."""
     student, teacher = byte_level(), sentencepiece()
     text = "a日b"
     ids = student(text)["input_ids"]
@@ -86,8 +86,10 @@ def test_multibyte_character_split_differently():
     ends = [sum(len(p or b"") for p in pieces[: i + 1]) for i in range(len(pieces))]
     start = text.encode().index("日".encode())
     inside = [i for i, e in enumerate(ends) if start < e < start + 3]
-    assert inside and not set(inside) & set(segment.student_positions)
-    assert {ends.index(start), ends.index(start + 3)} <= set(segment.student_positions)
+    assert inside and not set(inside) & set(segment.aligned)
+    assert {ends.index(start), ends.index(start + 3)} <= set(segment.aligned)
+    partial = dict(zip(segment.student_positions, segment.partials))
+    assert [partial[i] for i in inside] == ["日".encode()[: e - start] for e in (ends[i] for i in inside)]
 
 
 def test_bos_on_one_side_only():
@@ -112,7 +114,7 @@ def test_dummy_prefix_is_not_text():
     assert teacher.decode(segment.teacher_ids) == "hello there"
     pieces = pieces_of(student, ids)
     boundary = next(i for i, p in enumerate(pieces) if p and p.startswith(b" ") and i > 1) - 1
-    assert boundary in segment.student_positions
+    assert boundary in segment.aligned
 
 
 def test_added_special_tokens_map_by_content():
@@ -126,7 +128,7 @@ def test_added_special_tokens_map_by_content():
     ids = ids_of(student, "<|im_start|>3+4=7")
     segment = aligner.segment(ids, "row 0")
     assert t_id in segment.teacher_ids
-    assert 0 in segment.student_positions and 1 in segment.student_positions  # predicting the marker, and after it
+    assert 0 in segment.aligned and 1 in segment.aligned  # predicting the marker, and after it
 
 
 def test_chat_template_compares_the_students_rendering():
@@ -164,89 +166,100 @@ def test_truncated_character_drops_only_its_bytes():
     assert len(ids) - 1 not in segment.student_positions and len(ids) - 2 in segment.student_positions
 
 
-def test_express_keeps_unmapped_mass_in_the_tail_and_the_students_token():
-    """Top-k over mapped teacher tokens in student ids; unmapped mass left out (the tail); the student's own token
-    gets its exact log-prob even outside the top k, so td_target teacher_logprob reads it."""
+def one_position(partial: bytes) -> AlignedSegment:
+    """A segment of one student position that reads teacher position 0 with the partial bytes r."""
+    return AlignedSegment([], [0], [0], [partial], [len(partial)], [len(partial)])
+
+
+def teacher_row(teacher, probs: dict[str, float]) -> torch.Tensor:
+    """Log-probs over the teacher's vocabulary (1, V_T): the given tokens their probabilities, the rest of the mass
+    spread evenly over every other token."""
+    ids = {teacher.convert_tokens_to_ids(token): p for token, p in probs.items()}
+    assert teacher.unk_token_id not in ids
+    rest = (1.0 - sum(ids.values())) / (len(teacher) - len(ids))
+    return torch.tensor([[math.log(ids.get(t, rest)) for t in range(len(teacher))]], dtype=torch.float64)
+
+
+def record_of(ids: torch.Tensor, lps: torch.Tensor, student) -> dict[str, float]:
+    return {student.convert_ids_to_tokens(int(i)): math.exp(float(v))
+            for i, v in zip(ids[0], lps[0]) if math.isfinite(float(v))}
+
+
+def test_a_longer_teacher_token_gives_its_mass_to_the_student_token_it_starts_with():
+    """Where both prefixes end at the same byte, the teacher's ` the` (no twin in the character student) counts for
+    the student's ` `, its ` is` too: every teacher token's mass lands on the student token its bytes start with."""
+    student, teacher = build_tokenizer(), byte_level()
+    aligner = Aligner(student, teacher, "test")
+    lp = teacher_row(teacher, {"Ġthe": 0.5, "Ġis": 0.2, "t": 0.1})
+    every = torch.arange(len(teacher)).expand_as(lp)
+    ids, lps = project([one_position(b"")], every, lp, torch.tensor([-1]), aligner.projection, top_k=len(student))
+    record = record_of(ids, lps, student)
+    spread = 0.2 / (len(teacher) - 3)
+    space = sum(1 for t in range(len(teacher)) if (teacher.convert_ids_to_tokens(t) or "").startswith("Ġ"))
+    assert record[" "] == pytest.approx(0.7 + spread * (space - 2), rel=1e-9)
+    assert record["t"] > 0.1 and record["</s>"] == pytest.approx(spread, rel=1e-9)  # EOS maps by role
+
+
+def test_inside_a_teacher_token_the_continuation_is_normalised_over_the_tokens_that_start_with_r():
+    """The student has written ` t` of the teacher's next token: the teacher tokens that start with b' t' give their
+    mass to the student token their rest starts with (` th`... -> `h`), divided by the mass of all of them; the
+    teacher token that is exactly ` t` says nothing about the next byte (the tail)."""
+    student, teacher = build_tokenizer(), byte_level()
+    aligner = Aligner(student, teacher, "test")
+    starting = [t for t in range(len(teacher)) if (teacher.convert_ids_to_tokens(t) or "").startswith("Ġt")]
+    lp = teacher_row(teacher, {"Ġthe": 0.5, "Ġis": 0.2})
+    every = torch.arange(len(teacher)).expand_as(lp)
+    ids, lps = project([one_position(b" t")], every, lp, torch.tensor([-1]), aligner.projection, top_k=len(student))
+    record = record_of(ids, lps, student)
+    spread = 0.3 / (len(teacher) - 2)
+    norm = 0.5 + spread * (len(starting) - 1)
+    assert record["h"] >= 0.5 / norm and sum(record.values()) <= 1.0 + 1e-12
+    exact = teacher.convert_tokens_to_ids("Ġt") in starting
+    assert sum(record.values()) == pytest.approx(1.0 - exact * spread / norm, rel=1e-9)
+
+
+def test_every_entry_in_any_order_gives_the_dense_record():
+    """A server that sends every teacher token, in any order, gets the record of the teacher run here, slot for
+    slot, at aligned positions and inside teacher tokens."""
     student, teacher = build_tokenizer(), sentencepiece()
     aligner = Aligner(student, teacher, "test")
-    vocab, inverse = aligner.vocab, aligner.vocab.teacher_ids()
+    segment = aligner.segment(ids_of(student, "what is the sum"), "row 0")
+    assert any(segment.partials) and segment.aligned
+    g = torch.Generator().manual_seed(1)
+    n = len(segment.student_positions)
+    lp = torch.log_softmax(torch.randn(n, len(teacher), generator=g, dtype=torch.float64) * 3, -1)
+    actions = torch.randint(-1, len(student), (n,), generator=g)
+    order = torch.stack([torch.randperm(len(teacher), generator=g) for _ in range(n)])
+    for top_k in (4, len(student) + 5):
+        every = torch.arange(len(teacher)).expand_as(lp)
+        want = project([segment], every, lp, actions, aligner.projection, top_k=top_k)
+        got = project([segment], order, lp.gather(-1, order), actions, aligner.projection, top_k=top_k)
+        assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], rtol=1e-12, atol=0)
+
+
+def test_the_students_own_token_is_read_exactly_outside_the_top_k():
+    """The slot after the top k holds the student's next token's projected log-prob when it is outside them, so
+    td_target teacher_logprob reads it exactly; -inf when it is inside them or there is none."""
+    student, teacher = build_tokenizer(), byte_level()
+    aligner = Aligner(student, teacher, "test")
     g = torch.Generator().manual_seed(0)
-    lp = torch.log_softmax(torch.randn(3, vocab.teacher_size, generator=g, dtype=torch.float64) * 3, -1)
-    mapped = (vocab.student_ids >= 0).nonzero().squeeze(-1)
-    ranked = mapped[lp[0, mapped].argsort(descending=True)]
-    outside = int(vocab.student_ids[ranked[-1]])  # the least likely mapped token: outside any small top k
-    best = int(vocab.student_ids[mapped[lp[2, mapped].argmax()]])
+    lp = torch.log_softmax(torch.randn(3, len(teacher), generator=g, dtype=torch.float64) * 3, -1)
+    every = torch.arange(len(teacher)).expand_as(lp)
+    full = project([AlignedSegment([], [0, 1, 2], [0, 1, 2], [b""] * 3, [0] * 3, [0] * 3)], every, lp,
+                   torch.full((3,), -1), aligner.projection, top_k=len(student))
+    ranked = full[0][0][torch.isfinite(full[1][0])]
+    outside, best = int(ranked[-1]), int(full[0][2, 0])
     actions = torch.tensor([outside, -1, best])
-    ids, lps = express(lp, actions, vocab, inverse, top_k=4)
+    ids, lps = project([AlignedSegment([], [0, 1, 2], [0, 1, 2], [b""] * 3, [0] * 3, [0] * 3)], every, lp, actions,
+                       aligner.projection, top_k=4)
     assert ids.shape == (3, 5)
-    assert torch.equal(ids[0, :4], vocab.student_ids[ranked[:4]])
-    torch.testing.assert_close(lps[0, :4], lp[0, ranked[:4]])
-    assert int(ids[0, 4]) == outside and float(lps[0, 4]) == float(lp[0, ranked[-1]])
+    assert torch.equal(ids[:, :4], full[0][:, :4]) and torch.equal(lps[:, :4], full[1][:, :4])
+    want = float(full[1][0][full[0][0] == outside][0])
+    assert int(ids[0, 4]) == outside and float(lps[0, 4]) == want
     assert math.isinf(float(lps[1, 4])) and math.isinf(float(lps[2, 4]))  # no action / already in the top k
     got = teacher_token_logprob(_signal(ids, lps), actions.clamp(min=0), temperature=1.0, topk_tail=True,
                                 vocab_size=len(student))
-    assert float(got[0]) == float(lp[0, ranked[-1]])
-    assert float(got[2]) == float(lp[2, int(inverse[actions[2]])])
-
-
-def test_sparse_express_on_the_whole_vocabulary_equals_express():
-    """Given every teacher token, in any order, the sparse rule keeps what the dense one keeps, slot for slot: the
-    k most likely mapped tokens, then the student's own token outside them (or -inf)."""
-    student, teacher = build_tokenizer(), sentencepiece()
-    vocab = Aligner(student, teacher, "test").vocab
-    inverse = vocab.teacher_ids()
-    g = torch.Generator().manual_seed(1)
-    lp = torch.log_softmax(torch.randn(4, vocab.teacher_size, generator=g, dtype=torch.float64) * 3, -1)
-    mapped = (vocab.student_ids >= 0).nonzero().squeeze(-1)
-    least, best = (vocab.student_ids[mapped[lp[r, mapped].argsort()[0 if r == 0 else -1]]] for r in (0, 2))
-    no_twin = (inverse < 0).nonzero().squeeze(-1)
-    actions = torch.tensor([int(least), -1, int(best), int(no_twin[0]) if no_twin.numel() else 0])
-    order = torch.stack([torch.randperm(vocab.teacher_size, generator=g) for _ in range(4)])
-    for top_k in (4, vocab.exact + 5):
-        want_ids, want_lps = express(lp, actions, vocab, inverse, top_k=top_k)
-        got_ids, got_lps = express_sparse(order, lp.gather(-1, order), actions, vocab, top_k=top_k)
-        assert torch.equal(got_ids, want_ids) and torch.equal(got_lps, want_lps)
-        # top 4: the least likely token comes through the own slot; all mapped tokens: it is in the record
-        assert math.isfinite(float(want_lps[0, -1])) == (top_k == 4)
-
-
-def test_sparse_express_matches_the_float64_reference_of_what_was_sent():
-    """A server sends its top 5 and the log-prob of the prompt's next token; the record keeps the 3 most likely of
-    them with a student twin, plus the student's own token when it was sent. Written from dicts: an unsent or
-    unmapped token is in the tail, so td_target teacher_logprob reads the exact log-prob of a sent token and the
-    tail's share (floored, spread over the tokens outside the record) of any other."""
-    student, teacher = build_tokenizer(), sentencepiece()
-    vocab = Aligner(student, teacher, "test").vocab
-    m = vocab.student_ids.tolist()
-    g = torch.Generator().manual_seed(2)
-    logits = torch.randn(6, vocab.teacher_size, generator=g, dtype=torch.float64) * 3
-    lp = torch.log_softmax(logits + 4.0 * (vocab.student_ids >= 0), -1)  # mapped tokens lead, unmapped ones mix in
-    top = lp.topk(5, dim=-1).indices
-    below = [[t for t in lp[r].argsort(descending=True)[5:].tolist() if m[t] >= 0] for r in range(6)]
-    prompt = torch.tensor([below[r][r % 3] for r in range(6)])  # the teacher's next token, ranked below 5
-    sent_ids = torch.cat([top, prompt[:, None]], -1)
-    sent_lps = lp.gather(-1, sent_ids)
-    best = [next(m[t] for t in row if m[t] >= 0) for row in top.tolist()]
-    # sent outside the record's 3 (own slot), in the record, not sent (tail), none, own slot, not sent
-    actions = torch.tensor([m[int(prompt[0])], best[1], m[below[2][4]], -1, m[int(prompt[4])], m[below[5][7]]])
-    ids, lps = express_sparse(sent_ids, sent_lps, actions, vocab, top_k=3)
-    assert ids.shape == (6, 4)
-    td = teacher_token_logprob(_signal(ids, lps), actions.clamp(min=0), temperature=1.0, topk_tail=True,
-                               vocab_size=len(student))
-    for r in range(6):
-        entries = {m[t]: float(lp[r, t]) for t in sent_ids[r].tolist() if m[t] >= 0}
-        kept = sorted(entries, key=lambda s: -entries[s])[:3]
-        action = int(actions[r])
-        if action in entries and action not in kept:
-            kept.append(action)
-        record = {int(i): float(v) for i, v in zip(ids[r], lps[r]) if math.isfinite(float(v))}
-        assert record == {s: entries[s] for s in kept}
-        if action < 0:
-            continue
-        tail = max(1.0 - sum(math.exp(v) for v in record.values()), TAIL_FLOOR)
-        want = entries[action] if action in entries else math.log(tail) - math.log(len(student) - len(record))
-        assert float(td[r]) == pytest.approx(want, rel=1e-12, abs=1e-12)
-    assert [math.isfinite(float(v)) for v in lps[:, 3]] == [True, False, False, False, True, False]
+    assert float(got[0]) == want and float(got[2]) == pytest.approx(float(full[1][2, 0]), rel=1e-12)
 
 
 def _signal(ids, lps):
