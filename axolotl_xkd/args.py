@@ -56,12 +56,12 @@ class ModelTeacher(BaseModel):
     cross_tokenizer: bool = Field(
         False,
         description="Allow a teacher whose tokenizer differs from the student's: each sequence is re-tokenized by the "
-        "teacher and its distributions aligned to the student's positions by byte spans, tokens with equal strings "
-        "compared exactly and the rest of the teacher's mass kept in the top-k tail (docs/cross_tokenizer.md).",
+        "teacher and its distributions projected onto the student's positions by byte spans, each teacher token's "
+        "mass given to the student token its bytes start with (docs/cross_tokenizer.md).",
     )
     cross_tokenizer_top_k: int = Field(
-        64, ge=1, description="With cross_tokenizer: teacher tokens kept per aligned position (plus the student's "
-        "own next token), as a top-k signal in student ids.",
+        64, ge=1, description="With cross_tokenizer: student tokens kept per position (plus the student's own next "
+        "token), as a top-k signal in student ids.",
     )
 
 
@@ -106,12 +106,12 @@ class ServerTeacher(BaseModel):
     cross_tokenizer: bool = Field(
         False,
         description="Allow a served teacher whose tokenizer differs from the student's: each sequence is "
-        "re-tokenized here with tokenizer_path, sent as the prompt, and the answer aligned to the student's "
+        "re-tokenized here with tokenizer_path, sent as the prompt, and the answer projected onto the student's "
         "positions by byte spans (docs/cross_tokenizer.md).",
     )
     cross_tokenizer_top_k: int = Field(
-        64, ge=1, description="With cross_tokenizer: student tokens kept per aligned position (plus the student's "
-        "own next token), chosen among the top_k teacher tokens the server sends.",
+        64, ge=1, description="With cross_tokenizer: student tokens kept per position (plus the student's own next "
+        "token), projected from the top_k teacher tokens the server sends.",
     )
     tokenizer_path: str | None = Field(
         None, description="With cross_tokenizer (required there): the served model's tokenizer, folder or hub id; "
