@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from axolotl_xkd.frozen_teacher import SPECIAL_TOKENS, special_tokens
+from axolotl_xkd.losses.categories import TAIL_FLOOR
 
 KEY = "xkd.teacher.cross_tokenizer"
 """The config key that allows a teacher of another tokenizer; errors name it."""
@@ -361,7 +362,10 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor, entry_logprobs: T
     the position's r gives its probability to the student token of the projection table; entries equal to r give
     theirs to no one (the tail). Where r is not empty the sums are divided by the mass of the entries that start
     with r. The record is the k most likely student tokens plus one slot for the student's own next token `actions`
-    (P,) when it has mass outside those k (-inf otherwise, and in unused slots)."""
+    (P,) when it has mass outside those k (-inf otherwise, and in unused slots). Where student tokens are left
+    outside the record, at least TAIL_FLOOR of the mass stays in the tail (the record is scaled down where it
+    holds more): the projection gives exact zeros (inside a teacher token only some student tokens continue the
+    text), and a tail of 0 against a student tail above 0 would make reverse KL infinite."""
     k = min(top_k, projection.student_size)
     runs = [projection.run(r) for segment in segments for r in segment.partials]
     lows, highs = torch.tensor(runs, dtype=torch.long).reshape(-1, 2).unbind(-1)
@@ -387,8 +391,12 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor, entry_logprobs: T
         own = actions[a: a + step].to(device)
         own_lp = dense.gather(-1, own.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         fresh = (own >= 0) & ~(top.indices == own.unsqueeze(-1)).any(-1)
+        record = torch.cat([top.values, torch.where(fresh, own_lp, -math.inf).unsqueeze(-1)], -1)
+        if k < projection.student_size:  # the tail holds student tokens: keep TAIL_FLOOR of the mass there
+            covered = torch.logsumexp(record, -1, keepdim=True)
+            record = record - (covered - math.log1p(-TAIL_FLOOR)).clamp(min=0.0)
         ids.append(torch.cat([top.indices, own.clamp(min=0).unsqueeze(-1)], -1))
-        lps.append(torch.cat([top.values, torch.where(fresh, own_lp, -math.inf).unsqueeze(-1)], -1))
+        lps.append(record)
     width = k + 1
     if not ids:
         return entry_ids.new_zeros((0, width)), entry_logprobs.new_zeros((0, width))

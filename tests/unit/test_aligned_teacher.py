@@ -12,6 +12,7 @@ import torch
 
 from axolotl_xkd.cross_tokenizer import KEY, Aligner
 from axolotl_xkd.losses import DenseSignal, xkd_loss
+from axolotl_xkd.losses.categories import TAIL_FLOOR
 from axolotl_xkd.teachers.aligned import AlignedTeacherSource
 from axolotl_xkd.teachers.model import ModelTeacherSource
 from axolotl_xkd.tiny import build_model, build_tokenizer, encode_rows
@@ -33,7 +34,8 @@ def student_batch(student, rows=ROWS) -> dict[str, torch.Tensor]:
 
 def reference_signal(student, teacher, model, batch, *, top_k: int, rows=ROWS, server_top_k: int | None = None) -> dict:
     """The reference's records (with `server_top_k`: of what a server sends) cut to the k most likely entries plus
-    the student's next token, padded into the (ids, logprobs) shape reference_xkd reads."""
+    the student's next token, scaled to leave TAIL_FLOOR to the tail where they hold more and the tail has student
+    tokens, padded into the (ids, logprobs) shape reference_xkd reads."""
     shape = (*batch["input_ids"].shape, top_k + 1)
     token_ids, logprobs = torch.zeros(shape, dtype=torch.long), torch.full(shape, -math.inf, dtype=torch.float64)
     for b, (row, ids) in enumerate(zip(rows, batch["input_ids"].tolist())):
@@ -46,8 +48,10 @@ def reference_signal(student, teacher, model, batch, *, top_k: int, rows=ROWS, s
             kept = sorted(entries, key=lambda sid: -entries[sid])[:top_k]
             if i + 1 < length and ids[i + 1] in entries and ids[i + 1] not in kept:
                 kept.append(ids[i + 1])
+            covered = sum(math.exp(entries[sid]) for sid in kept)
+            scale = (1.0 - TAIL_FLOOR) / covered if top_k < len(student) and covered > 1.0 - TAIL_FLOOR else 1.0
             for slot, sid in enumerate(kept):
-                token_ids[b, i, slot], logprobs[b, i, slot] = sid, entries[sid]
+                token_ids[b, i, slot], logprobs[b, i, slot] = sid, entries[sid] + math.log(scale)
     return {"kind": "topk", "ids": token_ids, "logprobs": logprobs}
 
 

@@ -13,7 +13,7 @@ from tokenizers import normalizers
 from transformers import ByT5Tokenizer
 
 from axolotl_xkd.cross_tokenizer import KEY, AlignedSegment, Aligner, VocabMap, project, token_pieces
-from axolotl_xkd.losses.categories import teacher_token_logprob
+from axolotl_xkd.losses.categories import TAIL_FLOOR, teacher_token_logprob
 from axolotl_xkd.tiny import arithmetic_rows, build_bpe_tokenizer, build_tokenizer
 
 WORDS = ["the sum is", "the answer is", "what is the sum", "naïve café", "日本 is here", "hello there"]
@@ -216,6 +216,30 @@ def test_inside_a_teacher_token_the_continuation_is_normalised_over_the_tokens_t
     assert record["h"] >= 0.5 / norm and sum(record.values()) <= 1.0 + 1e-12
     exact = teacher.convert_tokens_to_ids("Ġt") in starting
     assert sum(record.values()) == pytest.approx(1.0 - exact * spread / norm, rel=1e-9)
+
+
+def test_a_record_that_holds_all_the_mass_leaves_the_floor_to_the_tail():
+    """Inside ` th` only a few characters continue the text: the record would hold all the mass, and reverse KL
+    against a student with mass elsewhere would be infinite. The record keeps TAIL_FLOOR for the tail, and the
+    loss and its gradient are finite."""
+    from axolotl_xkd.losses.categories import paired_categories
+    from axolotl_xkd.losses.divergence import reverse_kl
+
+    student, teacher = build_tokenizer(), byte_level()
+    aligner = Aligner(student, teacher, "test")
+    lp = teacher_row(teacher, {"Ġthe": 0.5, "Ġthere": 0.2})
+    every = torch.arange(len(teacher)).expand_as(lp)
+    ids, lps = project([one_position(b" th")], every, lp, torch.tensor([-1]), aligner.projection, top_k=8)
+    unfloored = project([one_position(b" th")], every, lp, torch.tensor([-1]), aligner.projection,
+                        top_k=len(student))
+    assert float(torch.logsumexp(unfloored[1][0, :-1], -1).exp()) == pytest.approx(1.0, rel=1e-12)
+    assert float(torch.logsumexp(lps[0], -1).exp()) == pytest.approx(1.0 - TAIL_FLOOR, rel=1e-12)
+    logits = torch.randn(1, 1, len(student), dtype=torch.float64, requires_grad=True)
+    pair = paired_categories(torch.log_softmax(logits, -1), _signal(ids[None], lps[None]), temperature=1.0,
+                             topk_tail=True)
+    loss = reverse_kl(*pair).sum()
+    loss.backward()
+    assert math.isfinite(float(loss.detach())) and torch.isfinite(logits.grad).all()
 
 
 def test_every_entry_in_any_order_gives_the_dense_record():
