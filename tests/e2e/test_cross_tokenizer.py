@@ -104,3 +104,27 @@ def test_server_teacher_matches_the_in_process_teacher(untrained_assets, other_t
     assert first["server"]["xkd/distill"] == pytest.approx(first["model"]["xkd/distill"], rel=1e-4, abs=1e-6)
     assert first["server"]["loss"] == pytest.approx(first["model"]["loss"], rel=1e-4, abs=1e-6)
     assert first["model"]["xkd/distill"] > 0.01  # the teacher's signal reaches the loss: the check has teeth
+
+
+@pytest.mark.slow
+def test_lora_student_under_zero3_on_two_ranks(untrained_assets, other_teacher, tmp_path):
+    """The teacher of another tokenizer under DeepSpeed ZeRO-3 on two CPU ranks (each rank re-tokenizes its own
+    rows and runs the partitioned teacher's forward) with a LoRA student: the run trains, the coverage is logged,
+    the losses are finite and the teacher's signal reaches them, and the adapter and reward head are saved."""
+    from tests.e2e.test_distributed import TORCHRUN_ENV, deepspeed_json
+    from tests.e2e.test_lora import LORA
+
+    config = merged(merged(base_config(untrained_assets, tmp_path), LORA), {
+        "micro_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2, "save_steps": 2,
+        "deepspeed": deepspeed_json(3),
+        "xkd": {"teacher": {"path": str(other_teacher), "cross_tokenizer": True, "cross_tokenizer_top_k": 16}},
+    })
+    proc = run_cli(["torchrun", "--nproc_per_node", "2", "-m", "axolotl.cli.train",
+                    str(write_config(tmp_path / "cfg.yml", config))], env=TORCHRUN_ENV)
+    logs = proc.stdout + proc.stderr
+    assert re.search(r"coverage after 1 batches: (\d+) of (\d+) response positions", logs), logs[-3000:]
+    losses = [e for e in log_history(Path(config["output_dir"])) if "loss" in e]
+    assert len(losses) == 2 and all(math.isfinite(e["loss"]) for e in losses)
+    assert losses[0]["xkd/distill"] > 0
+    out = Path(config["output_dir"])
+    assert (out / "adapter_model.safetensors").exists() and (out / "xkd_reward_head.safetensors").exists()
