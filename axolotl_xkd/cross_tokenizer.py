@@ -256,6 +256,9 @@ class Projection:
         self.widths = torch.tensor(widths, dtype=torch.long)
         self.starts = torch.cumsum(self.widths, 0) - self.widths
         self.table = torch.tensor(table, dtype=torch.long)
+        self.aligned = self.table[self.starts]  # column 0: the student token of each teacher token where r is empty
+        mapped = self.aligned[self.aligned >= 0]
+        self.one_to_one = mapped.unique().numel() == mapped.numel()  # then no two entries share a student token
 
     def run(self, partial: bytes) -> tuple[int, int]:
         """The ranks [lo, hi) of the teacher tokens whose bytes start with `partial`."""
@@ -367,40 +370,67 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor, entry_logprobs: T
     holds more): the projection gives exact zeros (inside a teacher token only some student tokens continue the
     text), and a tail of 0 against a student tail above 0 would make reverse KL infinite."""
     k = min(top_k, projection.student_size)
-    runs = [projection.run(r) for segment in segments for r in segment.partials]
-    lows, highs = torch.tensor(runs, dtype=torch.long).reshape(-1, 2).unbind(-1)
-    columns = torch.tensor([c for segment in segments for c in segment.columns], dtype=torch.long)
-    partial = torch.tensor([bool(r) for segment in segments for r in segment.partials], dtype=torch.bool)
     device = entry_logprobs.device
-    lows, highs, columns, partial = (x.to(device) for x in (lows, highs, columns, partial))
-    rank, widths, starts, table = (x.to(device) for x in
-                                   (projection.rank, projection.widths, projection.starts, projection.table))
+    partials = [r for segment in segments for r in segment.partials]
+    columns = torch.tensor([c for segment in segments for c in segment.columns], dtype=torch.long, device=device)
+    lows, highs = torch.tensor([projection.run(r) for r in partials], dtype=torch.long,
+                               device=device).reshape(-1, 2).unbind(-1)
+    inside = torch.tensor([bool(r) for r in partials], dtype=torch.bool, device=device)
+    tables = [x.to(device) for x in (projection.rank, projection.widths, projection.starts, projection.table,
+                                     projection.aligned)]
+    out_ids = torch.zeros((len(partials), k + 1), dtype=torch.long, device=device)
+    out_lps = torch.full((len(partials), k + 1), -math.inf, dtype=entry_logprobs.dtype, device=device)
     step = max(1, chunk_elements // max(entry_ids.shape[-1], 1))
-    ids, lps = [], []
-    for a in range(0, entry_ids.shape[0], step):
-        t, lp, c = entry_ids[a: a + step].to(device).long(), entry_logprobs[a: a + step], columns[a: a + step, None]
-        ranks = rank[t]
-        inside = (ranks >= lows[a: a + step, None]) & (ranks < highs[a: a + step, None]) & torch.isfinite(lp)
-        lp = torch.where(inside, lp, -math.inf)
-        sid = torch.where(inside & (c < widths[t]), table[(starts[t] + c).clamp(max=table.numel() - 1)], -1)
-        gives = torch.where(sid >= 0, lp, -math.inf)
-        dense = _scatter_logsumexp(gives, sid.clamp(min=0), projection.student_size)
-        norm = torch.where(partial[a: a + step], torch.logsumexp(lp, -1), 0.0)
-        dense = dense - torch.where(torch.isfinite(norm), norm, 0.0).unsqueeze(-1)
-        top = dense.topk(k, dim=-1)
-        own = actions[a: a + step].to(device)
-        own_lp = dense.gather(-1, own.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        fresh = (own >= 0) & ~(top.indices == own.unsqueeze(-1)).any(-1)
-        record = torch.cat([top.values, torch.where(fresh, own_lp, -math.inf).unsqueeze(-1)], -1)
-        if k < projection.student_size:  # the tail holds student tokens: keep TAIL_FLOOR of the mass there
-            covered = torch.logsumexp(record, -1, keepdim=True)
-            record = record - (covered - math.log1p(-TAIL_FLOOR)).clamp(min=0.0)
-        ids.append(torch.cat([top.indices, own.clamp(min=0).unsqueeze(-1)], -1))
-        lps.append(record)
-    width = k + 1
-    if not ids:
-        return entry_ids.new_zeros((0, width)), entry_logprobs.new_zeros((0, width))
-    return torch.cat(ids), torch.cat(lps)
+    for within in (False, True):
+        for rows in (inside == within).nonzero().squeeze(-1).split(step):
+            if not rows.numel():
+                continue
+            t, lp = entry_ids[rows.to(entry_ids.device)].to(device).long(), entry_logprobs[rows]
+            if within:
+                sid, lp, norm = _continuations(t, lp, columns[rows], lows[rows], highs[rows], *tables[:4])
+            else:  # r empty: every entry, column 0, no normalisation
+                sid, norm = torch.where(torch.isfinite(lp), tables[4][t], -1), None
+            dense = _gather_by_student(torch.where(sid >= 0, lp, -math.inf), sid, projection.student_size,
+                                       sum_up=norm is not None or not projection.one_to_one)
+            if norm is not None:
+                dense = dense - torch.where(torch.isfinite(norm), norm, 0.0).unsqueeze(-1)
+            out_ids[rows], out_lps[rows] = _record(dense, actions[rows.to(actions.device)].to(device), k)
+    return out_ids, out_lps
+
+
+def _continuations(t: Tensor, lp: Tensor, columns: Tensor, lows: Tensor, highs: Tensor, rank: Tensor, widths: Tensor,
+                   starts: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows inside a teacher token: entries (n, K) that start with r (their rank in [lows, highs)) keep their
+    log-probs and get the student token their rest starts with (-1: none, or nothing left); the log of the mass of
+    the entries that start with r is the normaliser."""
+    ranks = rank[t]
+    starting = (ranks >= lows[:, None]) & (ranks < highs[:, None]) & torch.isfinite(lp)
+    lp = torch.where(starting, lp, -math.inf)
+    c = columns[:, None]
+    sid = torch.where(starting & (c < widths[t]), table[(starts[t] + c).clamp(max=table.numel() - 1)], -1)
+    return sid, lp, torch.logsumexp(lp, -1)
+
+
+def _record(dense: Tensor, own: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Projected log-probs (n, V_S) -> the top k and the own-token slot, with TAIL_FLOOR left to the tail where
+    student tokens are outside the record."""
+    top = dense.topk(k, dim=-1)
+    own_lp = dense.gather(-1, own.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    fresh = (own >= 0) & ~(top.indices == own.unsqueeze(-1)).any(-1)
+    record = torch.cat([top.values, torch.where(fresh, own_lp, -math.inf).unsqueeze(-1)], -1)
+    if k < dense.shape[-1]:  # the tail holds student tokens: keep TAIL_FLOOR of the mass there
+        covered = torch.logsumexp(record, -1, keepdim=True)
+        record = record - (covered - math.log1p(-TAIL_FLOOR)).clamp(min=0.0)
+    return torch.cat([top.indices, own.clamp(min=0).unsqueeze(-1)], -1), record
+
+
+def _gather_by_student(values: Tensor, sid: Tensor, size: int, *, sum_up: bool) -> Tensor:
+    """(n, K) log-values of entries with student ids `sid` (-1: none) -> (n, size): the log-sum-exp of each student
+    token's entries (-inf for none). Without `sum_up` no two entries share a student token, so one scatter."""
+    if not sum_up:
+        spill = torch.where(sid >= 0, sid, size)  # entries without a student token land in a column dropped after
+        return values.new_full((values.shape[0], size + 1), -math.inf).scatter(-1, spill, values)[:, :size]
+    return _scatter_logsumexp(values, sid.clamp(min=0), size)
 
 
 def _scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
