@@ -33,6 +33,9 @@ from axolotl_xkd.losses.categories import TAIL_FLOOR
 KEY = "xkd.teacher.cross_tokenizer"
 """The config key that allows a teacher of another tokenizer; errors name it."""
 
+RULE = "prefix-projection"
+"""How records are made (docs/cross_tokenizer.md), part of the digest a cross-tokenizer store's manifest keeps."""
+
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _PER_TEXT_STEPS = {"Fuse", "Strip"}  # act on the decoded text as a whole: the dummy prefix rule covers Strip
@@ -147,8 +150,9 @@ class VocabMap:
         return int((self.student_ids >= 0).sum())
 
     def digest(self) -> str:
-        """sha256 of the map: a store built for another pair of tokenizers has another digest."""
-        payload = json.dumps({"student_size": self.student_size, "map": self.student_ids.tolist()})
+        """sha256 of the map and the projection rule (RULE): a store built for another pair of tokenizers, or by an
+        earlier rule, has another digest."""
+        payload = json.dumps({"student_size": self.student_size, "map": self.student_ids.tolist(), "rule": RULE})
         return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -81,8 +81,9 @@ def check_teacher_pair(manifest: Manifest, config: PrecomputedTeacher, tokenizer
     if not same_teacher or manifest.vocab_map != Aligner(tokenizer, teacher, str(where)).vocab.digest():
         raise ValueError(
             f"{where}: teacher_tokenizer_hash / vocab_map were made for another (student, teacher) pair than this "
-            f"config's tokenizer and xkd.teacher.model_path={config.model_path!r}; its stored ids would pair other "
-            "tokens. Precompute again (`axolotl xkd precompute CONFIG.yml --cross-tokenizer`) for this pair."
+            f"config's tokenizer and xkd.teacher.model_path={config.model_path!r}, or by an earlier alignment rule; "
+            "its stored records would pair other tokens. Precompute again (`axolotl xkd precompute CONFIG.yml "
+            "--cross-tokenizer`) for this pair."
         )
 
 

@@ -4,6 +4,8 @@ the alignment (tests/reference.py), the identity case, packing, coverage logging
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 
@@ -173,3 +175,10 @@ def test_store_built_for_another_pair_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"manifest.json: teacher_tokenizer_hash / vocab_map .*another"):
         check_teacher_pair(manifest, PrecomputedTeacher(path=str(tmp_path), model_path=str(tmp_path / "other")),
                            student)
+    # a store of the exact-map rule (before the prefix projection): its digest had no rule in it
+    vocab = Aligner(student, teacher, "test").vocab
+    earlier = hashlib.sha256(json.dumps({"student_size": vocab.student_size,
+                                         "map": vocab.student_ids.tolist()}).encode()).hexdigest()
+    with pytest.raises(ValueError, match=r"or by an earlier alignment rule"):
+        check_teacher_pair(dataclasses.replace(manifest, vocab_map=earlier),
+                           PrecomputedTeacher(path=str(tmp_path), model_path=str(tmp_path / "own")), student)
