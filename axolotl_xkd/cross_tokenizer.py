@@ -260,9 +260,11 @@ class Projection:
         self.widths = torch.tensor(widths, dtype=torch.long)
         self.starts = torch.cumsum(self.widths, 0) - self.widths
         self.table = torch.tensor(table, dtype=torch.long)
+        self.order = torch.tensor(order, dtype=torch.long)  # teacher ids by rank
         self.aligned = self.table[self.starts]  # column 0: the student token of each teacher token where r is empty
-        mapped = self.aligned[self.aligned >= 0]
-        self.one_to_one = mapped.unique().numel() == mapped.numel()  # then no two entries share a student token
+        self.sources = (self.aligned >= 0).nonzero().squeeze(-1)  # teacher ids that give mass where r is empty
+        self.targets = self.aligned[self.sources]
+        self.one_to_one = self.targets.unique().numel() == self.targets.numel()  # no two share a student token
 
     def run(self, partial: bytes) -> tuple[int, int]:
         """The ranks [lo, hi) of the teacher tokens whose bytes start with `partial`."""
@@ -359,13 +361,14 @@ class Aligner:
         return AlignedSegment(teacher_ids, *(list(field) for field in fields))
 
 
-def project(segments: list[AlignedSegment], entry_ids: Tensor, entry_logprobs: Tensor, actions: Tensor,
+def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logprobs: Tensor, actions: Tensor,
             projection: Projection, *, top_k: int, chunk_elements: int = 1 << 22) -> tuple[Tensor, Tensor]:
     """The teacher's entries at the segments' student positions, in order -> (ids, log-probs), (P, k + 1), over
     student ids, k = min(top_k, |V_S|).
 
     `entry_ids`, `entry_logprobs` (P, K): the teacher tokens and log-probs at each position's teacher position j
-    (all of V_T for a teacher run here, what a server sent otherwise; -inf pads). Each entry whose bytes start with
+    (what a server sent; -inf pads), or `entry_ids` None and `entry_logprobs` (P, V_T) over every teacher token in
+    id order (a teacher run here: read through the projection's index tables, no (P, V_T) id tensor). Each entry whose bytes start with
     the position's r gives its probability to the student token of the projection table; entries equal to r give
     theirs to no one (the tail). Where r is not empty the sums are divided by the mass of the entries that start
     with r. The record is the k most likely student tokens plus one slot for the student's own next token `actions`
@@ -384,10 +387,16 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor, entry_logprobs: T
                                      projection.aligned)]
     out_ids = torch.zeros((len(partials), k + 1), dtype=torch.long, device=device)
     out_lps = torch.full((len(partials), k + 1), -math.inf, dtype=entry_logprobs.dtype, device=device)
-    step = max(1, chunk_elements // max(entry_ids.shape[-1], 1))
+    step = max(1, chunk_elements // max(entry_logprobs.shape[-1], projection.student_size, 1))
     for within in (False, True):
         for rows in (inside == within).nonzero().squeeze(-1).split(step):
             if not rows.numel():
+                continue
+            own = actions[rows.to(actions.device)].to(device)
+            if entry_ids is None:
+                dense = (_every_inside(entry_logprobs[rows], columns[rows], lows[rows], highs[rows], projection,
+                                       tables) if within else _every_aligned(entry_logprobs[rows], projection))
+                out_ids[rows], out_lps[rows] = _record(dense, own, k)
                 continue
             t, lp = entry_ids[rows.to(entry_ids.device)].to(device).long(), entry_logprobs[rows]
             if within:
@@ -398,8 +407,45 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor, entry_logprobs: T
                                        sum_up=norm is not None or not projection.one_to_one)
             if norm is not None:
                 dense = dense - torch.where(torch.isfinite(norm), norm, 0.0).unsqueeze(-1)
-            out_ids[rows], out_lps[rows] = _record(dense, actions[rows.to(actions.device)].to(device), k)
+            out_ids[rows], out_lps[rows] = _record(dense, own, k)
     return out_ids, out_lps
+
+
+def _every_aligned(lp: Tensor, projection: Projection) -> Tensor:
+    """Rows with r empty over every teacher token (n, V_T) -> (n, V_S): each student token's teacher mass, copied
+    where the map is one-to-one, summed relative to the row's peak otherwise."""
+    sources, targets = (x.to(lp.device) for x in (projection.sources, projection.targets))
+    dense = lp.new_full((lp.shape[0], projection.student_size), -math.inf)
+    if projection.one_to_one:
+        return dense.index_copy_(1, targets, lp[:, sources])
+    peak = lp.amax(-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, 0.0)
+    total = lp.new_zeros(dense.shape).index_add_(1, targets, (lp[:, sources] - peak).exp())
+    return total.log() + peak
+
+
+def _every_inside(lp: Tensor, columns: Tensor, lows: Tensor, highs: Tensor, projection: Projection,
+                  tables: list[Tensor]) -> Tensor:
+    """Rows inside a teacher token over every teacher token (n, V_T) -> (n, V_S): only the run of tokens that start
+    with each row's r is read (ranks [lows, highs) of the sorted vocabulary), summed relative to the row's peak and
+    divided by the run's mass."""
+    _, widths, starts, table, _ = tables
+    n, size = lp.shape[0], projection.student_size
+    lengths = highs - lows
+    row = torch.repeat_interleave(torch.arange(n, device=lp.device), lengths)
+    offset = torch.arange(row.numel(), device=lp.device) - torch.repeat_interleave(lengths.cumsum(0) - lengths,
+                                                                                    lengths)
+    t = projection.order.to(lp.device)[lows[row] + offset]
+    values = lp[row, t]
+    peak = values.new_full((n,), -math.inf).scatter_reduce(0, row, values, "amax")
+    peak = torch.where(torch.isfinite(peak), peak, 0.0)
+    mass = (values - peak[row]).exp()
+    norm = values.new_zeros(n).index_add_(0, row, mass)
+    c = columns[row]
+    sid = torch.where(c < widths[t], table[(starts[t] + c).clamp(max=table.numel() - 1)], -1)
+    keep = sid >= 0
+    total = values.new_zeros(n * size).index_add_(0, (row * size + sid)[keep], mass[keep])
+    return (total.view(n, size) / norm.clamp(min=torch.finfo(norm.dtype).tiny).unsqueeze(-1)).log()
 
 
 def _continuations(t: Tensor, lp: Tensor, columns: Tensor, lows: Tensor, highs: Tensor, rank: Tensor, widths: Tensor,
