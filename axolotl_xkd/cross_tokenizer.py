@@ -368,9 +368,9 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logp
 
     `entry_ids`, `entry_logprobs` (P, K): the teacher tokens and log-probs at each position's teacher position j
     (what a server sent; -inf pads), or `entry_ids` None and `entry_logprobs` (P, V_T) over every teacher token in
-    id order (a teacher run here: read through the projection's index tables, no (P, V_T) id tensor). Each entry whose bytes start with
-    the position's r gives its probability to the student token of the projection table; entries equal to r give
-    theirs to no one (the tail). Where r is not empty the sums are divided by the mass of the entries that start
+    id order (a teacher run here: read through the projection's index tables, no (P, V_T) id tensor). Each entry
+    whose bytes start with the position's r gives its probability to the student token of the projection table;
+    entries equal to r give theirs to no one (the tail). Where r is not empty the sums are divided by the mass of the entries that start
     with r. The record is the k most likely student tokens plus one slot for the student's own next token `actions`
     (P,) when it has mass outside those k (-inf otherwise, and in unused slots). Where student tokens are left
     outside the record, at least TAIL_FLOOR of the mass stays in the tail (the record is scaled down where it
