@@ -265,6 +265,9 @@ class Projection:
         self.sources = (self.aligned >= 0).nonzero().squeeze(-1)  # teacher ids that give mass where r is empty
         self.targets = self.aligned[self.sources]
         self.one_to_one = self.targets.unique().numel() == self.targets.numel()  # no two share a student token
+        self.twins = torch.full((self.student_size,), -1, dtype=torch.long)  # one-to-one: student id -> teacher id
+        if self.one_to_one:
+            self.twins[self.targets] = self.sources
 
     def run(self, partial: bytes) -> tuple[int, int]:
         """The ranks [lo, hi) of the teacher tokens whose bytes start with `partial`."""
@@ -393,6 +396,9 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logp
             if not rows.numel():
                 continue
             own = actions[rows.to(actions.device)].to(device)
+            if entry_ids is None and not within and projection.one_to_one and k <= entry_logprobs.shape[-1]:
+                out_ids[rows], out_lps[rows] = _record_one_to_one(entry_logprobs[rows], own, k, projection)
+                continue
             if entry_ids is None:
                 dense = (_every_inside(entry_logprobs[rows], columns[rows], lows[rows], highs[rows], projection,
                                        tables) if within else _every_aligned(entry_logprobs[rows], projection))
@@ -462,16 +468,32 @@ def _continuations(t: Tensor, lp: Tensor, columns: Tensor, lows: Tensor, highs: 
 
 
 def _record(dense: Tensor, own: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Projected log-probs (n, V_S) -> the top k and the own-token slot, with TAIL_FLOOR left to the tail where
-    student tokens are outside the record."""
+    """Projected log-probs (n, V_S) -> the top k and the own-token slot (`_slots`)."""
     top = dense.topk(k, dim=-1)
     own_lp = dense.gather(-1, own.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    fresh = (own >= 0) & ~(top.indices == own.unsqueeze(-1)).any(-1)
-    record = torch.cat([top.values, torch.where(fresh, own_lp, -math.inf).unsqueeze(-1)], -1)
-    if k < dense.shape[-1]:  # the tail holds student tokens: keep TAIL_FLOOR of the mass there
+    return _slots(top.values, top.indices, own, own_lp, student_size=dense.shape[-1])
+
+
+def _record_one_to_one(lp: Tensor, own: Tensor, k: int, projection: Projection) -> tuple[Tensor, Tensor]:
+    """Rows with r empty over every teacher token (n, V_T), the map one-to-one: the top k taken over the teacher's
+    ids and renamed, with no (n, V_S) tensor; the same record as `_record` over the projected distribution."""
+    mapped = projection.aligned.to(lp.device)
+    values = lp if projection.sources.numel() == mapped.numel() else lp.masked_fill(mapped < 0, -math.inf)
+    top = values.topk(k, dim=-1)
+    twin = projection.twins.to(lp.device)[own.clamp(min=0)]
+    own_lp = torch.where(twin >= 0, lp.gather(-1, twin.clamp(min=0).unsqueeze(-1)).squeeze(-1), -math.inf)
+    return _slots(top.values, mapped[top.indices].clamp(min=0), own, own_lp, student_size=projection.student_size)
+
+
+def _slots(values: Tensor, ids: Tensor, own: Tensor, own_lp: Tensor, *, student_size: int) -> tuple[Tensor, Tensor]:
+    """The top k (values, ids) and the own-token slot (own's log-prob where it is not among them), with TAIL_FLOOR
+    left to the tail where student tokens are outside the record."""
+    fresh = (own >= 0) & ~((ids == own.unsqueeze(-1)) & torch.isfinite(values)).any(-1)
+    record = torch.cat([values, torch.where(fresh, own_lp, -math.inf).unsqueeze(-1)], -1)
+    if values.shape[-1] < student_size:  # the tail holds student tokens: keep TAIL_FLOOR of the mass there
         covered = torch.logsumexp(record, -1, keepdim=True)
         record = record - (covered - math.log1p(-TAIL_FLOOR)).clamp(min=0.0)
-    return torch.cat([top.indices, own.clamp(min=0).unsqueeze(-1)], -1), record
+    return torch.cat([ids, own.clamp(min=0).unsqueeze(-1)], -1), record
 
 
 def _gather_by_student(values: Tensor, sid: Tensor, size: int, *, sum_up: bool) -> Tensor:

@@ -242,14 +242,17 @@ def test_a_record_that_holds_all_the_mass_leaves_the_floor_to_the_tail():
     assert math.isfinite(float(loss.detach())) and torch.isfinite(logits.grad).all()
 
 
-def test_every_entry_in_any_order_gives_the_dense_record():
+@pytest.mark.parametrize("pair", ["characters", "identical"])
+def test_every_entry_in_any_order_gives_the_dense_record(pair):
     """A server that sends every teacher token, in any order, gets the record of the teacher run here (read
-    through the projection's index tables, not per entry), slot for slot, at aligned positions and inside teacher
-    tokens."""
-    student, teacher = build_tokenizer(), sentencepiece()
+    through the projection's index tables, not per entry; with identical tokenizers the map is one-to-one and the
+    top k is taken over the teacher's ids), slot for slot, at aligned positions and inside teacher tokens."""
+    teacher = sentencepiece()
+    student = build_tokenizer() if pair == "characters" else teacher
     aligner = Aligner(student, teacher, "test")
+    assert aligner.projection.one_to_one == (pair == "identical")
     segment = aligner.segment(ids_of(student, "what is the sum"), "row 0")
-    assert any(segment.partials) and segment.aligned
+    assert segment.aligned and any(segment.partials) == (pair == "characters")
     g = torch.Generator().manual_seed(1)
     n = len(segment.student_positions)
     lp = torch.log_softmax(torch.randn(n, len(teacher), generator=g, dtype=torch.float64) * 3, -1)
