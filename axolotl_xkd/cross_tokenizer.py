@@ -21,7 +21,7 @@ import json
 import math
 import re
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 
 import torch
@@ -228,6 +228,24 @@ def _utf8_text(data: bytes, where: str) -> bytes:
         ) from error
 
 
+@dataclass(frozen=True)
+class ProjectionTables:
+    """The projection's index tables, on one device. By teacher id: `rank` (position in byte order), `widths`
+    (max(|beta(t)|, 1)), `starts` (where t's columns begin in `table`), `aligned` (column 0: the student token where r
+    is empty, -1: none); `table` the flat columns; `order` teacher ids by rank; `sources`, `targets` the teacher ids
+    with a column-0 student token and that token; `twins` student id -> teacher id where the map is one-to-one."""
+
+    rank: Tensor
+    widths: Tensor
+    starts: Tensor
+    table: Tensor
+    order: Tensor
+    aligned: Tensor
+    sources: Tensor
+    targets: Tensor
+    twins: Tensor
+
+
 class Projection:
     """The teacher's vocabulary read for the prefix projection: its tokens sorted by their bytes (the tokens that start
     with r are one run of that order) and, for each teacher token t and byte offset o < |beta(t)|, the student token
@@ -256,18 +274,27 @@ class Projection:
         rank = [0] * len(teacher)
         for position, tid in enumerate(order):
             rank[tid] = position
-        self.rank = torch.tensor(rank, dtype=torch.long)
-        self.widths = torch.tensor(widths, dtype=torch.long)
-        self.starts = torch.cumsum(self.widths, 0) - self.widths
-        self.table = torch.tensor(table, dtype=torch.long)
-        self.order = torch.tensor(order, dtype=torch.long)  # teacher ids by rank
-        self.aligned = self.table[self.starts]  # column 0: the student token of each teacher token where r is empty
-        self.sources = (self.aligned >= 0).nonzero().squeeze(-1)  # teacher ids that give mass where r is empty
-        self.targets = self.aligned[self.sources]
-        self.one_to_one = self.targets.unique().numel() == self.targets.numel()  # no two share a student token
-        self.twins = torch.full((self.student_size,), -1, dtype=torch.long)  # one-to-one: student id -> teacher id
+        widths_t = torch.tensor(widths, dtype=torch.long)
+        starts = torch.cumsum(widths_t, 0) - widths_t
+        table_t = torch.tensor(table, dtype=torch.long)
+        aligned = table_t[starts]
+        sources = (aligned >= 0).nonzero().squeeze(-1)
+        targets = aligned[sources]
+        self.one_to_one = targets.unique().numel() == targets.numel()  # no two teacher tokens share a student token
+        twins = torch.full((self.student_size,), -1, dtype=torch.long)
         if self.one_to_one:
-            self.twins[self.targets] = self.sources
+            twins[targets] = sources
+        self._tables = {torch.device("cpu"): ProjectionTables(
+            rank=torch.tensor(rank, dtype=torch.long), widths=widths_t, starts=starts, table=table_t,
+            order=torch.tensor(order, dtype=torch.long), aligned=aligned, sources=sources, targets=targets,
+            twins=twins)}
+
+    def tables(self, device: torch.device) -> ProjectionTables:
+        """The index tables on `device`, copied there once."""
+        if device not in self._tables:
+            cpu = self._tables[torch.device("cpu")]
+            self._tables[device] = ProjectionTables(**{f.name: getattr(cpu, f.name).to(device) for f in fields(cpu)})
+        return self._tables[device]
 
     def run(self, partial: bytes) -> tuple[int, int]:
         """The ranks [lo, hi) of the teacher tokens whose bytes start with `partial`."""
@@ -373,12 +400,12 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logp
     (what a server sent; -inf pads), or `entry_ids` None and `entry_logprobs` (P, V_T) over every teacher token in
     id order (a teacher run here: read through the projection's index tables, no (P, V_T) id tensor). Each entry
     whose bytes start with the position's r gives its probability to the student token of the projection table;
-    entries equal to r give theirs to no one (the tail). Where r is not empty the sums are divided by the mass of the entries that start
-    with r. The record is the k most likely student tokens plus one slot for the student's own next token `actions`
-    (P,) when it has mass outside those k (-inf otherwise, and in unused slots). Where student tokens are left
-    outside the record, at least TAIL_FLOOR of the mass stays in the tail (the record is scaled down where it
-    holds more): the projection gives exact zeros (inside a teacher token only some student tokens continue the
-    text), and a tail of 0 against a student tail above 0 would make reverse KL infinite."""
+    entries equal to r give theirs to no one (the tail). Where r is not empty the sums are divided by the mass of
+    the entries that start with r. The record is the k most likely student tokens plus one slot for the student's
+    own next token `actions` (P,) when it has mass outside those k (-inf otherwise, and in unused slots). Where
+    student tokens are left outside the record, at least TAIL_FLOOR of the mass stays in the tail (the record is
+    scaled down where it holds more): the projection gives exact zeros (inside a teacher token only some student
+    tokens continue the text), and a tail of 0 against a student tail above 0 would make reverse KL infinite."""
     k = min(top_k, projection.student_size)
     device = entry_logprobs.device
     partials = [r for segment in segments for r in segment.partials]
@@ -386,8 +413,7 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logp
     lows, highs = torch.tensor([projection.run(r) for r in partials], dtype=torch.long,
                                device=device).reshape(-1, 2).unbind(-1)
     inside = torch.tensor([bool(r) for r in partials], dtype=torch.bool, device=device)
-    tables = [x.to(device) for x in (projection.rank, projection.widths, projection.starts, projection.table,
-                                     projection.aligned)]
+    tables = projection.tables(device)
     out_ids = torch.zeros((len(partials), k + 1), dtype=torch.long, device=device)
     out_lps = torch.full((len(partials), k + 1), -math.inf, dtype=entry_logprobs.dtype, device=device)
     step = max(1, chunk_elements // max(entry_logprobs.shape[-1], projection.student_size, 1))
@@ -396,74 +422,73 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logp
             if not rows.numel():
                 continue
             own = actions[rows.to(actions.device)].to(device)
+            size = projection.student_size
             if entry_ids is None and not within and projection.one_to_one and k <= entry_logprobs.shape[-1]:
-                out_ids[rows], out_lps[rows] = _record_one_to_one(entry_logprobs[rows], own, k, projection)
+                out_ids[rows], out_lps[rows] = _record_one_to_one(entry_logprobs[rows], own, k, tables, size)
                 continue
             if entry_ids is None:
-                dense = (_every_inside(entry_logprobs[rows], columns[rows], lows[rows], highs[rows], projection,
-                                       tables) if within else _every_aligned(entry_logprobs[rows], projection))
+                dense = (_every_inside(entry_logprobs[rows], columns[rows], lows[rows], highs[rows], tables, size)
+                         if within else _every_aligned(entry_logprobs[rows], tables, size))
                 out_ids[rows], out_lps[rows] = _record(dense, own, k)
                 continue
             t, lp = entry_ids[rows.to(entry_ids.device)].to(device).long(), entry_logprobs[rows]
             if within:
-                sid, lp, norm = _continuations(t, lp, columns[rows], lows[rows], highs[rows], *tables[:4])
+                sid, lp, norm = _continuations(t, lp, columns[rows], lows[rows], highs[rows], tables)
             else:  # r empty: every entry, column 0, no normalisation
-                sid, norm = torch.where(torch.isfinite(lp), tables[4][t], -1), None
-            dense = _gather_by_student(torch.where(sid >= 0, lp, -math.inf), sid, projection.student_size,
-                                       sum_up=norm is not None or not projection.one_to_one)
+                sid, norm = torch.where(torch.isfinite(lp), tables.aligned[t], -1), None
+            dense = _scatter_logsumexp(torch.where(sid >= 0, lp, -math.inf), sid.clamp(min=0), size)
             if norm is not None:
                 dense = dense - torch.where(torch.isfinite(norm), norm, 0.0).unsqueeze(-1)
             out_ids[rows], out_lps[rows] = _record(dense, own, k)
     return out_ids, out_lps
 
 
-def _every_aligned(lp: Tensor, projection: Projection) -> Tensor:
-    """Rows with r empty over every teacher token (n, V_T) -> (n, V_S): each student token's teacher mass, copied
-    where the map is one-to-one, summed relative to the row's peak otherwise."""
-    sources, targets = (x.to(lp.device) for x in (projection.sources, projection.targets))
-    dense = lp.new_full((lp.shape[0], projection.student_size), -math.inf)
-    if projection.one_to_one:
-        return dense.index_copy_(1, targets, lp[:, sources])
+def _every_aligned(lp: Tensor, tables: ProjectionTables, size: int) -> Tensor:
+    """Rows with r empty over every teacher token (n, V_T) -> (n, V_S): each student token's teacher mass, summed
+    relative to the row's peak."""
     peak = lp.amax(-1, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, 0.0)
-    total = lp.new_zeros(dense.shape).index_add_(1, targets, (lp[:, sources] - peak).exp())
+    total = lp.new_zeros((lp.shape[0], size)).index_add_(1, tables.targets, (lp[:, tables.sources] - peak).exp())
     return total.log() + peak
 
 
-def _every_inside(lp: Tensor, columns: Tensor, lows: Tensor, highs: Tensor, projection: Projection,
-                  tables: list[Tensor]) -> Tensor:
+def _every_inside(lp: Tensor, columns: Tensor, lows: Tensor, highs: Tensor, tables: ProjectionTables,
+                  size: int) -> Tensor:
     """Rows inside a teacher token over every teacher token (n, V_T) -> (n, V_S): only the run of tokens that start
     with each row's r is read (ranks [lows, highs) of the sorted vocabulary), summed relative to the row's peak and
     divided by the run's mass."""
-    _, widths, starts, table, _ = tables
-    n, size = lp.shape[0], projection.student_size
+    n = lp.shape[0]
     lengths = highs - lows
     row = torch.repeat_interleave(torch.arange(n, device=lp.device), lengths)
     offset = torch.arange(row.numel(), device=lp.device) - torch.repeat_interleave(lengths.cumsum(0) - lengths,
                                                                                     lengths)
-    t = projection.order.to(lp.device)[lows[row] + offset]
+    t = tables.order[lows[row] + offset]
     values = lp[row, t]
     peak = values.new_full((n,), -math.inf).scatter_reduce(0, row, values, "amax")
     peak = torch.where(torch.isfinite(peak), peak, 0.0)
     mass = (values - peak[row]).exp()
     norm = values.new_zeros(n).index_add_(0, row, mass)
-    c = columns[row]
-    sid = torch.where(c < widths[t], table[(starts[t] + c).clamp(max=table.numel() - 1)], -1)
+    sid = _column(t, columns[row], tables)
     keep = sid >= 0
     total = values.new_zeros(n * size).index_add_(0, (row * size + sid)[keep], mass[keep])
     return (total.view(n, size) / norm.clamp(min=torch.finfo(norm.dtype).tiny).unsqueeze(-1)).log()
 
 
-def _continuations(t: Tensor, lp: Tensor, columns: Tensor, lows: Tensor, highs: Tensor, rank: Tensor, widths: Tensor,
-                   starts: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _column(t: Tensor, columns: Tensor, tables: ProjectionTables) -> Tensor:
+    """The student token that teacher token t's bytes from offset `columns` on start with (-1: none, or none left)."""
+    inside = columns < tables.widths[t]
+    return torch.where(inside, tables.table[(tables.starts[t] + columns).clamp(max=tables.table.numel() - 1)], -1)
+
+
+def _continuations(t: Tensor, lp: Tensor, columns: Tensor, lows: Tensor, highs: Tensor,
+                   tables: ProjectionTables) -> tuple[Tensor, Tensor, Tensor]:
     """Rows inside a teacher token: entries (n, K) that start with r (their rank in [lows, highs)) keep their
     log-probs and get the student token their rest starts with (-1: none, or nothing left); the log of the mass of
     the entries that start with r is the normaliser."""
-    ranks = rank[t]
+    ranks = tables.rank[t]
     starting = (ranks >= lows[:, None]) & (ranks < highs[:, None]) & torch.isfinite(lp)
     lp = torch.where(starting, lp, -math.inf)
-    c = columns[:, None]
-    sid = torch.where(starting & (c < widths[t]), table[(starts[t] + c).clamp(max=table.numel() - 1)], -1)
+    sid = torch.where(starting, _column(t, columns[:, None].expand_as(t), tables), -1)
     return sid, lp, torch.logsumexp(lp, -1)
 
 
@@ -474,15 +499,16 @@ def _record(dense: Tensor, own: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return _slots(top.values, top.indices, own, own_lp, student_size=dense.shape[-1])
 
 
-def _record_one_to_one(lp: Tensor, own: Tensor, k: int, projection: Projection) -> tuple[Tensor, Tensor]:
+def _record_one_to_one(lp: Tensor, own: Tensor, k: int, tables: ProjectionTables,
+                       size: int) -> tuple[Tensor, Tensor]:
     """Rows with r empty over every teacher token (n, V_T), the map one-to-one: the top k taken over the teacher's
     ids and renamed, with no (n, V_S) tensor; the same record as `_record` over the projected distribution."""
-    mapped = projection.aligned.to(lp.device)
-    values = lp if projection.sources.numel() == mapped.numel() else lp.masked_fill(mapped < 0, -math.inf)
+    mapped = tables.aligned
+    values = lp if tables.sources.numel() == mapped.numel() else lp.masked_fill(mapped < 0, -math.inf)
     top = values.topk(k, dim=-1)
-    twin = projection.twins.to(lp.device)[own.clamp(min=0)]
+    twin = tables.twins[own.clamp(min=0)]
     own_lp = torch.where(twin >= 0, lp.gather(-1, twin.clamp(min=0).unsqueeze(-1)).squeeze(-1), -math.inf)
-    return _slots(top.values, mapped[top.indices].clamp(min=0), own, own_lp, student_size=projection.student_size)
+    return _slots(top.values, mapped[top.indices].clamp(min=0), own, own_lp, student_size=size)
 
 
 def _slots(values: Tensor, ids: Tensor, own: Tensor, own_lp: Tensor, *, student_size: int) -> tuple[Tensor, Tensor]:
@@ -494,15 +520,6 @@ def _slots(values: Tensor, ids: Tensor, own: Tensor, own_lp: Tensor, *, student_
         covered = torch.logsumexp(record, -1, keepdim=True)
         record = record - (covered - math.log1p(-TAIL_FLOOR)).clamp(min=0.0)
     return torch.cat([ids, own.clamp(min=0).unsqueeze(-1)], -1), record
-
-
-def _gather_by_student(values: Tensor, sid: Tensor, size: int, *, sum_up: bool) -> Tensor:
-    """(n, K) log-values of entries with student ids `sid` (-1: none) -> (n, size): the log-sum-exp of each student
-    token's entries (-inf for none). Without `sum_up` no two entries share a student token, so one scatter."""
-    if not sum_up:
-        spill = torch.where(sid >= 0, sid, size)  # entries without a student token land in a column dropped after
-        return values.new_full((values.shape[0], size + 1), -math.inf).scatter(-1, spill, values)[:, :size]
-    return _scatter_logsumexp(values, sid.clamp(min=0), size)
 
 
 def _scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
