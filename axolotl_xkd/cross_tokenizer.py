@@ -29,6 +29,7 @@ from torch import Tensor
 
 from axolotl_xkd.frozen_teacher import SPECIAL_TOKENS, special_tokens
 from axolotl_xkd.losses.categories import TAIL_FLOOR
+from axolotl_xkd.losses.precision import upcast
 
 KEY = "xkd.teacher.cross_tokenizer"
 """The config key that allows a teacher of another tokenizer; errors name it."""
@@ -391,21 +392,52 @@ class Aligner:
         return AlignedSegment(teacher_ids, *(list(field) for field in fields))
 
 
-def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logprobs: Tensor, actions: Tensor,
-            projection: Projection, *, top_k: int, chunk_elements: int = 1 << 22) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class HiddenRows:
+    """The teacher's log-probs over its `size` tokens at P positions, given as its last hidden states there (P, H)
+    and its output layer (V, H): indexed like the (P, V_T) tensor, each block of rows is formed when it is read (as
+    the fused loss forms the teacher's logits), so no (P, V_T) logits or log-probs exist at once."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    size: int
+
+    def __getitem__(self, rows: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias[: self.size]
+        logits = torch.nn.functional.linear(self.hidden[rows], self.weight[: self.size], bias)
+        return torch.log_softmax(upcast(logits), dim=-1)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.hidden.shape[0], self.size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return upcast(self.hidden.new_zeros(())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+
+def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logprobs: Tensor | HiddenRows,
+            actions: Tensor, projection: Projection, *, top_k: int,
+            chunk_elements: int = 1 << 22) -> tuple[Tensor, Tensor]:
     """The teacher's entries at the segments' student positions, in order -> (ids, log-probs), (P, k + 1), over
     student ids, k = min(top_k, |V_S|).
 
     `entry_ids`, `entry_logprobs` (P, K): the teacher tokens and log-probs at each position's teacher position j
     (what a server sent; -inf pads), or `entry_ids` None and `entry_logprobs` (P, V_T) over every teacher token in
-    id order (a teacher run here: read through the projection's index tables, no (P, V_T) id tensor). Each entry
-    whose bytes start with the position's r gives its probability to the student token of the projection table;
-    entries equal to r give theirs to no one (the tail). Where r is not empty the sums are divided by the mass of
-    the entries that start with r. The record is the k most likely student tokens plus one slot for the student's
-    own next token `actions` (P,) when it has mass outside those k (-inf otherwise, and in unused slots). Where
-    student tokens are left outside the record, at least TAIL_FLOOR of the mass stays in the tail (the record is
-    scaled down where it holds more): the projection gives exact zeros (inside a teacher token only some student
-    tokens continue the text), and a tail of 0 against a student tail above 0 would make reverse KL infinite."""
+    id order (a teacher run here: read through the projection's index tables, no (P, V_T) id tensor; `HiddenRows`
+    forms those log-probs a block of rows at a time). Each entry whose bytes start with the position's r gives its
+    probability to the student token of the projection table; entries equal to r give theirs to no one (the tail).
+    Where r is not empty the sums are divided by the mass of the entries that start with r. The record is the k
+    most likely student tokens plus one slot for the student's own next token `actions` (P,) when it has mass
+    outside those k (-inf otherwise, and in unused slots). Where student tokens are left outside the record, at
+    least TAIL_FLOOR of the mass stays in the tail (the record is scaled down where it holds more): the projection
+    gives exact zeros (inside a teacher token only some student tokens continue the text), and a tail of 0 against
+    a student tail above 0 would make reverse KL infinite."""
     k = min(top_k, projection.student_size)
     device = entry_logprobs.device
     partials = [r for segment in segments for r in segment.partials]

@@ -16,14 +16,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from axolotl_xkd.cross_tokenizer import KEY, AlignedSegment, Aligner, project
+from axolotl_xkd.cross_tokenizer import KEY, AlignedSegment, Aligner, HiddenRows, project
+from axolotl_xkd.frozen_teacher import output_layer_is_linear
 from axolotl_xkd.losses.positions import IGNORE_INDEX, shift_targets
 from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import TopKSignal
 from axolotl_xkd.sequences import segments
 from axolotl_xkd.server.client import TeacherServerClient
 from axolotl_xkd.teachers.base import TeacherSource
-from axolotl_xkd.teachers.model import load_placed
+from axolotl_xkd.teachers.model import hidden_signal, load_placed
 from axolotl_xkd.teachers.server import Segment, ServerTeacherSource
 
 LOG = logging.getLogger("axolotl_xkd")
@@ -43,6 +44,7 @@ class AlignedTeacherSource(TeacherSource):
         self.dtype = upcast(next(model.parameters()).new_zeros(())).dtype  # the log-probs' dtype
         self.pad_id = aligner.teacher.pad_token_id if aligner.teacher.pad_token_id is not None else 0
         self.coverage = Coverage()
+        self.fused = output_layer_is_linear(model)  # form the log-probs from hidden states, a block at a time
 
     @classmethod
     def load(cls, path: str, *, student_tokenizer, top_k: int, **kwargs) -> AlignedTeacherSource:
@@ -82,9 +84,11 @@ class AlignedTeacherSource(TeacherSource):
         self.coverage.report(batch, torch.isfinite(logprobs).any(-1))
         return TopKSignal(token_ids=token_ids, logprobs=logprobs)
 
-    def _teacher_logprobs(self, sequences: list[list[int]], seg_of: Tensor, t_pos: Tensor) -> Tensor:
+    def _teacher_logprobs(self, sequences: list[list[int]], seg_of: Tensor, t_pos: Tensor) -> Tensor | HiddenRows:
         """The teacher run on its re-tokenized sequences (one right-padded row each): log-probs over its tokenizer's
-        vocabulary, (P, V_T) in float32 (float64 for a float64 teacher), at the P (sequence, position) pairs."""
+        vocabulary at the P (sequence, position) pairs, in float32 (float64 for a float64 teacher). With a plain
+        Linear output layer, as `HiddenRows` (its hidden states at those pairs; `project` forms the log-probs a block
+        at a time); otherwise the (P, V_T) tensor from the model's own logits (softcapped or scaled heads)."""
         width = max(map(len, sequences))
         teacher_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -92,9 +96,14 @@ class AlignedTeacherSource(TeacherSource):
             teacher_ids[n, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
             mask[n, : len(sequence)] = 1
         device = next(self.model.parameters()).device
-        logits = self.model(input_ids=teacher_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        picked = logits[seg_of.to(device), t_pos.to(device), : self.aligner.vocab.teacher_size]
-        return torch.log_softmax(upcast(picked), dim=-1)
+        inputs = {"input_ids": teacher_ids.to(device), "attention_mask": mask.to(device)}
+        seg_of, t_pos = seg_of.to(device), t_pos.to(device)
+        size = self.aligner.vocab.teacher_size
+        if self.fused:
+            signal = hidden_signal(self.model, self.engine, inputs)
+            return HiddenRows(signal.hidden[seg_of, t_pos], signal.weight, signal.bias, size)
+        logits = self.model(**inputs, use_cache=False).logits
+        return torch.log_softmax(upcast(logits[seg_of, t_pos, :size]), dim=-1)
 
 
 class AlignedServerTeacherSource(ServerTeacherSource):

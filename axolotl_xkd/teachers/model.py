@@ -45,16 +45,7 @@ class ModelTeacherSource(TeacherSource):
     def get_hidden_signal(self, batch: dict[str, Tensor]) -> DenseHiddenSignal:
         """Teacher last hidden states and output layer: the chunked loss forms its logits per chunk."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        head = self.model.get_output_embeddings()
-        if self.engine is None:
-            return DenseHiddenSignal(hidden=hidden, weight=head.weight, bias=head.bias)
-        # ZeRO-3: the head's shards are gathered into one whole copy per batch (its own forward would gather
-        # it once too); the chunked loss reads it chunk by chunk, so no (N, V) teacher logits are formed.
-        with gathered([head.weight, head.bias]):
-            weight = head.weight.detach().clone()
-            bias = None if head.bias is None else head.bias.detach().clone()
-        return DenseHiddenSignal(hidden=hidden, weight=weight, bias=bias)
+        return hidden_signal(self.model, self.engine, inputs)
 
     @torch.no_grad()
     def get_signal(self, batch: dict[str, Tensor]) -> DenseSignal:
@@ -62,6 +53,22 @@ class ModelTeacherSource(TeacherSource):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         logits = self.model(**inputs, use_cache=False).logits
         return DenseSignal(logits=logits[..., : self.vocab_size])
+
+
+@torch.no_grad()
+def hidden_signal(model: nn.Module, engine: nn.Module | None, inputs: dict[str, Tensor]) -> DenseHiddenSignal:
+    """The teacher's last hidden states on `inputs` and its output layer (a plain Linear: `output_layer_is_linear`),
+    so that a loss or a projection forms its logits a block of positions at a time."""
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    if engine is None:
+        return DenseHiddenSignal(hidden=hidden, weight=head.weight, bias=head.bias)
+    # ZeRO-3: the head's shards are gathered into one whole copy per batch (its own forward would gather it once
+    # too); the consumer reads it block by block, so no (N, V) teacher logits are formed.
+    with gathered([head.weight, head.bias]):
+        weight = head.weight.detach().clone()
+        bias = None if head.bias is None else head.bias.detach().clone()
+    return DenseHiddenSignal(hidden=hidden, weight=weight, bias=bias)
 
 
 def load_placed(

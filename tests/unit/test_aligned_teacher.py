@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from axolotl_xkd.cross_tokenizer import KEY, Aligner
+from axolotl_xkd.cross_tokenizer import KEY, Aligner, HiddenRows, project
 from axolotl_xkd.losses import DenseSignal, xkd_loss
 from axolotl_xkd.losses.categories import TAIL_FLOOR
 from axolotl_xkd.teachers.aligned import AlignedTeacherSource
@@ -110,6 +110,33 @@ def test_identical_tokenizers_reproduce_the_same_tokenizer_signal():
     losses = [xkd_loss(logits, batch["labels"], teacher=t, mu=None, log_sigma=None, params=params).loss
               for t in (signal, DenseSignal(dense.logits))]
     torch.testing.assert_close(losses[0], losses[1], atol=1e-12, rtol=1e-12)
+
+
+def test_log_probs_formed_a_block_at_a_time_equal_the_whole_tensor():
+    """The in-process teacher's log-probs formed from its hidden states a block of rows at a time (`HiddenRows`,
+    one row per block here) give the records of the (P, V_T) tensor of its own logits (the path of an output layer
+    that is not a plain Linear), and get_signal takes the first path for a Linear head."""
+    student, teacher = build_tokenizer(), sentencepiece()
+    model = teacher_model(teacher)
+    source = AlignedTeacherSource(model, Aligner(student, teacher, "test"), top_k=6)
+    assert source.fused
+    rows = student_batch(student)["input_ids"].tolist()
+    segments = [source.aligner.segment(row, f"row {b}") for b, row in enumerate(rows)]
+    seg_of = torch.tensor([n for n, s in enumerate(segments) for _ in s.teacher_positions])
+    t_pos = torch.tensor([j for s in segments for j in s.teacher_positions])
+    actions = torch.tensor([rows[n][i + 1] if i + 1 < len(rows[n]) else -1
+                            for n, s in enumerate(segments) for i in s.student_positions])
+    blocks = source._teacher_logprobs([s.teacher_ids for s in segments], seg_of, t_pos)
+    assert isinstance(blocks, HiddenRows)
+    source.fused = False
+    whole = source._teacher_logprobs([s.teacher_ids for s in segments], seg_of, t_pos)
+    assert isinstance(whole, torch.Tensor) and whole.shape == blocks.shape
+    size = source.aligner.vocab.teacher_size
+    got = project(segments, None, blocks, actions, source.aligner.projection, top_k=6, chunk_elements=size)
+    want = project(segments, None, whole, actions, source.aligner.projection, top_k=6)
+    finite = torch.isfinite(want[1])
+    assert torch.equal(finite, torch.isfinite(got[1])) and torch.equal(got[0][finite], want[0][finite])
+    torch.testing.assert_close(got[1], want[1], atol=1e-12, rtol=0)
 
 
 def test_packed_rows_align_each_sequence_on_its_own():
