@@ -12,7 +12,9 @@ The TD term couples position i with i+1 (Q(s'_i, a'_i), or V(s'_i) for td_target
 [s, e) therefore also forms the logits of row e (one look-ahead row, ~1/C extra work) so that TD_{e-1}
 and its gradient, which flows into row e too, are complete inside the chunk. Positions are flattened
 (B, T) -> (N,) after the terminal flags are computed on (B, T), and the last position of every row and
-of every packed segment is terminal, so no TD pair crosses a row or a segment.
+of every packed segment is terminal, so no TD pair crosses a row or a segment. Where no TD pair reads the next row
+(no TD term, or a fixed target such as the default teacher_logprob), only the rows the loss counts go through the
+output layer: the prompt's logits are never formed (Axolotl's SFT forms them and masks them).
 
 Why not `LigerFusedLinearDistillationBase`: it splits inputs with `torch.chunk` into independent
 chunks (no look-ahead row for the TD pair), passes no per-position tensors besides the labels (the
@@ -203,6 +205,26 @@ def _cut_vocabulary(teacher: ChunkedTeacher | None, vocab_size: int) -> ChunkedT
     return teacher
 
 
+def _counted_rows(positions: Positions, params: XKDHyperparams) -> Tensor | None:
+    """The flat rows the loss counts, where every term of a row reads that row alone (no TD term, or a fixed TD
+    target: no TD pair with the next row); None where every row counts or a TD pair reads the next row."""
+    if positions.nonterminal is not None and not params.fixed_td_target:
+        return None
+    keep = positions.valid.nonzero().squeeze(-1)
+    return None if keep.numel() == positions.valid.numel() else keep
+
+
+def _select_rows(teacher: ChunkedTeacher | None, index: Tensor) -> ChunkedTeacher | None:
+    """The flat teacher at the rows `index`."""
+    if isinstance(teacher, TopKSignal):
+        return TopKSignal(teacher.token_ids[index], teacher.logprobs[index])
+    if isinstance(teacher, DenseSignal):
+        return DenseSignal(teacher.logits[index])
+    if isinstance(teacher, DenseHiddenSignal):
+        return DenseHiddenSignal(teacher.hidden[index], teacher.weight, teacher.bias)
+    return teacher
+
+
 def chunked_xkd_loss(
     student_hidden: Tensor,
     output_weight: Tensor,
@@ -256,17 +278,22 @@ def chunked_xkd_loss(
     n_rows = labels.numel()
     positions, flat = prepare(labels, teacher, mu, log_sigma, params=p,
                               vocab_size=output_weight.shape[0], position_ids=position_ids, eos_token_id=eos_token_id)
+    hidden = student_hidden.reshape(n_rows, student_hidden.shape[-1])
+    rows, counted = hidden, positions
+    keep = _counted_rows(positions, p)
+    if keep is not None:  # only the counted rows need logits: the prompt's are never formed
+        rows, flat = rows.index_select(0, keep), _select_rows(flat, keep)
+        counted = Positions(*(None if t is None else t[keep] for t in positions))
     plan = _Plan(
         params=p,
         teacher=flat,
-        positions=positions,
+        positions=counted,
         chunk_size=chunk_size,
         mode=mode,
         grad_enabled=torch.is_grad_enabled(),
         forces=forces,
     )
-    hidden = student_hidden.reshape(n_rows, student_hidden.shape[-1])
     logit_loss, div_sum, ce_sum, td_sum, pulls = _ChunkedXKDFunction.apply(
-        hidden, output_weight, output_bias, positions.mu, positions.log_sigma, plan
+        rows, output_weight, output_bias, counted.mu, counted.log_sigma, plan
     )
     return loss_output(logit_loss, (div_sum, ce_sum, td_sum), positions, params=p, forces=pulls if forces else None)

@@ -261,3 +261,28 @@ def test_row_blocks_inside_a_chunk(monkeypatch, teacher_kind):
                    spec_params(divergence="sequence", alpha_ce=0.5, temperature=1.4)):
         assert fused.supports(params, teacher_kind, True)
         assert_same(*run_both(params, teacher_kind, 5), **FP32)
+
+
+@pytest.mark.parametrize("td_target", ["teacher_logprob", "observed"])
+def test_only_counted_rows_reach_the_output_layer_where_no_td_pair_reads_the_next(monkeypatch, td_target):
+    """With a fixed TD target (the defaults) or no TD term, every term of a row reads that row alone, so the prompt
+    and masked rows form no logits; a TD pair that reads the next row keeps every row. Equal to xkd_loss either way
+    (the tests above)."""
+    import axolotl_xkd.losses.chunked as chunked
+
+    formed = []
+    real = chunked._Plan.teacher_rows
+
+    def counting(plan, start, stop, **kwargs):
+        formed.append(stop - start)
+        return real(plan, start, stop, **kwargs)
+
+    monkeypatch.setattr(chunked._Plan, "teacher_rows", counting)
+    x = make_inputs()
+    params = spec_params(divergence="forward_kl", td_target=td_target)
+    mu, log_sigma = x["mean"].requires_grad_(), x["log_std"].requires_grad_()
+    out = chunked_xkd_loss(x["hidden"], x["weight"], x["labels"], teacher=x["topk"], params=params, mu=mu,
+                           log_sigma=log_sigma, eos_token_id=EOS, chunk_size=N)
+    counted = int(out.num_tokens)
+    assert counted < N - 3  # the prompt, the masked tail and each row's last position are not counted
+    assert formed == ([counted] if td_target == "teacher_logprob" else [N])
