@@ -180,6 +180,11 @@ class AlignedSegment:
         """The student positions whose prefix ends where a teacher prefix ends."""
         return [i for i, n in zip(self.student_positions, self.written) if not n]
 
+    def select(self, keep: list[bool]) -> AlignedSegment:
+        """The segment with only the student positions whose `keep` (one per position) is true."""
+        lists = (self.student_positions, self.teacher_positions, self.partials, self.columns, self.written)
+        return AlignedSegment(self.teacher_ids, *([v for v, k in zip(values, keep) if k] for values in lists))
+
 
 def _prefix_ends(pieces: list[bytes]) -> list[int]:
     """Byte offset where each prefix ends: token i's prefix u_<=i covers bytes [0, ends[i])."""

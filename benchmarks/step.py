@@ -2,12 +2,14 @@
 teacher source on the same student and data, as ratios to SFT measured in the same run, runs interleaved.
 
     python -m benchmarks.step [--quick] [--repeats 3] [--steps 12] [--max-seconds 3000] [--run-timeout 900]
-        [--top-k 64] [--threads N] [--arms sft xkd_precomputed ...]
+        [--top-k 64] [--threads N] [--prompt-words 16] [--arms sft xkd_precomputed ...]
 
 Shapes (the issue's): vocabulary 32000, student hidden 256 x 4 layers, teacher hidden 512 x 4 layers, steps of
 4 x 256 tokens (micro_batch_size 4, sequence_len 256, every row full length, no accumulation); `--quick`: vocabulary
 2000, student 64 x 2, teacher 128 x 2, 4 x 64 tokens. Models, tokenizer (one word per token) and data (random words)
-are built in code, untrained: the step's cost does not depend on what the weights know.
+are built in code, untrained: the step's cost does not depend on what the weights know. `--prompt-words` sets the
+prompt's share of each row (default 16 of 256 tokens; 127 is half, the shape of a chat turn): X-KD forms no logits at
+prompt positions (chunked.py), SFT forms and masks them. Other than 16 it writes step_prompt<N>.md.
 
 Arms: `sft` (Axolotl alone, no plugin), `gkd_model` (X-KD with the reward terms off, in-process teacher),
 `gkd_cross` (the same with a teacher of another tokenizer, `cross_tokenizer: true`: the teacher's words under
@@ -73,9 +75,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_assets(out: Path, shape: Shape, rows: int, seed: int = 0) -> dict[str, Path]:
+def build_assets(out: Path, shape: Shape, rows: int, seed: int = 0, prompt_words: int = 16) -> dict[str, Path]:
     """A word-level tokenizer of `shape.vocab` tokens, an untrained student and teacher over it, and `rows` rows of
-    random words that tokenize to exactly `shape.tokens` tokens (BOS, a 16-word prompt, the response, EOS)."""
+    random words that tokenize to exactly `shape.tokens` tokens (BOS, a `prompt_words`-word prompt, the response,
+    EOS)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -105,7 +108,6 @@ def build_assets(out: Path, shape: Shape, rows: int, seed: int = 0) -> dict[str,
     cross.save_pretrained(paths["teacher_cross"])
     rng = random.Random(seed)
     words = [word[1:] for word in words]
-    prompt_words = 16
     response_words = shape.tokens - prompt_words - 2  # BOS and EOS
     lines = []
     for _ in range(rows):
@@ -233,6 +235,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=64, help="top-k of the precomputed store and the server")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the runs (0: torch's default)")
+    parser.add_argument("--prompt-words", type=int, default=16, help="prompt tokens of each row (of --quick's 64 "
+                        "or the full shape's 256, less BOS, EOS and one response token)")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.threads:
@@ -244,7 +248,9 @@ def main() -> None:
     shape = QUICK if args.quick else FULL
     cuda = torch.cuda.is_available()
     work = Path(tempfile.mkdtemp(prefix="xkd_step_bench_"))
-    assets = build_assets(work / "assets", shape, rows=shape.batch * args.steps * 2)
+    if not 0 < args.prompt_words <= shape.tokens - 3:
+        parser.error(f"--prompt-words must be in [1, {shape.tokens - 3}] for rows of {shape.tokens} tokens")
+    assets = build_assets(work / "assets", shape, rows=shape.batch * args.steps * 2, prompt_words=args.prompt_words)
     config = base(assets, work, shape, args.steps, cuda)
     store = work / "topk"
     if "xkd_precomputed" in args.arms:
@@ -265,7 +271,8 @@ def main() -> None:
                 runs[arm].append(train_once(run, out / "cfg.yml", cuda, timeout=args.run_timeout))
                 print(f"{arm} repeat {r}: {runs[arm][-1].step_s * 1000:.1f} ms/step", flush=True)
     report = render(args, shape, runs, cuda, __version__, time.perf_counter() - started)
-    write_report(RESULTS / ("step_quick.md" if args.quick else "step.md"), report)
+    name = "step_quick" if args.quick else "step"
+    write_report(RESULTS / f"{name}{'' if args.prompt_words == 16 else f'_prompt{args.prompt_words}'}.md", report)
 
 
 def render(args, shape: Shape, runs: dict[str, list[Run]], cuda: bool, version: str, seconds: float) -> str:
@@ -288,7 +295,8 @@ def render(args, shape: Shape, runs: dict[str, list[Run]], cuda: bool, version: 
         f"{', OMP_NUM_THREADS ' + os.environ['OMP_NUM_THREADS'] if 'OMP_NUM_THREADS' in os.environ else ''}; "
         f"device {device}{', bf16' if cuda else ', fp32'}",
         f"- vocabulary {shape.vocab}, student hidden {shape.student[0]} x {shape.student[1]} layers, teacher hidden "
-        f"{shape.teacher[0]} x {shape.teacher[1]} layers, {shape.batch} x {shape.tokens} tokens per step, "
+        f"{shape.teacher[0]} x {shape.teacher[1]} layers, {shape.batch} x {shape.tokens} tokens per step "
+        f"({args.prompt_words} prompt words), "
         f"{args.steps} steps per run (the first not timed), top-k {args.top_k}; {seconds:.0f} s in all",
         "- step time = a step's trainable tokens / Axolotl's `tokens/train_per_sec_per_gpu` for it, median over the "
         "steps of a run, then over the repeats (runs interleave the arms); peak memory: "

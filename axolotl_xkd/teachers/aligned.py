@@ -64,11 +64,12 @@ class AlignedTeacherSource(TeacherSource):
     @torch.no_grad()
     def get_signal(self, batch: dict[str, Tensor]) -> TopKSignal:
         """The teacher's top k (+ the student's own token) projected onto every student position that reads a
-        teacher position; empty records elsewhere."""
+        teacher position and, where the batch has labels, that the loss counts; empty records elsewhere."""
         ids = batch["input_ids"]
         found = segments(batch)
         rows = ids.tolist()
         aligned = [self.aligner.segment(rows[r][a:b], f"batch row {r} (tokens {a}..{b - 1})") for r, a, b in found]
+        aligned = counted_only(batch, found, aligned)
         k = self.width
         token_ids = torch.zeros((*ids.shape, k), dtype=torch.long, device=ids.device)
         logprobs = torch.full((*ids.shape, k), -torch.inf, dtype=self.dtype, device=ids.device)
@@ -153,13 +154,16 @@ class AlignedServerTeacherSource(ServerTeacherSource):
 
     def _signal(self, batch: dict[str, Tensor],
                 answers: list[tuple[Segment, AlignedSegment, tuple[np.ndarray, np.ndarray]]]) -> TopKSignal:
-        """Each student position i that reads teacher position j gets j's entries (the top k and the teacher's next
-        token) projected onto student ids, with its next token u_{i+1} as the own token; empty records elsewhere."""
+        """Each student position i that reads teacher position j (and that the loss counts, `counted_only`) gets j's
+        entries (the top k and the teacher's next token) projected onto student ids, with its next token u_{i+1} as
+        the own token; empty records elsewhere."""
         ids = batch["input_ids"].cpu()
         shape = (*ids.shape, self.width)
         token_ids = torch.zeros(shape, dtype=torch.long)
         logprobs = torch.full(shape, -torch.inf, dtype=torch.float32)
         rows, cols, actions, sent_ids, sent_lps = [], [], [], [], []
+        kept = counted_only(batch, [found for found, _, _ in answers], [segment for _, segment, _ in answers])
+        answers = [(found, segment, answer) for (found, _, answer), segment in zip(answers, kept)]
         for (b, start, end), segment, (answer_ids, answer_lps) in answers:
             col = torch.tensor(segment.student_positions, dtype=torch.long) + start
             t_pos = torch.tensor(segment.teacher_positions, dtype=torch.long)
@@ -177,6 +181,17 @@ class AlignedServerTeacherSource(ServerTeacherSource):
         signal = TopKSignal(token_ids=token_ids.to(device), logprobs=logprobs.to(device))
         self.coverage.report(batch, torch.isfinite(signal.logprobs).any(-1))
         return signal
+
+
+def counted_only(batch: dict[str, Tensor], found: list[tuple[int, int, int]],
+                 aligned: list[AlignedSegment]) -> list[AlignedSegment]:
+    """The segments (row, start, end) `found` of the batch with only the student positions the loss counts, where the
+    batch has labels (else as they are): the loss reads the teacher nowhere else, so the prompt's teacher
+    distributions are neither formed nor projected (as chunked.py forms no prompt logits)."""
+    if "labels" not in batch:
+        return aligned
+    counted = (shift_targets(batch["labels"], batch.get("position_ids")) != IGNORE_INDEX).tolist()
+    return [seg.select([counted[r][a + i] for i in seg.student_positions]) for (r, a, _), seg in zip(found, aligned)]
 
 
 class Coverage:

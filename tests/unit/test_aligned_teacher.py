@@ -15,6 +15,7 @@ import torch
 from axolotl_xkd.cross_tokenizer import KEY, Aligner, HiddenRows, project
 from axolotl_xkd.losses import DenseSignal, xkd_loss
 from axolotl_xkd.losses.categories import TAIL_FLOOR
+from axolotl_xkd.losses.positions import IGNORE_INDEX, shift_targets
 from axolotl_xkd.teachers.aligned import AlignedTeacherSource
 from axolotl_xkd.teachers.model import ModelTeacherSource
 from axolotl_xkd.tiny import build_model, build_tokenizer, encode_rows
@@ -83,8 +84,9 @@ def test_aligned_signal_loss_matches_the_float64_reference(params):
     torch.testing.assert_close(out.loss, ref, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(out.td_nll, terms["td_nll"], atol=1e-9, rtol=1e-9)
     covered = torch.isfinite(signal.logprobs).any(-1)
-    assert torch.equal(covered, torch.isfinite(reference["logprobs"]).any(-1))
-    assert int(covered.sum()) == int(batch["attention_mask"].sum())  # every position reads the teacher
+    counted = shift_targets(batch["labels"], None) != IGNORE_INDEX
+    assert torch.equal(covered, torch.isfinite(reference["logprobs"]).any(-1) & counted)
+    assert torch.equal(covered, counted)  # every position the loss counts reads the teacher, and no other
     segments = [Aligner(student, teacher, "test").segment(row, "row") for row in batch["input_ids"].tolist()]
     assert all(s.aligned and any(s.partials) for s in segments)  # some where both tokenizers cut, some inside
 
@@ -96,7 +98,7 @@ def test_identical_tokenizers_reproduce_the_same_tokenizer_signal():
     model = teacher_model(tokenizer)
     batch = student_batch(tokenizer)
     aligned = AlignedTeacherSource(model, Aligner(tokenizer, tokenizer, "test"), top_k=len(tokenizer))
-    signal = aligned.get_signal(batch)
+    signal = aligned.get_signal({k: v for k, v in batch.items() if k != "labels"})  # without labels: every position
     dense = ModelTeacherSource(model, len(tokenizer)).get_signal(batch)
     lengths = batch["attention_mask"].sum(-1).tolist()
     for b, length in enumerate(lengths):  # every position with an action (the last one, EOS, has none)
