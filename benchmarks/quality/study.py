@@ -50,6 +50,7 @@ TASK_DEFAULTS = {"train_rows": 2000, "eval_rows": 100, "teacher_steps": 1500, "t
 # the hidden-32 one stayed near 26% exact match after 150 steps.
 TASK_SETTINGS: dict[str, dict] = {"arithmetic_v2": {"student_hidden": 64}}
 TEACHER_SEQUENCES = "TEACHER_SEQUENCES"  # replaced by the task's `precompute --generate` store
+FRACTIONS = (0.1, 0.3)  # the data-efficiency arms' shares of the training rows
 
 
 def methods() -> dict[str, dict]:
@@ -107,12 +108,13 @@ def prepare_task(task: Task, work: Path, args: argparse.Namespace) -> dict[str, 
     settings = task_settings(task.name, args)
     paths = asset_paths(task.name, work)
     write_jsonl(paths["data"] / "dev.jsonl", dev_rows(task, settings["train_rows"], settings["eval_rows"]))
+    train, evaluation = task.splits(settings["train_rows"], settings["eval_rows"], seed=0)
+    for fraction in FRACTIONS:  # the data-efficiency arms' subsets: the first rows of the training split
+        write_jsonl(paths["data"] / data_file(fraction), train[: max(1, round(len(train) * fraction))])
     if stamp.is_file() and json.loads(stamp.read_text()).get("settings") == settings:
         return paths
-    train, evaluation = task.splits(settings["train_rows"], settings["eval_rows"], seed=0)
     write_jsonl(paths["data"] / "train.jsonl", train)
     write_jsonl(paths["data"] / "eval.jsonl", evaluation)
-    write_jsonl(paths["data"] / "train_10pct.jsonl", train[: max(1, len(train) // 10)])
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(paths["tokenizer"])
     torch.manual_seed(0)
@@ -131,6 +133,11 @@ def prepare_task(task: Task, work: Path, args: argparse.Namespace) -> dict[str, 
     print(f"{task.name}: teacher trained ({settings['teacher_steps']} steps in {seconds:.0f} s, loss {loss:.3f}), "
           f"held-out {task.metric_name} {score:.1f}", flush=True)
     return paths
+
+
+def data_file(fraction: float) -> str:
+    """The training file of a data fraction: train.jsonl, or train_<percent>pct.jsonl (its first rows)."""
+    return "train.jsonl" if fraction == 1.0 else f"train_{round(100 * fraction)}pct.jsonl"
 
 
 def dev_rows(task: Task, train_rows: int, eval_rows: int) -> list[dict]:
@@ -177,27 +184,32 @@ def student_config(task: Task, assets: dict[str, Path], out: Path, data_file: st
 
 def train_one(task: Task, assets: dict[str, Path], work: Path, method: str, seed: int, fraction: float,
               args: argparse.Namespace, *, xkd: dict | None = None, split: str = "eval", dev_too: bool = False,
-              logged: list[str] = LOGGED, history: Path | None = None) -> dict:
+              logged: list[str] = LOGGED, history: Path | None = None,
+              temperatures: tuple[float, ...] = ()) -> dict:
     """Train one student with `axolotl train`, score it on `split` (eval: the test prompts; dev: the tuning
     prompts) and, with dev_too, greedily on dev as `dev_metric`; delete its weights; returns its CSV row with
     the `logged` X-KD metrics of the last logging step. history: a JSON-lines file that gets the run's whole log
-    (every logging step's loss and xkd/* metrics) as one line."""
+    (every logging step's loss and xkd/* metrics) as one line. temperatures: also sample args.samples responses
+    per `split` prompt at each and score them (`sampled`, the CSV's `sampled` column as JSON)."""
     import shutil
 
-    data_file = "train.jsonl" if fraction == 1.0 else "train_10pct.jsonl"
+    data = data_file(fraction)
     xkd = json.loads(json.dumps(METHODS[method] if xkd is None else xkd))
     if xkd.get("teacher") == TEACHER_SEQUENCES:
-        xkd["teacher"] = {"source": "precomputed", "path": str(teacher_store(task, assets, data_file, work))}
+        xkd["teacher"] = {"source": "precomputed", "path": str(teacher_store(task, assets, data, work))}
     elif "teacher" not in xkd:
         xkd["teacher"] = {"source": "model", "path": str(assets["teacher"])}
     out = work / task.name / "runs" / f"{method}-seed{seed}-data{fraction:g}"
-    config = student_config(task, assets, out, data_file, seed=seed, steps=args.steps, xkd=xkd)
+    config = student_config(task, assets, out, data, seed=seed, steps=args.steps, xkd=xkd)
     started = time.perf_counter()
     env = {"OMP_NUM_THREADS": str(args.threads)}
     run_cli(["axolotl", "train", str(write_config(out / "cfg.yml", config))], env=env)
     seconds = time.perf_counter() - started
     evaluation = [json.loads(line) for line in (assets["data"] / f"{split}.jsonl").read_text().splitlines()]
     scores = evaluate(Path(config["output_dir"]), task, evaluation, samples=args.samples, seed=seed)
+    if temperatures:
+        scores["sampled"] = json.dumps(sampled(Path(config["output_dir"]), task, evaluation, samples=args.samples,
+                                              temperatures=temperatures, seed=seed))
     if dev_too:
         dev = [json.loads(line) for line in (assets["data"] / "dev.jsonl").read_text().splitlines()]
         scores["dev_metric"] = evaluate(Path(config["output_dir"]), task, dev, samples=0)["metric"]
@@ -224,6 +236,22 @@ def evaluate(model_dir: Path, task: Task, rows: list[dict], *, samples: int, see
                          temperature=1.0, n=samples, seed=seed)
         result.update(diversity(drawn, samples, tokenizer))
     return result
+
+
+def sampled(model_dir: Path, task: Task, rows: list[dict], *, samples: int, temperatures: tuple[float, ...],
+            seed: int = 0) -> dict[str, dict[str, float]]:
+    """At each temperature, `samples` responses per prompt: the task metric over all of them against each prompt's
+    reference, distinct-2 and self-BLEU (the quality-diversity trade-off), keyed by the temperature as text."""
+    model, tokenizer = load(model_dir)
+    prompts = [r["prompt"] for r in rows]
+    references = [r["response"] for r in rows for _ in range(samples)]
+    out = {}
+    for temperature in temperatures:
+        drawn = generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, max_length=SEQUENCE_LEN,
+                         temperature=temperature, n=samples, seed=seed)
+        out[f"{temperature:g}"] = {"metric": round(task.metric(drawn, references), 3),
+                                   **diversity(drawn, samples, tokenizer)}
+    return out
 
 
 # ---- reports ---------------------------------------------------------------------------------------
@@ -385,8 +413,8 @@ def main() -> None:
             if (t, m, s, f) not in done]
     for t in args.tasks:  # the teacher stores are shared by runs; build them before the parallel runs
         if any(METHODS[m].get("teacher") == TEACHER_SEQUENCES for _, m, _, _ in todo):
-            for data_file in ("train.jsonl", "train_10pct.jsonl"):
-                teacher_store(TASKS[t], assets[t], data_file, args.work)
+            for name in ("train.jsonl", data_file(0.1)):
+                teacher_store(TASKS[t], assets[t], name, args.work)
     jobs = [partial(train_one, TASKS[t], assets[t], args.work, m, s, frac, args) for t, m, s, frac in todo]
     run_all(jobs, csv_path, args.jobs, "quality study")
     report(args, read_runs(csv_path), ("python -m benchmarks.quality.study " + " ".join(sys.argv[1:])).strip())

@@ -69,7 +69,8 @@ def tokenized_rows(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
 
 def train_trl(task: Task, assets: dict[str, Path], work: Path, method: str, seed: int,
               args: argparse.Namespace) -> dict:
-    """One TRL GKDTrainer run on the task's full training data, scored like the study's runs."""
+    """One TRL run on the task's training data (args.fraction of it), scored like the study's runs (with
+    args.temperatures, also its samples at each: study.sampled)."""
     import shutil
 
     import torch
@@ -79,9 +80,9 @@ def train_trl(task: Task, assets: dict[str, Path], work: Path, method: str, seed
     from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
 
     torch.set_num_threads(args.threads)
-    out = work / task.name / "runs" / f"{method}-seed{seed}"
+    out = work / task.name / "runs" / f"{method}-seed{seed}-data{args.fraction:g}"
     tokenizer = AutoTokenizer.from_pretrained(assets["student"])
-    rows = [json.loads(line) for line in (assets["data"] / "train.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (assets["data"] / study.data_file(args.fraction)).read_text().splitlines()]
     common = dict(
         output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=32, gradient_accumulation_steps=1,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
@@ -118,19 +119,23 @@ def train_trl(task: Task, assets: dict[str, Path], work: Path, method: str, seed
     tokenizer.save_pretrained(out / "model")
     evaluation = [json.loads(line) for line in (assets["data"] / f"{args.split}.jsonl").read_text().splitlines()]
     scores = study.evaluate(out / "model", task, evaluation, samples=args.samples, seed=seed)
+    if args.temperatures:
+        scores["sampled"] = json.dumps(study.sampled(out / "model", task, evaluation, samples=args.samples,
+                                                     temperatures=tuple(args.temperatures), seed=seed))
     shutil.rmtree(out, ignore_errors=True)
-    return {"task": task.name, "method": method_name(method, args.lr), "seed": seed, "data_fraction": 1.0,
+    return {"task": task.name, "method": method_name(method, args.lr), "seed": seed, "data_fraction": args.fraction,
             "metric_name": task.metric_name, **scores, "steps": args.steps, "train_seconds": round(seconds, 1)}
 
 
 def run_subprocess(task: str, method: str, seed: int, args: argparse.Namespace, *, lr: float = STUDY_LR,
-                   split: str = "eval") -> dict:
+                   split: str = "eval", fraction: float = 1.0, temperatures: tuple[float, ...] = ()) -> dict:
     """train_trl in its own process (accelerate's state is per process); returns its CSV row."""
     import subprocess
 
     command = [sys.executable, "-m", "benchmarks.quality.trl_baselines", "--one", task, method, str(seed),
                "--steps", str(args.steps), "--samples", str(args.samples), "--threads", str(args.threads),
-               "--work", str(args.work), "--lr", str(lr), "--split", split]
+               "--work", str(args.work), "--lr", str(lr), "--split", split, "--fraction", str(fraction),
+               "--temperatures", *map(str, temperatures)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=study.REPO, env={**os.environ,
                           "OMP_NUM_THREADS": str(args.threads)})
     if done.returncode != 0:
@@ -146,6 +151,8 @@ def main() -> None:
     parser.add_argument("--tune-minillm", action="store_true", help="tune MiniLLM's learning rate on dev, then test")
     parser.add_argument("--lr", type=float, default=STUDY_LR, help=argparse.SUPPRESS)
     parser.add_argument("--split", choices=("eval", "dev"), default="eval", help=argparse.SUPPRESS)
+    parser.add_argument("--fraction", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser.add_argument("--temperatures", type=float, nargs="*", default=[], help=argparse.SUPPRESS)
     args = study.follow_up_args(parser)
     if args.one:
         task, method, seed = args.one

@@ -1,0 +1,262 @@
+"""Issue 27's test phase: the sweep's chosen coupled setting against GKD / SeqKD with the same divergence, SFT and
+TRL's MiniLLM on the test split, with data-efficiency arms and the quality-diversity trade-off.
+
+    python -m benchmarks.quality.coupled_test [--setting observed_r0.25_w1] [--seeds 5] [--fractions 1 0.3 0.1]
+        [--temperatures 0.5 0.8 1.0 1.2] [--samples 4] [--jobs 2] [--tasks ...] [--divergences fkl jsd tvd seq]
+
+The setting is the one `benchmarks.quality.coupled` chose on dev (the highest worst dev ratio to GKD over every
+task and divergence, recomputed from its sweep.csv), unless --setting names one; the command refuses to start
+before the sweep is complete. Per task, seed and data fraction it trains, through the real `axolotl train`: SFT,
+GKD with each divergence (`gkd_<d>`; `gkd_seq` is SeqKD) and the coupled form at the setting
+(`coupled_<d>_<setting>`), and TRL's MiniLLM with an SFT start at its dev-tuned rate (`trl_minillm_sft_lr0.001`,
+minillm_sweep.md). Every student is scored greedily on test; full-data students also sample --samples responses
+per prompt at each temperature (quality: the task metric over the samples; diversity: distinct-2, self-BLEU).
+
+The decision rule was fixed before any test run (issue 27, item 4; docs/defaults.md): the setting becomes the
+default only if on test its mean is at least 0.95x GKD's with the same divergence in every (task, divergence) cell
+and it is ahead beyond seed spread (mean - std above GKD's mean + std, the study's rule) in at least two tasks, with
+forward KL, the default divergence. Data efficiency: per method and task, the data fraction at which its mean
+metric reaches GKD's (forward KL) full-data mean, linear between the measured fractions, with a bootstrap interval
+over seeds. Writes, under --out (default benchmarks/results/quality/coupled): test.csv (resumable), test.md and
+qd_<task>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+
+from benchmarks.quality import study, trl_baselines
+from benchmarks.quality.coupled import DIVERGENCES, block, cell_ratios, choose
+from benchmarks.quality.defaults import TASKS_GATED
+from benchmarks.quality.tasks import TASKS
+
+MINILLM = ("trl_minillm_sft", 0.001)  # the arm and the learning rate minillm_sweep.md chose on dev
+QD_ARMS = ("sft", "gkd_fkl", "gkd_seq", "coupled_fkl", "coupled_seq")  # coupled_<d>: at the chosen setting
+FIELDS = [*study.FIELDS[: -len(study.LOGGED)], "sampled"]
+
+
+def chosen_setting(sweep_csv: Path, tasks: list[str], divergences: list[str]) -> str:
+    """The sweep's choice over its complete settings; an error while any setting is incomplete."""
+    runs = study.read_runs(sweep_csv)
+    ratios = cell_ratios(runs, tasks, divergences)
+    settings = {r["method"].split("_", 2)[2] for r in runs if r["method"].startswith("coupled_")}
+    if not ratios or set(ratios) != settings:
+        raise SystemExit(f"{sweep_csv}: the sweep is not complete ({len(ratios)} of {len(settings)} settings cover "
+                         "every task and divergence); finish `python -m benchmarks.quality.coupled` or pass --setting")
+    return choose(ratios)
+
+
+def arm_blocks(setting: str, divergences: list[str]) -> dict[str, dict]:
+    """Run name -> `xkd:` block of every arm trained here through Axolotl (MiniLLM runs in TRL)."""
+    target, rest = setting.split("_r")
+    ratio, w_kl = (float(v) for v in rest.split("_w"))
+    arms = {"sft": study.METHODS["sft"]}
+    for short in divergences:
+        arms[f"gkd_{short}"] = block(DIVERGENCES[short], None)
+        arms[f"coupled_{short}_{setting}"] = block(DIVERGENCES[short], {"target": target, "ratio": ratio,
+                                                                        "w_kl": w_kl})
+    return arms
+
+
+def stats(values: list[float]) -> tuple[float, float]:
+    """(mean, population std) of the seeds' metrics, the study's convention."""
+    return statistics.fmean(values), statistics.pstdev(values)
+
+
+def ahead_beyond_spread(mine: list[float], reference: list[float]) -> bool:
+    """The study's rule: mean - std entirely above the reference's mean + std."""
+    (m, s), (rm, rs) = stats(mine), stats(reference)
+    return m - s > rm + rs
+
+
+def metrics(runs: list[dict]) -> dict[tuple[str, str, float], list[float]]:
+    """(task, method, data fraction) -> the seeds' test metrics."""
+    out: dict[tuple[str, str, float], list[float]] = {}
+    for r in runs:
+        out.setdefault((r["task"], r["method"], float(r["data_fraction"])), []).append(float(r["metric"]))
+    return out
+
+
+def decision(by: dict, tasks: list[str], divergences: list[str], setting: str) -> tuple[bool, list[str]]:
+    """The fixed rule: (adopt, the lines that show why)."""
+    lines, floor_ok, ahead = [], True, []
+    for t in tasks:
+        for d in divergences:
+            mine, ref = by.get((t, f"coupled_{d}_{setting}", 1.0)), by.get((t, f"gkd_{d}", 1.0))
+            if not mine or not ref:
+                return False, [f"incomplete: {t} {d}"]
+            r = statistics.fmean(mine) / statistics.fmean(ref) if statistics.fmean(ref) else 1.0
+            floor_ok &= r >= 0.95
+            if d == "fkl" and ahead_beyond_spread(mine, ref):
+                ahead.append(t)
+            lines.append(f"| {t} | {d} | {stats(mine)[0]:.1f} ± {stats(mine)[1]:.1f} | {stats(ref)[0]:.1f} ± "
+                         f"{stats(ref)[1]:.1f} | {r:.2f} |")
+    adopt = floor_ok and len(ahead) >= 2
+    verdict = (f"At least 0.95x GKD in every cell: {'yes' if floor_ok else 'no'}; ahead beyond seed spread with "
+               f"forward KL on {len(ahead)} task(s) ({', '.join(ahead) or 'none'}; two needed). "
+               f"**{'Adopt' if adopt else 'Do not adopt'}** the setting as the default.")
+    return adopt, ["| task | divergence | coupled | GKD | ratio |", "|---|---|---|---|---|", *lines, "", verdict]
+
+
+def fraction_to_reach(points: dict[float, float], goal: float) -> float | None:
+    """The smallest data fraction where the mean metric reaches `goal`, linear between measured fractions
+    (ascending); None when even the largest fraction does not."""
+    xs = sorted(points)
+    if points[xs[0]] >= goal:
+        return xs[0]
+    for lo, hi in zip(xs, xs[1:]):
+        if points[hi] >= goal:
+            return lo + (hi - lo) * (goal - points[lo]) / (points[hi] - points[lo])
+    return None
+
+
+def efficiency(by: dict, task: str, method: str, fractions: list[float], goal_runs: list[float],
+               draws: int = 1000, seed: int = 0) -> str:
+    """'f [lo, hi]': the fraction `method` needs to reach the mean of `goal_runs` (GKD's full-data seeds), with a
+    95% bootstrap interval (seeds resampled in every arm and in the goal); '> 1' where it never does."""
+    seeds = {f: by.get((task, method, f), []) for f in fractions}
+    if not all(seeds.values()):
+        return "incomplete"
+    point = fraction_to_reach({f: statistics.fmean(v) for f, v in seeds.items()}, statistics.fmean(goal_runs))
+    rng, found = random.Random(seed), []
+    for _ in range(draws):
+        means = {f: statistics.fmean(rng.choices(v, k=len(v))) for f, v in seeds.items()}
+        reach = fraction_to_reach(means, statistics.fmean(rng.choices(goal_runs, k=len(goal_runs))))
+        found.append(2.0 if reach is None else reach)  # beyond the data: above every measured fraction
+    found.sort()
+    lo, hi = found[int(0.025 * draws)], found[int(0.975 * draws) - 1]
+
+    def text(v: float) -> str:
+        return "> 1" if v > 1 else f"{v:.2f}"
+
+    return f"{'> 1' if point is None else f'{point:.2f}'} [{text(lo)}, {text(hi)}]"
+
+
+def qd_points(runs: list[dict], task: str, method: str) -> dict[str, list[tuple[float, float, float]]]:
+    """temperature -> [(quality, distinct-2, self-BLEU) per seed] of a method's full-data runs on `task`."""
+    out: dict[str, list[tuple[float, float, float]]] = {}
+    for r in runs:
+        if r["task"] == task and r["method"] == method and float(r["data_fraction"]) == 1.0 and r.get("sampled"):
+            for temperature, s in json.loads(r["sampled"]).items():
+                out.setdefault(temperature, []).append((s["metric"], s["distinct2"], s["self_bleu"]))
+    return out
+
+
+def dominates(a: dict, b: dict) -> bool:
+    """Curve a dominates curve b: every mean point of b has a mean point of a at least as good in quality and in
+    distinct-2, and a is not the same curve."""
+    pa = [tuple(statistics.fmean(x[i] for x in v) for i in (0, 1)) for v in a.values()]
+    pb = [tuple(statistics.fmean(x[i] for x in v) for i in (0, 1)) for v in b.values()]
+    return bool(pa and pb) and pa != pb and all(any(q >= bq and d >= bd for q, d in pa) for bq, bd in pb)
+
+
+def qd_section(runs: list[dict], tasks: list[str], methods: dict[str, str], out: Path) -> list[str]:
+    """Per task: each curve's (label -> run name in `methods`) mean ± std at each temperature, which curve dominates
+    which, and qd_<task>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = []
+    for t in tasks:
+        curves = {label: qd_points(runs, t, m) for label, m in methods.items()}
+        fig, ax = plt.subplots(figsize=(5, 4))
+        lines += [f"### {t}", "", "| method | temperature | quality | distinct-2 | self-BLEU |",
+                  "|---|---|---|---|---|"]
+        for label, curve in curves.items():
+            xs, ys, xe, ye = [], [], [], []
+            for temperature in sorted(curve, key=float):
+                pts = curve[temperature]
+                (q, qs), (d, ds), (b, _) = (stats([p[i] for p in pts]) for i in range(3))
+                lines.append(f"| {label} | {temperature} | {q:.1f} ± {qs:.1f} | {d:.3f} ± {ds:.3f} | {b:.1f} |")
+                xs.append(d), ys.append(q), xe.append(ds), ye.append(qs)
+            if xs:
+                ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=2, label=label)
+        wins = [f"{a} dominates {b}" for a in curves for b in curves if a != b and dominates(curves[a], curves[b])]
+        lines += ["", "Dominance (means): " + ("; ".join(wins) or "no curve dominates another") + ".", ""]
+        ax.set_xlabel("distinct-2 (diversity)")
+        ax.set_ylabel(f"{TASKS[t].metric_name} of samples")
+        ax.set_title(f"{t}: temperatures 0.5-1.2")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"qd_{t}.png", dpi=120)
+        plt.close(fig)
+    return lines
+
+
+def report(runs: list[dict], args: argparse.Namespace, setting: str, command: str) -> str:
+    """test.md: the decision rule applied, every arm's test metric, data efficiency, the quality-diversity curves."""
+    by = metrics(runs)
+    minillm = trl_baselines.method_name(*MINILLM)
+    methods = ["sft", minillm, *(f"{k}_{d}" + (f"_{setting}" if k == "coupled" else "")
+                                 for d in args.divergences for k in ("gkd", "coupled"))]
+    _, rule = decision(by, args.tasks, args.divergences, setting)
+    lines = ["# Coupled X-KD on test (issue 27)", "", f"`{command}`", "", f"Setting chosen on dev: **{setting}**.",
+             "", "## The decision rule (fixed before the test runs)", "", *rule, "", "## Test metric, mean ± std",
+             "", "| method | fraction | " + " | ".join(args.tasks) + " |", "|---" * (len(args.tasks) + 2) + "|"]
+    for m in methods:
+        for f in sorted(args.fractions, reverse=True):
+            cells = [by.get((t, m, f)) for t in args.tasks]
+            lines.append(f"| {m} | {f:g} | " + " | ".join(
+                f"{stats(c)[0]:.1f} ± {stats(c)[1]:.1f} (n={len(c)})" if c else "" for c in cells) + " |")
+    lines += ["", "## Data efficiency", "", "The data fraction each method needs to reach GKD's (forward KL) "
+              "full-data mean, linear between the measured fractions, [95% bootstrap interval over seeds].", "",
+              "| method | " + " | ".join(args.tasks) + " |", "|---" * (len(args.tasks) + 1) + "|"]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(
+            efficiency(by, t, m, args.fractions, by.get((t, "gkd_fkl", 1.0), [])) if by.get((t, "gkd_fkl", 1.0))
+            else "incomplete" for t in args.tasks) + " |")
+    qd = {label: f"{label}_{setting}" if label.startswith("coupled") else label for label in QD_ARMS}
+    lines += ["", "## Quality and diversity", "", *qd_section(runs, args.tasks, qd, args.out)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = study.follow_up_parser(__doc__.splitlines()[0])
+    parser.set_defaults(tasks=TASKS_GATED, out=study.REPO / "benchmarks" / "results" / "quality" / "coupled")
+    parser.add_argument("--setting", help="a sweep setting, e.g. observed_r0.25_w1 (default: the sweep's choice)")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES), choices=list(DIVERGENCES))
+    parser.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.3, 0.1])
+    parser.add_argument("--temperatures", nargs="+", type=float, default=[0.5, 0.8, 1.0, 1.2])
+    args = study.follow_up_args(parser)
+    for f in args.fractions:
+        if f != 1.0 and f not in study.FRACTIONS:
+            parser.error(f"--fractions: {f} is not 1 or one of the prepared subsets {study.FRACTIONS}")
+    setting = args.setting or chosen_setting(args.out / "sweep.csv", args.tasks, args.divergences)
+    csv_path = args.out / "test.csv"
+    done = {(r["task"], r["method"], int(r["seed"]), float(r["data_fraction"])) for r in study.read_runs(csv_path)}
+    arms = arm_blocks(setting, args.divergences)
+    assets = {t: study.prepare_task(TASKS[t], args.work, args) for t in args.tasks}
+    minillm = trl_baselines.method_name(*MINILLM)
+    todo = [(t, m, s, f) for s in range(args.seeds) for f in args.fractions for t in args.tasks
+            for m in [*arms, minillm] if (t, m, s, f) not in done]
+    for t in args.tasks:
+        for f in args.fractions:
+            if "seq" in args.divergences:
+                study.teacher_store(TASKS[t], assets[t], study.data_file(f), args.work)
+    sampling = tuple(args.temperatures)
+    jobs = []
+    for t, m, s, f in todo:
+        temperatures = sampling if f == 1.0 and m.rsplit(f"_{setting}", 1)[0] in QD_ARMS else ()
+        if m == minillm:
+            jobs.append(partial(trl_baselines.run_subprocess, t, MINILLM[0], s, args, lr=MINILLM[1], fraction=f))
+        else:
+            jobs.append(partial(study.train_one, TASKS[t], assets[t], args.work, m, s, f, args, xkd=arms[m],
+                                logged=[], temperatures=temperatures))
+    study.run_all(jobs, csv_path, args.jobs, "coupled test", fields=FIELDS)
+    command = ("python -m benchmarks.quality.coupled_test " + " ".join(sys.argv[1:])).strip()
+    text = report(study.read_runs(csv_path), args, setting, command)
+    (args.out / "test.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
