@@ -278,8 +278,7 @@ def chunked_xkd_loss(
     n_rows = labels.numel()
     positions, flat = prepare(labels, teacher, mu, log_sigma, params=p,
                               vocab_size=output_weight.shape[0], position_ids=position_ids, eos_token_id=eos_token_id)
-    hidden = student_hidden.reshape(n_rows, student_hidden.shape[-1])
-    rows, counted = hidden, positions
+    rows, counted = student_hidden.reshape(n_rows, student_hidden.shape[-1]), positions
     keep = _counted_rows(positions, p)
     if keep is not None:  # only the counted rows need logits: the prompt's are never formed
         rows, flat = rows.index_select(0, keep), _select_rows(flat, keep)

@@ -110,7 +110,7 @@ def prepare_task(task: Task, work: Path, args: argparse.Namespace) -> dict[str, 
     write_jsonl(paths["data"] / "dev.jsonl", dev_rows(task, settings["train_rows"], settings["eval_rows"]))
     train, evaluation = task.splits(settings["train_rows"], settings["eval_rows"], seed=0)
     for fraction in FRACTIONS:  # the data-efficiency arms' subsets: the first rows of the training split
-        write_jsonl(paths["data"] / data_file(fraction), train[: max(1, round(len(train) * fraction))])
+        write_jsonl(paths["data"] / data_file(fraction), train[: max(1, len(train) * round(100 * fraction) // 100)])
     if stamp.is_file() and json.loads(stamp.read_text()).get("settings") == settings:
         return paths
     write_jsonl(paths["data"] / "train.jsonl", train)
