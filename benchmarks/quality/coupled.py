@@ -1,6 +1,6 @@
 """Where does coupled X-KD help? The sweep of issue 27: the fading-force regime lambda < w_kl, on dev only.
 
-    python -m benchmarks.quality.coupled [--seeds 3] [--jobs 2] [--tasks arithmetic arithmetic_v2 translation summary]
+    python -m benchmarks.quality.coupled [--seeds 3] [--carry 3] [--jobs 2] [--tasks ...]
         [--divergences fkl jsd tvd seq] [--td-targets observed soft] [--ratios 0.1 0.25 0.5] [--w-kl 0.1 1]
 
 docs/defaults.md derives that with lambda = w_kl (every coupled setting measured before) the TD term pulls on the
@@ -14,6 +14,11 @@ on the dev prompts only (nothing here reads the test split). Every run's whole l
 xkd/kd_force and xkd/td_force, the pulls of the divergence and the TD term on the logits) goes to history.jsonl,
 to check the analysis. One setting (target, ratio, w_kl) is chosen for all divergences and tasks: the one whose
 worst dev ratio to GKD with the same divergence, over every task and divergence, is highest.
+
+The sweep runs in two stages, fixed before their results (a 624-run full factorial does not fit a session's two
+cores): every setting at the first seed (the screen), then the other seeds for GKD and the --carry settings whose
+seed-0 worst ratio (ties: mean ratio) is highest. The choice is made among the carried settings on their
+--seeds-seed means; --carry 0 runs every setting at every seed.
 
 Writes, under --out (default benchmarks/results/quality/coupled): sweep.csv (resumable), history.jsonl, sweep.md.
 """
@@ -34,6 +39,7 @@ from benchmarks.quality.tasks import TASKS
 
 DIVERGENCES = {"fkl": "forward_kl", "jsd": "jsd", "tvd": "tvd", "seq": "sequence"}
 LOGGED = [*study.LOGGED, "kd_force", "td_force"]
+SEEDS, CARRY = 3, 3  # the sweep's seeds, and the settings the seed-0 screen carries to the others
 FIELDS = [*study.FIELDS[: -len(study.LOGGED)], *LOGGED]
 
 
@@ -79,25 +85,47 @@ def ratio(mine: float, reference: float) -> float:
     return mine / reference if reference else (1.0 if mine == 0 else math.inf)
 
 
-def cell_ratios(runs: list[dict], tasks: list[str], divergences: list[str]) -> dict[str, dict[tuple[str, str], float]]:
-    """setting -> {(task, divergence): mean dev of the coupled arm / mean dev of gkd_<d>}, complete settings only."""
-    means = {k: statistics.fmean(v) for k, v in dev_means(runs).items()}
-    settings = {m.split("_", 2)[2] for _, m in means if m.startswith("coupled_")}
+def cell_ratios(runs: list[dict], tasks: list[str], divergences: list[str],
+                seeds: int = 1) -> dict[str, dict[tuple[str, str], float]]:
+    """setting -> {(task, divergence): mean dev of the coupled arm / mean dev of gkd_<d>}, for the settings whose
+    every cell, and GKD's, has at least `seeds` seeds."""
+    by = dev_means(runs)
+    settings = {m.split("_", 2)[2] for _, m in by if m.startswith("coupled_")}
     out = {}
     for setting in settings:
-        cells = {(t, d): ratio(means[(t, f"coupled_{d}_{setting}")], means[(t, f"gkd_{d}")])
-                 for t in tasks for d in divergences
-                 if (t, f"coupled_{d}_{setting}") in means and (t, f"gkd_{d}") in means}
-        if len(cells) == len(tasks) * len(divergences):
-            out[setting] = cells
+        pairs = {(t, d): (by.get((t, f"coupled_{d}_{setting}"), []), by.get((t, f"gkd_{d}"), []))
+                 for t in tasks for d in divergences}
+        if all(len(mine) >= seeds and len(ref) >= seeds for mine, ref in pairs.values()):
+            out[setting] = {c: ratio(statistics.fmean(mine), statistics.fmean(ref)) for c, (mine, ref) in pairs.items()}
     return out
+
+
+def ranked(ratios: dict[str, dict[tuple[str, str], float]]) -> list[str]:
+    """Settings from the highest worst ratio over their cells down (ties: the highest mean ratio)."""
+    return sorted(ratios, key=lambda s: (-min(ratios[s].values()), -statistics.fmean(ratios[s].values()), s))
 
 
 def choose(ratios: dict[str, dict[tuple[str, str], float]]) -> str | None:
     """The setting with the highest worst ratio over its cells (ties: the highest mean ratio)."""
-    if not ratios:
-        return None
-    return max(ratios, key=lambda s: (min(ratios[s].values()), statistics.fmean(ratios[s].values())))
+    return next(iter(ranked(ratios)), None)
+
+
+def screen(runs: list[dict], tasks: list[str], divergences: list[str]) -> dict[str, dict[tuple[str, str], float]]:
+    """The seed-0 ratios of every setting (the screen's table)."""
+    return cell_ratios([r for r in runs if int(r["seed"]) == 0], tasks, divergences)
+
+
+def carried(runs: list[dict], tasks: list[str], divergences: list[str], carry: int) -> list[str]:
+    """The settings the screen carries to the other seeds: its best `carry` (every setting where carry is 0)."""
+    order = ranked(screen(runs, tasks, divergences))
+    return order[:carry] if carry else order
+
+
+def final(runs: list[dict], tasks: list[str], divergences: list[str], seeds: int,
+          carry: int) -> dict[str, dict[tuple[str, str], float]]:
+    """The carried settings' ratios over `seeds` seeds, those complete; the choice is made among these."""
+    ratios = cell_ratios(runs, tasks, divergences, seeds)
+    return {s: ratios[s] for s in carried(runs, tasks, divergences, carry) if s in ratios}
 
 
 def last_logged(history: Path) -> dict[tuple[str, str, int], dict]:
@@ -130,35 +158,45 @@ def force_table(history: Path, settings: list[str], divergences: list[str]) -> l
     return lines
 
 
-def report(runs: list[dict], history: Path, tasks: list[str], divergences: list[str], command: str) -> str:
-    """sweep.md: per setting its worst and mean dev ratio to GKD and every cell, the choice, and the force table."""
-    ratios = cell_ratios(runs, tasks, divergences)
-    chosen = choose(ratios)
-    cells = [(t, d) for d in divergences for t in tasks]
-    lines = ["# Coupled X-KD sweep (dev split only)", "", f"`{command}`", "",
-             "Dev metric ratio of the coupled form to GKD with the same divergence (means over seeds); a setting is "
-             "target, lambda / w_kl (r) and w_kl (w). Chosen: the highest worst ratio over every task and "
-             "divergence.", "",
-             "| setting | worst | mean | " + " | ".join(f"{t} {d}" for t, d in cells) + " |",
+def ratio_table(ratios: dict[str, dict[tuple[str, str], float]], cells: list[tuple[str, str]]) -> list[str]:
+    """One row per setting, best first: its worst and mean ratio and every cell's."""
+    lines = ["| setting | worst | mean | " + " | ".join(f"{t} {d}" for t, d in cells) + " |",
              "|---" * (len(cells) + 3) + "|"]
-    for setting in sorted(ratios, key=lambda s: -min(ratios[s].values())):
+    for setting in ranked(ratios):
         row = ratios[setting]
         lines.append(f"| {setting} | {min(row.values()):.2f} | {statistics.fmean(row.values()):.2f} | "
                      + " | ".join(f"{row[c]:.2f}" for c in cells) + " |")
+    return lines
+
+
+def report(runs: list[dict], history: Path, args: argparse.Namespace, command: str) -> str:
+    """sweep.md: the screen (seed 0) and the carried settings' ratios to GKD over every cell, the choice, and the
+    force table."""
+    tasks, divergences = args.tasks, args.divergences
+    ratios = final(runs, tasks, divergences, args.seeds, args.carry)
+    chosen = choose(ratios)
+    cells = [(t, d) for d in divergences for t in tasks]
     seeds = dev_means(runs)
-    lines += ["", "GKD dev means: " + ", ".join(
-        f"{t} {d} {statistics.fmean(seeds[(t, f'gkd_{d}')]):.1f} (n={len(seeds[(t, f'gkd_{d}')])})"
-        for t, d in cells if (t, f"gkd_{d}") in seeds), "",
-              f"Chosen: **{chosen}**" if chosen else "No setting is complete yet.", "",
-              "## The pulls on the student, at the last logging step", "",
-              *force_table(history, sorted(ratios), divergences)]
+    lines = ["# Coupled X-KD sweep (dev split only)", "", f"`{command}`", "",
+             "Dev metric ratio of the coupled form to GKD with the same divergence (means over seeds); a setting is "
+             "target, lambda / w_kl (r) and w_kl (w). Chosen: the highest worst ratio over every task and "
+             "divergence, among the settings the seed-0 screen carried to the other seeds.", "",
+             f"## The carried settings, {args.seeds} seeds", "", *ratio_table(ratios, cells), "",
+             "GKD dev means: " + ", ".join(
+                 f"{t} {d} {statistics.fmean(seeds[(t, f'gkd_{d}')]):.1f} (n={len(seeds[(t, f'gkd_{d}')])})"
+                 for t, d in cells if (t, f"gkd_{d}") in seeds), "",
+             f"Chosen: **{chosen}**" if chosen else "No carried setting is complete yet.", "",
+             "## The screen: every setting at seed 0", "", *ratio_table(screen(runs, tasks, divergences), cells), "",
+             "## The pulls on the student, at the last logging step", "",
+             *force_table(history, ranked(screen(runs, tasks, divergences)), divergences)]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = study.follow_up_parser(__doc__.splitlines()[0])
     parser.set_defaults(tasks=TASKS_GATED, samples=0, out=study.REPO / "benchmarks" / "results" / "quality" / "coupled")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=SEEDS)
+    parser.add_argument("--carry", type=int, default=CARRY, help="settings the seed-0 screen carries (0: all)")
     parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES), choices=list(DIVERGENCES))
     parser.add_argument("--td-targets", nargs="+", default=["observed", "soft"], choices=["observed", "soft"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.25, 0.5], help="lambda / w_kl")
@@ -166,18 +204,23 @@ def main() -> None:
     args = study.follow_up_args(parser)
     csv_path, history = args.out / "sweep.csv", args.out / "history.jsonl"
     table = arms(args.divergences, args.td_targets, args.ratios, args.w_kl)
-    done = {(r["task"], r["method"], int(r["seed"])) for r in study.read_runs(csv_path)}
     assets = {t: study.prepare_task(TASKS[t], args.work, args) for t in args.tasks}
-    # Seed-major, references first: an interrupted sweep has every setting at its first seeds.
-    todo = [(t, m, s) for s in range(args.seeds) for m in table for t in args.tasks if (t, m, s) not in done]
     for t in args.tasks:
-        if any(table[m].get("teacher") == study.TEACHER_SEQUENCES for _, m, _ in todo):
+        if "seq" in args.divergences:
             study.teacher_store(TASKS[t], assets[t], "train.jsonl", args.work)
-    jobs = [partial(study.train_one, TASKS[t], assets[t], args.work, m, s, 1.0, args, xkd=table[m], split="dev",
-                    logged=LOGGED, history=history) for t, m, s in todo]
-    study.run_all(jobs, csv_path, args.jobs, "coupled sweep (dev)", fields=FIELDS)
+
+    def run(seeds: range, names: list[str], stage: str) -> None:
+        done = {(r["task"], r["method"], int(r["seed"])) for r in study.read_runs(csv_path)}
+        todo = [(t, m, s) for s in seeds for m in names for t in args.tasks if (t, m, s) not in done]
+        jobs = [partial(study.train_one, TASKS[t], assets[t], args.work, m, s, 1.0, args, xkd=table[m], split="dev",
+                        logged=LOGGED, history=history) for t, m, s in todo]
+        study.run_all(jobs, csv_path, args.jobs, f"coupled sweep (dev, {stage})", fields=FIELDS)
+
+    run(range(1), list(table), "screen")
+    keep = carried(study.read_runs(csv_path), args.tasks, args.divergences, args.carry)
+    run(range(1, args.seeds), [m for m in table if m.startswith("gkd_") or m.split("_", 2)[2] in keep], "carried")
     command = ("python -m benchmarks.quality.coupled " + " ".join(sys.argv[1:])).strip()
-    text = report(study.read_runs(csv_path), history, args.tasks, args.divergences, command)
+    text = report(study.read_runs(csv_path), history, args, command)
     (args.out / "sweep.md").write_text(text)
     print(text)
 

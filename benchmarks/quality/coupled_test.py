@@ -32,23 +32,31 @@ from functools import partial
 from pathlib import Path
 
 from benchmarks.quality import study, trl_baselines
-from benchmarks.quality.coupled import DIVERGENCES, block, cell_ratios, choose
+from benchmarks.quality.coupled import CARRY, DIVERGENCES, SEEDS, block, carried, choose, final, screen
 from benchmarks.quality.defaults import TASKS_GATED
 from benchmarks.quality.tasks import TASKS
 
 MINILLM = ("trl_minillm_sft", 0.001)  # the arm and the learning rate minillm_sweep.md chose on dev
 QD_ARMS = ("sft", "gkd_fkl", "gkd_seq", "coupled_fkl", "coupled_seq")  # coupled_<d>: at the chosen setting
+# The arms trained on data subsets too: the paper's data-efficiency claim is against GKD and SeqKD (MiniLLM, SFT
+# beside them); the decision rule reads full data only, so JSD and TVD arms train on full data alone.
+FRACTION_ARMS = (*QD_ARMS, MINILLM[0])
 FIELDS = [*study.FIELDS[: -len(study.LOGGED)], "sampled"]
 
 
-def chosen_setting(sweep_csv: Path, tasks: list[str], divergences: list[str]) -> str:
-    """The sweep's choice over its complete settings; an error while any setting is incomplete."""
+def chosen_setting(sweep_csv: Path, tasks: list[str], divergences: list[str], seeds: int = SEEDS,
+                   carry: int = CARRY) -> str:
+    """The sweep's choice among the settings its seed-0 screen carried; an error while the screen or a carried
+    setting's seeds are incomplete."""
     runs = study.read_runs(sweep_csv)
-    ratios = cell_ratios(runs, tasks, divergences)
+    screened = screen(runs, tasks, divergences)
     settings = {r["method"].split("_", 2)[2] for r in runs if r["method"].startswith("coupled_")}
-    if not ratios or set(ratios) != settings:
-        raise SystemExit(f"{sweep_csv}: the sweep is not complete ({len(ratios)} of {len(settings)} settings cover "
-                         "every task and divergence); finish `python -m benchmarks.quality.coupled` or pass --setting")
+    keep = carried(runs, tasks, divergences, carry)
+    ratios = final(runs, tasks, divergences, seeds, carry)
+    if not screened or set(screened) != settings or set(ratios) != set(keep):
+        raise SystemExit(f"{sweep_csv}: the sweep is not complete ({len(screened)} of {len(settings)} settings "
+                         f"screened at seed 0, {len(ratios)} of {len(keep)} carried settings at {seeds} seeds); "
+                         "finish `python -m benchmarks.quality.coupled` or pass --setting")
     return choose(ratios)
 
 
@@ -62,6 +70,19 @@ def arm_blocks(setting: str, divergences: list[str]) -> dict[str, dict]:
         arms[f"coupled_{short}_{setting}"] = block(DIVERGENCES[short], {"target": target, "ratio": ratio,
                                                                         "w_kl": w_kl})
     return arms
+
+
+def base(method: str, setting: str) -> str:
+    """A run name without its setting (coupled_fkl_<setting> -> coupled_fkl) or, for MiniLLM, its rate."""
+    return method.rsplit(f"_{setting}", 1)[0].split("_lr")[0]
+
+
+def planned(tasks: list[str], names: list[str], seeds: int, fractions: list[float], setting: str,
+            done: set[tuple[str, str, int, float]]) -> list[tuple[str, str, int, float]]:
+    """(task, run name, seed, fraction) still to train, seed-major: every arm on full data, FRACTION_ARMS on the
+    subsets too."""
+    return [(t, m, s, f) for s in range(seeds) for f in fractions for t in tasks for m in names
+            if (t, m, s, f) not in done and (f == 1.0 or base(m, setting) in FRACTION_ARMS)]
 
 
 def stats(values: list[float]) -> tuple[float, float]:
@@ -209,7 +230,7 @@ def report(runs: list[dict], args: argparse.Namespace, setting: str, command: st
     lines += ["", "## Data efficiency", "", "The data fraction each method needs to reach GKD's (forward KL) "
               "full-data mean, linear between the measured fractions, [95% bootstrap interval over seeds].", "",
               "| method | " + " | ".join(args.tasks) + " |", "|---" * (len(args.tasks) + 1) + "|"]
-    for m in methods:
+    for m in (m for m in methods if base(m, setting) in FRACTION_ARMS):
         lines.append(f"| {m} | " + " | ".join(
             efficiency(by, t, m, args.fractions, by.get((t, "gkd_fkl", 1.0), [])) if by.get((t, "gkd_fkl", 1.0))
             else "incomplete" for t in args.tasks) + " |")
@@ -236,8 +257,7 @@ def main() -> None:
     arms = arm_blocks(setting, args.divergences)
     assets = {t: study.prepare_task(TASKS[t], args.work, args) for t in args.tasks}
     minillm = trl_baselines.method_name(*MINILLM)
-    todo = [(t, m, s, f) for s in range(args.seeds) for f in args.fractions for t in args.tasks
-            for m in [*arms, minillm] if (t, m, s, f) not in done]
+    todo = planned(args.tasks, [*arms, minillm], args.seeds, args.fractions, setting, done)
     for t in args.tasks:
         for f in args.fractions:
             if "seq" in args.divergences:
@@ -245,7 +265,7 @@ def main() -> None:
     sampling = tuple(args.temperatures)
     jobs = []
     for t, m, s, f in todo:
-        temperatures = sampling if f == 1.0 and m.rsplit(f"_{setting}", 1)[0] in QD_ARMS else ()
+        temperatures = sampling if f == 1.0 and base(m, setting) in QD_ARMS else ()
         if m == minillm:
             jobs.append(partial(trl_baselines.run_subprocess, t, MINILLM[0], s, args, lr=MINILLM[1], fraction=f))
         else:

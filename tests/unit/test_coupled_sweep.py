@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.quality.coupled import arms, cell_ratios, choose
+from benchmarks.quality.coupled import arms, carried, cell_ratios, choose, final
 
 
 def test_arms_are_gkd_and_the_coupled_form_at_each_weight():
@@ -30,3 +30,19 @@ def test_choice_is_the_highest_worst_ratio_over_complete_settings():
     assert ratios["observed_r0.1_w1"] == {("a", "fkl"): pytest.approx(1.1), ("b", "fkl"): pytest.approx(0.9)}
     assert choose(ratios) == "observed_r0.1_w1"  # worst 0.9 beats worst 0.8, though 0.5's mean is higher
     assert choose({}) is None
+
+
+def test_the_screen_carries_its_best_settings_and_the_choice_is_among_them_on_every_seed():
+    def run(method, task, seed, metric):
+        return {"task": task, "method": method, "seed": seed, "metric": metric}
+
+    rows = [run("gkd_fkl", "a", 0, 10), run("gkd_fkl", "a", 1, 10),
+            run("coupled_fkl_observed_r0.1_w1", "a", 0, 12), run("coupled_fkl_observed_r0.1_w1", "a", 1, 8),
+            run("coupled_fkl_observed_r0.5_w1", "a", 0, 11), run("coupled_fkl_observed_r0.5_w1", "a", 1, 11),
+            run("coupled_fkl_soft_r0.1_w1", "a", 0, 9), run("coupled_fkl_soft_r0.1_w1", "a", 1, 30)]
+    assert carried(rows, ["a"], ["fkl"], 2) == ["observed_r0.1_w1", "observed_r0.5_w1"]  # seed 0 only: 12, 11, 9
+    assert carried(rows, ["a"], ["fkl"], 0) == ["observed_r0.1_w1", "observed_r0.5_w1", "soft_r0.1_w1"]
+    ratios = final(rows, ["a"], ["fkl"], seeds=2, carry=2)
+    assert set(ratios) == {"observed_r0.1_w1", "observed_r0.5_w1"}  # soft's seed 1 (30) is outside the choice
+    assert choose(ratios) == "observed_r0.5_w1"  # two-seed means: 11 / 10 beats 10 / 10
+    assert cell_ratios(rows[:3], ["a"], ["fkl"], seeds=2) == {}  # one seed of the coupled arm is not two

@@ -13,6 +13,7 @@ from benchmarks.quality.coupled_test import (
     ahead_beyond_spread,
     arm_blocks,
     chosen_setting,
+    planned,
     decision,
     dominates,
     efficiency,
@@ -46,9 +47,11 @@ def test_an_incomplete_sweep_is_refused(tmp_path):
         writer.writerows([{"task": "a", "method": "gkd_fkl", "seed": 0, "metric": 10},
                           {"task": "a", "method": f"coupled_fkl_{SETTING}", "seed": 0, "metric": 11},
                           {"task": "a", "method": "coupled_fkl_soft_r0.1_w1", "seed": 0, "metric": 12}])
-    assert chosen_setting(path, ["a"], ["fkl"]) == "soft_r0.1_w1"
+    assert chosen_setting(path, ["a"], ["fkl"], seeds=1, carry=0) == "soft_r0.1_w1"
     with pytest.raises(SystemExit, match="not complete"):
-        chosen_setting(path, ["a", "b"], ["fkl"])
+        chosen_setting(path, ["a", "b"], ["fkl"], seeds=1, carry=0)
+    with pytest.raises(SystemExit, match="0 of 1 carried settings at 2 seeds"):  # the screen's best lacks seed 1
+        chosen_setting(path, ["a"], ["fkl"], seeds=2, carry=1)
 
 
 def test_ahead_beyond_spread_is_mean_minus_std_above_mean_plus_std():
@@ -95,3 +98,13 @@ def test_quality_diversity_points_and_dominance():
     x, y = qd_points(runs, "a", "x"), qd_points(runs, "a", "y")
     assert x["0.5"] == [(60, 0.3, 50.0), (62, 0.3, 50.0)] and set(y) == {"0.5", "1"}
     assert dominates(x, y) and not dominates(y, x) and not dominates(x, x)
+
+
+def test_the_subsets_train_the_data_efficiency_arms_only():
+    names = [*arm_blocks(SETTING, ["fkl", "jsd", "seq"]), "trl_minillm_sft_lr0.001"]
+    todo = planned(["a"], names, 2, [1.0, 0.1], SETTING, done={("a", "sft", 0, 1.0)})
+    assert ("a", "sft", 0, 1.0) not in todo and ("a", "sft", 1, 1.0) in todo
+    assert {m for _, m, _, f in todo if f == 1.0} == set(names)
+    assert {m for _, m, _, f in todo if f == 0.1} == {"sft", "gkd_fkl", "gkd_seq", f"coupled_fkl_{SETTING}",
+                                                       f"coupled_seq_{SETTING}", "trl_minillm_sft_lr0.001"}
+    assert [s for _, _, s, _ in todo] == sorted(s for _, _, s, _ in todo)  # seed-major: a cut run has whole seeds
