@@ -20,7 +20,8 @@ cores): every setting at the first seed (the screen), then the other seeds for G
 seed-0 worst ratio (ties: mean ratio) is highest. The choice is made among the carried settings on their
 --seeds-seed means; --carry 0 runs every setting at every seed.
 
-Writes, under --out (default benchmarks/results/quality/coupled): sweep.csv (resumable), history.jsonl, sweep.md.
+Writes, under --out (default benchmarks/results/quality/coupled): sweep.csv (resumable), history.jsonl, sweep.md,
+forces.png.
 """
 
 from __future__ import annotations
@@ -158,6 +159,49 @@ def force_table(history: Path, settings: list[str], divergences: list[str]) -> l
     return lines
 
 
+def trajectories(history: Path) -> dict[str, dict[int, list[tuple[float, float]]]]:
+    """setting -> logging step -> [(sigma^2, td_force / kd_force)] over its runs (every task, divergence, seed)."""
+    out: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    if history.is_file():
+        for line in history.read_text().splitlines():
+            run = json.loads(line)
+            if run["method"].startswith("coupled_"):
+                steps = out.setdefault(run["method"].split("_", 2)[2], {})
+                for e in run["log"]:
+                    if e.get("xkd/kd_force"):
+                        steps.setdefault(e["step"], []).append((e["xkd/reward_sigma"] ** 2,
+                                                                e["xkd/td_force"] / e["xkd/kd_force"]))
+    return out
+
+
+def force_plot(history: Path, path: Path) -> None:
+    """forces.png: the head's sigma^2 against the derived 1 - lambda / w_kl, and the TD term's pull on the logits
+    relative to the divergence's, over training, one line per setting (means over its runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    curves = trajectories(history)
+    weights = sorted({s.split("_", 1)[1] for s in curves})  # one colour per (ratio, w_kl); the target: the line
+    for setting, steps in sorted(curves.items()):
+        xs = sorted(steps)
+        target, weight = setting.split("_", 1)
+        style = {"color": f"C{weights.index(weight)}", "linestyle": "-" if target == "observed" else ":",
+                 "marker": "o"}
+        left.plot(xs, [statistics.fmean(v[0] for v in steps[x]) for x in xs], label=setting, **style)
+        right.plot(xs, [statistics.fmean(v[1] for v in steps[x]) for x in xs], label=setting, **style)
+    for r in (0.1, 0.25, 0.5):
+        left.axhline(1 - r, color="grey", linewidth=0.7, linestyle="--")
+    left.set(xlabel="step", ylabel="sigma^2 (dashed: 1 - lambda / w_kl)", title="the head's sigma^2")
+    right.set(xlabel="step", ylabel="td_force / kd_force", yscale="log", title="TD pull relative to the divergence's")
+    right.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def ratio_table(ratios: dict[str, dict[tuple[str, str], float]], cells: list[tuple[str, str]]) -> list[str]:
     """One row per setting, best first: its worst and mean ratio and every cell's."""
     lines = ["| setting | worst | mean | " + " | ".join(f"{t} {d}" for t, d in cells) + " |",
@@ -222,6 +266,7 @@ def main() -> None:
     command = ("python -m benchmarks.quality.coupled " + " ".join(sys.argv[1:])).strip()
     text = report(study.read_runs(csv_path), history, args, command)
     (args.out / "sweep.md").write_text(text)
+    force_plot(history, args.out / "forces.png")
     print(text)
 
 

@@ -46,3 +46,22 @@ def test_the_screen_carries_its_best_settings_and_the_choice_is_among_them_on_ev
     assert set(ratios) == {"observed_r0.1_w1", "observed_r0.5_w1"}  # soft's seed 1 (30) is outside the choice
     assert choose(ratios) == "observed_r0.5_w1"  # two-seed means: 11 / 10 beats 10 / 10
     assert cell_ratios(rows[:3], ["a"], ["fkl"], seeds=2) == {}  # one seed of the coupled arm is not two
+
+
+def test_trajectories_follow_sigma_squared_and_the_relative_td_pull_per_setting_and_step(tmp_path):
+    import json
+
+    from benchmarks.quality.coupled import force_plot, trajectories
+
+    log = [{"step": 30, "xkd/reward_sigma": 0.9, "xkd/td_force": 0.1, "xkd/kd_force": 1.0}, {"step": 31, "loss": 1.0}]
+    runs = [{"task": "a", "method": "coupled_fkl_observed_r0.1_w1", "seed": 0, "log": log},
+            {"task": "b", "method": "coupled_jsd_observed_r0.1_w1", "seed": 0,
+             "log": [{"step": 30, "xkd/reward_sigma": 1.0, "xkd/td_force": 0.3, "xkd/kd_force": 0.5}]},
+            {"task": "a", "method": "gkd_fkl", "seed": 0, "log": [{"step": 30, "xkd/reward_sigma": 0.0}]}]
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    curves = trajectories(history)
+    assert list(curves) == ["observed_r0.1_w1"]  # GKD has no head; steps without the pulls are not points
+    assert curves["observed_r0.1_w1"] == {30: [(pytest.approx(0.81), pytest.approx(0.1)), (1.0, pytest.approx(0.6))]}
+    force_plot(history, tmp_path / "forces.png")
+    assert (tmp_path / "forces.png").stat().st_size > 0
