@@ -192,7 +192,7 @@ class XKDConfig(BaseModel):
         None,
         description="Named settings of several keys; keys set beside it win. `coupled`: the spec's coupled X-KD, "
         "the reward terms pulling on the student (" + ", ".join(f"{k}: {v}" for k, v in PRESETS["coupled"].items())
-        + "; docs/defaults.md).",
+        + "; the setting issue 27's dev sweep chose, benchmarks/results/quality/coupled/sweep.md).",
     )
     teacher: ModelTeacher | PrecomputedTeacher | ServerTeacher | None = Field(
         None, description="Where the teacher distribution p_T comes from.", discriminator="source"

@@ -110,9 +110,9 @@ RANK_FIELDS: dict[str, str] = {"logprob": "logprob_sum", "sum": "reward_sum", "m
 PRESETS: dict[str, dict[str, object]] = {
     # The spec's coupled form (XKD_METHOD.md section 2): TD_i built from the student's Q at the observed tokens and
     # the reward head's gradient into the student's body, so the reward terms pull on the student. Weights: the
-    # coupled setting measured on every study task (docs/defaults.md); issue 27's sweep replaces them with its
-    # dev-chosen setting.
-    "coupled": {"td_target": "observed", "reward_detach_backbone": False, "td_weight": 0.1, "reward_kl_weight": 0.1},
+    # setting issue 27's dev sweep chose (lambda / w_kl = 0.5 at w_kl = 1: the highest worst ratio to GKD over four
+    # tasks and four divergences; docs/defaults.md).
+    "coupled": {"td_target": "observed", "reward_detach_backbone": False, "td_weight": 0.5, "reward_kl_weight": 1.0},
 }
 
 
