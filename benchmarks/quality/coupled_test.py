@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 
 from benchmarks.quality import study, trl_baselines
-from benchmarks.quality.coupled import CARRY, DIVERGENCES, SEEDS, block, carried, choose, final, screen
+from benchmarks.quality.coupled import CARRY, DIVERGENCES, SEEDS, block, carried, choose, final, ratio, screen
 from benchmarks.quality.defaults import TASKS_GATED
 from benchmarks.quality.tasks import TASKS
 
@@ -112,7 +112,7 @@ def decision(by: dict, tasks: list[str], divergences: list[str], setting: str) -
             mine, ref = by.get((t, f"coupled_{d}_{setting}", 1.0)), by.get((t, f"gkd_{d}", 1.0))
             if not mine or not ref:
                 return False, [f"incomplete: {t} {d}"]
-            r = statistics.fmean(mine) / statistics.fmean(ref) if statistics.fmean(ref) else 1.0
+            r = ratio(statistics.fmean(mine), statistics.fmean(ref))
             floor_ok &= r >= 0.95
             if d == "fkl" and ahead_beyond_spread(mine, ref):
                 ahead.append(t)
@@ -223,7 +223,7 @@ def report(runs: list[dict], args: argparse.Namespace, setting: str, command: st
              "", "## The decision rule (fixed before the test runs)", "", *rule, "", "## Test metric, mean ± std",
              "", "| method | fraction | " + " | ".join(args.tasks) + " |", "|---" * (len(args.tasks) + 2) + "|"]
     for m in methods:
-        for f in sorted(args.fractions, reverse=True):
+        for f in [f for f in sorted(args.fractions, reverse=True) if f == 1.0 or base(m, setting) in FRACTION_ARMS]:
             cells = [by.get((t, m, f)) for t in args.tasks]
             lines.append(f"| {m} | {f:g} | " + " | ".join(
                 f"{stats(c)[0]:.1f} ± {stats(c)[1]:.1f} (n={len(c)})" if c else "" for c in cells) + " |")

@@ -13,12 +13,12 @@ from benchmarks.quality.coupled_test import (
     ahead_beyond_spread,
     arm_blocks,
     chosen_setting,
-    planned,
     decision,
     dominates,
     efficiency,
     fraction_to_reach,
     metrics,
+    planned,
     qd_points,
 )
 
@@ -108,3 +108,10 @@ def test_the_subsets_train_the_data_efficiency_arms_only():
     assert {m for _, m, _, f in todo if f == 0.1} == {"sft", "gkd_fkl", "gkd_seq", f"coupled_fkl_{SETTING}",
                                                        f"coupled_seq_{SETTING}", "trl_minillm_sft_lr0.001"}
     assert [s for _, _, s, _ in todo] == sorted(s for _, _, s, _ in todo)  # seed-major: a cut run has whole seeds
+
+
+def test_a_gkd_cell_at_zero_is_passed_by_any_score_and_shown_so():
+    runs = [*rows("a", "gkd_tvd", 1.0, 0, 0), *rows("a", f"coupled_tvd_{SETTING}", 1.0, 19, 17)]
+    _, lines = decision(metrics(runs), ["a"], ["tvd"], SETTING)
+    assert "| a | tvd | 18.0 ± 1.0 | 0.0 ± 0.0 | inf |" in lines
+    assert "every cell: yes" in lines[-1]
