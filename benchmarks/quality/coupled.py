@@ -217,7 +217,7 @@ def report(runs: list[dict], history: Path, args: argparse.Namespace, command: s
     """sweep.md: the screen (seed 0) and the carried settings' ratios to GKD over every cell, the choice, and the
     force table."""
     tasks, divergences = args.tasks, args.divergences
-    ratios = final(runs, tasks, divergences, args.seeds, args.carry)
+    ratios, screened = final(runs, tasks, divergences, args.seeds, args.carry), screen(runs, tasks, divergences)
     chosen = choose(ratios)
     cells = [(t, d) for d in divergences for t in tasks]
     seeds = dev_means(runs)
@@ -230,9 +230,9 @@ def report(runs: list[dict], history: Path, args: argparse.Namespace, command: s
                  f"{t} {d} {statistics.fmean(seeds[(t, f'gkd_{d}')]):.1f} (n={len(seeds[(t, f'gkd_{d}')])})"
                  for t, d in cells if (t, f"gkd_{d}") in seeds), "",
              f"Chosen: **{chosen}**" if chosen else "No carried setting is complete yet.", "",
-             "## The screen: every setting at seed 0", "", *ratio_table(screen(runs, tasks, divergences), cells), "",
+             "## The screen: every setting at seed 0", "", *ratio_table(screened, cells), "",
              "## The pulls on the student, at the last logging step", "",
-             *force_table(history, ranked(screen(runs, tasks, divergences)), divergences)]
+             *force_table(history, ranked(screened), divergences)]
     return "\n".join(lines) + "\n"
 
 
