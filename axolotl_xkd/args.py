@@ -103,6 +103,13 @@ class ServerTeacher(BaseModel):
     api_key_env: str | None = Field(
         None, description="Name of the environment variable holding the API key (sent as a Bearer token)."
     )
+    api: Literal["vllm", "sglang"] = Field(
+        "vllm",
+        description="How the server is asked: vllm, /v1/completions with prompt_logprobs (vLLM, `axolotl xkd "
+        "serve-teacher`); sglang, SGLang's native /generate with input log-probs (its /v1/completions ignores "
+        "prompt_logprobs). Checked at start against the /v1/models card's owned_by (docs/teachers.md#teacher-server).",
+        examples=["sglang"],
+    )
     cross_tokenizer: bool = Field(
         False,
         description="Allow a served teacher whose tokenizer differs from the student's: each sequence is "

@@ -1,7 +1,8 @@
-"""The HTTP client of a teacher server (vLLM's `vllm serve`, or `axolotl xkd serve-teacher`): the start-up check
-(model name, same-tokenizer rule, top-k limit), then scoring requests with an explicit timeout, retries with
-exponential backoff and a thread pool. The wire format is in `protocol.py`; turning batches into teacher signals
-is `teachers/server.py`'s job.
+"""The HTTP client of a teacher server (vLLM's `vllm serve`, `axolotl xkd serve-teacher`, or SGLang with
+`xkd.teacher.api: sglang`): the start-up check (model name, server kind, same-tokenizer rule, top-k limit), then
+scoring requests with an explicit timeout, retries with exponential backoff and a thread pool. The wire formats are
+in `protocol.py` (vLLM's completions) and `sglang.py` (SGLang's /generate); turning batches into teacher signals is
+`teachers/server.py`'s job.
 
 Imports the standard library, numpy and the config schema (args); nothing of torch, transformers, Axolotl or
 the trainer.
@@ -13,6 +14,7 @@ import http.client
 import json
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,11 +30,13 @@ from axolotl_xkd.server.protocol import (
     INFO_TOKENIZER_HASH,
     INFO_TOP_K_MAX,
     INFO_VOCAB_SIZE,
+    OUT_OF_VOCAB_MASS,
     BadAnswer,
-    choices_of,
+    Refused,
     completion_request,
-    parse_prompt_logprobs,
+    parse_completion_answer,
 )
+from axolotl_xkd.server.sglang import GENERATE_PATH, generate_request, parse_generate_answer
 
 LOG = logging.getLogger(__name__)
 
@@ -49,7 +53,16 @@ class _Retryable(Exception):
 
 
 class _Fatal(Exception):
-    """The server refused the request itself (4xx): retrying would get the same answer."""
+    """The server refused the request itself (4xx, or a `protocol.Refused` answer): retrying would get the same
+    answer. `advice` replaces the generic one when the cause says what to change."""
+
+    def __init__(self, message: str, advice: str | None = None) -> None:
+        super().__init__(message)
+        self.advice = advice
+
+
+# What the /v1/models card's owned_by says of a server, and the xkd.teacher.api that scores with it.
+_OWNER_API = {"vllm": "vllm", "axolotl_xkd": "vllm", "sglang": "sglang"}
 
 
 class TeacherServerClient:
@@ -61,6 +74,8 @@ class TeacherServerClient:
         self.base_url = settings.base_url.rstrip("/")
         self.model = settings.model
         self.vocab_size: int | None = None
+        self.out_of_vocabulary = 0  # entries dropped for ids at or above the tokenizer's length (protocol.topk_rows)
+        self._count_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="xkd-teacher")
         # No proxy from the environment: the teacher is a known host, often loopback.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -114,7 +129,8 @@ class TeacherServerClient:
             try:
                 return attempt()
             except _Fatal as error:
-                raise TeacherServerError(self._message(what, n + 1, str(error), fatal=True)) from None
+                raise TeacherServerError(self._message(what, n + 1, str(error), fatal=True,
+                                                       advice=error.advice)) from None
             except _Retryable as error:
                 if n + 1 == tries:
                     raise TeacherServerError(self._message(what, tries, str(error),
@@ -124,11 +140,12 @@ class TeacherServerClient:
                 time.sleep(self.settings.retry_backoff_s * 2**n)
         raise AssertionError("unreachable")
 
-    def _message(self, what: str, attempts: int, cause: str, *, fatal: bool = False, seconds: float = 0.0) -> str:
+    def _message(self, what: str, attempts: int, cause: str, *, fatal: bool = False, seconds: float = 0.0,
+                 advice: str | None = None) -> str:
         settings = self.settings
         if fatal:
-            advice = ("the server refused the request; check xkd.teacher (top_k within the server's --max-logprobs, "
-                      "model name, api_key_env) and the server's log")
+            advice = advice or ("the server refused the request; check xkd.teacher (top_k within the server's "
+                                "--max-logprobs, model name, api_key_env) and the server's log")
             budget = ""
         else:
             waits = settings.retry_backoff_s * (2 ** settings.max_retries - 1)
@@ -166,6 +183,7 @@ class TeacherServerClient:
             raise TeacherServerError(f"xkd.teacher.base_url={self.base_url}: serves {names}, not xkd.teacher.model="
                                      f"{self.model!r}; set xkd.teacher.model to one of them.")
         entry = models[names.index(self.model)]
+        self._check_kind(entry)
         vocab_size = len(tokenizer)
         if INFO_TOKENIZER_HASH in entry:
             theirs = entry[INFO_TOKENIZER_HASH]
@@ -188,8 +206,19 @@ class TeacherServerClient:
         self.vocab_size = vocab_size  # marks the server as checked
         LOG.info("xkd teacher server %s: model %r, top_k %d", self.base_url, self.model, self.settings.top_k)
 
+    def _check_kind(self, card: dict) -> None:
+        """Refuse a server whose model card names another kind than xkd.teacher.api scores (SGLang's /v1/completions
+        ignores prompt_logprobs; vLLM has no /generate). A card without a known owned_by (a router) passes."""
+        wanted = _OWNER_API.get(card.get("owned_by"))
+        if wanted is not None and wanted != self.settings.api:
+            owner = card.get("owned_by")
+            raise TeacherServerError(
+                f"xkd.teacher.base_url={self.base_url}: model {self.model!r} is served by {owner} (its /v1/models card "
+                f"says owned_by {owner!r}), which xkd.teacher.api={self.settings.api!r} cannot score with: set "
+                f"xkd.teacher.api: {wanted} (docs/teachers.md#teacher-server).")
+
     def _probe_tokenizer(self, tokenizer) -> None:
-        """Servers without a fingerprint: compare how both tokenize the same text (vLLM's /tokenize)."""
+        """Servers without a fingerprint: compare how both tokenize the same text (vLLM's and SGLang's /tokenize)."""
         special = set(tokenizer.all_special_ids)
         ids = [i for i in range(min(len(tokenizer), 4096)) if i not in special]
         text = tokenizer.decode(ids[:: max(1, len(ids) // 512)])
@@ -230,25 +259,45 @@ class TeacherServerClient:
     # -- scoring -------------------------------------------------------------------------------------
     def score(self, sequences: list[list[int]], *, prompt_token: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per sequence of n tokens, (n, k) ids and log-probs: row i is p_T(. | u_<=i), row n-1 is empty (-inf);
-        with `prompt_token`, (n, k + 1): column k is u_{i+1} when it ranks below k (protocol.parse_prompt_logprobs).
+        with `prompt_token`, (n, k + 1): column k is u_{i+1} when it ranks below k (protocol.topk_rows).
 
-        One request with one prompt per sequence (vLLM answers a list of token-id prompts with one choice each).
+        One request with one prompt per sequence, to vLLM's /v1/completions or (xkd.teacher.api: sglang) SGLang's
+        /generate; both answer a list of token-id prompts with one result each.
         """
         if self.vocab_size is None:
             raise RuntimeError("TeacherServerClient.check_server must run before score")
-        payload = completion_request(self.model, sequences, self.settings.top_k)
+        top_k = self.settings.top_k
+        if self.settings.api == "sglang":
+            path, payload, parse = GENERATE_PATH, generate_request(sequences, top_k), parse_generate_answer
+        else:
+            path, parse = "/v1/completions", parse_completion_answer
+            payload = completion_request(self.model, sequences, top_k)
 
         def attempt() -> list[tuple[np.ndarray, np.ndarray]]:
             try:
-                choices = choices_of(self._exchange("POST", "/v1/completions", payload), len(sequences))
-                return [parse_prompt_logprobs(c, len(s), top_k=self.settings.top_k, vocab_size=self.vocab_size,
-                                              prompt=s if prompt_token else None)
-                        for c, s in zip(choices, sequences)]
+                rows, dropped = parse(self._exchange("POST", path, payload), sequences, top_k=top_k,
+                                      vocab_size=self.vocab_size, prompt_token=prompt_token)
             except BadAnswer as error:
                 raise _Retryable(str(error)) from None
+            except Refused as error:
+                raise _Fatal(str(error), advice="retrying gets the same answer: change what the cause names") from None
+            self._count_out_of_vocabulary(dropped)
+            return rows
 
         tokens = sum(len(s) for s in sequences)
-        return self._with_retries(f"POST /v1/completions ({len(sequences)} sequences, {tokens} tokens)", attempt)
+        return self._with_retries(f"POST {path} ({len(sequences)} sequences, {tokens} tokens)", attempt)
+
+    def _count_out_of_vocabulary(self, dropped: int) -> None:
+        """Count the entries dropped for ids beyond the tokenizer; warn at the first, then at each tenfold."""
+        if not dropped:
+            return
+        with self._count_lock:
+            before, self.out_of_vocabulary = self.out_of_vocabulary, self.out_of_vocabulary + dropped
+        if before == 0 or len(str(before)) < len(str(self.out_of_vocabulary)):
+            LOG.warning("xkd teacher server %s: %d top-k entries so far named token ids at or above the tokenizer's "
+                        "%d tokens (the served model's vocabulary is padded beyond it, as vLLM serves "
+                        "config.vocab_size); each carried under %g probability and was dropped into the tail mass",
+                        self.base_url, self.out_of_vocabulary, self.vocab_size, OUT_OF_VOCAB_MASS)
 
     def submit(self, sequences: list[list[int]], *, prompt_token: bool = False) -> Future:
         """`score` in the thread pool."""
