@@ -84,7 +84,8 @@ class PrecomputedTeacher(BaseModel):
 
 
 class ServerTeacher(BaseModel):
-    """An OpenAI-compatible completions server (vLLM, or `axolotl xkd serve-teacher`) returning prompt_logprobs."""
+    """A teacher server returning the prompt's log-probs: vLLM or `axolotl xkd serve-teacher` (completions with
+    prompt_logprobs), or SGLang (its native /generate, with `api: sglang`)."""
 
     model_config = ConfigDict(extra="forbid")
 
