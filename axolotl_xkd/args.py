@@ -31,7 +31,26 @@ LOG = logging.getLogger(__name__)
 Divergence = Literal[DIVERGENCES]
 
 
-class ModelTeacher(BaseModel):
+class CrossTokenizerKeys(BaseModel):
+    """The two keys that allow a teacher of another tokenizer, with one meaning in every teacher block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cross_tokenizer: bool = Field(
+        False,
+        description="Allow a teacher whose tokenizer differs from the student's: each sequence is re-tokenized with "
+        "the teacher's tokenizer and the teacher's distributions projected onto the student's positions by byte "
+        "spans, each teacher token's mass given to the student token its bytes start with. The same in every "
+        "source: in-process, server (which needs tokenizer_path) and precomputed (`axolotl xkd precompute` aligns "
+        "the teacher as it writes the store; training checks the store was written so) (docs/cross_tokenizer.md).",
+    )
+    cross_tokenizer_top_k: int = Field(
+        64, ge=1, description="With cross_tokenizer: student tokens kept per position (plus the student's own next "
+        "token), as a top-k signal in student ids.",
+    )
+
+
+class ModelTeacher(CrossTokenizerKeys):
     """An in-process teacher: a causal LM loaded once, in eval mode, without gradients."""
 
     model_config = ConfigDict(extra="forbid")
@@ -53,19 +72,9 @@ class ModelTeacher(BaseModel):
         description="DeepSpeed ZeRO-3 only: keep the sharded teacher's parameters in CPU memory (gathered to the "
         "device layer by layer in its forward). Without ZeRO-3 the teacher is placed whole on every rank.",
     )
-    cross_tokenizer: bool = Field(
-        False,
-        description="Allow a teacher whose tokenizer differs from the student's: each sequence is re-tokenized by the "
-        "teacher and its distributions projected onto the student's positions by byte spans, each teacher token's "
-        "mass given to the student token its bytes start with (docs/cross_tokenizer.md).",
-    )
-    cross_tokenizer_top_k: int = Field(
-        64, ge=1, description="With cross_tokenizer: student tokens kept per position (plus the student's own next "
-        "token), as a top-k signal in student ids.",
-    )
 
 
-class PrecomputedTeacher(BaseModel):
+class PrecomputedTeacher(CrossTokenizerKeys):
     """Teacher top-k log-probs stored with the data by `axolotl xkd precompute` (or Axolotl's KD v2 format)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -83,7 +92,7 @@ class PrecomputedTeacher(BaseModel):
     )
 
 
-class ServerTeacher(BaseModel):
+class ServerTeacher(CrossTokenizerKeys):
     """A teacher server returning the prompt's log-probs: vLLM or `axolotl xkd serve-teacher` (completions with
     prompt_logprobs), or SGLang (its native /generate, with `api: sglang`)."""
 
@@ -110,16 +119,6 @@ class ServerTeacher(BaseModel):
         "serve-teacher`); sglang, SGLang's native /generate with input log-probs (its /v1/completions ignores "
         "prompt_logprobs). Checked at start against the /v1/models card's owned_by (docs/teachers.md#teacher-server).",
         examples=["sglang"],
-    )
-    cross_tokenizer: bool = Field(
-        False,
-        description="Allow a served teacher whose tokenizer differs from the student's: each sequence is "
-        "re-tokenized here with tokenizer_path, sent as the prompt, and the answer projected onto the student's "
-        "positions by byte spans (docs/cross_tokenizer.md).",
-    )
-    cross_tokenizer_top_k: int = Field(
-        64, ge=1, description="With cross_tokenizer: student tokens kept per position (plus the student's own next "
-        "token), projected from the top_k teacher tokens the server sends.",
     )
     tokenizer_path: str | None = Field(
         None, description="With cross_tokenizer (required there): the served model's tokenizer, folder or hub id; "

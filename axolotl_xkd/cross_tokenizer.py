@@ -20,9 +20,11 @@ import hashlib
 import json
 import math
 import re
+import logging
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cache
+from os.path import commonprefix
 
 import torch
 from torch import Tensor
@@ -31,11 +33,19 @@ from axolotl_xkd.frozen_teacher import SPECIAL_TOKENS, special_tokens
 from axolotl_xkd.losses.categories import TAIL_FLOOR
 from axolotl_xkd.losses.precision import upcast
 
+LOG = logging.getLogger("axolotl_xkd")
+
 KEY = "xkd.teacher.cross_tokenizer"
 """The config key that allows a teacher of another tokenizer; errors name it."""
 
-RULE = "prefix-projection"
+RULE = "prefix-projection, observed path"
 """How records are made (docs/cross_tokenizer.md), part of the digest a cross-tokenizer store's manifest keeps."""
+
+WINDOW, RESYNC = 64, 4
+"""Where the teacher spells a text otherwise: the bytes skipped on each side at most, and how many must agree again,
+before the alignment resumes (`matching_blocks`)."""
+REPORTED = 5
+"""Rows whose text the teacher spells otherwise that are logged (the rest are counted in the coverage only)."""
 
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -96,13 +106,14 @@ def _piece(token: str, steps: list[dict]) -> bytes:
 def token_pieces(tokenizer, where: str) -> list[bytes | None]:
     """By id: the bytes the token adds to the text; None for BOS, EOS, PAD and UNK, which add none (zero width).
 
-    Added tokens (chat markers and the like) stand for their own content, as the chat template renders them.
+    Special added tokens (chat markers and the like) stand for their own content, as the chat template renders them;
+    other added tokens (Gemma's `▁▁`, a run of two spaces) are decoded like any token, as the tokenizer's decoder does.
     """
     steps = _decoder_steps(tokenizer, where)
     zero_width = {i for i in special_tokens(tokenizer).values() if i is not None}
-    added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+    marker = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return [None if i in zero_width or token is None else added[i].encode() if i in added else _piece(token, steps)
+    return [None if i in zero_width or token is None else marker[i].encode() if i in marker else _piece(token, steps)
             for i, token in enumerate(tokens)]
 
 
@@ -166,6 +177,10 @@ class AlignedSegment:
     byte) and the column of the projection table that holds the student token each continuation starts with
     (`columns`: |r|, one less where the student's next token carries its tokenizer's dummy-prefix space), and how
     many bytes of the text the student has written past the teacher's prefix (`written`, 0 where both end together).
+
+    The observed path (docs/cross_tokenizer.md): `firsts` the teacher's own next token t_{j+1} on the text (its EOS
+    after the text's end; -1: none), `path_ends` the last teacher position m whose prefix ends within the student's
+    next token u_{i+1} (j where t_{j+1} covers u_{i+1}), and `tails` the bytes q of u_{i+1} past that prefix.
     """
 
     teacher_ids: list[int]
@@ -174,6 +189,9 @@ class AlignedSegment:
     partials: list[bytes]
     columns: list[int]
     written: list[int]
+    firsts: list[int] = field(default_factory=list)
+    path_ends: list[int] = field(default_factory=list)
+    tails: list[bytes] = field(default_factory=list)
 
     @property
     def aligned(self) -> list[int]:
@@ -182,8 +200,15 @@ class AlignedSegment:
 
     def select(self, keep: list[bool]) -> AlignedSegment:
         """The segment with only the student positions whose `keep` (one per position) is true."""
-        lists = (self.student_positions, self.teacher_positions, self.partials, self.columns, self.written)
+        lists = [getattr(self, f.name) for f in fields(self)][1:]
         return AlignedSegment(self.teacher_ids, *([v for v, k in zip(values, keep) if k] for values in lists))
+
+    def path_positions(self) -> list[list[int]]:
+        """Per student position, the teacher positions whose distributions its observed path reads past j: j+1..m-1
+        (each the teacher's own next token) and m where the tail q is not empty (the tokens that start with q)."""
+        if not self.firsts:
+            return [[] for _ in self.student_positions]
+        return [list(range(j + 1, m + bool(q))) for j, m, q in zip(self.teacher_positions, self.path_ends, self.tails)]
 
 
 def _prefix_ends(pieces: list[bytes]) -> list[int]:
@@ -339,6 +364,7 @@ class Aligner:
         self.teacher_dummy = self._adds_dummy_prefix(teacher, self.teacher_pieces)
         self.teacher_leading = self._leading_specials(teacher)
         self.teacher_added = set(teacher.added_tokens_decoder)
+        self.respelled = 0  # rows whose text the teacher spells otherwise (`segment`)
 
     def summary(self) -> str:
         """What the run logs once: both vocabulary sizes and how many teacher tokens map exactly."""
@@ -363,38 +389,115 @@ class Aligner:
     def segment(self, student_ids: list[int], where: str) -> AlignedSegment:
         """Re-tokenize one student sequence with the teacher and give each student position i (predicting u_{i+1})
         the last teacher position j whose prefix t_<=j ends at or before the byte where u_<=i ends, with the bytes r
-        between the two ends. Raises, naming `where`, when the teacher's tokens do not spell the student's text."""
+        between the two ends, and the observed path through u_{i+1}. Where the teacher's tokens spell the text
+        otherwise (a normalizer, a character it cannot spell), the positions whose r or u_{i+1} touch a changed
+        byte are left out, and the first few such rows are logged, naming `where`."""
         pieces = _joined(self.student_pieces, student_ids)
         pieces, student_space = _strip_dummy_prefix(pieces) if self.student_dummy else (pieces, -1)
         data = _utf8_text(b"".join(pieces), where)
-        text = data.decode("utf-8")
-        teacher_ids = self.teacher_leading + self.teacher(text, add_special_tokens=False)["input_ids"]
+        teacher_ids = self.teacher_leading + self.teacher(data.decode("utf-8"), add_special_tokens=False)["input_ids"]
         teacher_pieces = _joined(self.teacher_pieces, teacher_ids)
         teacher_space = [False] * len(teacher_ids)
         if self.teacher_dummy:
             teacher_pieces, teacher_space = _drop_dummy_spaces(teacher_pieces, teacher_ids, self.teacher_added, data)
         spelled = b"".join(teacher_pieces)
-        if spelled != data:
-            at = next((k for k, (a, b) in enumerate(zip(spelled, data)) if a != b), min(len(spelled), len(data)))
-            raise ValueError(
-                f"{where}: the text does not survive decode and re-encode ({KEY}): the student's tokens spell "
-                f"{data[max(0, at - 20): at + 20]!r} around byte {at}, the teacher's re-tokenization spells "
-                f"{spelled[max(0, at - 20): at + 20]!r} (a normalizer or unknown characters). Clean the row's text "
-                "or use a teacher whose tokenizer keeps it as it is."
-            )
+        blocks = matching_blocks(data, spelled)
+        if len(blocks) != 1 or blocks[0][2] != len(data) or len(spelled) != len(data):
+            self._report_respelled(data, spelled, blocks, where)
         teacher_ends = _prefix_ends(teacher_pieces)
         found = []
         for i, end in enumerate(_prefix_ends(pieces)):
-            j = bisect_right(teacher_ends, end) - 1
-            if j < 0 or end > len(data):
+            own = min(len(pieces[i + 1]) if i + 1 < len(pieces) else 0, len(data) - end)  # a cut character: up to it
+            block = _block_holding(blocks, end, end + own) if end <= len(data) else None
+            if block is None:
+                continue
+            shift, low = block
+            at = end + shift  # the same byte in the teacher's spelling
+            j = bisect_right(teacher_ends, at) - 1
+            if j < 0 or teacher_ends[j] < low:
                 continue
             space = j + 1 < len(teacher_ids) and teacher_space[j + 1]
-            partial = b" " * space + data[teacher_ends[j]: end]
+            partial = b" " * space + spelled[teacher_ends[j]: at]
             column = len(partial) - (i + 1 == student_space)
-            if column >= 0:  # else only the student writes a dummy space here: no teacher token spells it
-                found.append((i, j, partial if column else b"", column, end - teacher_ends[j]))  # column 0: both
-        fields = list(zip(*found)) or [()] * 5
-        return AlignedSegment(teacher_ids, *(list(field) for field in fields))
+            if column < 0:  # only the student writes a dummy space here: no teacher token spells it
+                continue
+            first, m, tail = self._observed_path(teacher_ids, teacher_ends, teacher_space, spelled, j, at + own)
+            found.append((i, j, partial if column else b"", column, at - teacher_ends[j], first, m, tail))
+        columns = list(zip(*found)) or [()] * 8
+        return AlignedSegment(teacher_ids, *(list(values) for values in columns))
+
+    def _observed_path(self, teacher_ids: list[int], teacher_ends: list[int], teacher_space: list[bool],
+                       spelled: bytes, j: int, own_end: int) -> tuple[int, int, bytes]:
+        """The teacher's own next token t_{j+1} (its EOS after the text), the last teacher position m whose prefix
+        ends within the student's next token (which ends at byte `own_end`; m = j where t_{j+1} covers it) and
+        the bytes q of that token past t_<=m."""
+        if j + 1 >= len(teacher_ids):
+            eos = self.teacher.eos_token_id
+            return (-1 if eos is None else eos), j, b""
+        if teacher_ends[j + 1] >= own_end:
+            return teacher_ids[j + 1], j, b""
+        m = bisect_right(teacher_ends, own_end) - 1
+        space = m + 1 < len(teacher_ids) and teacher_space[m + 1] and teacher_ends[m] < own_end
+        return teacher_ids[j + 1], m, b" " * space + spelled[teacher_ends[m]: own_end]
+
+    def _report_respelled(self, data: bytes, spelled: bytes, blocks: list[tuple[int, int, int]], where: str) -> None:
+        """Log the first REPORTED rows whose text the teacher spells otherwise, with the bytes around the first
+        difference; their changed spans get no teacher distribution (counted in the coverage)."""
+        self.respelled += 1
+        if self.respelled > REPORTED:
+            return
+        at = blocks[0][2] if blocks and blocks[0][0] == 0 else 0
+        LOG.warning(
+            "%s: the teacher's tokenizer spells the text otherwise (%s): the student's tokens spell %r around byte "
+            "%d, the teacher's re-tokenization %r (a normalizer, or characters it cannot spell). The positions "
+            "there get no teacher distribution (counted in the coverage); the rest of the row is aligned.%s",
+            where, KEY, data[max(0, at - 20): at + 20], at, spelled[max(0, at - 20): at + 20],
+            " Further such rows are not logged." if self.respelled == REPORTED else "")
+
+
+def matching_blocks(data: bytes, spelled: bytes) -> list[tuple[int, int, int]]:
+    """The spans (a, b, n) where data[a:a+n] == spelled[b:b+n], in order, found by walking both texts and, after a
+    difference, resuming at the nearest bytes where RESYNC bytes agree again (skipping at most WINDOW on each side;
+    beyond that the rest is left unmatched). One span for equal texts."""
+    blocks: list[tuple[int, int, int]] = []
+    a = b = 0
+    while a < len(data) and b < len(spelled):
+        n = len(commonprefix([data[a:], spelled[b:]]))
+        if n:
+            blocks.append((a, b, n))
+            a, b = a + n, b + n
+            continue
+        resumed = _resume(data, spelled, a, b)
+        if resumed is None:
+            break
+        a, b = resumed
+    return blocks
+
+
+def _resume(data: bytes, spelled: bytes, a: int, b: int) -> tuple[int, int] | None:
+    """The nearest (a + x, b + y), x + y smallest, where the next RESYNC bytes of both agree (or both texts end)."""
+    for total in range(1, 2 * WINDOW + 1):
+        for x in range(max(0, total - WINDOW), min(total, WINDOW) + 1):
+            at_a, at_b = a + x, b + total - x
+            if at_a > len(data) or at_b > len(spelled):
+                continue
+            head_a, head_b = data[at_a: at_a + RESYNC], spelled[at_b: at_b + RESYNC]
+            if head_a == head_b and (len(head_a) == RESYNC or (at_a + len(head_a), at_b + len(head_b)) ==
+                                     (len(data), len(spelled))):
+                return at_a, at_b
+    return None
+
+
+def _block_holding(blocks: list[tuple[int, int, int]], start: int, stop: int) -> tuple[int, int] | None:
+    """For the matching block that holds data[start:stop] (its ends included): the shift from data's offsets to the
+    spelling's, and where the block starts in the spelling. None where those bytes touch a difference."""
+    k = bisect_right(blocks, (start, math.inf, math.inf)) - 1
+    if k < 0:
+        return None
+    a, b, n = blocks[k]
+    if stop > a + n:
+        return None
+    return b - a, b
 
 
 @dataclass(frozen=True)
@@ -426,58 +529,190 @@ class HiddenRows:
         return self.hidden.device
 
 
+def path_rows(segments: list[AlignedSegment]) -> list[tuple[int, int]]:
+    """(segment index, teacher position) of every observed-path factor, in the order `project` reads them after
+    the rows of the student positions."""
+    return [(n, l) for n, segment in enumerate(segments) for path in segment.path_positions() for l in path]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What `project` reads of the segments, as tensors over the P student positions: the run of teacher tokens
+    that start with r (ranks [lows, highs)), the table column, whether r is not empty (`inside`), the teacher's own
+    next token (`firsts`) and whether u_{i+1} reaches past it (`beyond`); over the X path factors: the position each
+    belongs to (`owners`), the teacher token whose log-prob it reads (`tokens`, -1 for a tail) or the run of the
+    tokens that start with the tail q (`tail_lows`, `tail_highs`)."""
+
+    lows: Tensor
+    highs: Tensor
+    columns: Tensor
+    inside: Tensor
+    firsts: Tensor
+    beyond: Tensor
+    owners: Tensor
+    tokens: Tensor
+    tail_lows: Tensor
+    tail_highs: Tensor
+
+    @classmethod
+    def of(cls, segments: list[AlignedSegment], projection: Projection, device: torch.device) -> _Plan:
+        partials = [r for segment in segments for r in segment.partials]
+        position = [(segment, j, m, q) for segment in segments
+                    for j, m, q in zip(segment.teacher_positions, segment.path_ends or segment.teacher_positions,
+                                       segment.tails or [b""] * len(segment.partials))]
+        owners, tokens, tails = [], [], []
+        for owner, (segment, j, m, q) in enumerate(position):
+            for l in range(j + 1, m):
+                owners.append(owner)
+                tokens.append(segment.teacher_ids[l + 1])
+                tails.append(b"")
+            if m > j and q:
+                owners.append(owner)
+                tokens.append(-1)
+                tails.append(q)
+
+        def tensor(values: list, dtype=torch.long) -> Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        runs = tensor([projection.run(r) for r in partials]).reshape(-1, 2)
+        tail_runs = tensor([projection.run(q) if q else (0, 0) for q in tails]).reshape(-1, 2)
+        return cls(lows=runs[:, 0], highs=runs[:, 1],
+                   columns=tensor([c for segment in segments for c in segment.columns]),
+                   inside=tensor([bool(r) for r in partials], torch.bool),
+                   firsts=tensor([f for segment in segments for f in segment.firsts or [-1] * len(segment.partials)]),
+                   beyond=tensor([m > j for _, j, m, _ in position], torch.bool), owners=tensor(owners),
+                   tokens=tensor(tokens), tail_lows=tail_runs[:, 0], tail_highs=tail_runs[:, 1])
+
+
 def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logprobs: Tensor | HiddenRows,
             actions: Tensor, projection: Projection, *, top_k: int,
             chunk_elements: int = 1 << 22) -> tuple[Tensor, Tensor]:
     """The teacher's entries at the segments' student positions, in order -> (ids, log-probs), (P, k + 1), over
     student ids, k = min(top_k, |V_S|).
 
-    `entry_ids`, `entry_logprobs` (P, K): the teacher tokens and log-probs at each position's teacher position j
-    (what a server sent; -inf pads), or `entry_ids` None and `entry_logprobs` (P, V_T) over every teacher token in
-    id order (a teacher run here: read through the projection's index tables, no (P, V_T) id tensor; `HiddenRows`
-    forms those log-probs a block of rows at a time). Each entry whose bytes start with the position's r gives its
-    probability to the student token of the projection table; entries equal to r give theirs to no one (the tail).
-    Where r is not empty the sums are divided by the mass of the entries that start with r. The record is the k
-    most likely student tokens plus one slot for the student's own next token `actions` (P,) when it has mass
-    outside those k (-inf otherwise, and in unused slots). Where student tokens are left outside the record, at
-    least TAIL_FLOOR of the mass stays in the tail (the record is scaled down where it holds more): the projection
-    gives exact zeros (inside a teacher token only some student tokens continue the text), and a tail of 0 against
-    a student tail above 0 would make reverse KL infinite."""
+    `entry_ids`, `entry_logprobs` (P + X, K): the teacher tokens and log-probs at each position's teacher position j
+    (what a server sent; -inf pads), then at the X teacher positions of the observed paths (`path_rows`), or
+    `entry_ids` None and `entry_logprobs` (P + X, V_T) over every teacher token in id order (a teacher run here:
+    read through the projection's index tables, no (P, V_T) id tensor; `HiddenRows` forms those log-probs a block of
+    rows at a time). Each entry whose bytes start with the position's r gives its probability to the student token
+    of the projection table; entries equal to r give theirs to no one (the tail). Where r is not empty the sums are
+    divided by the mass of the entries that start with r. The teacher's own next token gives the student's own next
+    token `actions` (P,) its mass along the observed path: all of it where it covers that token, else times the
+    teacher's probability of its further tokens inside it (docs/cross_tokenizer.md). The record is the k most likely
+    student tokens plus one slot for the student's own next token when it has mass outside those k (-inf otherwise,
+    and in unused slots). Where student tokens are left outside the record, at least TAIL_FLOOR of the mass stays in
+    the tail (the record is scaled down where it holds more): the projection gives exact zeros (inside a teacher
+    token only some student tokens continue the text), and a tail of 0 against a student tail above 0 would make
+    reverse KL infinite."""
     k = min(top_k, projection.student_size)
+    size = projection.student_size
     device = entry_logprobs.device
-    partials = [r for segment in segments for r in segment.partials]
-    columns = torch.tensor([c for segment in segments for c in segment.columns], dtype=torch.long, device=device)
-    lows, highs = torch.tensor([projection.run(r) for r in partials], dtype=torch.long,
-                               device=device).reshape(-1, 2).unbind(-1)
-    inside = torch.tensor([bool(r) for r in partials], dtype=torch.bool, device=device)
     tables = projection.tables(device)
-    out_ids = torch.zeros((len(partials), k + 1), dtype=torch.long, device=device)
-    out_lps = torch.full((len(partials), k + 1), -math.inf, dtype=entry_logprobs.dtype, device=device)
-    step = max(1, chunk_elements // max(entry_logprobs.shape[-1], projection.student_size, 1))
-    for within in (False, True):
-        for rows in (inside == within).nonzero().squeeze(-1).split(step):
+    plan = _Plan.of(segments, projection, device)
+    count = plan.columns.numel()
+    actions = actions.to(device)
+    first_sids = torch.where(plan.firsts >= 0, _column(plan.firsts.clamp(min=0), plan.columns, tables), -1)
+    follows = (plan.firsts >= 0) & (actions >= 0) & ((first_sids != actions) | plan.beyond)
+    path = _path_logprobs(plan, entry_ids, entry_logprobs, tables, count)
+    out_ids = torch.zeros((count, k + 1), dtype=torch.long, device=device)
+    out_lps = torch.full((count, k + 1), -math.inf, dtype=entry_logprobs.dtype, device=device)
+    step = max(1, chunk_elements // max(entry_logprobs.shape[-1], size, 1))
+    one_to_one = entry_ids is None and projection.one_to_one and k <= entry_logprobs.shape[-1]
+    groups = {"fast": ~plan.inside & ~follows & one_to_one, "inside": plan.inside}
+    groups["aligned"] = ~plan.inside & ~groups["fast"]
+    for kind, chosen in groups.items():
+        for rows in chosen.nonzero().squeeze(-1).split(step):
             if not rows.numel():
                 continue
-            own = actions[rows.to(actions.device)].to(device)
-            size = projection.student_size
-            if entry_ids is None and not within and projection.one_to_one and k <= entry_logprobs.shape[-1]:
+            own = actions[rows]
+            if kind == "fast":
                 out_ids[rows], out_lps[rows] = _record_one_to_one(entry_logprobs[rows], own, k, tables, size)
                 continue
-            if entry_ids is None:
-                dense = (_every_inside(entry_logprobs[rows], columns[rows], lows[rows], highs[rows], tables, size)
-                         if within else _every_aligned(entry_logprobs[rows], tables, size))
-                out_ids[rows], out_lps[rows] = _record(dense, own, k)
-                continue
-            t, lp = entry_ids[rows.to(entry_ids.device)].to(device).long(), entry_logprobs[rows]
-            if within:
-                sid, lp, norm = _continuations(t, lp, columns[rows], lows[rows], highs[rows], tables)
-            else:  # r empty: every entry, column 0, no normalisation
-                sid, norm = torch.where(torch.isfinite(lp), tables.aligned[t], -1), None
-            dense = _scatter_logsumexp(torch.where(sid >= 0, lp, -math.inf), sid.clamp(min=0), size)
-            if norm is not None:
-                dense = dense - torch.where(torch.isfinite(norm), norm, 0.0).unsqueeze(-1)
-            out_ids[rows], out_lps[rows] = _record(dense, own, k)
+            dense, first_lp = _dense(plan, rows, kind == "inside", entry_ids, entry_logprobs, tables, size)
+            moved = torch.where(follows[rows], first_lp + path[rows], -math.inf)
+            out_ids[rows], out_lps[rows] = _record(_moved(dense, first_sids[rows], own, moved), own, k)
     return out_ids, out_lps
+
+
+def _dense(plan: _Plan, rows: Tensor, inside: bool, entry_ids: Tensor | None, entry_logprobs: Tensor | HiddenRows,
+           tables: ProjectionTables, size: int) -> tuple[Tensor, Tensor]:
+    """The projected distribution (n, V_S) at the student positions `rows`, and the share of it (log) that the
+    teacher's own next token carries (its probability over the mass of the run that starts with r)."""
+    firsts = plan.firsts[rows].clamp(min=0)
+    if entry_ids is None:
+        lp = entry_logprobs[rows]
+        first_lp = lp.gather(-1, firsts.unsqueeze(-1)).squeeze(-1)
+        if not inside:
+            return _every_aligned(lp, tables, size), first_lp
+        dense, norm = _every_inside(lp, plan.columns[rows], plan.lows[rows], plan.highs[rows], tables, size)
+        return dense, first_lp - norm
+    t, lp = entry_ids[rows].long(), entry_logprobs[rows]
+    first_lp = _entry_logprob(t, lp, firsts)
+    if inside:
+        sid, lp, norm = _continuations(t, lp, plan.columns[rows], plan.lows[rows], plan.highs[rows], tables)
+        norm = torch.where(torch.isfinite(norm), norm, 0.0)
+    else:  # r empty: every entry, column 0, no normalisation
+        sid, norm = torch.where(torch.isfinite(lp), tables.aligned[t], -1), torch.zeros_like(lp[:, 0])
+    dense = _scatter_logsumexp(torch.where(sid >= 0, lp, -math.inf), sid.clamp(min=0), size)
+    return dense - norm.unsqueeze(-1), first_lp - norm
+
+
+def _entry_logprob(t: Tensor, lp: Tensor, token: Tensor) -> Tensor:
+    """(n, K) entries -> the log-prob each row's entries give `token` (n,) (-inf where it was not sent)."""
+    return torch.where(t == token.unsqueeze(-1), lp, -math.inf).amax(-1)
+
+
+def _path_logprobs(plan: _Plan, entry_ids: Tensor | None, entry_logprobs: Tensor | HiddenRows,
+                   tables: ProjectionTables, count: int) -> Tensor:
+    """Per student position (P,): the log-probability of the observed path past the teacher's own next token: the
+    sum over the X path rows (after the P rows) of the teacher's log-prob of its own next token there, or, at the
+    tail, of the mass of the tokens that start with q (0 where the path has no factor)."""
+    total = torch.zeros(count, dtype=entry_logprobs.dtype, device=entry_logprobs.device)
+    factors = plan.owners.numel()
+    if not factors:
+        return total
+    rows = torch.arange(count, count + factors, device=entry_logprobs.device)
+    step = max(1, (1 << 22) // max(entry_logprobs.shape[-1], 1))
+    values = []
+    for part in torch.arange(factors, device=rows.device).split(step):
+        tokens, lows, highs = plan.tokens[part], plan.tail_lows[part], plan.tail_highs[part]
+        if entry_ids is None:
+            lp = entry_logprobs[rows[part]]
+            exact = lp.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            run = _run_mass(lp, lows, highs, tables)
+        else:
+            t, lp = entry_ids[rows[part]].long(), entry_logprobs[rows[part]]
+            exact = _entry_logprob(t, lp, tokens)
+            ranks = tables.rank[t]
+            run = torch.where((ranks >= lows[:, None]) & (ranks < highs[:, None]), lp, -math.inf).logsumexp(-1)
+        values.append(torch.where(tokens >= 0, exact, run))
+    return total.index_add_(0, plan.owners, torch.cat(values))
+
+
+def _run_mass(lp: Tensor, lows: Tensor, highs: Tensor, tables: ProjectionTables) -> Tensor:
+    """Rows over every teacher token (n, V_T) -> the log of the mass of the tokens of ranks [lows, highs) (n,)."""
+    row, _, values = _run_entries(lp, lows, highs, tables)
+    peak = values.new_full((lp.shape[0],), -math.inf).scatter_reduce(0, row, values, "amax")
+    safe = torch.where(torch.isfinite(peak), peak, 0.0)
+    total = values.new_zeros(lp.shape[0]).index_add_(0, row, (values - safe[row]).exp())
+    return torch.where(torch.isfinite(peak), safe + total.log(), -math.inf)
+
+
+def _moved(dense: Tensor, sources: Tensor, own: Tensor, mass: Tensor) -> Tensor:
+    """The projected distribution (n, V_S) with `mass` (n,) (log; -inf: none) moved from student token `sources`
+    (-1: from the tail) to `own`: the observed path's share of the teacher's own next token."""
+    rows = torch.arange(dense.shape[0], device=dense.device)
+    moving = torch.isfinite(mass) & (own >= 0) & (sources != own)
+    if not bool(moving.any()):
+        return dense
+    rows, sources, own, mass = rows[moving], sources[moving], own[moving], mass[moving]
+    taken = sources >= 0
+    held = dense[rows[taken], sources[taken]]
+    share = torch.exp(mass[taken] - held)  # of the source's mass; within rounding of 1 where it was all on the path
+    left = held + torch.log1p(-share.clamp(max=1.0))
+    dense[rows[taken], sources[taken]] = torch.where(share >= 1 - 64 * torch.finfo(held.dtype).eps, -math.inf, left)
+    dense[rows, own] = torch.logaddexp(dense[rows, own], mass)
+    return dense
 
 
 def _every_aligned(lp: Tensor, tables: ProjectionTables, size: int) -> Tensor:
@@ -490,17 +725,12 @@ def _every_aligned(lp: Tensor, tables: ProjectionTables, size: int) -> Tensor:
 
 
 def _every_inside(lp: Tensor, columns: Tensor, lows: Tensor, highs: Tensor, tables: ProjectionTables,
-                  size: int) -> Tensor:
-    """Rows inside a teacher token over every teacher token (n, V_T) -> (n, V_S): only the run of tokens that start
-    with each row's r is read (ranks [lows, highs) of the sorted vocabulary), summed relative to the row's peak and
-    divided by the run's mass."""
+                  size: int) -> tuple[Tensor, Tensor]:
+    """Rows inside a teacher token over every teacher token (n, V_T) -> (n, V_S) and the log of the run's mass (n,):
+    only the run of tokens that start with each row's r is read (ranks [lows, highs) of the sorted vocabulary),
+    summed relative to the row's peak and divided by the run's mass."""
     n = lp.shape[0]
-    lengths = highs - lows
-    row = torch.repeat_interleave(torch.arange(n, device=lp.device), lengths)
-    offset = torch.arange(row.numel(), device=lp.device) - torch.repeat_interleave(lengths.cumsum(0) - lengths,
-                                                                                    lengths)
-    t = tables.order[lows[row] + offset]
-    values = lp[row, t]
+    row, t, values = _run_entries(lp, lows, highs, tables)
     peak = values.new_full((n,), -math.inf).scatter_reduce(0, row, values, "amax")
     peak = torch.where(torch.isfinite(peak), peak, 0.0)
     mass = (values - peak[row]).exp()
@@ -508,7 +738,19 @@ def _every_inside(lp: Tensor, columns: Tensor, lows: Tensor, highs: Tensor, tabl
     sid = _column(t, columns[row], tables)
     keep = sid >= 0
     total = values.new_zeros(n * size).index_add_(0, (row * size + sid)[keep], mass[keep])
-    return (total.view(n, size) / norm.clamp(min=torch.finfo(norm.dtype).tiny).unsqueeze(-1)).log()
+    norm = norm.clamp(min=torch.finfo(norm.dtype).tiny)
+    return (total.view(n, size) / norm.unsqueeze(-1)).log(), norm.log() + peak
+
+
+def _run_entries(lp: Tensor, lows: Tensor, highs: Tensor, tables: ProjectionTables) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows over every teacher token (n, V_T) -> the entries of each row's run of ranks [lows, highs), flat: their
+    row, teacher id and log-prob."""
+    lengths = highs - lows
+    row = torch.repeat_interleave(torch.arange(lp.shape[0], device=lp.device), lengths)
+    offset = torch.arange(row.numel(), device=lp.device) - torch.repeat_interleave(lengths.cumsum(0) - lengths,
+                                                                                    lengths)
+    t = tables.order[lows[row] + offset]
+    return row, t, lp[row, t]
 
 
 def _column(t: Tensor, columns: Tensor, tables: ProjectionTables) -> Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from axolotl_xkd.cross_tokenizer import KEY, AlignedSegment, Aligner, HiddenRows, project
+from axolotl_xkd.cross_tokenizer import KEY, AlignedSegment, Aligner, HiddenRows, path_rows, project
 from axolotl_xkd.frozen_teacher import output_layer_is_linear
 from axolotl_xkd.losses.positions import IGNORE_INDEX, shift_targets
 from axolotl_xkd.losses.precision import upcast
@@ -78,7 +78,9 @@ class AlignedTeacherSource(TeacherSource):
         if aligned:  # also without pairs: under ZeRO-3 every rank must run the teacher's forward
             seg_of, rows_b, cols, stops, t_pos = torch.tensor(pairs, dtype=torch.long).reshape(-1, 5).unbind(-1)
             actions = torch.where(cols + 1 < stops, ids.cpu()[rows_b, (cols + 1).clamp(max=ids.shape[1] - 1)], -1)
-            teacher_lp = self._teacher_logprobs([seg.teacher_ids for seg in aligned], seg_of, t_pos)
+            path_seg, path_pos = torch.tensor(path_rows(aligned), dtype=torch.long).reshape(-1, 2).unbind(-1)
+            teacher_lp = self._teacher_logprobs([seg.teacher_ids for seg in aligned], torch.cat([seg_of, path_seg]),
+                                                torch.cat([t_pos, path_pos]))
             top_ids, top_lps = project(aligned, None, teacher_lp, actions, self.aligner.projection, top_k=self.top_k)
             token_ids[rows_b, cols] = top_ids.to(ids.device)
             logprobs[rows_b, cols] = top_lps.to(ids.device)
@@ -156,7 +158,7 @@ class AlignedServerTeacherSource(ServerTeacherSource):
                 answers: list[tuple[Segment, AlignedSegment, tuple[np.ndarray, np.ndarray]]]) -> TopKSignal:
         """Each student position i that reads teacher position j (and that the loss counts, `counted_only`) gets j's
         entries (the top k and the teacher's next token) projected onto student ids, with its next token u_{i+1} as
-        the own token; empty records elsewhere."""
+        the own token and the entries along its observed path; empty records elsewhere."""
         ids = batch["input_ids"].cpu()
         shape = (*ids.shape, self.width)
         token_ids = torch.zeros(shape, dtype=torch.long)
@@ -172,6 +174,10 @@ class AlignedServerTeacherSource(ServerTeacherSource):
             actions.append(torch.where(col + 1 < end, ids[b, (col + 1).clamp(max=end - 1)], -1))
             sent_ids.append(torch.from_numpy(answer_ids)[t_pos])
             sent_lps.append(torch.from_numpy(answer_lps)[t_pos])
+        for (_, segment, (answer_ids, answer_lps)) in answers:  # then the observed paths' rows (`path_rows`)
+            path = [l for positions in segment.path_positions() for l in positions]
+            sent_ids.append(torch.from_numpy(answer_ids)[path])
+            sent_lps.append(torch.from_numpy(answer_lps)[path])
         if rows:
             rows_b, cols_b = torch.cat(rows), torch.cat(cols)
             token_ids[rows_b, cols_b], logprobs[rows_b, cols_b] = project(
