@@ -14,15 +14,20 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.options import TOKEN_DIVERGENCES
 
 
 def kl(p_logprobs: Tensor, q_logprobs: Tensor) -> Tensor:
-    """KL(p || q) = sum_c p_c (log p_c - log q_c); categories with p_c = 0 contribute 0."""
+    """KL(p || q) = sum_c p_c (log p_c - log q_c); categories with p_c = 0 contribute 0.
+
+    Clamped at 0: p and q each normalised with their own rounding (float32 log_softmax, the tail category, a JSD
+    mixture's logaddexp) make the sum of near-equal distributions come out a few 1e-7 below 0 (docs/precision.md).
+    """
     p = p_logprobs.exp()
     # The double where keeps (-inf) - (-inf) out of both the value and the gradient.
     diff = torch.where(p > 0, p_logprobs - torch.where(p > 0, q_logprobs, 0.0), 0.0)
-    return (p * diff).sum(-1)
+    return (p * diff).sum(-1).clamp(min=0.0)
 
 
 def log_mixture(a_logprobs: Tensor, b_logprobs: Tensor, weight_a: float) -> Tensor:
@@ -91,8 +96,9 @@ REGISTRY: dict[str, tuple[Callable[..., Tensor], tuple[str, ...]]] = {
 
 def divergence(student_logprobs: Tensor, teacher_logprobs: Tensor, *, name: str, **hyperparams: float) -> Tensor:
     """The divergence D_i called `name` (one of TOKEN_DIVERGENCES), per token; `hyperparams` may hold more than
-    it takes (beta, skew_alpha): each function gets the ones it names in REGISTRY."""
+    it takes (beta, skew_alpha): each function gets the ones it names in REGISTRY. Half-precision log-probs are
+    computed in float32 (precision.upcast)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown divergence {name!r}; expected one of {TOKEN_DIVERGENCES} or 'sequence'")
     function, takes = REGISTRY[name]
-    return function(student_logprobs, teacher_logprobs, **{key: hyperparams[key] for key in takes})
+    return function(upcast(student_logprobs), upcast(teacher_logprobs), **{key: hyperparams[key] for key in takes})

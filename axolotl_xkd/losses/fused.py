@@ -127,7 +127,8 @@ def _first_pass(logits: Tensor, teacher: TeacherSignal | None, safe: Tensor, row
             rows.lse_z[b] = rows.lse_x[b]
         z.div_(total.unsqueeze(-1))  # pi
         if shifted_kl is not None:
-            rows.dense_kl[b] = shifted_kl + log_total  # sum p (log p - x') + log sum exp(x') sum p
+            # sum p (log p - x') + log sum exp(x') sum p; at 0 at least, as divergence.kl: near-equal rows round below
+            rows.dense_kl[b] = (shifted_kl + log_total).clamp(min=0.0)
         if topk_kl:
             rows.logpi_ids[b] -= log_total.unsqueeze(-1)
         if ava:

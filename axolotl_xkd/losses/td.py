@@ -58,9 +58,11 @@ def td_difference(q_taken: Tensor, nonterminal: Tensor, *, gamma: float, next_va
 
 
 def gaussian_kl_to_prior(mu: Tensor, log_sigma: Tensor, *, prior_std: float = 1.0) -> Tensor:
-    """KL( N(mu, sigma^2) || N(0, prior_std^2) ), elementwise."""
-    variance_ratio = torch.exp(2.0 * log_sigma) / prior_std**2
-    return 0.5 * (variance_ratio + mu.square() / prior_std**2 - 1.0) - log_sigma + math.log(prior_std)
+    """KL( N(mu, sigma^2) || N(0, prior_std^2) ), elementwise, as 0.5 (r - 1 - log r + mu^2 / prior_std^2) with
+    r = sigma^2 / prior_std^2: r - 1 - log r cancels near sigma = prior_std, where expm1 keeps it at 0 or above (the
+    direct form came out -3e-8 in float32 there)."""
+    log_ratio = 2.0 * (log_sigma - math.log(prior_std))
+    return 0.5 * (torch.expm1(log_ratio) - log_ratio + mu.square() / prior_std**2)
 
 
 def td_consistency(td: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
