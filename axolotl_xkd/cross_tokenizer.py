@@ -88,6 +88,12 @@ def _decoder_steps(tokenizer, where: str) -> list[dict]:
     return steps
 
 
+def check_readable(tokenizer, where: str) -> None:
+    """Raise, naming `where`, unless each token's bytes can be read from the tokenizer's decoder (a fast tokenizer
+    whose decoder steps `token_pieces` knows): the early check before a cross-tokenizer run prepares its data."""
+    _decoder_steps(tokenizer, where)
+
+
 def _piece(token: str, steps: list[dict]) -> bytes:
     """The bytes one token string stands for, decoded the way the tokenizer's own decoder does it."""
     if any(step["type"] == "ByteLevel" for step in steps):

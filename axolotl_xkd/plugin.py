@@ -47,6 +47,17 @@ class XKDPlugin(BasePlugin):
         if cfg.get("xkd") is None:
             LOG.warning("axolotl_xkd.XKDPlugin is listed in plugins but the config has no `xkd:` block; X-KD is off")
 
+    def get_training_args(self, cfg) -> dict | None:
+        """`use_cpu: True` for a bf16 run on a machine without an accelerator (Axolotl's `cfg.device` is "cpu"):
+        transformers refuses `bf16` there unless `use_cpu` is set, and Axolotl has no key for it. The CPU runs bf16
+        autocast as it does float32 training; DeepSpeed is left alone (`use_cpu` would switch it off)."""
+        if cfg.get("xkd") is None or not (cfg.get("bf16") or cfg.get("bfloat16")) or cfg.get("device") != "cpu":
+            return None
+        if cfg.get("deepspeed"):
+            return None
+        LOG.info("X-KD: bf16 on a machine without an accelerator: training on the CPU (TrainingArguments.use_cpu)")
+        return {"use_cpu": True}
+
     def pre_model_load(self, cfg) -> None:
         if cfg.get("xkd") is not None:
             from axolotl_xkd.distributed import cpu_ranks_before_model_load
@@ -63,14 +74,20 @@ class XKDPlugin(BasePlugin):
 
     def load_datasets(self, cfg, preprocess: bool = False):
         """The first hook of `axolotl train` and `preprocess` (0.19 and 0.21) after the config is validated, before
-        the dataset is prepared and the model loaded: the teacher's places are checked here, then a precomputed
-        store is read as the training data."""
+        the dataset is prepared and the model loaded: the teacher's places and tokenizer are checked here, then a
+        precomputed store is read as the training data."""
         config = self._xkd_config(cfg)
         if config is None:
             return None
         from axolotl_xkd.locations import check_teacher
 
         check_teacher(config.teacher, training=not preprocess)
+        if not preprocess:
+            from axolotl.loaders import load_tokenizer
+
+            from axolotl_xkd.wiring import check_teacher_tokenizer
+
+            check_teacher_tokenizer(config.teacher, load_tokenizer(cfg))
         if getattr(config.teacher, "source", None) != "precomputed":
             return None
         from axolotl_xkd.store.read import load_datasets_meta

@@ -106,6 +106,32 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
     )
 
 
+def check_teacher_tokenizer(teacher, student_tokenizer) -> None:
+    """The teacher's tokenizer against the student's, before the dataset is prepared and the student loads
+    (tokenizers load in seconds, an 8B student in minutes): the same-tokenizer rule for an in-process teacher
+    without cross_tokenizer; with it, that both tokenizers can be read byte by byte. A server's own tokenizer is
+    checked when the client connects; a store's, by its manifest (store.read)."""
+    from axolotl_xkd.cross_tokenizer import KEY, check_readable
+    from axolotl_xkd.frozen_teacher import check_same_tokenizer
+
+    path = teacher.tokenizer_path if teacher.source != "precomputed" else teacher.model_path
+    if teacher.source == "model":
+        path = path or teacher.path
+    if path is None or (teacher.source != "model" and not teacher.cross_tokenizer):
+        return
+    from transformers import AutoTokenizer
+
+    key = "tokenizer_path" if getattr(teacher, "tokenizer_path", None) else (
+        "model_path" if teacher.source == "precomputed" else "path")
+    where = f"xkd.teacher.{key}={path!r}"
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=getattr(teacher, "trust_remote_code", False))
+    if not teacher.cross_tokenizer:
+        check_same_tokenizer(student_tokenizer, tokenizer, where)
+        return
+    check_readable(student_tokenizer, f"{where} with {KEY} (the student's tokenizer)")
+    check_readable(tokenizer, f"{where} with {KEY} (the teacher's tokenizer)")
+
+
 def load_server_teacher(teacher, tokenizer) -> TeacherSource:
     """A teacher server client for `xkd.teacher` (source: server), checked once against the student's tokenizer, or
     with cross_tokenizer against the teacher's (xkd.teacher.tokenizer_path), which is aligned with the student's."""

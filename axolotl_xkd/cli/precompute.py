@@ -22,7 +22,8 @@ _TEACHER = TypeAdapter(Annotated[Teacher, Field(discriminator="source")])
 @click.command("precompute")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--top-k", type=click.IntRange(min=1), default=None,
-              help="Teacher entries kept per position (default: xkd.teacher.top_k, else 64).")
+              help="Teacher entries kept per position (default: xkd.teacher.cross_tokenizer_top_k across tokenizers, "
+              "else xkd.teacher.top_k, else 64).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: xkd.teacher.path when the block is `source: precomputed`).")
 @click.option("--teacher", "teacher_path", default=None,
@@ -43,7 +44,8 @@ _TEACHER = TypeAdapter(Annotated[Teacher, Field(discriminator="source")])
 @click.option("--server-model", default=None, help="Served model name (default: the first one the server lists).")
 @click.option("--cross-tokenizer", is_flag=True,
               help="The teacher has another tokenizer: store its distributions aligned to the student's positions "
-              "(docs/cross_tokenizer.md); implied by xkd.teacher.cross_tokenizer: true.")
+              "(docs/cross_tokenizer.md); read from xkd.teacher.cross_tokenizer: true (any teacher block), so the "
+              "flag is only needed for a teacher given with --teacher.")
 def precompute(config: str, top_k: int | None, out: str | None, teacher_path: str | None, batch_size: int,
                rows_per_shard: int, logprob_dtype: str, generate: bool, seed: int | None, server: str | None,
                server_model: str | None, cross_tokenizer: bool) -> None:
@@ -53,6 +55,9 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
     teacher = _teacher_block(config)
     source = getattr(teacher, "source", None)
     precomputed = source == "precomputed"
+    cross_tokenizer = cross_tokenizer or bool(getattr(teacher, "cross_tokenizer", False))
+    if cross_tokenizer and teacher is not None:  # student tokens kept per position, as training keeps them
+        top_k = top_k or teacher.cross_tokenizer_top_k
     top_k = top_k or (teacher.top_k if source in ("precomputed", "server") and teacher.top_k else 64)
     server_block = None
     if server is not None:
@@ -94,7 +99,7 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
                                   server=server_block,
                                   server_api_key=None if server_block is None else api_key_from_env(server_block),
                                   loading=_loading(teacher, teacher_path),
-                                  cross_tokenizer=cross_tokenizer or bool(getattr(teacher, "cross_tokenizer", False)))
+                                  cross_tokenizer=cross_tokenizer)
     manifest = run_precompute(cfg, settings, rank=int(os.environ.get("RANK", "0")),
                               world_size=int(os.environ.get("WORLD_SIZE", "1")))
     click.echo(f"xkd precompute: {out} (k={manifest.top_k}, {manifest.splits} rows, {manifest.encoding}, "

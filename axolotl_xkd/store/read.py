@@ -68,14 +68,23 @@ def check_manifest(manifest: Manifest, folder: str, *, tokenizer, sequence_len: 
 
 def check_teacher_pair(manifest: Manifest, config: PrecomputedTeacher, tokenizer) -> None:
     """A store aligned from a teacher of another tokenizer (manifest.vocab_map) and a config that names the
-    teacher (xkd.teacher.model_path): refuse it unless it was built for this (student, teacher) pair."""
+    teacher (xkd.teacher.model_path): refuse it unless it was built for this (student, teacher) pair. A store and a
+    config that disagree on whether the teacher has another tokenizer (xkd.teacher.cross_tokenizer) are refused."""
+    where = Path(config.path) / MANIFEST
+    if (manifest.vocab_map is not None) != config.cross_tokenizer:
+        made = "aligned from a teacher of another tokenizer" if manifest.vocab_map else "made with the student's tokenizer"
+        raise ValueError(
+            f"{where}: the store was {made}, but the config has xkd.teacher.cross_tokenizer: "
+            f"{str(config.cross_tokenizer).lower()}. Set cross_tokenizer: {str(manifest.vocab_map is not None).lower()} "
+            "if this is the teacher you meant, or precompute again (`axolotl xkd precompute CONFIG.yml`, which reads "
+            "the key) for this config's teacher."
+        )
     if manifest.vocab_map is None or config.model_path is None:
         return
     from transformers import AutoTokenizer
 
     from axolotl_xkd.cross_tokenizer import Aligner
 
-    where = Path(config.path) / MANIFEST
     teacher = AutoTokenizer.from_pretrained(config.model_path)
     same_teacher = manifest.teacher_tokenizer_hash == tokenizer_hash(teacher)
     if not same_teacher or manifest.vocab_map != Aligner(tokenizer, teacher, str(where)).vocab.digest():

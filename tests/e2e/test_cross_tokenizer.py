@@ -51,20 +51,22 @@ def test_trains_with_a_teacher_of_another_tokenizer(untrained_assets, other_teac
 
 
 def test_precomputed_store_matches_the_in_process_teacher(untrained_assets, other_teacher, tmp_path):
-    """`axolotl xkd precompute --cross-tokenizer` aligns once and stores the records in student positions, with
-    both tokenizers' fingerprints and the map's digest; training from it (model_path names the teacher, so the
-    pair is checked) gives the in-process cross-tokenizer teacher's loss."""
-    cross = {"path": str(other_teacher), "cross_tokenizer": True, "cross_tokenizer_top_k": 16}
+    """A `source: precomputed` block with `cross_tokenizer: true`: `axolotl xkd precompute` reads the key from the
+    config, aligns once and stores the records in student positions, with both tokenizers' fingerprints and the
+    map's digest; training from the same config (model_path names the teacher, so the pair is checked) gives the
+    in-process cross-tokenizer teacher's loss."""
+    cross = {"cross_tokenizer": True, "cross_tokenizer_top_k": 16}
+    teachers = {"model": {"path": str(other_teacher), **cross},
+                "precomputed": {"source": "precomputed", "path": str(tmp_path / "store"),
+                                "model_path": str(other_teacher), **cross}}
     first = {}
-    for source in ("model", "precomputed"):
+    for source, teacher in teachers.items():
         config = merged(base_config(untrained_assets, tmp_path / source),
-                        {"max_steps": 1, "save_steps": 1, "learning_rate": 1e-6, "xkd": {"teacher": cross}})
+                        {"max_steps": 1, "save_steps": 1, "learning_rate": 1e-6, "xkd": {"teacher": teacher}})
+        path = write_config(tmp_path / f"{source}.yml", config)
         if source == "precomputed":
-            run_cli(["axolotl", "xkd", "precompute", str(write_config(tmp_path / "pre.yml", config)),
-                     "--out", str(tmp_path / "store"), "--top-k", "16", "--batch-size", "16"])
-            config["xkd"]["teacher"] = {"source": "precomputed", "path": str(tmp_path / "store"),
-                                        "model_path": str(other_teacher)}
-        train(write_config(tmp_path / f"{source}.yml", config))
+            run_cli(["axolotl", "xkd", "precompute", str(path), "--batch-size", "16"])
+        train(path)
         first[source] = log_history(tmp_path / source / "model")[0]
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
     assert manifest["vocab_map"] and manifest["teacher_tokenizer_hash"] != manifest["tokenizer_hash"]

@@ -67,3 +67,22 @@ def test_serve_teacher_checks_its_model_and_tokenizer(untrained_assets, tmp_path
         output = proc.stdout + proc.stderr
         assert proc.returncode == 2 and message in output, output[-3000:]
         assert "xkd serve-teacher:" not in output, output[-3000:]  # it never bound a port
+
+
+def test_teacher_of_another_tokenizer_without_the_key_fails_before_the_dataset_is_prepared(untrained_assets, tmp_path):
+    """The teacher/student vocabulary check runs in the first hook, on the tokenizers alone: no dataset preparation,
+    no student load; the error names the key and the one that allows another tokenizer."""
+    from axolotl_xkd.tiny import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<extra>"])
+    other = tmp_path / "other_teacher"
+    build_model(tokenizer, hidden=16, layers=1, seed=0).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    config = merged(base_config(untrained_assets, tmp_path), {"xkd": {"teacher": {"path": str(other)}}})
+    proc = train(write_config(tmp_path / "config.yml", config), check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert f"xkd.teacher.path={str(other)!r}" in output and "differs from the student's" in output
+    assert "cross_tokenizer: true" in output and "'<extra>'" in output
+    assert PREPARATION not in output and not Path(config["dataset_prepared_path"]).exists(), output[-3000:]

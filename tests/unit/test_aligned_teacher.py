@@ -200,9 +200,9 @@ def test_store_built_for_another_pair_is_refused(tmp_path):
                         sequence_len=32, encoding="packed_u32", logprob_dtype="float16", rows_per_shard=8,
                         teacher_tokenizer_hash=tokenizer_hash(teacher),
                         vocab_map=Aligner(student, teacher, "test").vocab.digest())
-    check_teacher_pair(manifest, PrecomputedTeacher(path=str(tmp_path), model_path=str(tmp_path / "own")), student)
+    check_teacher_pair(manifest, PrecomputedTeacher(path=str(tmp_path), model_path=str(tmp_path / "own"), cross_tokenizer=True), student)
     with pytest.raises(ValueError, match=r"manifest.json: teacher_tokenizer_hash / vocab_map .*another"):
-        check_teacher_pair(manifest, PrecomputedTeacher(path=str(tmp_path), model_path=str(tmp_path / "other")),
+        check_teacher_pair(manifest, PrecomputedTeacher(path=str(tmp_path), model_path=str(tmp_path / "other"), cross_tokenizer=True),
                            student)
     # a store of the exact-map rule (before the prefix projection): its digest had no rule in it
     vocab = Aligner(student, teacher, "test").vocab
@@ -210,4 +210,11 @@ def test_store_built_for_another_pair_is_refused(tmp_path):
                                          "map": vocab.student_ids.tolist()}).encode()).hexdigest()
     with pytest.raises(ValueError, match=r"or by an earlier alignment rule"):
         check_teacher_pair(dataclasses.replace(manifest, vocab_map=earlier),
-                           PrecomputedTeacher(path=str(tmp_path), model_path=str(tmp_path / "own")), student)
+                           PrecomputedTeacher(path=str(tmp_path), model_path=str(tmp_path / "own"), cross_tokenizer=True),
+                           student)
+    # the config must say the teacher has another tokenizer, and a same-tokenizer store must not claim it
+    with pytest.raises(ValueError, match=r"aligned from a teacher of another tokenizer.*cross_tokenizer: false"):
+        check_teacher_pair(manifest, PrecomputedTeacher(path=str(tmp_path)), student)
+    with pytest.raises(ValueError, match=r"made with the student's tokenizer.*cross_tokenizer: true"):
+        check_teacher_pair(dataclasses.replace(manifest, vocab_map=None, teacher_tokenizer_hash=None),
+                           PrecomputedTeacher(path=str(tmp_path), cross_tokenizer=True), student)
