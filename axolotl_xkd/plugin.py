@@ -79,9 +79,11 @@ class XKDPlugin(BasePlugin):
         config = self._xkd_config(cfg)
         if config is None:
             return None
-        from axolotl_xkd.locations import check_teacher
+        from axolotl_xkd.locations import check_data_files, check_teacher
 
         check_teacher(config.teacher, training=not preprocess)
+        if getattr(config.teacher, "source", None) != "precomputed":  # else the store is the training data
+            check_data_files(cfg)
         if not preprocess:
             from axolotl.loaders import load_tokenizer
 
