@@ -181,3 +181,22 @@ def test_reward_kl_to_the_prior_is_not_negative_near_the_prior():
     mu, log_sigma = torch.randn(100, dtype=torch.float64), torch.randn(100, dtype=torch.float64)
     direct = 0.5 * (torch.exp(2 * log_sigma) / 4 + mu.square() / 4 - 1) - log_sigma + math.log(2)
     torch.testing.assert_close(gaussian_kl_to_prior(mu, log_sigma, prior_std=2.0), direct)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({}, {"use_cpu": True}),
+    ({"bf16": False}, None),
+    ({"device": "cuda:0"}, None),
+    ({"deepspeed": "zero2.json"}, None),
+    ({"xkd": None}, None),
+], ids=["cpu_bf16", "float32", "gpu", "deepspeed", "no_xkd"])
+def test_use_cpu_only_for_bf16_without_an_accelerator(overrides, expected):
+    """The plugin asks for use_cpu (which transformers needs to train bf16 without an accelerator) only for an X-KD
+    run with bf16 where Axolotl found no accelerator, and never under DeepSpeed (use_cpu would switch it off)."""
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_xkd.plugin import XKDPlugin
+
+    cfg = DictDefault({"xkd": {"teacher": {"source": "model", "path": "t"}}, "bf16": True, "device": "cpu",
+                       **overrides})
+    assert XKDPlugin().get_training_args(cfg) == expected
