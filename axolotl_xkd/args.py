@@ -1,7 +1,8 @@
-"""The nested `xkd:` block of an Axolotl config, as a pydantic schema (imports only the leaf `options`).
+"""The nested `xkd:` block of an Axolotl config, as a pydantic schema (imports only the leaves `options` and
+`unknown_keys`).
 
 Axolotl merges `XKDArgs` into its own config model, so `axolotl train` validates the block with the
-rest of the YAML; unknown keys inside `xkd:` are errors, never silently ignored.
+rest of the YAML; unknown keys inside `xkd:` are errors naming the closest known key, never silently ignored.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from axolotl_xkd.options import (
     reward_reaches_student,
     teacher_reader,
 )
+from axolotl_xkd.unknown_keys import check_known_keys
 
 LOG = logging.getLogger(__name__)
 
@@ -208,7 +210,9 @@ class XKDConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        """Fill the preset's keys that the block does not set itself (so keys set beside it win)."""
+        """Fill the preset's keys that the block does not set itself (so keys set beside it win); first refuse
+        unknown keys at every level, each with the closest known one (extra="forbid" alone gives no hint)."""
+        check_known_keys(cls, data, "xkd")
         if isinstance(data, dict) and data.get("preset") in PRESETS:
             return {**PRESETS[data["preset"]], **data}
         return data

@@ -1,6 +1,7 @@
-"""Early checks of the places a config or a command names: a teacher model (a local folder or a hub id) and a
-precomputed store. A wrong one then fails before any work, with an error naming the key, instead of Hugging Face's
-"Repo id must be in the form ..." after the dataset was prepared and the student loaded.
+"""Early checks of the places a config or a command names: a teacher model (a local folder or a hub id), a
+precomputed store, and data files that hold no rows. A wrong one then fails before any work, with an error naming the
+key, instead of Hugging Face's "Repo id must be in the form ..." after the dataset was prepared and the student
+loaded (or the JSON loader's bare StopIteration on an empty file).
 
 Run by the plugin's first training hook and by the `axolotl xkd` commands, not by the config schema: the config is
 also validated where these places need not exist yet (`axolotl xkd precompute` writes the store its config names;
@@ -72,6 +73,27 @@ def check_teacher(teacher, *, training: bool) -> None:
         check_model_location(teacher.path, "xkd.teacher.path")
     if source in ("model", "server") and training and teacher.tokenizer_path is not None:
         check_model_location(teacher.tokenizer_path, "xkd.teacher.tokenizer_path")
+
+
+def check_data_files(cfg) -> None:
+    """Raise when a local file under `datasets:` or `test_datasets:` holds no rows (empty, or blank lines only):
+    Hugging Face's JSON loader ends on such a file with a bare StopIteration that names neither file nor key."""
+    for key in ("datasets", "test_datasets"):
+        for index, dataset in enumerate(cfg.get(key) or ()):
+            path = dataset.get("path") if hasattr(dataset, "get") else getattr(dataset, "path", None)
+            if isinstance(path, str) and os.path.isfile(path) and _blank(path):
+                raise ValueError(
+                    f"{key}[{index}].path={path!r} is empty: it holds no rows. Write the rows into it (for .jsonl, "
+                    f"one JSON object per line), point the path at the file that has them, or remove the entry."
+                )
+
+
+def _blank(path: str, limit: int = 1 << 20) -> bool:
+    """Whether the file at `path` holds only whitespace (read up to `limit` bytes: a larger file is not blank)."""
+    if os.path.getsize(path) > limit:
+        return False
+    with open(path, "rb") as file:
+        return not file.read().strip()
 
 
 def offline() -> bool:

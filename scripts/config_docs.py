@@ -30,7 +30,8 @@ PAGE = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 SECTIONS: list[tuple[str, str, type[BaseModel], str]] = [
     ("The `xkd:` block", "xkd", XKDConfig,
      "The notation is the spec's ([XKD_METHOD.md](XKD_METHOD.md)). Unknown keys inside `xkd:` are errors (Axolotl "
-     "ignores unknown top-level keys; this block does not)."),
+     "ignores unknown top-level keys; this block does not), each named with the closest key of its block: "
+     "``unknown key xkd.divergance (did you mean `divergence`?)``."),
     ("`xkd.teacher` with `source: model`", "xkd.teacher", ModelTeacher,
      "It runs on every rank: under ZeRO-3 sharded across all ranks as a DeepSpeed stage-3 inference engine (no "
      "optimizer state), otherwise loaded whole once per rank. See [teachers.md](teachers.md)."),

@@ -86,3 +86,16 @@ def test_teacher_of_another_tokenizer_without_the_key_fails_before_the_dataset_i
     assert f"xkd.teacher.path={str(other)!r}" in output and "differs from the student's" in output
     assert "cross_tokenizer: true" in output and "'<extra>'" in output
     assert PREPARATION not in output and not Path(config["dataset_prepared_path"]).exists(), output[-3000:]
+
+
+def test_empty_data_file_fails_naming_it_before_the_dataset_is_prepared(untrained_assets, tmp_path):
+    """Issue 35: an empty .jsonl under datasets: ended in a bare StopIteration from the JSON loader."""
+    empty = tmp_path / "train.jsonl"
+    empty.write_text("")
+    config = base_config(untrained_assets, tmp_path)
+    config["datasets"][0]["path"] = str(empty)
+    proc = train(write_config(tmp_path / "config.yml", config), check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert f"datasets[0].path={str(empty)!r} is empty: it holds no rows" in output, output[-3000:]
+    assert "StopIteration" not in output and PREPARATION not in output, output[-3000:]

@@ -101,3 +101,30 @@ def test_default_reward_target_names_what_to_do_without_a_teacher(untrained_asse
 def test_rl_is_refused(load):
     with pytest.raises(Exception, match="rl"):
         load({}, rl="dpo")
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ({"divergance": "jsd"}, "unknown key xkd.divergance (did you mean `divergence`?)"),
+        ({"teacher": {"source": "model", "path": "x", "tokenzier_path": "y"}},
+         "xkd.teacher.tokenzier_path (did you mean `tokenizer_path`?)"),
+        ({"teacher": {"source": "server", "base_url": "http://h:1", "timeout": 5}},
+         "xkd.teacher.timeout (did you mean `timeout_s`?)"),
+        ({"generation": {"temprature": 0.5}}, "xkd.generation.temprature (did you mean `temperature`?)"),
+        ({"zzz": 1}, "xkd.zzz (the keys of `xkd`: preset, teacher, divergence,"),
+    ],
+)
+def test_unknown_keys_are_named_with_the_closest_known_key(load, override, fragment):
+    """Issue 35: a misspelt key was refused by extra="forbid" with no hint; Axolotl's own validation error now
+    names it and the schema's closest key, at every level of the block."""
+    with pytest.raises(Exception) as info:
+        load(override)
+    assert fragment in str(info.value) and "correct the spelling" in str(info.value), str(info.value)
+
+
+def test_every_unknown_key_is_named_at_once(load):
+    with pytest.raises(Exception) as info:
+        load({"divergance": "jsd", "generation": {"top_q": 0.5}})
+    assert "unknown keys xkd.divergance (did you mean `divergence`?), xkd.generation.top_q (did you mean `top_p`?)" \
+        in str(info.value), str(info.value)

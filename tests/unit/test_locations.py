@@ -7,7 +7,7 @@ import pytest
 from huggingface_hub import constants
 
 from axolotl_xkd.args import check_base_url
-from axolotl_xkd.locations import check_model_location, check_store, check_teacher
+from axolotl_xkd.locations import check_data_files, check_model_location, check_store, check_teacher
 
 
 def test_a_model_folder_passes(tmp_path):
@@ -102,3 +102,15 @@ def test_a_malformed_server_url_names_the_key(url, fragment):
 def test_a_server_root_passes():
     check_base_url("http://127.0.0.1:8000", "xkd.teacher.base_url")
     check_base_url("https://teacher.example.com/serving", "xkd.teacher.base_url")
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_a_data_file_without_rows_names_the_key_and_the_file(tmp_path, text):
+    """Issue 35: an empty .jsonl under datasets: ended in the JSON loader's bare StopIteration."""
+    rows, empty = tmp_path / "rows.jsonl", tmp_path / "empty.jsonl"
+    rows.write_text('{"prompt": "1+1=", "response": "2"}\n')
+    empty.write_text(text)
+    cfg = {"datasets": [{"path": str(rows)}], "test_datasets": [{"path": "org/hub-dataset"}, {"path": str(empty)}]}
+    with pytest.raises(ValueError, match=rf"test_datasets\[1\].path='{empty}' is empty: it holds no rows. Write"):
+        check_data_files(cfg)
+    check_data_files({"datasets": [{"path": str(rows)}], "test_datasets": None})
