@@ -126,9 +126,12 @@ class XKDPlugin(BasePlugin):
         if cfg.get("xkd") is None:
             return
         from axolotl_xkd.compat import merge_hook_available, merge_instructions
+        from axolotl_xkd.interrupt import MARKER, clear_interrupted
         from axolotl_xkd.wiring import find_reward_head, save_final_reward_head
 
         save_final_reward_head(model, cfg)
+        if clear_interrupted(cfg.output_dir):
+            LOG.info("X-KD: this run finished; removed %s, left by an interrupted run into %s", MARKER, cfg.output_dir)
         if cfg.get("adapter") and find_reward_head(model) is not None and not merge_hook_available():
             LOG.info(merge_instructions(cfg.output_dir))
 

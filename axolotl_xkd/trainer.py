@@ -21,6 +21,7 @@ from transformers import Trainer
 from axolotl_xkd.compat import count_trained_tokens
 from axolotl_xkd.distributed import gathered, through_output_layer
 from axolotl_xkd.frozen_teacher import output_layer_is_linear
+from axolotl_xkd.interrupt import EXIT_STATUS, SigintSeen, interrupted_notice, mark_interrupted
 from axolotl_xkd.keys import is_xkd_key
 from axolotl_xkd.losses.chunked import chunked_xkd_loss
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
@@ -62,6 +63,7 @@ class XKDSetup:
     vocab_size: int  # the tokenizer's; logits beyond it are padding rows
     chunk_size: int = DEFAULT_CHUNK_SIZE  # 0: unchunked loss over full logits
     sampler: OnPolicySampler | None = None  # on-policy steps (sequences: on_policy)
+    config_path: str | None = None  # the run's YAML, named in the resume command an interrupt logs
 
     @property
     def head_apart(self) -> bool:
@@ -136,12 +138,36 @@ class XKDTrainer(AxolotlTrainer, _CrossEntropyPerplexity):
 
     def train(self, *args, **kwargs):
         """Axolotl's training loop; when the teacher server fails beyond its retries, the steps trained so far are
-        saved as a checkpoint before the error stops the run (nothing trained is lost)."""
+        saved as a checkpoint before the error stops the run (nothing trained is lost). On Ctrl-C, after Axolotl's
+        handler saved the student, the reward head and a marker go beside it and the exit status is 130
+        (interrupt.py)."""
+        sigint = SigintSeen()
         try:
-            return super().train(*args, **kwargs)
+            with sigint:
+                return super().train(*args, **kwargs)
         except TeacherServerError as error:
             error.add_note(self._save_before_stopping())
             raise
+        except SystemExit:  # Axolotl's SIGINT handler saves the student and exits with 0
+            if not sigint.seen:
+                raise
+            if self.args.should_save:
+                self._record_interrupt()
+            raise SystemExit(EXIT_STATUS) from None
+
+    def _record_interrupt(self) -> None:
+        """Write the reward head beside the student Axolotl saved on the interrupt, and the marker; log both and the
+        command that resumes."""
+        out = self.args.output_dir
+        saved = [f"the student of step {self.state.global_step} (Axolotl's save on an interrupt)"]
+        if self._xkd_head is not None:
+            path = save_beside_student(self._xkd_head, out)
+            saved.append(f"its reward head ({path.name})" if path is not None else
+                         "not its reward head: it is partitioned across ranks (the checkpoints hold it)")
+        notice = interrupted_notice(out, step=self.state.global_step, max_steps=self.state.max_steps, saved=saved,
+                                    config_path=self.xkd.config_path if self.xkd is not None else None)
+        mark_interrupted(out, notice)
+        LOG.warning(notice)
 
     def _save_before_stopping(self) -> str:
         """Save checkpoint-<steps done> (the weights, optimizer, scheduler, RNG and log of the last completed

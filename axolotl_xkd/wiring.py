@@ -174,6 +174,7 @@ def configure_trainer(trainer, config: XKDConfig, cfg) -> None:
         vocab_size=vocab_size,
         chunk_size=config.chunk_size,
         sampler=on_policy_sampler(config, cfg, tokenizer),
+        config_path=cfg.get("axolotl_config_path"),
     ))
     LOG.info("axolotl_xkd %s active: %s", __version__, config.model_dump_json(exclude_none=True))
 

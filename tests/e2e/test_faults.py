@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from axolotl_xkd.reward_store import load_reward_head
 from tests.server_load import run_load
 from tests.support import (
     BIN,
@@ -364,6 +366,34 @@ def test_killed_rank_stops_the_job_naming_it_and_the_resume_matches(short_assets
     completed(torchrun_train(write_config(tmp_path / "resumed.yml", resumed)))
     assert_same_weights(out, tmp_path / "straight")
     assert_log_continues(out, tmp_path / "straight", 4)
+
+
+def test_ctrl_c_leaves_a_marked_folder_with_the_head_and_a_resume_command_that_works(short_assets, tmp_path):
+    """Issue 35: Ctrl-C at step 105 of 270 left Axolotl's step-105 model.safetensors in output_dir without the reward
+    head or a word, and exit status 0: the folder looked like a finished run. Here the run stops after step 3 of 5
+    (checkpoint-2 written) and gets SIGINT, as a terminal's Ctrl-C sends it: the head of step 3 lies beside the
+    student, a marker and the log say what was saved and how to resume, the status is 130, and the logged command
+    resumes the run to its end, which removes the marker."""
+    config = merged(base_config(short_assets, tmp_path), SHORT)
+    out, path = Path(config["output_dir"]), write_config(tmp_path / "config.yml", config)
+    run = Training(python_train(path), fault={"XKD_FAULT_STEP": "3"})
+    run.wait_stopped()
+    os.kill(run.proc.pid, signal.SIGINT)  # pending while stopped, handled as soon as it runs again
+    os.kill(run.proc.pid, signal.SIGCONT)
+    assert run.finish() == 130, run.output[-6000:]
+
+    notice = (out / "XKD_INTERRUPTED.txt").read_text().strip()
+    command = f"axolotl train {path} --resume-from-checkpoint {out / 'checkpoint-2'}"
+    assert "interrupted (SIGINT) after 3 of 5 optimizer steps" in notice and f"`{command}`" in notice, notice
+    assert notice in run.output
+    assert all((out / name).is_file() for name in (*WEIGHTS, "xkd_reward_head.json"))
+    head, _ = load_reward_head(out)  # whole and sealed; one step past checkpoint-2's
+    assert not head.state_dict()["proj.weight"].equal(load_file(out / "checkpoint-2" / WEIGHTS[1])["proj.weight"])
+
+    # The logged command, through the same module `axolotl train` launches.
+    completed([sys.executable, WRAPPER, *shlex.split(command)[2:]])
+    assert not (out / "XKD_INTERRUPTED.txt").exists()
+    assert final_state(out)["global_step"] == SHORT["max_steps"]
 
 
 # -- Teacher server -------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def test_feature_layers_import_nothing_above_them(layer):
         assert not above, f"{path.relative_to(PACKAGE.parent)} imports {sorted(above)}"
 
 
-@pytest.mark.parametrize("leaf", ["keys.py", "topk_rule.py", "integrity.py", "unknown_keys.py"])
+@pytest.mark.parametrize("leaf", ["keys.py", "topk_rule.py", "integrity.py", "unknown_keys.py", "interrupt.py"])
 def test_leaf_modules_import_nothing_of_the_package(leaf):
     assert not project_imports(PACKAGE / leaf)
 
