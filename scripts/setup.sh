@@ -20,7 +20,13 @@ fi
 PYTHON="${PYTHON:-python3}"
 export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
+SETUP_START=$SECONDS
+# Each step says what it installs as it starts (on stderr, with the seconds since setup began); pip prints its own
+# progress on the long ones: a line per package as it is resolved, downloaded and installed, and a download bar
+# where the output is a terminal (pip's --progress-bar auto; none in CI logs).
+setup_step() { echo "setup.sh [$((SECONDS - SETUP_START)) s]: $*" >&2; }
 if [ ! -x "$VENV/bin/python" ]; then
+  setup_step "creating the virtual environment $VENV with $PYTHON"
   "$PYTHON" -m venv "$VENV"
 fi
 # shellcheck disable=SC1091
@@ -28,15 +34,14 @@ fi
 STAMP="$VENV/.axolotl_xkd_installed"
 WANT="$( (cat "$ROOT/pyproject.toml"; echo "axolotl=$XKD_AXOLOTL") | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  # pip runs quietly (-q), so say what is happening: a first install runs for minutes without a line of pip's own.
-  SETUP_START=$SECONDS
-  echo "setup.sh: installing into $VENV: torch 2.13.0, then axolotl ${XKD_AXOLOTL:-(>=0.19,<0.22)} with" \
-    "transformers, deepspeed and the rest of its stack, and this package with its test tools (pytest, tokenizers," \
-    "matplotlib). A first install takes minutes (about 6 on a 2-core machine, ~4 GB) and pip prints nothing" \
-    "meanwhile; later runs skip it while pyproject.toml is unchanged." >&2
+  setup_step "installing into $VENV (a first install takes minutes: about 6 on a 2-core machine, ~4 GB; later runs" \
+    "skip it while pyproject.toml is unchanged). Step 1 of 3: upgrading pip"
   python -m pip install -q --upgrade pip
-  python -m pip install -q "torch==2.13.0"
-  python -m pip install -q ${PIN[@]+"${PIN[@]}"} -e "$ROOT[test]"
+  setup_step "step 2 of 3: torch 2.13.0 (the CPU build where it is on disk, as here; seconds)"
+  python -m pip install "torch==2.13.0"
+  setup_step "step 3 of 3: axolotl ${XKD_AXOLOTL:-(>=0.19,<0.22)} with transformers, deepspeed and the rest of its" \
+    "stack, then this package (editable) with its test tools (pytest, tokenizers, matplotlib); the longest step"
+  python -m pip install ${PIN[@]+"${PIN[@]}"} -e "$ROOT[test]"
   echo "$WANT" > "$STAMP"
-  echo "setup.sh: install done in $((SECONDS - SETUP_START)) s ($VENV)." >&2
+  setup_step "install done in $((SECONDS - SETUP_START)) s ($VENV)."
 fi
