@@ -182,7 +182,7 @@ class AlignedServerTeacherSource(ServerTeacherSource):
             rows_b, cols_b = torch.cat(rows), torch.cat(cols)
             token_ids[rows_b, cols_b], logprobs[rows_b, cols_b] = project(
                 [segment for _, segment, _ in answers], torch.cat(sent_ids), torch.cat(sent_lps), torch.cat(actions),
-                self.aligner.projection, top_k=self.record_k)
+                self.aligner.projection, top_k=self.width - 1)
         device = batch["input_ids"].device
         signal = TopKSignal(token_ids=token_ids.to(device), logprobs=logprobs.to(device))
         self.coverage.report(batch, torch.isfinite(signal.logprobs).any(-1))

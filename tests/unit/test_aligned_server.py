@@ -127,6 +127,17 @@ def test_small_top_k_matches_the_float64_reference_of_what_was_sent(served, teac
     torch.testing.assert_close(out.td_nll, terms["td_nll"], **FP32)
 
 
+def test_more_student_tokens_kept_than_the_server_sends_fits_the_record(served, teacher_folder):
+    """The defaults (64 student tokens kept, 20 teacher tokens sent): the record is as wide as what was sent allows,
+    and holds the same distribution as a record of exactly that width."""
+    _, url = served
+    student = build_tokenizer()
+    wide = server_source(url, teacher_folder, record_k=64, top_k=8).get_signal(student_batch(student))
+    exact = server_source(url, teacher_folder, record_k=9, top_k=8).get_signal(student_batch(student))
+    assert wide.logprobs.shape[-1] == exact.logprobs.shape[-1] == 10
+    torch.testing.assert_close(dense(wide, len(student)), dense(exact, len(student)), **FP32)
+
+
 def test_coverage_and_vocabularies_are_logged(served, teacher_folder, caplog):
     _, url = served
     student = build_tokenizer()
