@@ -47,6 +47,24 @@ FAMILIES = {
 }
 FILES = ("tokenizer.json", "tokenizer_config.json")
 
+TEXTS = {
+    "accents": "Café, naïve, Cafe\u0301 et nai\u0308ve — Ångström.",
+    "cjk": "日本語のテキストと中文文本，한국어 텍스트。",
+    "emoji": "Family: 👨\u200d👩\u200d👧\u200d👦 flags 🇫🇷🇯🇵 thumbs 👍🏽!",
+    "code": "def f(x):\n\tif x  >  0:\n\t\treturn x   # runs of spaces\r\n    return -x\r\n",
+    "rtl": "مرحبا بالعالم — שלום עולם",
+    "digits": "Pi is 3.14159265358979323846264338327950288419716939937510 and 1234567890123.",
+    "url": "See https://example.com/a/b?c=1&d=two#frag for more.",
+    "json": '{"name": "x", "values": [1, 2.5, null], "ok": true}',
+    "table": "| col a | col b |\n|---|---|\n| 1 | two |\n",
+}
+"""Real text that breaks tokenizers: accents precomposed and decomposed, CJK, emoji with ZWJ sequences and flags, code
+with tabs, runs of spaces and CRLF, right-to-left scripts, long digit runs, a URL, JSON and a Markdown table."""
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
+          "\n\n### Instruction:\nReverse the words.\n\n### Input:\nslate ivory coral\n\n### Response:\n")
+"""An Alpaca prompt as Axolotl renders it; ANSWER is its response."""
+ANSWER = "coral ivory slate"
+
 
 def cache_root() -> Path:
     """Where fetched tokenizers live: $XKD_TOKENIZER_CACHE, else ~/.cache/axolotl-xkd/tokenizers."""

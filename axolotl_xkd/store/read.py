@@ -83,16 +83,16 @@ def check_teacher_pair(manifest: Manifest, config: PrecomputedTeacher, tokenizer
         return
     from transformers import AutoTokenizer
 
-    from axolotl_xkd.cross_tokenizer import Aligner
+    from axolotl_xkd.cross_tokenizer import VocabMap
 
     teacher = AutoTokenizer.from_pretrained(config.model_path)
     same_teacher = manifest.teacher_tokenizer_hash == tokenizer_hash(teacher)
-    if not same_teacher or manifest.vocab_map != Aligner(tokenizer, teacher, str(where)).vocab.digest():
+    if not same_teacher or manifest.vocab_map != VocabMap.of(tokenizer, teacher, str(where)).digest():
         raise ValueError(
             f"{where}: teacher_tokenizer_hash / vocab_map were made for another (student, teacher) pair than this "
             f"config's tokenizer and xkd.teacher.model_path={config.model_path!r}, or by an earlier alignment rule; "
-            "its stored records would pair other tokens. Precompute again (`axolotl xkd precompute CONFIG.yml "
-            "--cross-tokenizer`) for this pair."
+            "its stored records would pair other tokens. Precompute again (`axolotl xkd precompute CONFIG.yml`) for "
+            "this pair."
         )
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.real_tokenizers import load
+from benchmarks.real_tokenizers import TEXTS, load
 from tests.support import base_config, log_history, merged, run_cli, serve_teacher, train, write_config
-from tests.unit.test_real_tokenizers import TEXTS
 
 pytestmark = pytest.mark.e2e
 

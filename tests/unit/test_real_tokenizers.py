@@ -20,22 +20,8 @@ from transformers import PreTrainedTokenizerFast
 
 from axolotl_xkd.cross_tokenizer import Aligner, path_rows, project
 from axolotl_xkd.losses.categories import TAIL_FLOOR
-from benchmarks.real_tokenizers import load
+from benchmarks.real_tokenizers import ALPACA, ANSWER, TEXTS, load
 
-ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
-          "\n\n### Instruction:\nReverse the words.\n\n### Input:\nslate ivory coral\n\n### Response:\n")
-ANSWER = "coral ivory slate"
-TEXTS = {
-    "accents": "Café, naïve, Cafe\u0301 et nai\u0308ve — Ångström.",
-    "cjk": "日本語のテキストと中文文本，한국어 텍스트。",
-    "emoji": "Family: 👨\u200d👩\u200d👧\u200d👦 flags 🇫🇷🇯🇵 thumbs 👍🏽!",
-    "code": "def f(x):\n\tif x  >  0:\n\t\treturn x   # runs of spaces\r\n    return -x\r\n",
-    "rtl": "مرحبا بالعالم — שלום עולם",
-    "digits": "Pi is 3.14159265358979323846264338327950288419716939937510 and 1234567890123.",
-    "url": "See https://example.com/a/b?c=1&d=two#frag for more.",
-    "json": '{"name": "x", "values": [1, 2.5, null], "ok": true}',
-    "table": "| col a | col b |\n|---|---|\n| 1 | two |\n",
-}
 # (student, teacher): every family on each side, the two conventions crossed both ways, and two identical pairs
 PAIRS = [("llama3", "gemma3"), ("qwen3", "llama2"), ("gemma3", "qwen3"), ("llama2", "llama3"), ("llama3", "qwen3"),
          ("qwen3", "qwen3"), ("llama2", "llama2")]
