@@ -35,13 +35,14 @@ def read_jsonl_rows(path: Path, option: str) -> list[dict]:
 def pick_field(rows: list[dict], path: Path, field: str, option: str, field_option: str,
                dataset_fields: tuple[str, ...] = ()) -> list[str | dict]:
     """Each row's string `field`; or, where `dataset_fields` are given (a training format renders the prompts), the
-    row itself when it has the dataset's own fields instead (e.g. instruction and input, or messages)."""
+    whole row when it has the dataset's own fields, so that all of them render (an alpaca row's input with its
+    instruction, even when `field` names the instruction)."""
     values: list[str | dict] = []
     for number, row in enumerate(rows, start=1):
-        if isinstance(row.get(field), str):
-            values.append(row[field])
-        elif dataset_fields and all(name in row for name in dataset_fields):
+        if dataset_fields and all(name in row for name in dataset_fields):
             values.append(row)
+        elif isinstance(row.get(field), str):
+            values.append(row[field])
         else:
             also = f", nor the training dataset's own fields {list(dataset_fields)}" if dataset_fields else ""
             raise click.BadParameter(
@@ -114,7 +115,8 @@ def output_rows(scored, ranked, prompts: list[str], rank_by: str, per_token: boo
               "output_dir of --config.")
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSONL with one prompt per line: a string field (--prompt-field), or, when a training config "
-              "renders the prompts, a row of the training dataset itself (instruction and input, or messages).")
+              "renders the prompts, a row of the training dataset itself (instruction with input, messages, text), "
+              "which is rendered whole whenever a line has the dataset's fields.")
 @click.option("--responses", "responses_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSONL with one response per line, aligned with --prompts (may be the same file).")
 @click.option("--samples", type=click.IntRange(min=1), help="Generate this many responses per prompt and rerank them.")
@@ -142,9 +144,9 @@ def output_rows(scored, ranked, prompts: list[str], rank_by: str, per_token: boo
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True)
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The Axolotl config the student was trained with: each prompt (and response) is rendered by its "
-              "dataset's own Axolotl prompt strategy (alpaca-style `type:` dicts, alpaca, chat_template), exactly as "
-              "training tokenized it. Default: the config Axolotl saved in the model folder's README.md (the "
-              "output_dir's, for a checkpoint-N folder), if there is one.")
+              "dataset's own Axolotl prompt strategy (alpaca-style `type:` dicts, the alpaca types, chat_template, "
+              "completion), exactly as training tokenized it. Default: the config Axolotl saved in the model folder's "
+              "README.md (the output_dir's, for a checkpoint-N folder), if there is one.")
 @click.option("--dataset-index", default=0, show_default=True, type=click.IntRange(min=0),
               help="Which entry of the config's datasets: gives the prompt format.")
 @click.option("--raw", is_flag=True, help="Ignore any training config: tokenize prompts as plain strings (BOS, "

@@ -1,7 +1,7 @@
 """Prompts as training saw them: `TrainingFormat` renders (prompt, response) pairs with the training config's own
-Axolotl prompt strategy (alpaca-style `type:` dicts, `alpaca*` types, `chat_template`): the very tokens and labels
-`axolotl train` builds, split at the first trained label. Raw strings match training only when the dataset's prompt
-format is the bare prompt.
+Axolotl prompt strategy (alpaca-style `type:` dicts, the alpaca types, `chat_template`, `completion`): the very tokens
+and labels `axolotl train` builds, split at the first trained label (`completion` trains every token: there, after the
+prompt's own tokens). Raw strings match training only when the dataset's prompt format is the bare prompt.
 
 Imports Axolotl inside the methods that need it, so plain scoring works without it; nothing of the trainer.
 """
@@ -18,15 +18,22 @@ from transformers import PreTrainedTokenizerBase
 
 from axolotl_xkd.losses.positions import IGNORE_INDEX
 
+# The alpaca types whose rows are instruction / input / output (alpaca_w_system: and system), by the name before any
+# `:style`; their other loaders (e.g. alpaca_chat.load_qa) read other fields and are not rendered.
+ALPACA_TYPES = ("alpaca", "alpaca_chat", "alpaca_instruct", "alpaca_w_system")
+TYPES = "a `type:` dict (field_instruction/field_input/field_output), " + ", ".join(ALPACA_TYPES) + \
+    ", chat_template and completion"
+
 
 class TrainingFormat:
     """Renders (prompt, response) pairs exactly as `axolotl train` tokenized the config's dataset.
 
-    The pair is written as a row of the dataset's own layout (the instruction/output fields of an
-    alpaca-style type, or a user and an assistant message for `chat_template`), and Axolotl's own
-    prompt strategy for that dataset tokenizes it. The prompt is every token before the first trained
-    label; the response runs from there to the last trained label (EOS or end-of-turn included where
-    training counted it). `train_on_inputs` is turned off for the split; it changes labels, not tokens.
+    The pair is written as a row of the dataset's own layout (the instruction/input/output fields of an
+    alpaca-style type, a user and an assistant message for `chat_template`, the text field for `completion`), and
+    Axolotl's own prompt strategy for that dataset tokenizes it. The prompt is every token before the first trained
+    label; the response runs from there to the last trained label (EOS or end-of-turn included where training
+    counted it). `train_on_inputs` is turned off for the split; it changes labels, not tokens. `completion` trains
+    every token, so there the prompt is the prompt's own tokens and the response the rest.
     """
 
     def __init__(self, cfg: Any, tokenizer: PreTrainedTokenizerBase, *, dataset_index: int = 0,
@@ -47,11 +54,10 @@ class TrainingFormat:
 
             tokenizer.chat_template = get_chat_template_from_config(cfg=cfg, tokenizer=tokenizer)
         kind = self.ds_cfg.type
-        if not (isinstance(kind, dict) or kind == "chat_template" or str(kind).split(":")[0].startswith("alpaca")):
-            raise ValueError(
-                f"{where}: datasets[{dataset_index}] has type {kind!r}; scoring renders alpaca-style types "
-                "(a `type:` dict with field_instruction/field_output, or alpaca*) and chat_template"
-            )
+        self.base = None if isinstance(kind, dict) else str(kind).split(":", 1)[0]
+        if not (self.base is None or self.base in (*ALPACA_TYPES, "chat_template", "completion")):
+            raise ValueError(f"{where}: datasets[{dataset_index}] has type {kind!r}; scoring renders {TYPES}. Score "
+                             "plain strings with --raw instead.")
 
     @classmethod
     def from_yaml(cls, text: str, tokenizer: PreTrainedTokenizerBase, *, where: str,
@@ -68,21 +74,27 @@ class TrainingFormat:
         return cls(validate_config(cfg), tokenizer, dataset_index=dataset_index, where=where)
 
     def dataset_fields(self) -> tuple[str, ...]:
-        """The fields a row of the dataset's own layout must have to serve as a prompt: its messages for
-        chat_template, its instruction field for alpaca-style types (an `input` field is optional)."""
-        kind = self.ds_cfg.type
-        if kind == "chat_template":
+        """The fields a row of the dataset's own layout must have to serve as a prompt (the rest of the row, such as
+        an alpaca `input` or `system`, renders with it): its messages for chat_template, its text field for
+        completion, its instruction field for alpaca-style types."""
+        if self.base == "chat_template":
             return (self.ds_cfg.field_messages or "messages",)
-        if isinstance(kind, dict):
-            return (kind.get("field_instruction") or "instruction",)
+        if self.base == "completion":
+            return (self.ds_cfg.field or "text",)
+        if self.base is None:
+            return (self.ds_cfg.type.get("field_instruction") or "instruction",)
         return ("instruction",)
 
     def _row(self, prompt: str | dict, response: str) -> dict:
         """One row of the dataset's own layout holding the pair. `prompt` is a plain string, or a row of the dataset
-        itself (its instruction and input fields, or its messages: a final assistant message is its answer and is
-        replaced by `response`)."""
+        itself (all its fields: an alpaca instruction with its input and system; a completion text, which the
+        response continues; messages, where a final assistant message is its answer and is replaced by
+        `response`)."""
         kind = self.ds_cfg.type
-        if kind == "chat_template":
+        if self.base == "completion":
+            (text,) = self.dataset_fields()
+            return {**prompt, text: prompt[text] + response} if isinstance(prompt, dict) else {text: prompt + response}
+        if self.base == "chat_template":
             mapping = dict(self.ds_cfg.message_property_mappings or {})
             role_key, content_key = mapping.get("role", "role"), mapping.get("content", "content")
             roles = self.ds_cfg.roles or {}
@@ -98,30 +110,50 @@ class TrainingFormat:
             return {field_messages: [*messages, {role_key: assistant, content_key: response}]}
         if isinstance(kind, dict):
             instruction, output = kind.get("field_instruction") or "instruction", kind.get("field_output") or "output"
-        else:
+            blank = {}
+        else:  # the alpaca types read input (and alpaca_w_system: system) as well; a string prompt has neither
             instruction, output = "instruction", "output"
+            blank = {"input": "", **({"system": ""} if self.base == "alpaca_w_system" else {})}
         if isinstance(prompt, dict):
-            return {**prompt, output: response}
-        return {instruction: prompt, output: response} if isinstance(kind, dict) else {
-            "instruction": prompt, "input": "", "output": response}
+            return {**blank, **prompt, output: response}
+        return {**blank, instruction: prompt, output: response}
 
     def render(self, prompts: Sequence[str | dict],
                responses: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
         """(prompt ids, response ids) per pair, as training tokenized them; a prompt is a string or a dataset row."""
-        from axolotl.utils.data.wrappers import get_dataset_wrapper
-        from datasets import Dataset
-
-        kind = self.ds_cfg.type
-        base, style = (kind.split(":", 1) + [None])[:2] if isinstance(kind, str) else (None, None)
-        rows = Dataset.from_list([self._row(p, r) for p, r in zip(prompts, responses, strict=True)])
-        tokenized, _ = get_dataset_wrapper(self.ds_cfg, self.tokenizer, self.cfg, base, rows, style)
-        pairs = [_split_at_labels(row["input_ids"], row["labels"], n) for n, row in enumerate(tokenized)]
+        rows = self._tokenized([self._row(p, r) for p, r in zip(prompts, responses, strict=True)])
+        if self.base == "completion":
+            pairs = [_split_after(prompt, row["input_ids"], n)
+                     for n, (prompt, row) in enumerate(zip(self.render_prompts(prompts), rows))]
+        else:
+            pairs = [_split_at_labels(row["input_ids"], row["labels"], n) for n, row in enumerate(rows)]
         return [p for p, _ in pairs], [r for _, r in pairs]
 
     def render_prompts(self, prompts: Sequence[str | dict]) -> list[list[int]]:
         """The prompt ids alone (what the student is sampled from): each prompt rendered with a one-letter
-        placeholder response (an empty one trains no label, so it marks no boundary), cut before it."""
-        return self.render(prompts, ["A"] * len(prompts))[0]
+        placeholder response (an empty one trains no label, so it marks no boundary), cut before it; for completion,
+        the prompt's own text rendered, without the EOS training appends to a text."""
+        if self.base != "completion":
+            return self.render(prompts, ["A"] * len(prompts))[0]
+        eos = self.tokenizer.eos_token_id
+        ids = [row["input_ids"] for row in self._tokenized([self._row(p, "") for p in prompts])]
+        return [row[:-1] if row and row[-1] == eos else row for row in ids]
+
+    def _tokenized(self, rows: list[dict]) -> list[dict]:
+        """`rows` tokenized by the dataset's Axolotl prompt strategy (`get_dataset_wrapper`, as training calls it on
+        each dataset); one tokenized row per row, or an error naming the limit that split one."""
+        from axolotl.utils.data.wrappers import get_dataset_wrapper
+        from datasets import Dataset
+
+        kind = self.ds_cfg.type
+        style = kind.split(":", 1)[1] if isinstance(kind, str) and ":" in kind else None
+        tokenized, _ = get_dataset_wrapper(self.ds_cfg, self.tokenizer, self.cfg, self.base, Dataset.from_list(rows),
+                                           style)
+        if len(tokenized) != len(rows):
+            raise ValueError(f"{len(rows)} pairs became {len(tokenized)} training rows: a pair is longer than "
+                             f"sequence_len ({self.cfg.sequence_len}), which completion training splits into "
+                             "several rows; raise sequence_len, shorten the pair, or score it with --raw")
+        return list(tokenized)
 
 
 def _split_at_labels(input_ids: Sequence[int], labels: Sequence[int], row: int) -> tuple[list[int], list[int]]:
@@ -132,6 +164,15 @@ def _split_at_labels(input_ids: Sequence[int], labels: Sequence[int], row: int) 
     if len(trained) != trained[-1] - trained[0] + 1:
         raise ValueError(f"row {row}: the trained labels are not one contiguous response; score one turn at a time")
     return list(input_ids[: trained[0]]), list(input_ids[trained[0] : trained[-1] + 1])
+
+
+def _split_after(prompt: Sequence[int], input_ids: Sequence[int], row: int) -> tuple[list[int], list[int]]:
+    """(prompt, response) of a completion row: the prompt's own tokens, then the rest of the row."""
+    if list(input_ids[: len(prompt)]) != list(prompt):
+        raise ValueError(f"row {row}: the prompt's last characters and the response's first tokenize together, so "
+                         "the completion text has no token boundary between them; end the prompt with a space or a "
+                         "newline, or score with --raw")
+    return list(prompt), list(input_ids[len(prompt) :])
 
 
 def saved_training_config(student_dir: str | os.PathLike) -> tuple[str, str] | None:
