@@ -31,15 +31,13 @@ import platform
 import re
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import faults_store
-from tests.server_load import run_load
-from tests.support import TeacherServerProcess
+from benchmarks.harness import TeacherServerProcess, post_status
+from benchmarks.server_load import run_load
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "faults.md"
@@ -49,12 +47,7 @@ HEADER = "# Fault-injection results\n\nEach section: what was injected, how ofte
 # -- server: load and bad requests ----------------------------------------------------------------------------------
 
 def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
-    request = urllib.request.Request(url + "/v1/completions", data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
+    return post_status(url + "/v1/completions", body, headers)
 
 
 # What each bad request sends (body, extra headers); the status the server must answer with.
@@ -91,6 +84,8 @@ def server_case(args: argparse.Namespace) -> str:
     finally:
         output = server.stop()
     summary = re.search(r"after (\d+) requests, (\d+) positions scored, (\d+) requests refused", output)
+    if summary is None:
+        raise SystemExit(f"serve-teacher printed no shutdown count; its output:\n{output[-4000:]}")
     requests, positions, refused = (int(g) for g in summary.groups())
     lines = [
         "## Server under load",

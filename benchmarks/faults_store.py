@@ -21,7 +21,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.support import (
+from benchmarks.harness import (
     BIN,
     ENV,
     ONE_THREAD,

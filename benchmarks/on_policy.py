@@ -29,7 +29,7 @@ from pathlib import Path
 from benchmarks import write_report
 from benchmarks.server_teacher import step_seconds, timing_setup
 from benchmarks.step import cpu_model
-from tests.support import log_history, merged, train, write_config
+from benchmarks.harness import log_history, merged, train, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 

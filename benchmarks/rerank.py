@@ -2,7 +2,7 @@
 student's own log-prob, and how close does it come to the teacher's log-prob? Not a test.
 
 Per task, trains one X-KD student per reward variant with a real `axolotl train` (config from
-tests/support.base_config: forward KL, `q_form: ava`, td_weight = reward_kl_weight = 0.1 unless the variant
+benchmarks/harness.base_config: forward KL, `q_form: ava`, td_weight = reward_kl_weight = 0.1 unless the variant
 says otherwise), samples n responses (temperature 1) per held-out prompt (never in the student's data) and
 scores the pick of each rule by exact match of the whole response:
 
@@ -46,13 +46,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.support import base_config, merged, train, write_config  # sets the offline env first
+from benchmarks.harness import base_config, merged, train, write_config  # sets the offline env first
 
 REPO = Path(__file__).resolve().parents[1]
 
 ON_POLICY = {"sequences": "on_policy", "on_policy_fraction": 0.5}  # generation: the task's max_new_tokens, T = 1
 
-# name -> overrides of the `xkd:` block of tests/support.base_config (forward_kl, q_form ava, td_weight =
+# name -> overrides of the `xkd:` block of benchmarks/harness.base_config (forward_kl, q_form ava, td_weight =
 # reward_kl_weight = 0.1). Every variant but `default` is pinned to the coupled form it was measured with (the head's
 # gradient reaches the student's body: the defaults until 2026-11-30).
 COUPLED = {"reward_detach_backbone": False}

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import write_report
-from tests.support import base_config, merged, run_cli, serve_teacher, train, write_config
+from benchmarks.harness import base_config, merged, run_cli, serve_teacher, train, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import write_report
-from tests.support import BIN, ENV, log_history, merged, run_cli, serve_teacher, write_config
+from benchmarks.harness import BIN, ENV, log_history, merged, run_cli, serve_teacher, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from benchmarks.quality.evaluation import diversity, generate, load
 from benchmarks.quality.tasks import STUDY_TASKS, TASKS, Task
-from tests.support import base_config, log_history, merged, run_cli, write_config  # sets the offline env first
+from benchmarks.harness import base_config, log_history, merged, run_cli, write_config  # sets the offline env first
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -172,7 +172,7 @@ def teacher_store(task: Task, assets: dict[str, Path], data_file: str, work: Pat
 
 def student_config(task: Task, assets: dict[str, Path], out: Path, data_file: str, *, seed: int, steps: int,
                    xkd: dict) -> dict:
-    """tests/support.base_config for this task's student and `data_file`, with `xkd` merged into its block."""
+    """benchmarks/harness.base_config for this task's student and `data_file`, with `xkd` merged into its block."""
     config = base_config(assets, out)
     config["datasets"][0]["path"] = str(assets["data"] / data_file)
     return merged(config, {

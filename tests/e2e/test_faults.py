@@ -22,7 +22,7 @@ import pytest
 from safetensors.torch import load_file
 
 from axolotl_xkd.reward_store import load_reward_head
-from tests.server_load import run_load
+from benchmarks.server_load import run_load
 from tests.support import (
     BIN,
     REPO,

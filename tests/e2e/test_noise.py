@@ -7,12 +7,11 @@ import json
 import re
 import signal
 import subprocess
-import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.support import BIN, REPO, base_config, cli_env, merged, run_cli, train, write_config
+from tests.support import BIN, REPO, base_config, cli_env, merged, post_status, run_cli, train, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -59,12 +58,7 @@ def test_score_usage_error_comes_before_loading(tmp_path):
 
 
 def _post(url: str, body: dict) -> int:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
+    return post_status(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
 
 
 def test_serve_teacher_logs_requests_and_shutdown(untrained_assets):

@@ -53,3 +53,14 @@ def test_leaf_modules_import_nothing_of_the_package(leaf):
 def test_module_imports_without_heavy_stack(module, forbidden):
     code = f"import sys, {module}; bad = {forbidden!r} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_benchmarks_import_nothing_from_tests():
+    """Benchmarks share the harness through benchmarks/harness.py; tests may import benchmarks, never the reverse."""
+    benchmarks = PACKAGE.parent / "benchmarks"
+    for path in benchmarks.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                       else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            bad = [m for m in modules if m == "tests" or m.startswith("tests.")]
+            assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}"
