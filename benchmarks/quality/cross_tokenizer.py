@@ -13,6 +13,27 @@ reward terms off); `cross_<d>` (the other teacher, `cross_tokenizer: true`, dive
 as cross_fkl's); `trl_gold_off` (TRL's GOLDTrainer, benchmarks/quality/gold.py). Every student is scored greedily on
 the dev prompts and the test prompts; the cross-tokenizer divergence is chosen by its dev mean over the tasks and
 reported on test. Writes runs.csv (appended per run) and table.md under --out.
+
+BPE students (issue 32), a protocol fixed before its runs:
+
+    python -m benchmarks.quality.cross_tokenizer --bpe-students --seeds 3 --jobs 2 --threads 1
+
+The same question where the student's tokenizer is a BPE too, across the two space conventions: a sentencepiece-style
+teacher (Metaspace `▁`, dummy prefix, BOS, byte fallback) distilled into a byte-level BPE student (`Ġ`, no BOS), and
+a byte-level teacher into a sentencepiece-style student. Task: arithmetic_v2 only (the quickest task, and the one
+where the teacher clearly beats SFT: 98% against SFT's 43-50% for the character student). Both tokenizers are
+trained in code on the task's training text (tiny.build_bpe_tokenizer): byte-level with up to 64 merges over the 256
+bytes and 4 specials; sentencepiece-style with 64 merges over the text's characters, `▁` and the 4 specials, plus
+its 256 byte-fallback tokens. Over each: one teacher of the study's size and training (hidden 128, 2 layers, 1500
+steps on the training split, seed 0; cached under --work) and one untrained student, the study's arithmetic_v2
+student body (hidden 64, 2 layers, seed 1). Per direction, the student of tokenizer X, 150 steps of 32 through
+`axolotl train`, seeds 0, 1, 2, arms: `sft`; `gkd_same_fkl` (the teacher of X, forward KL, reward terms off);
+`cross_fkl` (the teacher of the other convention, `cross_tokenizer: true`, forward KL, reward terms off). Every
+student is scored greedily on the dev and the test prompts (exact match). Targets, per direction: cross_fkl's dev
+mean >= 0.95x gkd_same_fkl's dev mean, and cross_fkl's test mean >= sft's test mean (the character study's two
+targets; nothing is chosen on dev here, so the table gives both ratios on both splits). Writes bpe_runs.csv
+(appended per run, resumable: a rerun trains only what it lacks) and bpe_students.md under --out; --report-only
+rewrites bpe_students.md from bpe_runs.csv without training.
 """
 
 from __future__ import annotations
@@ -29,6 +50,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from axolotl_xkd.options import TOKEN_DIVERGENCES
+from axolotl_xkd.tiny import SPECIALS
 from benchmarks.quality import gold, study
 from benchmarks.quality.defaults import SHORT
 from benchmarks.quality.tasks import TASKS, Task
@@ -309,18 +331,262 @@ def report(runs: list[dict], tasks: list[str], teachers: dict[str, dict], candid
     return "\n".join(lines) + "\n"
 
 
+# ---- BPE students: both space conventions (issue 32) -------------------------------------------------------
+
+
+BPE_TASKS = ["arithmetic_v2"]
+BPE_STYLES = ("byte_level", "sentencepiece")
+STYLE_NAMES = {"byte_level": "byte-level", "sentencepiece": "sentencepiece-style"}
+BPE_MERGES = 64
+BPE_FOLDER = "bpe_students"
+BPE_ARMS = [SFT, REFERENCE, "cross_fkl"]
+BPE_FIELDS = ["task", "student", *(f for f in FIELDS if f != "task")]
+
+
+def other_style(style: str) -> str:
+    """The other space convention: the tokenizer of the cross-tokenizer teacher of a `style` student."""
+    return BPE_STYLES[1 - BPE_STYLES.index(style)]
+
+
+def bpe_vocab_size(texts: list[str], style: str) -> int:
+    """tiny.build_bpe_tokenizer's vocab_size for BPE_MERGES merges: byte-level's base is the 256 bytes and the 4
+    specials (BPE_VOCAB); sentencepiece-style's is the text's characters with `▁` for the space, and the 4 specials
+    (its 256 byte-fallback tokens come on top)."""
+    if style == "byte_level":
+        return BPE_VOCAB
+    return len(SPECIALS) + len(set("".join(texts).replace(" ", "\u2581")) | {"\u2581"}) + BPE_MERGES
+
+
+def bpe_arms(same_teacher: Path, other_teacher: Path) -> dict[str, dict]:
+    """Arm name -> `xkd:` block of study.train_one for a BPE student: sft, GKD with the teacher of its tokenizer,
+    forward KL across tokenizers with the other one."""
+    cross = {"source": "model", "path": str(other_teacher), "cross_tokenizer": True}
+    return {SFT: study.METHODS["sft"],
+            REFERENCE: {"divergence": "forward_kl", **study.REWARD_OFF,
+                        "teacher": {"source": "model", "path": str(same_teacher)}},
+            "cross_fkl": {"divergence": "forward_kl", **study.REWARD_OFF, "teacher": cross}}
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def prepare_bpe_data(task: Task, work: Path, args: argparse.Namespace) -> Path:
+    """The study's training, test (eval) and dev rows of `task` (study.prepare_task's), written under
+    work/task/bpe_students/data without training the study's character teacher."""
+    from axolotl_xkd.tiny import write_jsonl
+
+    folder = work / task.name / BPE_FOLDER / "data"
+    settings = study.task_settings(task.name, args)
+    stamp = folder / "settings.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == settings:
+        return folder
+    train, evaluation = task.splits(settings["train_rows"], settings["eval_rows"], seed=0)
+    write_jsonl(folder / "train.jsonl", train)
+    write_jsonl(folder / "eval.jsonl", evaluation)
+    write_jsonl(folder / "dev.jsonl", study.dev_rows(task, settings["train_rows"], settings["eval_rows"]))
+    stamp.write_text(json.dumps(settings))
+    return folder
+
+
+def prepare_bpe_models(task_name: str, style: str, data: Path, work: Path, args: argparse.Namespace) -> dict:
+    """Train (once, cached) the teacher over a `style` BPE tokenizer of `task_name`'s training text, and save the
+    untrained student over the same tokenizer; returns their folders, the teacher's scores and training time."""
+    import torch
+
+    from axolotl_xkd.tiny import build_bpe_tokenizer, build_model, train_teacher
+
+    task = TASKS[task_name]
+    folder = work / task.name / BPE_FOLDER / style
+    stamp = folder / "models.json"
+    rows = read_rows(data / "train.jsonl")
+    texts = [r["prompt"] + r["response"] for r in rows]
+    settings = {**study.task_settings(task.name, args), "style": style, "vocab_size": bpe_vocab_size(texts, style)}
+    paths = {"teacher": folder / "teacher", "student": folder / "student"}
+    if stamp.is_file() and (info := json.loads(stamp.read_text())).get("settings") == settings:
+        return {**info, **paths}
+    tokenizer = build_bpe_tokenizer(texts, style=style, vocab_size=settings["vocab_size"])
+    torch.manual_seed(0)
+    teacher = build_model(tokenizer, hidden=settings["teacher_hidden"], layers=2, seed=0)
+    started = time.perf_counter()
+    loss = train_teacher(teacher, tokenizer, rows, steps=settings["teacher_steps"], seed=0)
+    seconds = time.perf_counter() - started
+    for name, model in (("teacher", teacher),
+                        ("student", build_model(tokenizer, hidden=settings["student_hidden"], layers=2, seed=1))):
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    info = {"settings": settings, "teacher_loss": loss, "teacher_seconds": round(seconds, 1), "vocab": len(tokenizer),
+            **{f"teacher_{split}": study.evaluate(paths["teacher"], task, read_rows(data / f"{split}.jsonl"),
+                                                  samples=0)["metric"] for split in ("eval", "dev")}}
+    stamp.write_text(json.dumps(info))
+    print(f"{task.name}: {style} teacher ({len(tokenizer)} tokens) trained in {seconds:.0f} s, test "
+          f"{task.metric_name} {info['teacher_eval']:.1f}", flush=True)
+    return {**info, **paths}
+
+
+def bpe_alignment(student_path: Path, teacher_path: Path, data: Path) -> dict:
+    """How the other teacher's tokenizer cuts the student's responses (the first 500 training rows): mapped vocabulary,
+    response tokens per side, the aligned share of response positions, and the teacher's mass there on its tokens
+    without a student twin (first 200 rows)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from axolotl_xkd.cross_tokenizer import Aligner
+
+    student, teacher = AutoTokenizer.from_pretrained(student_path), AutoTokenizer.from_pretrained(teacher_path)
+    sample = read_rows(data / "train.jsonl")[:500]
+    aligner = Aligner(student, teacher, "bpe students")
+    model = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
+    return {"exact": aligner.vocab.exact,
+            "student_tokens": statistics.fmean(len(student(r["response"], add_special_tokens=False)["input_ids"])
+                                               for r in sample),
+            "teacher_tokens": statistics.fmean(len(teacher(r["response"], add_special_tokens=False)["input_ids"])
+                                               for r in sample),
+            "coverage": response_coverage(aligner, student, sample),
+            "unmapped_mass": unmapped_mass(model, aligner, student, sample[:200])}
+
+
+def train_bpe_arm(task: Task, assets: dict[str, Path], work: Path, student: str, arm: str, xkd: dict, seed: int,
+                  args: argparse.Namespace) -> dict:
+    """study.train_one for the `student`-style BPE student (its own run folder); returns its bpe_runs.csv row."""
+    row = study.train_one(task, assets, work, f"bpe_{student}_{arm}", seed, 1.0, args, xkd=xkd, dev_too=True)
+    return {**row, "method": arm, "student": student}
+
+
+def bpe_stats(runs: list[dict], task: str, student: str, arm: str, key: str) -> tuple[float, float, int] | None:
+    """stats() over the runs of the `student`-style student."""
+    return stats([r for r in runs if r["student"] == student], task, arm, key)
+
+
+def bpe_verdicts(runs: list[dict], task: str, student: str) -> list[str]:
+    """The two targets of one direction with their numbers: cross_fkl's dev mean >= DEV_RATIO x gkd_same_fkl's, and
+    its test mean >= sft's; a miss says by how much."""
+    ours_dev, ref_dev = (bpe_stats(runs, task, student, a, "dev_metric") for a in ("cross_fkl", REFERENCE))
+    ours, sft = (bpe_stats(runs, task, student, a, "metric") for a in ("cross_fkl", SFT))
+    lines = []
+    if ours_dev and ref_dev:
+        ratio = ours_dev[0] / ref_dev[0] if ref_dev[0] else (1.0 if ours_dev[0] == 0 else float("inf"))
+        miss = "" if ratio >= DEV_RATIO else f", missed by {DEV_RATIO * ref_dev[0] - ours_dev[0]:.1f} points"
+        lines.append(f"- dev mean >= {DEV_RATIO}x {REFERENCE}'s: **{'met' if not miss else 'missed'}**: "
+                     f"{ours_dev[0]:.1f} / {ref_dev[0]:.1f} = {ratio:.2f}{miss}.")
+    else:
+        lines.append(f"- dev mean >= {DEV_RATIO}x {REFERENCE}'s: no runs of both yet.")
+    if ours and sft:
+        miss = "" if ours[0] >= sft[0] else f", missed by {sft[0] - ours[0]:.1f} points"
+        lines.append(f"- test mean >= {SFT}'s: **{'met' if not miss else 'missed'}**: {ours[0]:.1f} vs "
+                     f"{sft[0]:.1f}{miss}.")
+    else:
+        lines.append(f"- test mean >= {SFT}'s: no runs of both yet.")
+    return lines
+
+
+def bpe_report(runs: list[dict], tasks: list[str], models: dict, alignment: dict, command: str) -> str:
+    """bpe_students.md: the tokenizers and teachers, mean ± std per arm and direction on dev and test, the targets,
+    the ratios to gkd_same_fkl and sft, and the train seconds. models[(task, style)]: prepare_bpe_models' info;
+    alignment[(task, student style)]: bpe_alignment's."""
+    directions = [(t, s) for t in tasks for s in BPE_STYLES]
+    label = {(t, s): f"{t}: {STYLE_NAMES[other_style(s)]} teacher -> {STYLE_NAMES[s]} student" for t, s in directions}
+    counts = {}
+    for r in runs:
+        counts.setdefault((r["task"], r["student"]), {}).setdefault(r["method"], set()).add(r["seed"])
+    lines = ["# Cross-tokenizer distillation into BPE students: quality (arithmetic_v2, CPU)", "",
+             f"`{command}`. Mean ± std over seeds (n = seeds), greedy decoding, exact match in %, {len(runs)} runs. "
+             "Protocol (fixed before the runs): benchmarks/quality/cross_tokenizer.py's docstring. Seeds finished: "
+             + "; ".join(f"{label[d]}: " + ", ".join(f"{a} {len(counts.get(d, {}).get(a, ()))}" for a in BPE_ARMS)
+                         for d in directions) + ".", "",
+             "Tokenizers and teachers (hidden 128, 2 layers, 1500 steps on the same training rows; exact match of "
+             "the teacher on the test and dev prompts):", "",
+             "| task | tokenizer | vocab | teacher test | teacher dev | teacher training s |",
+             "|---|---|---|---|---|---|"]
+    for t, s in directions:
+        info = models[(t, s)]
+        lines.append(f"| {t} | {STYLE_NAMES[s]} | {info['vocab']} | {info['teacher_eval']:.1f} | "
+                     f"{info['teacher_dev']:.1f} | {info['teacher_seconds']:.0f} |")
+    lines += ["", "How the other teacher's tokenizer cuts the student's responses (first 500 training rows): teacher "
+              "tokens with a student twin; response tokens per side; response positions whose prefix ends where a "
+              "teacher token ends (the rest read the teacher inside one of its tokens); the teacher's probability "
+              "there on its tokens without a student twin.", "",
+              "| direction | teacher tokens mapped | response tokens student / teacher | response positions aligned | "
+              "teacher mass without a twin |", "|---|---|---|---|---|"]
+    for d in directions:
+        a = alignment[d]
+        lines.append(f"| {label[d]} | {a['exact']} | {a['student_tokens']:.1f} / {a['teacher_tokens']:.1f} | "
+                     f"{a['coverage']:.1%} | {a['unmapped_mass']:.1%} |")
+    for split, key in (("dev", "dev_metric"), ("test", "metric")):
+        lines += ["", f"## {split} prompts", "", "| arm | " + " | ".join(label[d] for d in directions) + " |",
+                  "|---" * (len(directions) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(cell(bpe_stats(runs, *d, a, key)) for d in directions) + " |"
+                  for a in BPE_ARMS]
+    lines += ["", "## Targets", ""]
+    for d in directions:
+        lines += [f"{label[d]}:", "", *bpe_verdicts(runs, *d), ""]
+    lines += ["Ratios of cross_fkl's mean to the other arms' means:", "",
+              f"| direction | dev / {REFERENCE} | test / {REFERENCE} | dev / {SFT} | test / {SFT} |",
+              "|---|---|---|---|---|"]
+    for d in directions:
+        sub = [r for r in runs if r["student"] == d[1]]
+        lines.append(f"| {label[d]} | " + " | ".join(ratio(sub, d[0], "cross_fkl", arm, key) for arm, key in (
+            (REFERENCE, "dev_metric"), (REFERENCE, "metric"), (SFT, "dev_metric"), (SFT, "metric"))) + " |")
+    lines += ["", "## Train seconds per run (mean)", "",
+              "`axolotl train` wall time (start-up, data preparation, 150 steps, saving), two runs at a time on 2 "
+              "shared CPU cores, one thread each.", "",
+              "| arm | " + " | ".join(label[d] for d in directions) + " |", "|---" * (len(directions) + 1) + "|"]
+    for a in BPE_ARMS:
+        lines.append(f"| {a} | " + " | ".join("" if (s := bpe_stats(runs, *d, a, "train_seconds")) is None else
+                                              f"{s[0]:.0f}" for d in directions) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bpe_main(args: argparse.Namespace) -> None:
+    """The BPE-student study (the protocol in the module docstring): prepare, train what bpe_runs.csv lacks, report."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    tasks = args.tasks or BPE_TASKS
+    csv_path = args.out / "bpe_runs.csv"
+    data = {t: prepare_bpe_data(TASKS[t], args.work, args) for t in tasks}
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:  # the teachers, in parallel
+        futures = {(t, s): pool.submit(prepare_bpe_models, t, s, data[t], args.work, args)
+                   for t in tasks for s in BPE_STYLES}
+        models = {key: future.result() for key, future in futures.items()}
+    alignment = {(t, s): bpe_alignment(models[(t, s)]["student"], models[(t, other_style(s))]["teacher"], data[t])
+                 for t in tasks for s in BPE_STYLES}
+    if not args.report_only:
+        done = {(r["task"], r["student"], r["method"], int(r["seed"])) for r in study.read_runs(csv_path)}
+        jobs = []
+        for seed in range(args.seeds):  # seed-major: an interrupted study has every arm at its first seeds
+            for t in tasks:
+                for s in BPE_STYLES:
+                    assets = {"student": models[(t, s)]["student"], "tokenizer": models[(t, s)]["student"],
+                              "teacher": models[(t, s)]["teacher"], "data": data[t]}
+                    table = bpe_arms(models[(t, s)]["teacher"], models[(t, other_style(s))]["teacher"])
+                    jobs += [partial(train_bpe_arm, TASKS[t], assets, args.work, s, arm, xkd, seed, args)
+                             for arm, xkd in table.items() if (t, s, arm, seed) not in done]
+        study.run_all(jobs, csv_path, args.jobs, "cross-tokenizer study, BPE students", fields=BPE_FIELDS)
+    command = ("python -m benchmarks.quality.cross_tokenizer " + " ".join(
+        a for a in sys.argv[1:] if a != "--report-only")).strip()
+    text = bpe_report(study.read_runs(csv_path), tasks, models, alignment, command)
+    (args.out / "bpe_students.md").write_text(text)
+    print(text)
+
+
 # ---- driver -------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = study.follow_up_parser(__doc__.splitlines()[0])
-    parser.set_defaults(tasks=DEFAULT_TASKS, samples=0, out=study.REPO / "benchmarks" / "results" / "quality" /
+    parser.set_defaults(tasks=None, samples=0, out=study.REPO / "benchmarks" / "results" / "quality" /
                         "cross_tokenizer")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--divergences", nargs="+", default=DEFAULT_DIVERGENCES, choices=list(DIVERGENCES),
                         help="the cross_<d> arms (default: %(default)s)")
     parser.add_argument("--no-gold", action="store_true", help="leave out the TRL GOLD arm")
+    parser.add_argument("--bpe-students", action="store_true",
+                        help="the BPE-student study instead (docstring; default task: " + " ".join(BPE_TASKS) + ")")
+    parser.add_argument("--report-only", action="store_true", help="with --bpe-students: rewrite its report only")
     args = study.follow_up_args(parser)
+    if args.bpe_students:
+        return bpe_main(args)
+    args.tasks = args.tasks or DEFAULT_TASKS
     csv_path = args.out / "runs.csv"
     assets = {t: study.prepare_task(TASKS[t], args.work, args) for t in args.tasks}
     teachers = {t: prepare_other_teacher(TASKS[t], assets[t], args.work, args) for t in args.tasks}

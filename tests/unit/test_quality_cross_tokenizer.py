@@ -65,3 +65,48 @@ def test_choice_by_dev_mean_and_verdicts():
     assert lines[0].startswith("- dev mean >= 0.95x") and "**met**" in lines[0] and "78.0 / 80.0 = 0.97" in lines[0]
     assert "**met**" in lines[1]  # 70 >= 50
     assert "**missed on a, b**" in lines[2] and "(behind)" in lines[2]  # 70 ± 0 below 72.5 - 0.7
+
+
+def test_bpe_vocab_size_gives_both_conventions_the_same_merges():
+    texts = ["6+0+5=6+0=06,06+5=11", "ba ke:lum dok"]
+    assert ct.bpe_vocab_size(texts, "byte_level") == ct.BPE_VOCAB == 256 + 4 + ct.BPE_MERGES
+    characters = set("6+0=5,1bakeludom:") | {"\u2581"}  # the space is written `▁`
+    assert ct.bpe_vocab_size(texts, "sentencepiece") == 4 + len(characters) + ct.BPE_MERGES
+    assert [ct.other_style(s) for s in ct.BPE_STYLES] == ["sentencepiece", "byte_level"]
+
+
+def test_bpe_arms():
+    table = ct.bpe_arms(Path("/same"), Path("/other"))
+    assert list(table) == ct.BPE_ARMS == ["sft", "gkd_same_fkl", "cross_fkl"]
+    assert table["sft"]["teacher"] is None and table["sft"]["alpha_kd"] == 0.0
+    off = {"divergence": "forward_kl", "reward_kl_weight": 0.0, "td_weight": 0.0}
+    assert table["gkd_same_fkl"] == {**off, "teacher": {"source": "model", "path": "/same"}}
+    assert table["cross_fkl"] == {**off, "teacher": {"source": "model", "path": "/other", "cross_tokenizer": True}}
+
+
+def test_bpe_verdicts_per_direction():
+    """Each student style's runs are compared within that style only; a missed target says by how much."""
+    table = {"byte_level": (("sft", 50, 50), ("gkd_same_fkl", 80, 80), ("cross_fkl", 70, 78)),
+             "sentencepiece": (("sft", 60, 60), ("gkd_same_fkl", 90, 90), ("cross_fkl", 55, 81))}
+    runs = [{**run("t", arm, s, test, dev), "student": student} for s in (0, 1) for student, arms in table.items()
+            for arm, test, dev in arms]
+    byte_level, sentencepiece = ct.bpe_verdicts(runs, "t", "byte_level"), ct.bpe_verdicts(runs, "t", "sentencepiece")
+    assert "**met**: 78.0 / 80.0 = 0.97." in byte_level[0] and "**met**: 70.0 vs 50.0." in byte_level[1]
+    assert "**missed**: 81.0 / 90.0 = 0.90, missed by 4.5 points." in sentencepiece[0]  # 0.95 * 90 = 85.5
+    assert "**missed**: 55.0 vs 60.0, missed by 5.0 points." in sentencepiece[1]
+    assert "no runs of both yet" in ct.bpe_verdicts(runs, "t", "other")[0]
+
+
+def test_bpe_report():
+    runs = [{**run("t", arm, s, 60 + s, 70), "student": student} for s in (0, 1) for student in ct.BPE_STYLES
+            for arm in ct.BPE_ARMS]
+    models = {("t", s): {"vocab": 300, "teacher_eval": 98.0, "teacher_dev": 97.0, "teacher_seconds": 100.0}
+              for s in ct.BPE_STYLES}
+    alignment = {("t", s): {"exact": 20, "student_tokens": 11.0, "teacher_tokens": 5.0, "coverage": 0.5,
+                            "unmapped_mass": 0.25} for s in ct.BPE_STYLES}
+    text = ct.bpe_report(runs, ["t"], models, alignment, "python -m benchmarks.quality.cross_tokenizer --bpe-students")
+    assert "| t: sentencepiece-style teacher -> byte-level student | 20 | 11.0 / 5.0 | 50.0% | 25.0% |" in text
+    assert "| cross_fkl | 70.0 ± 0.0 (n=2) | 70.0 ± 0.0 (n=2) |" in text  # dev, both directions
+    assert "| cross_fkl | 60.5 ± 0.7 (n=2) | 60.5 ± 0.7 (n=2) |" in text  # test
+    assert "| t: byte-level teacher -> sentencepiece-style student | 1.00 | 1.00 | 1.00 | 1.00 |" in text
+    assert "sft 2, gkd_same_fkl 2, cross_fkl 2" in text
