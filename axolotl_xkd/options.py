@@ -106,13 +106,16 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # (docs/reward.md) found the better pick.
 RANK_FIELDS: dict[str, str] = {"logprob": "logprob_sum", "sum": "reward_sum", "mean": "reward_mean"}
 
+# The spec's coupled form (XKD_METHOD.md section 2): TD_i built from the student's Q at the observed tokens and the
+# reward head's gradient into the student's body, so the reward terms pull on the student. Its one home: the preset
+# below and every benchmark arm that trains the coupled form add their weights to it.
+COUPLED_FORM: dict[str, object] = {"td_target": "observed", "reward_detach_backbone": False}
+
 # `xkd.preset`: settings that take several keys, by name. Keys set beside the preset win over its values.
 PRESETS: dict[str, dict[str, object]] = {
-    # The spec's coupled form (XKD_METHOD.md section 2): TD_i built from the student's Q at the observed tokens and
-    # the reward head's gradient into the student's body, so the reward terms pull on the student. Weights: the
-    # setting issue 27's dev sweep chose (lambda / w_kl = 0.5 at w_kl = 1: the highest worst ratio to GKD over four
-    # tasks and four divergences; docs/defaults.md).
-    "coupled": {"td_target": "observed", "reward_detach_backbone": False, "td_weight": 0.5, "reward_kl_weight": 1.0},
+    # The coupled form at the weights the quality study's dev sweep chose (lambda / w_kl = 0.5 at w_kl = 1: the
+    # highest worst ratio to GKD over four tasks and four divergences; docs/defaults.md).
+    "coupled": {**COUPLED_FORM, "td_weight": 0.5, "reward_kl_weight": 1.0},
 }
 
 

@@ -46,6 +46,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from axolotl_xkd.options import COUPLED_FORM
 from benchmarks.harness import base_config, merged, train, write_config  # sets the offline env first
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ ON_POLICY = {"sequences": "on_policy", "on_policy_fraction": 0.5}  # generation:
 # name -> overrides of the `xkd:` block of benchmarks/harness.base_config (forward_kl, q_form ava, td_weight =
 # reward_kl_weight = 0.1). Every variant but `default` is pinned to the coupled form it was measured with (the head's
 # gradient reaches the student's body: the defaults until 2026-11-30).
-COUPLED = {"reward_detach_backbone": False}
+COUPLED = {"reward_detach_backbone": COUPLED_FORM["reward_detach_backbone"]}  # options.COUPLED_FORM's head
 VARIANTS: dict[str, dict] = {
     # Today's best of the old table: the summed reward telescopes to about Q(s_0, a_0).
     "observed_logprobs": {"td_target": "observed", "q_form": "logprobs", **COUPLED},

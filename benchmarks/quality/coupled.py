@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from functools import partial
@@ -36,40 +35,34 @@ from pathlib import Path
 
 from benchmarks.quality import study
 from benchmarks.quality.defaults import TASKS_GATED
+from benchmarks.quality.names import LONG, Setting, coupled_run, setting_of
+from benchmarks.quality.stats import ratio
 from benchmarks.quality.tasks import TASKS
 
-DIVERGENCES = {"fkl": "forward_kl", "jsd": "jsd", "tvd": "tvd", "seq": "sequence"}
+SWEPT = ["fkl", "jsd", "tvd", "seq"]  # the divergences swept, by short name (names.LONG)
 LOGGED = [*study.LOGGED, "kd_force", "td_force"]
 SEEDS, CARRY = 3, 3  # the sweep's seeds, and the settings the seed-0 screen carries to the others
 FIELDS = [*study.FIELDS[: -len(study.LOGGED)], *LOGGED]
 
 
-def setting_name(target: str, ratio: float, w_kl: float) -> str:
-    """The sweep's name of a coupled setting, e.g. observed_r0.25_w1 (lambda = 0.25, w_kl = 1)."""
-    return f"{target}_r{ratio:g}_w{w_kl:g}"
-
-
-def block(divergence: str, setting: dict | None) -> dict:
-    """The `xkd:` block of GKD with `divergence` (setting None) or of the coupled form with `setting`'s weights."""
+def block(divergence: str, setting: Setting | None) -> dict:
+    """The `xkd:` block of GKD with `divergence` (setting None) or of the coupled form at `setting`'s weights."""
     base = {"divergence": divergence}
     if divergence == "sequence":
         base |= {"sequences": "teacher", "teacher": study.TEACHER_SEQUENCES}
-    if setting is None:
-        return {**base, **study.REWARD_OFF}
-    return {**base, "q_form": "ava", "td_target": setting["target"], "reward_detach_backbone": False,
-            "td_weight": setting["ratio"] * setting["w_kl"], "reward_kl_weight": setting["w_kl"]}
+    return {**base, **(study.REWARD_OFF if setting is None else setting.xkd())}
 
 
 def arms(divergences: list[str], targets: list[str], ratios: list[float], w_kls: list[float]) -> dict[str, dict]:
     """Run name -> `xkd:` block: gkd_<d> and coupled_<d>_<setting> for every divergence and setting."""
     table = {}
     for short in divergences:
-        table[f"gkd_{short}"] = block(DIVERGENCES[short], None)
+        table[f"gkd_{short}"] = block(LONG[short], None)
         for target in targets:
-            for ratio in ratios:
+            for lambda_ratio in ratios:
                 for w_kl in w_kls:
-                    setting = {"target": target, "ratio": ratio, "w_kl": w_kl}
-                    table[f"coupled_{short}_{setting_name(target, ratio, w_kl)}"] = block(DIVERGENCES[short], setting)
+                    setting = Setting(target, lambda_ratio, w_kl)
+                    table[coupled_run(short, setting.name)] = block(LONG[short], setting)
     return table
 
 
@@ -81,20 +74,15 @@ def dev_means(runs: list[dict]) -> dict[tuple[str, str], list[float]]:
     return out
 
 
-def ratio(mine: float, reference: float) -> float:
-    """mine / reference, 1 when both are 0."""
-    return mine / reference if reference else (1.0 if mine == 0 else math.inf)
-
-
 def cell_ratios(runs: list[dict], tasks: list[str], divergences: list[str],
                 seeds: int = 1) -> dict[str, dict[tuple[str, str], float]]:
     """setting -> {(task, divergence): mean dev of the coupled arm / mean dev of gkd_<d>}, for the settings whose
     every cell, and GKD's, has at least `seeds` seeds."""
     by = dev_means(runs)
-    settings = {m.split("_", 2)[2] for _, m in by if m.startswith("coupled_")}
+    settings = {setting_of(m) for _, m in by} - {None}
     out = {}
     for setting in settings:
-        pairs = {(t, d): (by.get((t, f"coupled_{d}_{setting}"), []), by.get((t, f"gkd_{d}"), []))
+        pairs = {(t, d): (by.get((t, coupled_run(d, setting)), []), by.get((t, f"gkd_{d}"), []))
                  for t in tasks for d in divergences}
         if all(len(mine) >= seeds and len(ref) >= seeds for mine, ref in pairs.values()):
             out[setting] = {c: ratio(statistics.fmean(mine), statistics.fmean(ref)) for c, (mine, ref) in pairs.items()}
@@ -147,9 +135,9 @@ def force_table(history: Path, settings: list[str], divergences: list[str]) -> l
     lines = ["| setting | divergence | (mean sigma)^2 at the end | 1 - lambda / w_kl | td_force / kd_force | runs |",
              "|---|---|---|---|---|---|"]
     for setting in settings:
-        r = float(setting.split("_r")[1].split("_w")[0])
+        r = Setting.parse(setting).ratio
         for d in divergences:
-            logs = [e for (_, m, _), e in ends.items() if m == f"coupled_{d}_{setting}"]
+            logs = [e for (_, m, _), e in ends.items() if m == coupled_run(d, setting)]
             if not logs:
                 continue
             sigma2 = statistics.fmean(e["xkd/reward_sigma"] ** 2 for e in logs)
@@ -165,8 +153,8 @@ def trajectories(history: Path) -> dict[str, dict[int, list[tuple[float, float]]
     if history.is_file():
         for line in history.read_text().splitlines():
             run = json.loads(line)
-            if run["method"].startswith("coupled_"):
-                steps = out.setdefault(run["method"].split("_", 2)[2], {})
+            if setting_of(run["method"]):
+                steps = out.setdefault(setting_of(run["method"]), {})
                 for e in run["log"]:
                     if e.get("xkd/kd_force"):
                         steps.setdefault(e["step"], []).append((e["xkd/reward_sigma"] ** 2,
@@ -184,15 +172,16 @@ def force_plot(history: Path, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     curves = trajectories(history)
-    weights = sorted({s.split("_", 1)[1] for s in curves})  # one colour per (ratio, w_kl); the target: the line
-    for setting, steps in sorted(curves.items()):
+    settings = {name: Setting.parse(name) for name in curves}
+    weights = sorted({s.weights for s in settings.values()})  # one colour per (ratio, w_kl); the target: the line
+    for name, steps in sorted(curves.items()):
         xs = sorted(steps)
-        target, weight = setting.split("_", 1)
-        style = {"color": f"C{weights.index(weight)}", "linestyle": "-" if target == "observed" else ":",
-                 "marker": "o"}
-        left.plot(xs, [statistics.fmean(v[0] for v in steps[x]) for x in xs], label=setting, **style)
-        right.plot(xs, [statistics.fmean(v[1] for v in steps[x]) for x in xs], label=setting, **style)
-    for r in (0.1, 0.25, 0.5):
+        setting = settings[name]
+        style = {"color": f"C{weights.index(setting.weights)}",
+                 "linestyle": "-" if setting.target == "observed" else ":", "marker": "o"}
+        left.plot(xs, [statistics.fmean(v[0] for v in steps[x]) for x in xs], label=name, **style)
+        right.plot(xs, [statistics.fmean(v[1] for v in steps[x]) for x in xs], label=name, **style)
+    for r in sorted({s.ratio for s in settings.values()}):  # the plotted settings' ratios (--ratios)
         left.axhline(1 - r, color="grey", linewidth=0.7, linestyle="--")
     left.set(xlabel="step", ylabel="sigma^2 (dashed: 1 - lambda / w_kl)", title="the head's sigma^2")
     right.set(xlabel="step", ylabel="td_force / kd_force", yscale="log", title="TD pull relative to the divergence's")
@@ -241,7 +230,7 @@ def main() -> None:
     parser.set_defaults(tasks=TASKS_GATED, samples=0, out=study.REPO / "benchmarks" / "results" / "quality" / "coupled")
     parser.add_argument("--seeds", type=int, default=SEEDS)
     parser.add_argument("--carry", type=int, default=CARRY, help="settings the seed-0 screen carries (0: all)")
-    parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES), choices=list(DIVERGENCES))
+    parser.add_argument("--divergences", nargs="+", default=SWEPT, choices=SWEPT)
     parser.add_argument("--td-targets", nargs="+", default=["observed", "soft"], choices=["observed", "soft"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.25, 0.5], help="lambda / w_kl")
     parser.add_argument("--w-kl", nargs="+", type=float, default=[0.1, 1.0])
@@ -262,7 +251,7 @@ def main() -> None:
 
     run(range(1), list(table), "screen")
     keep = carried(study.read_runs(csv_path), args.tasks, args.divergences, args.carry)
-    run(range(1, args.seeds), [m for m in table if m.startswith("gkd_") or m.split("_", 2)[2] in keep], "carried")
+    run(range(1, args.seeds), [m for m in table if m.startswith("gkd_") or setting_of(m) in keep], "carried")
     command = ("python -m benchmarks.quality.coupled " + " ".join(sys.argv[1:])).strip()
     text = report(study.read_runs(csv_path), history, args, command)
     (args.out / "sweep.md").write_text(text)

@@ -3,6 +3,7 @@ TRL's MiniLLM on the test split, with data-efficiency arms and the quality-diver
 
     python -m benchmarks.quality.coupled_test [--setting observed_r0.25_w1] [--seeds 5] [--fractions 1 0.3 0.1]
         [--temperatures 0.5 0.8 1.0 1.2] [--samples 4] [--jobs 2] [--tasks ...] [--divergences fkl jsd tvd seq]
+        [--report-only]
 
 The setting is the one `benchmarks.quality.coupled` chose on dev (the highest worst dev ratio to GKD over every
 task and divergence, recomputed from its sweep.csv), unless --setting names one; the command refuses to start
@@ -14,11 +15,11 @@ per prompt at each temperature (quality: the task metric over the samples; diver
 
 The decision rule was fixed before any test run (issue 27, item 4; docs/defaults.md): the setting becomes the
 default only if on test its mean is at least 0.95x GKD's with the same divergence in every (task, divergence) cell
-and it is ahead beyond seed spread (mean - std above GKD's mean + std, the study's rule) in at least two tasks, with
-forward KL, the default divergence. Data efficiency: per method and task, the data fraction at which its mean
+and it is ahead beyond seed spread (mean - std above GKD's mean + std, with the sample standard deviation: the
+study's rule, benchmarks/quality/stats.py) in at least two tasks, with forward KL, the default divergence. Data efficiency: per method and task, the data fraction at which its mean
 metric reaches GKD's (forward KL) full-data mean, linear between the measured fractions, with a bootstrap interval
 over seeds. Writes, under --out (default benchmarks/results/quality/coupled): test.csv (resumable), test.md and
-qd_<task>.png.
+qd_<task>.png; --report-only rewrites test.md and the plots from test.csv and trains nothing.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from functools import partial
 from pathlib import Path
 
 from benchmarks.quality import study, trl_baselines
-from benchmarks.quality.coupled import CARRY, DIVERGENCES, SEEDS, block, carried, choose, final, ratio, screen
+from benchmarks.quality.coupled import CARRY, SEEDS, SWEPT, block, carried, choose, final, screen
 from benchmarks.quality.defaults import TASKS_GATED
+from benchmarks.quality.names import LONG, Setting, coupled_run, setting_of
+from benchmarks.quality.stats import ahead_beyond_spread, ratio, summary
 from benchmarks.quality.tasks import TASKS
 
 MINILLM = ("trl_minillm_sft", 0.001)  # the arm and the learning rate minillm_sweep.md chose on dev
@@ -50,7 +53,7 @@ def chosen_setting(sweep_csv: Path, tasks: list[str], divergences: list[str], se
     setting's seeds are incomplete."""
     runs = study.read_runs(sweep_csv)
     screened = screen(runs, tasks, divergences)
-    settings = {r["method"].split("_", 2)[2] for r in runs if r["method"].startswith("coupled_")}
+    settings = {setting_of(r["method"]) for r in runs} - {None}
     keep = carried(runs, tasks, divergences, carry)
     ratios = final(runs, tasks, divergences, seeds, carry)
     if not screened or set(screened) != settings or set(ratios) != set(keep):
@@ -62,19 +65,16 @@ def chosen_setting(sweep_csv: Path, tasks: list[str], divergences: list[str], se
 
 def arm_blocks(setting: str, divergences: list[str]) -> dict[str, dict]:
     """Run name -> `xkd:` block of every arm trained here through Axolotl (MiniLLM runs in TRL)."""
-    target, rest = setting.split("_r")
-    ratio, w_kl = (float(v) for v in rest.split("_w"))
     arms = {"sft": study.METHODS["sft"]}
     for short in divergences:
-        arms[f"gkd_{short}"] = block(DIVERGENCES[short], None)
-        arms[f"coupled_{short}_{setting}"] = block(DIVERGENCES[short], {"target": target, "ratio": ratio,
-                                                                        "w_kl": w_kl})
+        arms[f"gkd_{short}"] = block(LONG[short], None)
+        arms[coupled_run(short, setting)] = block(LONG[short], Setting.parse(setting))
     return arms
 
 
 def base(method: str, setting: str) -> str:
     """A run name without its setting (coupled_fkl_<setting> -> coupled_fkl) or, for MiniLLM, its rate."""
-    return method.rsplit(f"_{setting}", 1)[0].split("_lr")[0]
+    return method.removesuffix(f"_{setting}") if setting_of(method) == setting else method.split("_lr")[0]
 
 
 def planned(tasks: list[str], names: list[str], seeds: int, fractions: list[float], setting: str,
@@ -83,17 +83,6 @@ def planned(tasks: list[str], names: list[str], seeds: int, fractions: list[floa
     subsets too."""
     return [(t, m, s, f) for s in range(seeds) for f in fractions for t in tasks for m in names
             if (t, m, s, f) not in done and (f == 1.0 or base(m, setting) in FRACTION_ARMS)]
-
-
-def stats(values: list[float]) -> tuple[float, float]:
-    """(mean, population std) of the seeds' metrics, the study's convention."""
-    return statistics.fmean(values), statistics.pstdev(values)
-
-
-def ahead_beyond_spread(mine: list[float], reference: list[float]) -> bool:
-    """The study's rule: mean - std entirely above the reference's mean + std."""
-    (m, s), (rm, rs) = stats(mine), stats(reference)
-    return m - s > rm + rs
 
 
 def metrics(runs: list[dict]) -> dict[tuple[str, str, float], list[float]]:
@@ -109,15 +98,14 @@ def decision(by: dict, tasks: list[str], divergences: list[str], setting: str) -
     lines, floor_ok, ahead = [], True, []
     for t in tasks:
         for d in divergences:
-            mine, ref = by.get((t, f"coupled_{d}_{setting}", 1.0)), by.get((t, f"gkd_{d}", 1.0))
+            mine, ref = by.get((t, coupled_run(d, setting), 1.0)), by.get((t, f"gkd_{d}", 1.0))
             if not mine or not ref:
                 return False, [f"incomplete: {t} {d}"]
             r = ratio(statistics.fmean(mine), statistics.fmean(ref))
             floor_ok &= r >= 0.95
             if d == "fkl" and ahead_beyond_spread(mine, ref):
                 ahead.append(t)
-            lines.append(f"| {t} | {d} | {stats(mine)[0]:.1f} ± {stats(mine)[1]:.1f} | {stats(ref)[0]:.1f} ± "
-                         f"{stats(ref)[1]:.1f} | {r:.2f} |")
+            lines.append(f"| {t} | {d} | {summary(mine)} | {summary(ref)} | {r:.2f} |")
     adopt = floor_ok and len(ahead) >= 2
     verdict = (f"At least 0.95x GKD in every cell: {'yes' if floor_ok else 'no'}; ahead beyond seed spread with "
                f"forward KL on {len(ahead)} task(s) ({', '.join(ahead) or 'none'}; two needed). "
@@ -195,7 +183,7 @@ def qd_section(runs: list[dict], tasks: list[str], methods: dict[str, str], out:
             xs, ys, xe, ye = [], [], [], []
             for temperature in sorted(curve, key=float):
                 pts = curve[temperature]
-                (q, qs), (d, ds), (b, _) = (stats([p[i] for p in pts]) for i in range(3))
+                (q, qs, _), (d, ds, _), (b, _, _) = (summary([p[i] for p in pts]) for i in range(3))
                 lines.append(f"| {label} | {temperature} | {q:.1f} ± {qs:.1f} | {d:.3f} ± {ds:.3f} | {b:.1f} |")
                 xs.append(d), ys.append(q), xe.append(ds), ye.append(qs)
             if xs:
@@ -204,7 +192,8 @@ def qd_section(runs: list[dict], tasks: list[str], methods: dict[str, str], out:
         lines += ["", "Dominance (means): " + ("; ".join(wins) or "no curve dominates another") + ".", ""]
         ax.set_xlabel("distinct-2 (diversity)")
         ax.set_ylabel(f"{TASKS[t].metric_name} of samples")
-        ax.set_title(f"{t}: temperatures 0.5-1.2")
+        temperatures = sorted({temperature for curve in curves.values() for temperature in curve}, key=float)
+        ax.set_title(f"{t}: temperatures {', '.join(temperatures)}")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"qd_{t}.png", dpi=120)
@@ -216,8 +205,7 @@ def report(runs: list[dict], args: argparse.Namespace, setting: str, command: st
     """test.md: the decision rule applied, every arm's test metric, data efficiency, the quality-diversity curves."""
     by = metrics(runs)
     minillm = trl_baselines.method_name(*MINILLM)
-    methods = ["sft", minillm, *(f"{k}_{d}" + (f"_{setting}" if k == "coupled" else "")
-                                 for d in args.divergences for k in ("gkd", "coupled"))]
+    methods = ["sft", minillm, *(name for d in args.divergences for name in (f"gkd_{d}", coupled_run(d, setting)))]
     _, rule = decision(by, args.tasks, args.divergences, setting)
     lines = ["# Coupled X-KD on test (issue 27)", "", f"`{command}`", "", f"Setting chosen on dev: **{setting}**.",
              "", "## The decision rule (fixed before the test runs)", "", *rule, "", "## Test metric, mean ± std",
@@ -225,8 +213,8 @@ def report(runs: list[dict], args: argparse.Namespace, setting: str, command: st
     for m in methods:
         for f in [f for f in sorted(args.fractions, reverse=True) if f == 1.0 or base(m, setting) in FRACTION_ARMS]:
             cells = [by.get((t, m, f)) for t in args.tasks]
-            lines.append(f"| {m} | {f:g} | " + " | ".join(
-                f"{stats(c)[0]:.1f} ± {stats(c)[1]:.1f} (n={len(c)})" if c else "" for c in cells) + " |")
+            lines.append(f"| {m} | {f:g} | " + " | ".join(f"{summary(c)} (n={len(c)})" if c else "" for c in cells)
+                         + " |")
     lines += ["", "## Data efficiency", "", "The data fraction each method needs to reach GKD's (forward KL) "
               "full-data mean, linear between the measured fractions, [95% bootstrap interval over seeds].", "",
               "| method | " + " | ".join(args.tasks) + " |", "|---" * (len(args.tasks) + 1) + "|"]
@@ -234,7 +222,8 @@ def report(runs: list[dict], args: argparse.Namespace, setting: str, command: st
         lines.append(f"| {m} | " + " | ".join(
             efficiency(by, t, m, args.fractions, by.get((t, "gkd_fkl", 1.0), [])) if by.get((t, "gkd_fkl", 1.0))
             else "incomplete" for t in args.tasks) + " |")
-    qd = {label: f"{label}_{setting}" if label.startswith("coupled") else label for label in QD_ARMS}
+    qd = {label: coupled_run(label.removeprefix("coupled_"), setting) if label.startswith("coupled_") else label
+          for label in QD_ARMS}
     lines += ["", "## Quality and diversity", "", *qd_section(runs, args.tasks, qd, args.out)]
     return "\n".join(lines) + "\n"
 
@@ -244,15 +233,34 @@ def main() -> None:
     parser.set_defaults(tasks=TASKS_GATED, out=study.REPO / "benchmarks" / "results" / "quality" / "coupled")
     parser.add_argument("--setting", help="a sweep setting, e.g. observed_r0.25_w1 (default: the sweep's choice)")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES), choices=list(DIVERGENCES))
+    parser.add_argument("--divergences", nargs="+", default=SWEPT, choices=SWEPT)
     parser.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.3, 0.1])
     parser.add_argument("--temperatures", nargs="+", type=float, default=[0.5, 0.8, 1.0, 1.2])
+    parser.add_argument("--report-only", action="store_true", help="rewrite test.md and the plots from test.csv")
     args = study.follow_up_args(parser)
     for f in args.fractions:
         if f != 1.0 and f not in study.FRACTIONS:
             parser.error(f"--fractions: {f} is not 1 or one of the prepared subsets {study.FRACTIONS}")
     setting = args.setting or chosen_setting(args.out / "sweep.csv", args.tasks, args.divergences)
     csv_path = args.out / "test.csv"
+    if not args.report_only:
+        train(args, setting, csv_path)
+    command = ("python -m benchmarks.quality.coupled_test " + " ".join(sys.argv[1:])).strip()
+    if args.report_only and (trained_by := recorded_command(args.out / "test.md")):
+        command = f"{trained_by}`; this report rebuilt from test.csv by `{command}"
+    text = report(study.read_runs(csv_path), args, setting, command)
+    (args.out / "test.md").write_text(text)
+    print(text)
+
+
+def recorded_command(path: Path) -> str | None:
+    """The training command a test.md names (its first line in backticks, before any rebuild), or None."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("`")] if path.is_file() else []
+    return lines[0].strip("`").split("`;")[0] if lines else None
+
+
+def train(args: argparse.Namespace, setting: str, csv_path: Path) -> None:
+    """Train every arm's runs that test.csv lacks, appending each to it."""
     done = {(r["task"], r["method"], int(r["seed"]), float(r["data_fraction"])) for r in study.read_runs(csv_path)}
     arms = arm_blocks(setting, args.divergences)
     assets = {t: study.prepare_task(TASKS[t], args.work, args) for t in args.tasks}
@@ -272,10 +280,6 @@ def main() -> None:
             jobs.append(partial(study.train_one, TASKS[t], assets[t], args.work, m, s, f, args, xkd=arms[m],
                                 logged=[], temperatures=temperatures))
     study.run_all(jobs, csv_path, args.jobs, "coupled test", fields=FIELDS)
-    command = ("python -m benchmarks.quality.coupled_test " + " ".join(sys.argv[1:])).strip()
-    text = report(study.read_runs(csv_path), args, setting, command)
-    (args.out / "test.md").write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

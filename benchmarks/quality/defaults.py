@@ -13,23 +13,23 @@ and on the test prompts (reported). Writes defaults.csv (resumable) and defaults
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 from functools import partial
 
 from axolotl_xkd.args import XKDConfig
-from axolotl_xkd.options import DIVERGENCES
+from axolotl_xkd.options import COUPLED_FORM, DIVERGENCES
 from benchmarks.quality import study
+from benchmarks.quality.names import SHORT  # noqa: F401  (also read here by cross_tokenizer.py)
+from benchmarks.quality.stats import ratio as mean_ratio
+from benchmarks.quality.stats import summary
 from benchmarks.quality.tasks import TASKS
 
-SHORT = {"forward_kl": "fkl", "reverse_kl": "rkl", "jsd": "jsd", "skew_forward_kl": "sfkl",
-         "skew_reverse_kl": "srkl", "tvd": "tvd", "sequence": "seq"}
 TASKS_GATED = ["arithmetic", "arithmetic_v2", "translation", "summary"]  # the study's tasks and arithmetic_v2
 GATE = 0.9
 FIELDS = [*study.FIELDS, "dev_metric"]
 # The defaults until 2026-11-30 (the same weights and q_form): TD_i on the student's Q, the head's gradient in its body.
-COUPLED = {"td_target": "observed", "reward_detach_backbone": False}
+COUPLED = COUPLED_FORM
 
 
 def arms() -> dict[str, dict]:
@@ -70,7 +70,7 @@ def report(runs: list[dict], tasks: list[str], command: str) -> str:
             values = {name: {key: [float(r[key]) for r in arm.values()] for key in ("dev_metric", "metric")}
                       for name, arm in (("gkd", gkd), ("ours", ours))}
             base, mine = (statistics.fmean(values[name]["dev_metric"]) for name in ("gkd", "ours"))
-            ratio = mine / base if base else (1.0 if mine == 0 else math.inf)
+            ratio = mean_ratio(mine, base)
             if ratio < GATE:
                 failed.append(f"{divergence} on {task}")
             same = sorted(gkd) == sorted(ours) and all(
@@ -90,7 +90,7 @@ def report(runs: list[dict], tasks: list[str], command: str) -> str:
 
 
 def spread(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+    return str(summary(values))
 
 
 def main() -> None:

@@ -27,7 +27,10 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+from axolotl_xkd.options import COUPLED_FORM
 from benchmarks.quality.evaluation import diversity, generate, load
+from benchmarks.quality.names import LONG
+from benchmarks.quality.stats import Summary, clears, summary
 from benchmarks.quality.tasks import STUDY_TASKS, TASKS, Task
 from benchmarks.harness import base_config, log_history, merged, run_cli, write_config  # sets the offline env first
 
@@ -37,11 +40,10 @@ SEQUENCE_LEN = 48
 MAX_NEW_TOKENS = 32
 REWARD_OFF = {"reward_kl_weight": 0.0, "td_weight": 0.0}
 # The spec's X-KD, pinned: TD_i on the student's Q, the head's gradient in its body (not the plugin's defaults).
-AVRIL = {"q_form": "logits", "reward_kl_weight": 1.0, "td_weight": 1.0, "gamma": 1.0, "td_target": "observed",
-         "reward_detach_backbone": False}
+AVRIL = {"q_form": "logits", "reward_kl_weight": 1.0, "td_weight": 1.0, "gamma": 1.0, **COUPLED_FORM}
 ON_POLICY = {"sequences": "on_policy", "on_policy_fraction": 0.5,
              "generation": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0}}
-STUDY_DIVERGENCES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd"}
+STUDY_DIVERGENCES = {short: LONG[short] for short in ("fkl", "rkl", "jsd")}
 DEV_ROWS = 100
 # A task's data and model sizes: these defaults, then the task's own (TASK_SETTINGS), then the command line's.
 TASK_DEFAULTS = {"train_rows": 2000, "eval_rows": 100, "teacher_steps": 1500, "teacher_hidden": 128,
@@ -69,7 +71,7 @@ def methods() -> dict[str, dict]:
     table["xkd_default"] = {"divergence": "forward_kl", "q_form": "ava", "td_weight": 0.1, "reward_kl_weight": 0.1,
                             "td_target": "teacher_logprob", "reward_detach_backbone": True}
     # The previous defaults (until 2026-11-30), pinned: the same weights with the TD term on the student's Q.
-    table["xkd_coupled"] = {**table["xkd_default"], "td_target": "observed", "reward_detach_backbone": False}
+    table["xkd_coupled"] = {**table["xkd_default"], **COUPLED_FORM}
     # The reranking benchmark's dev pick (benchmarks/results/rerank.md), coupled: TD_i = Q(s_i, a_i) - gamma V(s'_i).
     table["xkd_soft"] = {**table["xkd_coupled"], "td_target": "soft"}
     return table
@@ -283,13 +285,13 @@ def run_all(jobs: list[Callable[[], dict]], csv_path: Path, parallel: int, desc:
             f.flush()
 
 
-def summarize(runs: list[dict], tasks: list[str]) -> dict[tuple[str, str, float], tuple[float, float, int]]:
-    """(task, method, data_fraction) -> (mean, std, seeds) of the metric."""
+def summarize(runs: list[dict], tasks: list[str]) -> dict[tuple[str, str, float], Summary]:
+    """(task, method, data_fraction) -> (mean, sample std, seeds) of the metric."""
     groups: dict[tuple[str, str, float], list[float]] = {}
     for r in runs:
         if r["task"] in tasks:
             groups.setdefault((r["task"], r["method"], float(r["data_fraction"])), []).append(float(r["metric"]))
-    return {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
+    return {k: summary(v) for k, v in groups.items()}
 
 
 def write_table(runs: list[dict], tasks: list[str], path: Path, command: str, teacher: dict[str, float]) -> str:
@@ -319,7 +321,8 @@ def write_table(runs: list[dict], tasks: list[str], path: Path, command: str, te
                 best_ours = max(ours, key=lambda m: ours[m][0])
                 best_theirs = max(theirs, key=lambda m: theirs[m][0])
                 (mo, so, _), (mt, st, _) = ours[best_ours], theirs[best_theirs]
-                verdict = "X-KD ahead" if mo - so > mt + st else "X-KD behind" if mo + so < mt - st else "within spread"
+                verdict = ("X-KD ahead" if clears(ours[best_ours], theirs[best_theirs]) else "X-KD behind"
+                           if clears(theirs[best_theirs], ours[best_ours]) else "within spread")
                 lines.append(f"- {t}: best X-KD {best_ours} {mo:.1f} ± {so:.1f} vs best baseline {best_theirs} "
                              f"{mt:.1f} ± {st:.1f}: {verdict}")
         lines.append("")

@@ -11,12 +11,13 @@ import pytest
 import yaml
 
 from axolotl_xkd.args import RECOMMENDED, XKDConfig, collapse_risk
+from axolotl_xkd.options import COUPLED_FORM
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted([*REPO.glob("example_configs/*.yml"), *REPO.glob("benchmarks/quality/configs/*.yml")])
 TEACHER = {"source": "model", "path": "teacher"}
 # The spec's coupled form: the TD term pulls on the student's Q and the head's gradient reaches its body.
-COUPLED = {"td_target": "observed", "reward_detach_backbone": False}
+COUPLED = COUPLED_FORM
 
 
 def starter_snippet() -> dict:
