@@ -201,21 +201,12 @@ class XKDConfig(BaseModel):
         None,
         description="Named settings of several keys; keys set beside it win. `coupled`: the spec's coupled X-KD, "
         "the reward terms pulling on the student (" + ", ".join(f"{k}: {v}" for k, v in PRESETS["coupled"].items())
-        + "; the setting issue 27's dev sweep chose, benchmarks/results/quality/coupled/sweep.md).",
+        + "; the weights with the highest worst ratio to plain distillation over four tasks and four divergences in "
+        "the quality study's dev sweep).",
     )
     teacher: ModelTeacher | PrecomputedTeacher | ServerTeacher | None = Field(
         None, description="Where the teacher distribution p_T comes from.", discriminator="source"
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        """Fill the preset's keys that the block does not set itself (so keys set beside it win); first refuse
-        unknown keys at every level, each with the closest known one (extra="forbid" alone gives no hint)."""
-        check_known_keys(cls, data, "xkd")
-        if isinstance(data, dict) and data.get("preset") in PRESETS:
-            return {**PRESETS[data["preset"]], **data}
-        return data
     divergence: Divergence = _loss_key("divergence", "The distillation term D_i.")
     beta: float = _loss_key("beta", "JSD mixture weight (TRL GKD: 0 = forward KL, 1 = reverse KL).")
     skew_alpha: float = _loss_key("skew_alpha", "Skew of skew_forward_kl / skew_reverse_kl.")
@@ -260,6 +251,16 @@ class XKDConfig(BaseModel):
     generation: GenerationSettings = Field(
         default_factory=GenerationSettings, description="Sampling settings of sequences: teacher / on_policy."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Fill the preset's keys that the block does not set itself (so keys set beside it win); first refuse
+        unknown keys at every level, each with the closest known one (extra="forbid" alone gives no hint)."""
+        check_known_keys(cls, data, "xkd")
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
 
     @model_validator(mode="after")
     def _log_std_bounds(self) -> XKDConfig:
@@ -343,49 +344,32 @@ def reaches_student(config: XKDConfig) -> bool:
 
 
 def collapse_risk(config: XKDConfig) -> str | None:
-    """The warning for a setting the quality study saw collapse, naming what to use instead; None when safe.
-
-    Evidence (benchmarks/results/quality, docs/getting_started.md): JSD with the TD term collapsed at every
-    weight tried (lambda = w_kl = 1 on every task, 0.1 on a held-out task); reverse KL collapsed with lambda
-    above ~0.1; `q_form: logits` / `logprobs` with lambda = 1 reached 0.35 / 0.52 of GKD's dev metric.
-    The skew KLs and TVD were never run with the TD term; they are bounded like JSD, so they get JSD's rule.
-    `sequence` (SeqKD) with `q_form: ava` matched plain SeqKD, so it is not flagged. Settings whose reward terms
-    do not reach the student (the defaults) cannot collapse it and are never flagged.
-    """
+    """The warning for a setting the quality study saw collapse the student, or one that fades as those did, naming
+    what to use instead; None when safe (always with the defaults, whose reward terms cannot reach the student).
+    Which settings and why: docs/getting_started.md#the-warning."""
     if config.td_weight == 0 or not reaches_student(config):
         return None
     where = f"xkd.divergence: {config.divergence} with xkd.td_weight {config.td_weight}"
-    instead = (
-        f"Use the defaults `{', '.join(f'{key}: {value}' for key, value in RECOMMENDED.items())}` "
-        "(docs/defaults.md: the reward head then learns without pulling on the student), or "
-        f"`td_weight: 0, reward_kl_weight: 0` for plain {config.divergence} distillation."
-    )
     if config.alpha_kd > 0 and config.divergence == "jsd":
-        return (
-            f"{where} is a setting that collapsed in the quality study: JSD with the TD term fell to 0 on every "
-            "task at td_weight 1, and on a held-out task even at 0.1 (JSD's gradient fades once the student "
-            f"leaves the teacher; the TD term's pull does not). {instead}"
-        )
-    if config.alpha_kd > 0 and config.divergence in _BOUNDED:
-        return (
-            f"{where} risks collapse: like JSD, which collapsed with the TD term at every weight tried, "
-            f"{config.divergence} is bounded and its gradient fades once the student leaves the teacher, while the "
-            f"TD term's pull does not (not measured for {config.divergence}). {instead}"
-        )
-    if config.td_weight <= _TD_WEIGHT_LIMIT:
+        risk = f"{where} is a setting that collapsed in the quality study"
+    elif config.alpha_kd > 0 and config.divergence in _BOUNDED:
+        risk = f"{where} risks collapse: {config.divergence} is bounded like JSD, which collapsed with the TD term"
+    elif config.td_weight <= _TD_WEIGHT_LIMIT:
         return None
-    if config.alpha_kd > 0 and config.divergence == "reverse_kl":
-        return (
-            f"{where} (above {_TD_WEIGHT_LIMIT}) is a setting that collapsed in the quality study. Keep td_weight "
-            f"and reward_kl_weight at most {_TD_WEIGHT_LIMIT} with reverse_kl; or: {instead}"
-        )
-    if config.q_form != "ava":
-        return (
-            f"xkd.q_form: {config.q_form} with xkd.td_weight {config.td_weight} (above {_TD_WEIGHT_LIMIT}) wrecked "
-            "the student in the quality study (0.35 of GKD's dev metric with logits, 0.52 with logprobs: the TD "
-            f"term pulls on unbounded Q values). {instead}"
-        )
-    return None
+    elif config.alpha_kd > 0 and config.divergence == "reverse_kl":
+        risk = (f"{where} (above {_TD_WEIGHT_LIMIT}) is a setting that collapsed in the quality study (with "
+                f"reverse_kl keep td_weight and reward_kl_weight at most {_TD_WEIGHT_LIMIT})")
+    elif config.q_form != "ava":
+        risk = (f"xkd.q_form: {config.q_form} with xkd.td_weight {config.td_weight} (above {_TD_WEIGHT_LIMIT}) "
+                "wrecked the student in the quality study")
+    else:
+        return None
+    return (
+        f"{risk} (docs/getting_started.md#the-warning). Use the defaults "
+        f"`{', '.join(f'{key}: {value}' for key, value in RECOMMENDED.items())}` (docs/defaults.md: the reward head "
+        f"then learns without pulling on the student), or `td_weight: 0, reward_kl_weight: 0` for plain "
+        f"{config.divergence} distillation."
+    )
 
 
 def warn_once(message: str) -> None:
