@@ -111,6 +111,8 @@ def check_teacher_tokenizer(teacher, student_tokenizer) -> None:
     (tokenizers load in seconds, an 8B student in minutes): the same-tokenizer rule for an in-process teacher
     without cross_tokenizer; with it, that both tokenizers can be read byte by byte. A server's own tokenizer is
     checked when the client connects; a store's, by its manifest (store.read)."""
+    if teacher is None:  # `teacher: null`: CE only (the quality study's sft arm), no teacher to check
+        return
     from axolotl_xkd.cross_tokenizer import KEY, check_readable
     from axolotl_xkd.frozen_teacher import check_same_tokenizer
 
