@@ -5,6 +5,9 @@ benchmarks can run `axolotl train` on the CPU. `python -m axolotl_xkd.tiny --out
 DIR/tokenizer (shared), DIR/teacher (briefly trained to know the task), DIR/student (untrained,
 several times smaller) and DIR/data/{train,eval}.jsonl with prompt/response rows (the eval rows are
 not in the training file, but the task has only 200 distinct problems, so most of their prompts are).
+`--teacher-tokenizer byte_level` (or `sentencepiece`) gives the teacher a BPE tokenizer of its own, trained in code on
+the training text (`build_bpe_tokenizer`) and saved in DIR/teacher: a teacher of another tokenizer than the student's,
+for `cross_tokenizer: true` (docs/cross_tokenizer.md, "Try it on the CPU").
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 CHARACTERS = string.digits + string.ascii_letters + " +-*=()?.,:;\n"
+TEACHER_TOKENIZERS = ("character", "byte_level", "sentencepiece")  # build_all's teacher_tokenizer
+# A BPE teacher's vocabulary: byte-level BPE's base is the 256 bytes and the 4 specials; up to 64 merges on top (the
+# arithmetic text has fewer pairs to merge, so fewer are made). The cross-tokenizer study's size.
+TEACHER_BPE_VOCAB = 256 + 4 + 64
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -184,9 +191,13 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def build_all(out: str | Path, *, teacher_steps: int = 800, train_rows: int = 512, seed: int = 0,
-              log_every: int = 0) -> dict[str, Path]:
+              log_every: int = 0, teacher_tokenizer: str = "character",
+              teacher_vocab_size: int = TEACHER_BPE_VOCAB) -> dict[str, Path]:
     """Write tokenizer, teacher, student and data under `out`; returns their paths. `log_every`: teacher
-    progress lines (0: none)."""
+    progress lines (0: none). `teacher_tokenizer`: the student's character tokenizer, or a BPE (`byte_level`,
+    `sentencepiece`) of `teacher_vocab_size` tokens at most trained on the training text, saved with the teacher."""
+    if teacher_tokenizer not in TEACHER_TOKENIZERS:
+        raise ValueError(f"teacher_tokenizer {teacher_tokenizer!r}: one of {', '.join(TEACHER_TOKENIZERS)}")
     out = Path(out)
     tokenizer = build_tokenizer()
     paths = {name: out / name for name in ("tokenizer", "teacher", "student", "data")}
@@ -195,18 +206,23 @@ def build_all(out: str | Path, *, teacher_steps: int = 800, train_rows: int = 51
     train, evaluation = rows[:train_rows], rows[train_rows:]
     write_jsonl(paths["data"] / "train.jsonl", train)
     write_jsonl(paths["data"] / "eval.jsonl", evaluation)
-    teacher = build_model(tokenizer, hidden=128, layers=2, seed=seed)
+    words = tokenizer
+    if teacher_tokenizer != "character":
+        words = build_bpe_tokenizer([r["prompt"] + r["response"] for r in train], style=teacher_tokenizer,
+                                    vocab_size=teacher_vocab_size)
+    teacher = build_model(words, hidden=128, layers=2, seed=seed)
     start = time.perf_counter()
-    teacher_loss = train_teacher(teacher, tokenizer, train, steps=teacher_steps, seed=seed, log_every=log_every)
+    teacher_loss = train_teacher(teacher, words, train, steps=teacher_steps, seed=seed, log_every=log_every)
     seconds = time.perf_counter() - start
-    correct = sum(greedy_exact_matches(teacher, tokenizer, evaluation))
+    correct = sum(greedy_exact_matches(teacher, words, evaluation))
     teacher.save_pretrained(paths["teacher"])
-    tokenizer.save_pretrained(paths["teacher"])
+    words.save_pretrained(paths["teacher"])
     student = build_model(tokenizer, hidden=32, layers=2, seed=seed + 1)
     student.save_pretrained(paths["student"])
     tokenizer.save_pretrained(paths["student"])
+    kind = "" if teacher_tokenizer == "character" else f", {teacher_tokenizer} tokenizer of {len(words)} tokens"
     print(f"tiny teacher: {teacher_steps} steps in {seconds:.0f} s, training loss {teacher_loss:.3f}, greedy exact "
-          f"match on the {len(evaluation)} eval rows {correct}/{len(evaluation)}, saved to {paths['teacher']}",
+          f"match on the {len(evaluation)} eval rows {correct}/{len(evaluation)}, saved to {paths['teacher']}{kind}",
           flush=True)
     return paths
 
@@ -217,8 +233,14 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=800, help="teacher training steps (default: 800)")
     parser.add_argument("--log-every", type=int, default=100, help="teacher progress every N steps (0: none)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher-tokenizer", choices=TEACHER_TOKENIZERS, default="character",
+                        help="the teacher's tokenizer: the student's (character, default) or a BPE trained on the "
+                        "training text, for cross_tokenizer: true (docs/cross_tokenizer.md)")
+    parser.add_argument("--teacher-vocab-size", type=int, default=TEACHER_BPE_VOCAB,
+                        help=f"a BPE teacher tokenizer's vocabulary size at most (default: {TEACHER_BPE_VOCAB})")
     args = parser.parse_args()
-    build_all(args.out, teacher_steps=args.teacher_steps, seed=args.seed, log_every=args.log_every)
+    build_all(args.out, teacher_steps=args.teacher_steps, seed=args.seed, log_every=args.log_every,
+              teacher_tokenizer=args.teacher_tokenizer, teacher_vocab_size=args.teacher_vocab_size)
 
 
 if __name__ == "__main__":

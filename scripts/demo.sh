@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: build a tiny teacher/student/task in code, train the teacher briefly, then
 # the case distillation is for (a strong teacher, many prompts, few gold answers): plain SFT on the few labelled
-# rows, X-KD on the same rows, and X-KD on the teacher's answers to every prompt, through `axolotl train` on the
-# CPU with the same student and budget; compare the models' exact match (docs/demo.md).
+# rows, X-KD on the same rows, and plain SFT and X-KD on the teacher's answers to every prompt (the same stored
+# text), through `axolotl train` on the CPU with the same student and budget; compare the models' exact match
+# (docs/demo.md).
 # Deletes and rewrites the demo folder: XKD_DEMO_OUT, default runs/tiny (the folder the example configs use).
 # XKD_TEACHER_STEPS (default 800) sets the tiny teacher's training steps; XKD_DEMO_SEED (default 0) seeds the tiny
 # models and data (and, as 42 + seed, the training runs): docs/demo.md reports seeds 0, 1 and 2. XKD_DEMO_STEPS
@@ -28,6 +29,9 @@ axolotl train "$OUT/xkd.yml"
 test -f "$OUT/xkd_student/model.safetensors" && test -f "$OUT/xkd_student/xkd_reward_head.safetensors"
 step "the teacher answers every prompt once, its top-k stored: axolotl xkd precompute $OUT/xkd_teacher.yml"
 axolotl xkd precompute "$OUT/xkd_teacher.yml"
+python -m scripts.demo answers --out "$OUT"
+step "plain SFT on the same teacher answers as text: axolotl train $OUT/sft_teacher.yml (no plugin, as sft.yml)"
+axolotl train "$OUT/sft_teacher.yml"
 step "X-KD on the teacher's answers to every prompt: axolotl train $OUT/xkd_teacher.yml"
 axolotl train "$OUT/xkd_teacher.yml"
 step "plotting the X-KD run's loss terms"
