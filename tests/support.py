@@ -4,6 +4,8 @@ and the test-only helpers (the spec's coupled loss parameters)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from benchmarks.harness import (  # noqa: F401  (re-exported: importing it sets the offline env first)
     BIN,
     ENV,
@@ -32,6 +34,17 @@ from benchmarks.harness import (  # noqa: F401  (re-exported: importing it sets 
 # The spec's coupled form (XKD_METHOD.md section 2 as written: the TD term on the student's own Q, w_kl = lambda = 1),
 # which the loss tests exercise; the loss's defaults are the `xkd:` block's (options.LOSS_DEFAULTS).
 SPEC_COUPLED = {"td_target": "observed", "reward_kl_weight": 1.0, "td_weight": 1.0}
+
+
+def teacher_with_extra_token(folder: Path, *, hidden: int) -> Path:
+    """A tiny teacher whose tokenizer has one token more than the student's (`<extra>`), saved in `folder`."""
+    from axolotl_xkd.tiny import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<extra>"])
+    build_model(tokenizer, hidden=hidden, layers=1, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def spec_params(**overrides):

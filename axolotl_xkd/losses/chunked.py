@@ -20,8 +20,8 @@ Why not `LigerFusedLinearDistillationBase`: it splits inputs with `torch.chunk` 
 chunks (no look-ahead row for the TD pair), passes no per-position tensors besides the labels (the
 reward-head outputs, terminal flags and top-k teacher rows have no slot), always builds the output
 layer's gradient (a frozen LoRA base layer must not get one), and divides by the token count (X-KD
-returns sums). The loop below keeps its shape: `torch.func.grad_and_value` per chunk, optionally
-under `torch.compile`. Imports torch only.
+returns sums). The loop below keeps its shape: one closure accumulates a chunk's gradients
+(`torch.func.grad_and_value` of `token_terms`, or fused.py's), called once per chunk. Imports torch only.
 """
 
 from __future__ import annotations
@@ -100,6 +100,32 @@ def _chunk_step(plan: _Plan, argnums: tuple[int, ...] | None):
     return fn if argnums is None else torch.func.grad_and_value(fn, argnums=argnums, has_aux=True)
 
 
+def _grad_buffers(want, uses_td: bool, hidden: Tensor, weight: Tensor, bias: Tensor | None, mu: Tensor | None,
+                  log_sigma: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Zeroed gradient buffers of hidden, weight, bias, mu and log_sigma, each None where no gradient is wanted
+    (the reward-head outputs get one only with a TD term); hidden's and bias's at least in float32."""
+    acc = _accumulation_dtype(hidden)
+    return (
+        torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if want[0] else None,
+        torch.zeros_like(weight) if want[1] else None,
+        torch.zeros(bias.shape, dtype=acc, device=bias.device) if want[2] else None,
+        torch.zeros_like(mu) if uses_td and want[3] else None,
+        torch.zeros_like(log_sigma) if uses_td and want[4] else None,
+    )
+
+
+def _run_step(step, args: tuple, *, by_hand: bool, with_grad: bool) -> tuple[tuple | None, Tensor, Tensor]:
+    """One chunk's step, either kind: (gradients of the logits, mu, log_sigma, or None without them; loss; parts)."""
+    if by_hand:
+        grad_logits, grad_m, grad_s, loss, parts = step(*args)
+        return ((grad_logits, grad_m, grad_s) if with_grad else None), loss, parts
+    if not with_grad:
+        loss, parts = step(*args)
+        return None, loss, parts
+    grads, (loss, parts) = step(*args)
+    return grads, loss, parts
+
+
 class _ChunkedXKDFunction(torch.autograd.Function):
     """Loss sum of the per-token logit terms (D, CE, TD); gradients are computed in forward, chunk by chunk."""
 
@@ -113,14 +139,10 @@ class _ChunkedXKDFunction(torch.autograd.Function):
         look_ahead = uses_td and not plan.params.fixed_td_target
         want = ctx.needs_input_grad if plan.grad_enabled else (False,) * 6
         acc = _accumulation_dtype(hidden)
-        grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if want[0] else None
-        grad_weight = torch.zeros_like(weight) if want[1] else None
-        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if want[2] else None
-        grad_mu = torch.zeros_like(mu) if uses_td and want[3] else None
-        grad_log_sigma = torch.zeros_like(log_sigma) if uses_td and want[4] else None
-        needs_logit_grad = want[0] or want[1] or want[2]
+        grad_hidden, grad_weight, grad_bias, grad_mu, grad_log_sigma = _grad_buffers(
+            want, uses_td, hidden, weight, bias, mu, log_sigma)
         argnums = None
-        if needs_logit_grad or grad_mu is not None or grad_log_sigma is not None:
+        if any(want[:3]) or grad_mu is not None or grad_log_sigma is not None:
             argnums = (0, 1, 2) if uses_td else (0,)
         by_hand = plan.mode == "fused" and fused.supports(plan.params, plan.teacher_kind, uses_td)
         step = (
@@ -130,8 +152,11 @@ class _ChunkedXKDFunction(torch.autograd.Function):
         )
         sums = torch.zeros(4, dtype=acc, device=hidden.device)
         pulls = torch.zeros(3, dtype=acc, device=hidden.device)
-        for start in range(0, n_rows, plan.chunk_size):
-            stop = min(start + plan.chunk_size, n_rows)
+
+        def accumulate_chunk(start: int, stop: int) -> Tensor | None:
+            """Add rows [start, stop)'s loss and parts to `sums` and their gradients to the buffers; returns the
+            terms' pulls on the first chunk's logits when they are measured. Its (C, V) buffers are freed when it
+            returns, before the next chunk's matmul."""
             ext = min(stop + 1, n_rows) if look_ahead else stop  # the look-ahead row for TD_{stop-1}
             rows = hidden[start:ext]
             logits = rows @ weight.T
@@ -145,30 +170,28 @@ class _ChunkedXKDFunction(torch.autograd.Function):
             )
             args = (upcast(logits), mu[start:stop] if uses_td else None, log_sigma[start:stop] if uses_td else None,
                     rows_in)
+            measured = None
             if plan.forces and start == 0:  # before the fused step overwrites the logits and the teacher's buffer
-                pulls = term_forces(*args[:3], rows_in, params=plan.params)
-            if by_hand:
-                grad_logits, grad_m, grad_s, loss, parts = step(*args)
-                grads = (grad_logits, grad_m, grad_s)
-            elif argnums is None:
-                loss, parts = step(*args)
-            else:
-                grads, (loss, parts) = step(*args)
-            if argnums is not None:
+                measured = term_forces(*args[:3], rows_in, params=plan.params)
+            grads, loss, parts = _run_step(step, args, by_hand=by_hand, with_grad=argnums is not None)
+            if grads is not None:
                 grad_logits = grads[0]
                 if want[0]:
                     grad_hidden[start:ext] += grad_logits.to(weight.dtype) @ weight
                 if want[1]:
                     grad_weight.addmm_(grad_logits.T.to(rows.dtype), rows)
                 if want[2]:
-                    grad_bias += grad_logits.sum(0)
+                    grad_bias.add_(grad_logits.sum(0))
                 if grad_mu is not None:
                     grad_mu[start:stop] = grads[1]
                 if grad_log_sigma is not None:
                     grad_log_sigma[start:stop] = grads[2]
-            sums += torch.stack([loss, *parts])
-            # Free this chunk's (C, V) buffers before the next matmul.
-            logits = args = rows_in = grads = grad_logits = None
+            sums.add_(torch.stack([loss, *parts]))
+            return measured
+
+        for start in range(0, n_rows, plan.chunk_size):
+            measured = accumulate_chunk(start, min(start + plan.chunk_size, n_rows))
+            pulls = pulls if measured is None else measured
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_mu, grad_log_sigma)
         ctx.input_dtypes = (hidden.dtype, bias.dtype if bias is not None else None)
         loss, div_sum, ce_sum, td_sum = (sums[i].clone() for i in range(4))
@@ -225,6 +248,19 @@ def _select_rows(teacher: ChunkedTeacher | None, index: Tensor) -> ChunkedTeache
     return teacher
 
 
+def _check_arguments(student_hidden: Tensor, labels: Tensor, *, chunk_size: int, mode: str) -> None:
+    """Refuse a mode, chunk size or pair of shapes chunked_xkd_loss cannot use."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    if student_hidden.dim() != 3 or labels.shape != student_hidden.shape[:2]:
+        raise ValueError(
+            f"student_hidden must be (B, T, H) and labels (B, T); got {tuple(student_hidden.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+
+
 def chunked_xkd_loss(
     student_hidden: Tensor,
     output_weight: Tensor,
@@ -261,16 +297,8 @@ def chunked_xkd_loss(
     forces: also measure the terms' pulls on the logits of the first chunk (xkd.term_forces; one autograd pass per
     term over one chunk, so the trainer asks for it on logging steps only).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_arguments(student_hidden, labels, chunk_size=chunk_size, mode=mode)
     p = params
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
-    if student_hidden.dim() != 3 or labels.shape != student_hidden.shape[:2]:
-        raise ValueError(
-            f"student_hidden must be (B, T, H) and labels (B, T); got {tuple(student_hidden.shape)} and "
-            f"{tuple(labels.shape)}"
-        )
     if vocab_size is not None:
         output_weight = output_weight[:vocab_size]
         output_bias = output_bias[:vocab_size] if output_bias is not None else None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import base_config, merged, run_cli, train, write_config
+from tests.support import base_config, merged, run_cli, teacher_with_extra_token, train, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -72,13 +72,7 @@ def test_serve_teacher_checks_its_model_and_tokenizer(untrained_assets, tmp_path
 def test_teacher_of_another_tokenizer_without_the_key_fails_before_the_dataset_is_prepared(untrained_assets, tmp_path):
     """The teacher/student vocabulary check runs in the first hook, on the tokenizers alone: no dataset preparation,
     no student load; the error names the key and the one that allows another tokenizer."""
-    from axolotl_xkd.tiny import build_model, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    tokenizer.add_tokens(["<extra>"])
-    other = tmp_path / "other_teacher"
-    build_model(tokenizer, hidden=16, layers=1, seed=0).save_pretrained(other)
-    tokenizer.save_pretrained(other)
+    other = teacher_with_extra_token(tmp_path / "other_teacher", hidden=16)
     config = merged(base_config(untrained_assets, tmp_path), {"xkd": {"teacher": {"path": str(other)}}})
     proc = train(write_config(tmp_path / "config.yml", config), check=False)
     output = proc.stdout + proc.stderr

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from axolotl_xkd.options import PRESETS
-from tests.support import base_config, log_history, merged, train, write_config
+from tests.support import base_config, log_history, merged, teacher_with_extra_token, train, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -124,13 +124,7 @@ def test_resume_restores_reward_head_bit_for_bit(run, tmp_path):
 
 
 def test_mismatched_teacher_vocabulary_is_refused(tiny_assets, tmp_path):
-    from axolotl_xkd.tiny import build_model, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    tokenizer.add_tokens(["<extra>"])
-    other = tmp_path / "other_teacher"
-    build_model(tokenizer, hidden=32, layers=1, seed=0).save_pretrained(other)
-    tokenizer.save_pretrained(other)
+    other = teacher_with_extra_token(tmp_path / "other_teacher", hidden=32)
     config = merged(base_config(tiny_assets, tmp_path), {"xkd": {"teacher": {"path": str(other)}}})
     proc = train(write_config(tmp_path / "cfg.yml", config), check=False)
     assert proc.returncode != 0
