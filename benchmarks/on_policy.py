@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import write_report
+from benchmarks.harness import log_history, merged, train, write_config
 from benchmarks.server_teacher import step_seconds, timing_setup
 from benchmarks.step import cpu_model
-from benchmarks.harness import log_history, merged, train, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.harness import (  # noqa: F401  (re-exported: importing it sets the offline env first)
+# Re-exported for the tests; importing the harness sets the offline environment first.
+from benchmarks.harness import (
     BIN,
     ENV,
     HOOKED_CLI,

@@ -20,7 +20,7 @@ from functools import partial
 from axolotl_xkd.args import XKDConfig
 from axolotl_xkd.options import COUPLED_FORM, DIVERGENCES
 from benchmarks.quality import study
-from benchmarks.quality.names import SHORT  # noqa: F401  (also read here by cross_tokenizer.py)
+from benchmarks.quality.names import SHORT  # cross_tokenizer.py reads it from here
 from benchmarks.quality.stats import ratio as mean_ratio
 from benchmarks.quality.stats import summary
 from benchmarks.quality.tasks import TASKS

@@ -28,11 +28,11 @@ from functools import partial
 from pathlib import Path
 
 from axolotl_xkd.options import COUPLED_FORM
+from benchmarks.harness import base_config, log_history, merged, run_cli, write_config  # sets the offline env first
 from benchmarks.quality.evaluation import diversity, generate, load
 from benchmarks.quality.names import LONG
 from benchmarks.quality.stats import Summary, clears, summary
 from benchmarks.quality.tasks import STUDY_TASKS, TASKS, Task
-from benchmarks.harness import base_config, log_history, merged, run_cli, write_config  # sets the offline env first
 
 REPO = Path(__file__).resolve().parents[2]
 
