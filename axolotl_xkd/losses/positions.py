@@ -28,6 +28,11 @@ def shift_targets(labels: Tensor, position_ids: Tensor | None, *, ignore_index: 
     return targets
 
 
+def response_mask(labels: Tensor, position_ids: Tensor | None) -> Tensor:
+    """(B, T) bool: True at the response positions, the ones the loss counts (their action is a label)."""
+    return shift_targets(labels, position_ids) != IGNORE_INDEX
+
+
 def nonterminal_next(targets: Tensor, *, ignore_index: int = IGNORE_INDEX, eos_token_id: int | None = None) -> Tensor:
     """(B, T) bool: True where s'_i is not terminal, so TD_i includes gamma * Q(s'_i, a'_i).
 

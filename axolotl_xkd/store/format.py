@@ -35,7 +35,7 @@ import torch
 
 from axolotl_xkd.integrity import atomic_write, check_sha256, locked, read_sealed_json, seal_json
 from axolotl_xkd.keys import TOPK_COLUMNS, TOPK_IDS, TOPK_LOGPROBS, TOPK_PACKED
-from axolotl_xkd.losses.positions import IGNORE_INDEX, shift_targets
+from axolotl_xkd.losses import positions as loss_positions
 from axolotl_xkd.topk_rule import IDS, LOGPROBS, topk_problem
 
 LOG = logging.getLogger("axolotl_xkd")
@@ -164,10 +164,10 @@ def choose_encoding(vocab_size: int, logprob_dtype: str) -> str:
 
 def response_mask(labels, position_ids: np.ndarray | None = None) -> np.ndarray:
     """(T,) bool: the response positions of one row (or of several rows concatenated, with `position_ids`
-    restarting at 0 at each row), by the loss's own rule (`losses.positions.shift_targets`)."""
+    restarting at 0 at each row), by the loss's own rule (`losses.positions.response_mask`)."""
     labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))[None]
     positions = None if position_ids is None else torch.as_tensor(np.asarray(position_ids, dtype=np.int64))[None]
-    return (shift_targets(labels, positions)[0] != IGNORE_INDEX).numpy()
+    return loss_positions.response_mask(labels, positions)[0].numpy()
 
 
 def encode(ids: np.ndarray, logprobs: np.ndarray, encoding: str, logprob_dtype: str) -> dict[str, np.ndarray]:

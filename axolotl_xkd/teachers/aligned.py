@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from axolotl_xkd.cross_tokenizer import KEY, AlignedSegment, Aligner, HiddenRows, path_rows, project
 from axolotl_xkd.frozen_teacher import output_layer_is_linear
-from axolotl_xkd.losses.positions import IGNORE_INDEX, shift_targets
+from axolotl_xkd.losses.positions import response_mask
 from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import TopKSignal
 from axolotl_xkd.sequences import segments
@@ -68,23 +69,21 @@ class AlignedTeacherSource(TeacherSource):
         ids = batch["input_ids"]
         found = segments(batch)
         rows = ids.tolist()
+        responses = responses_of(batch)
         aligned = [self.aligner.segment(rows[r][a:b], f"batch row {r} (tokens {a}..{b - 1})") for r, a, b in found]
-        aligned = counted_only(batch, found, aligned)
+        aligned = counted_only(responses, found, aligned)
         k = self.width
         token_ids = torch.zeros((*ids.shape, k), dtype=torch.long, device=ids.device)
         logprobs = torch.full((*ids.shape, k), -torch.inf, dtype=self.dtype, device=ids.device)
-        pairs = [(n, r, a + i, b, j) for n, ((r, a, b), seg) in enumerate(zip(found, aligned))
-                 for i, j in zip(seg.student_positions, seg.teacher_positions)]
-        if aligned:  # also without pairs: under ZeRO-3 every rank must run the teacher's forward
-            seg_of, rows_b, cols, stops, t_pos = torch.tensor(pairs, dtype=torch.long).reshape(-1, 5).unbind(-1)
-            actions = torch.where(cols + 1 < stops, ids.cpu()[rows_b, (cols + 1).clamp(max=ids.shape[1] - 1)], -1)
-            path_seg, path_pos = torch.tensor(path_rows(aligned), dtype=torch.long).reshape(-1, 2).unbind(-1)
-            teacher_lp = self._teacher_logprobs([seg.teacher_ids for seg in aligned], torch.cat([seg_of, path_seg]),
-                                                torch.cat([t_pos, path_pos]))
-            top_ids, top_lps = project(aligned, None, teacher_lp, actions, self.aligner.projection, top_k=self.top_k)
-            token_ids[rows_b, cols] = top_ids.to(ids.device)
-            logprobs[rows_b, cols] = top_lps.to(ids.device)
-        self.coverage.report(batch, torch.isfinite(logprobs).any(-1))
+        if aligned:  # also without positions: under ZeRO-3 every rank must run the teacher's forward
+            at = Positions.of(ids.cpu(), found, aligned)
+            teacher_lp = self._teacher_logprobs([seg.teacher_ids for seg in aligned], at.segment_rows,
+                                                at.teacher_rows)
+            top_ids, top_lps = project(aligned, None, teacher_lp, at.actions, self.aligner.projection,
+                                       top_k=self.top_k)
+            token_ids[at.rows, at.cols] = top_ids.to(ids.device)
+            logprobs[at.rows, at.cols] = top_lps.to(ids.device)
+        self.coverage.report(responses, torch.isfinite(logprobs).any(-1))
         return TopKSignal(token_ids=token_ids, logprobs=logprobs)
 
     def _teacher_logprobs(self, sequences: list[list[int]], seg_of: Tensor, t_pos: Tensor) -> Tensor | HiddenRows:
@@ -163,40 +162,60 @@ class AlignedServerTeacherSource(ServerTeacherSource):
         shape = (*ids.shape, self.width)
         token_ids = torch.zeros(shape, dtype=torch.long)
         logprobs = torch.full(shape, -torch.inf, dtype=torch.float32)
-        rows, cols, actions, sent_ids, sent_lps = [], [], [], [], []
-        kept = counted_only(batch, [found for found, _, _ in answers], [segment for _, segment, _ in answers])
-        answers = [(found, segment, answer) for (found, _, answer), segment in zip(answers, kept)]
-        for (b, start, end), segment, (answer_ids, answer_lps) in answers:
-            col = torch.tensor(segment.student_positions, dtype=torch.long) + start
-            t_pos = torch.tensor(segment.teacher_positions, dtype=torch.long)
-            rows.append(torch.full_like(col, b))
-            cols.append(col)
-            actions.append(torch.where(col + 1 < end, ids[b, (col + 1).clamp(max=end - 1)], -1))
-            sent_ids.append(torch.from_numpy(answer_ids)[t_pos])
-            sent_lps.append(torch.from_numpy(answer_lps)[t_pos])
-        for (_, segment, (answer_ids, answer_lps)) in answers:  # then the observed paths' rows (`path_rows`)
-            path = [l for positions in segment.path_positions() for l in positions]
-            sent_ids.append(torch.from_numpy(answer_ids)[path])
-            sent_lps.append(torch.from_numpy(answer_lps)[path])
-        if rows:
-            rows_b, cols_b = torch.cat(rows), torch.cat(cols)
-            token_ids[rows_b, cols_b], logprobs[rows_b, cols_b] = project(
-                [segment for _, segment, _ in answers], torch.cat(sent_ids), torch.cat(sent_lps), torch.cat(actions),
-                self.aligner.projection, top_k=self.width - 1)
+        responses = responses_of(batch)
+        found = [found for found, _, _ in answers]
+        kept = counted_only(responses, found, [segment for _, segment, _ in answers])
+        if kept:
+            at = Positions.of(ids, found, kept)
+            sent = [answer for _, _, answer in answers]
+            sent_ids = torch.cat([torch.from_numpy(a) for a, _ in sent])
+            sent_lps = torch.cat([torch.from_numpy(lp) for _, lp in sent])
+            offsets = torch.tensor([0, *np.cumsum([len(a) for a, _ in sent])[:-1]], dtype=torch.long)
+            flat = offsets[at.segment_rows] + at.teacher_rows  # each row's answer entry, in the answers laid end to end
+            token_ids[at.rows, at.cols], logprobs[at.rows, at.cols] = project(
+                kept, sent_ids[flat], sent_lps[flat], at.actions, self.aligner.projection, top_k=self.width - 1)
         device = batch["input_ids"].device
         signal = TopKSignal(token_ids=token_ids.to(device), logprobs=logprobs.to(device))
-        self.coverage.report(batch, torch.isfinite(signal.logprobs).any(-1))
+        self.coverage.report(responses, torch.isfinite(signal.logprobs).any(-1))
         return signal
 
 
-def counted_only(batch: dict[str, Tensor], found: list[tuple[int, int, int]],
+@dataclass(frozen=True)
+class Positions:
+    """Where the aligned segments' records go and what they read, built once for both teacher kinds: the batch
+    row and column of each student position (P,), its own next token (`actions`, -1 at a segment's end), and, for
+    the P positions followed by the X observed-path rows (`path_rows`), the segment and teacher position whose
+    distribution each reads (`segment_rows`, `teacher_rows`, (P + X,))."""
+
+    rows: Tensor
+    cols: Tensor
+    actions: Tensor
+    segment_rows: Tensor
+    teacher_rows: Tensor
+
+    @classmethod
+    def of(cls, ids: Tensor, found: list[tuple[int, int, int]], aligned: list[AlignedSegment]) -> Positions:
+        pairs = [(n, r, a + i, b, j) for n, ((r, a, b), seg) in enumerate(zip(found, aligned))
+                 for i, j in zip(seg.student_positions, seg.teacher_positions)]
+        seg_of, rows, cols, stops, t_pos = torch.tensor(pairs, dtype=torch.long).reshape(-1, 5).unbind(-1)
+        actions = torch.where(cols + 1 < stops, ids[rows, (cols + 1).clamp(max=ids.shape[1] - 1)], -1)
+        path_seg, path_pos = torch.tensor(path_rows(aligned), dtype=torch.long).reshape(-1, 2).unbind(-1)
+        return cls(rows, cols, actions, torch.cat([seg_of, path_seg]), torch.cat([t_pos, path_pos]))
+
+
+def responses_of(batch: dict[str, Tensor]) -> Tensor | None:
+    """The batch's response positions (B, T) by the loss's rule; None without labels (every position then)."""
+    return None if "labels" not in batch else response_mask(batch["labels"], batch.get("position_ids"))
+
+
+def counted_only(responses: Tensor | None, found: list[tuple[int, int, int]],
                  aligned: list[AlignedSegment]) -> list[AlignedSegment]:
-    """The segments (row, start, end) `found` of the batch with only the student positions the loss counts, where the
-    batch has labels (else as they are): the loss reads the teacher nowhere else, so the prompt's teacher
+    """The segments (row, start, end) `found` of the batch with only the student positions the loss counts
+    (`responses`; None keeps them all): the loss reads the teacher nowhere else, so the prompt's teacher
     distributions are neither formed nor projected (as chunked.py forms no prompt logits)."""
-    if "labels" not in batch:
+    if responses is None:
         return aligned
-    counted = (shift_targets(batch["labels"], batch.get("position_ids")) != IGNORE_INDEX).tolist()
+    counted = responses.tolist()
     return [seg.select([counted[r][a + i] for i in seg.student_positions]) for (r, a, _), seg in zip(found, aligned)]
 
 
@@ -208,11 +227,12 @@ class Coverage:
         self.covered = 0
         self.responses = 0
 
-    def report(self, batch: dict[str, Tensor], covered: Tensor) -> None:
-        """Count the response positions of `batch` that are `covered` (B, T); log the running share at REPORT_AT."""
-        if "labels" not in batch:
+    def report(self, responses: Tensor | None, covered: Tensor) -> None:
+        """Count the response positions (B, T; None: a batch without labels, not counted) that are `covered`; log
+        the running share at REPORT_AT."""
+        if responses is None:
             return
-        responses = shift_targets(batch["labels"], batch.get("position_ids")) != IGNORE_INDEX
+        responses = responses.to(covered.device)
         self.batches += 1
         self.responses += int(responses.sum())
         self.covered += int((responses & covered).sum())

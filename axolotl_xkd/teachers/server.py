@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from axolotl_xkd.keys import TEACHER_TICKET
-from axolotl_xkd.losses.positions import IGNORE_INDEX, shift_targets
+from axolotl_xkd.losses.positions import response_mask
 from axolotl_xkd.losses.signal import TopKSignal
 from axolotl_xkd.sequences import segments
 from axolotl_xkd.server.client import TeacherServerClient
@@ -28,8 +28,8 @@ from axolotl_xkd.teachers.base import TeacherSource
 
 
 def has_response(labels: Tensor) -> bool:
-    """Whether a (1, n) sequence has a response position (the loss's rule, `losses.positions.shift_targets`)."""
-    return bool((shift_targets(labels, None) != IGNORE_INDEX).any())
+    """Whether a (1, n) sequence has a response position (the loss's rule, `losses.positions.response_mask`)."""
+    return bool(response_mask(labels, None).any())
 
 
 Segment = tuple[int, int, int]
