@@ -424,10 +424,11 @@ def prepare_bpe_models(task_name: str, style: str, data: Path, work: Path, args:
     return {**info, **paths}
 
 
-def bpe_alignment(student_path: Path, teacher_path: Path, data: Path) -> dict:
+def bpe_alignment(student_path: Path, teacher_path: Path, same_path: Path, data: Path) -> dict:
     """How the other teacher's tokenizer cuts the student's responses (the first 500 training rows): mapped vocabulary,
-    response tokens per side, the aligned share of response positions, and the teacher's mass there on its tokens
-    without a student twin (first 200 rows)."""
+    response tokens per side, the aligned share of response positions, the teacher's mass there on its tokens
+    without a student twin, and (first 200 rows) target_agreement of the other teacher and of the same-tokenizer
+    one (`same_path`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from axolotl_xkd.cross_tokenizer import Aligner
@@ -442,7 +443,37 @@ def bpe_alignment(student_path: Path, teacher_path: Path, data: Path) -> dict:
             "teacher_tokens": statistics.fmean(len(teacher(r["response"], add_special_tokens=False)["input_ids"])
                                                for r in sample),
             "coverage": response_coverage(aligner, student, sample),
-            "unmapped_mass": unmapped_mass(model, aligner, student, sample[:200])}
+            "unmapped_mass": unmapped_mass(model, aligner, student, sample[:200]),
+            **dict(zip(("same_first", "same_rest"), target_agreement(student, same_path, sample[:200]))),
+            **dict(zip(("cross_first", "cross_rest"), target_agreement(student, teacher_path, sample[:200])))}
+
+
+def target_agreement(student, teacher_path: Path, rows: list[dict], *, first: int = 3) -> tuple[float, float]:
+    """Where the teacher's projected record (what cross_fkl's student is trained towards, in student ids) puts its
+    most mass on the student's own next token: the share of the rows' first `first` response positions, and of the
+    later ones (the EOS position included). With the student's own tokenizer the record is the teacher's own
+    distribution, so the same numbers for the same-tokenizer teacher are the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from axolotl_xkd.cross_tokenizer import Aligner
+    from axolotl_xkd.teachers.aligned import AlignedTeacherSource
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
+    source = AlignedTeacherSource(model, Aligner(student, AutoTokenizer.from_pretrained(teacher_path), "agreement"),
+                                  top_k=64)
+    hits: dict[bool, list[bool]] = {True: [], False: []}
+    for row in rows:
+        prompt = student(row["prompt"])["input_ids"]
+        response = student(row["response"], add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+        ids = torch.tensor([prompt + response])
+        signal = source.get_signal({"input_ids": ids, "labels": torch.tensor([[-100] * len(prompt) + response]),
+                                    "attention_mask": torch.ones_like(ids)})
+        for n, token in enumerate(response):  # position len(prompt) - 1 + n predicts response[n]
+            logprobs, token_ids = signal.logprobs[0, len(prompt) - 1 + n], signal.token_ids[0, len(prompt) - 1 + n]
+            top = int(token_ids[logprobs.argmax()]) if torch.isfinite(logprobs).any() else None
+            hits[n < first].append(top == token)
+    return statistics.fmean(hits[True]), statistics.fmean(hits[False])
 
 
 def train_bpe_arm(task: Task, assets: dict[str, Path], work: Path, student: str, arm: str, xkd: dict, seed: int,
@@ -511,6 +542,15 @@ def bpe_report(runs: list[dict], tasks: list[str], models: dict, alignment: dict
         a = alignment[d]
         lines.append(f"| {label[d]} | {a['exact']} | {a['student_tokens']:.1f} / {a['teacher_tokens']:.1f} | "
                      f"{a['coverage']:.1%} | {a['unmapped_mass']:.1%} |")
+    lines += ["", "What each student is trained towards (first 200 training rows; no training involved): the share of "
+              "response positions where the teacher's record, projected into the student's ids, puts its most mass "
+              "on the student's own next token (the token the training text has there), at the first 3 response "
+              "positions and at the later ones (EOS included); the same-tokenizer teacher's record is its own "
+              "distribution.", "",
+              "| direction | same-tokenizer teacher: first 3 / later | other teacher (cross_fkl): first 3 / later |",
+              "|---|---|---|"]
+    lines += [f"| {label[d]} | {alignment[d]['same_first']:.1%} / {alignment[d]['same_rest']:.1%} | "
+              f"{alignment[d]['cross_first']:.1%} / {alignment[d]['cross_rest']:.1%} |" for d in directions]
     for split, key in (("dev", "dev_metric"), ("test", "metric")):
         lines += ["", f"## {split} prompts", "", "| arm | " + " | ".join(label[d] for d in directions) + " |",
                   "|---" * (len(directions) + 1) + "|"]
@@ -548,7 +588,8 @@ def bpe_main(args: argparse.Namespace) -> None:
         futures = {(t, s): pool.submit(prepare_bpe_models, t, s, data[t], args.work, args)
                    for t in tasks for s in BPE_STYLES}
         models = {key: future.result() for key, future in futures.items()}
-    alignment = {(t, s): bpe_alignment(models[(t, s)]["student"], models[(t, other_style(s))]["teacher"], data[t])
+    alignment = {(t, s): bpe_alignment(models[(t, s)]["student"], models[(t, other_style(s))]["teacher"],
+                                       models[(t, s)]["teacher"], data[t])
                  for t in tasks for s in BPE_STYLES}
     if not args.report_only:
         done = {(r["task"], r["student"], r["method"], int(r["seed"])) for r in study.read_runs(csv_path)}

@@ -103,10 +103,35 @@ def test_bpe_report():
     models = {("t", s): {"vocab": 300, "teacher_eval": 98.0, "teacher_dev": 97.0, "teacher_seconds": 100.0}
               for s in ct.BPE_STYLES}
     alignment = {("t", s): {"exact": 20, "student_tokens": 11.0, "teacher_tokens": 5.0, "coverage": 0.5,
-                            "unmapped_mass": 0.25} for s in ct.BPE_STYLES}
+                            "unmapped_mass": 0.25, "same_first": 0.9, "same_rest": 1.0, "cross_first": 0.5,
+                            "cross_rest": 0.95} for s in ct.BPE_STYLES}
     text = ct.bpe_report(runs, ["t"], models, alignment, "python -m benchmarks.quality.cross_tokenizer --bpe-students")
     assert "| t: sentencepiece-style teacher -> byte-level student | 20 | 11.0 / 5.0 | 50.0% | 25.0% |" in text
     assert "| cross_fkl | 70.0 ± 0.0 (n=2) | 70.0 ± 0.0 (n=2) |" in text  # dev, both directions
     assert "| cross_fkl | 60.5 ± 0.7 (n=2) | 60.5 ± 0.7 (n=2) |" in text  # test
     assert "| t: byte-level teacher -> sentencepiece-style student | 1.00 | 1.00 | 1.00 | 1.00 |" in text
     assert "sft 2, gkd_same_fkl 2, cross_fkl 2" in text
+    assert "| t: byte-level teacher -> sentencepiece-style student | 90.0% / 100.0% | 50.0% / 95.0% |" in text
+
+
+def test_target_agreement_of_the_same_tokenizer_is_the_teachers_own_argmax(tmp_path):
+    """With identical tokenizers the record is the teacher's own distribution: the agreement is the share of
+    response positions where the teacher's argmax is the row's next token, split at the first `first` positions."""
+    import torch
+
+    from axolotl_xkd.tiny import build_model
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, hidden=16, layers=1, seed=0)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    hits = {True: [], False: []}
+    for row in ROWS:
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + response])).logits[0]
+        for n, token in enumerate(response):
+            hits[n < 2].append(int(logits[len(prompt) - 1 + n].argmax()) == token)
+    expected = (sum(hits[True]) / len(hits[True]), sum(hits[False]) / len(hits[False]))
+    assert ct.target_agreement(tokenizer, tmp_path, ROWS, first=2) == expected
