@@ -302,18 +302,26 @@ def render(args, shape: Shape, runs: dict[str, list[Run]], cuda: bool, version: 
         "steps of a run, then over the repeats (runs interleave the arms); peak memory: "
         + ("Axolotl's memory/max_allocated" if cuda else "peak RSS of the `axolotl train` process tree"),
         "",
-        "| arm | ms/step (each repeat) | median ms/step | / SFT | tokens/s per GPU | trainable tokens | peak MB |",
-        "|---|---|---|---|---|---|---|",
+        "- logged tokens/s: Axolotl's `tokens/train_per_sec_per_gpu` as a run logs it (trainable tokens, labels other "
+        "than -100, since the previous log over the wall time since it: the teacher's forward, the loss, the "
+        "optimizer and any save in between included; the first log has none); SFT / arm: SFT's over the arm's, the "
+        "ratio a user reads off two runs' logs (docs/benchmarks.md)",
+        "",
+        "| arm | ms/step (each repeat) | median ms/step | / SFT | logged tokens/s per GPU | SFT / arm (logged) | "
+        "trainable tokens | peak MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    sft_rate = statistics.median(r.tokens_per_s for r in runs["sft"]) if runs.get("sft") else None
     for arm, done in runs.items():
         if not done:
-            lines.append(f"| {arm} | not run (time bound) | | | | | |")
+            lines.append(f"| {arm} | not run (time bound) | | | | | | |")
             continue
         median = statistics.median(r.step_s for r in done)
         ratio = f"{median / sft:.2f}x" if sft else "-"
+        rate = statistics.median(r.tokens_per_s for r in done)
+        logged = f"{sft_rate / rate:.2f}x" if sft_rate else "-"
         lines.append(f"| {arm} | {', '.join(f'{r.step_s * 1000:.1f}' for r in done)} | {median * 1000:.1f} | {ratio} | "
-                     f"{statistics.median(r.tokens_per_s for r in done):.0f} | {done[-1].trainable} | "
-                     f"{max(r.peak_mb for r in done):.0f} |")
+                     f"{rate:.0f} | {logged} | {done[-1].trainable} | {max(r.peak_mb for r in done):.0f} |")
     return "\n".join(lines) + "\n"
 
 
