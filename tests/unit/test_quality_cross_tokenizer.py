@@ -135,3 +135,21 @@ def test_target_agreement_of_the_same_tokenizer_is_the_teachers_own_argmax(tmp_p
             hits[n < 2].append(int(logits[len(prompt) - 1 + n].argmax()) == token)
     expected = (sum(hits[True]) / len(hits[True]), sum(hits[False]) / len(hits[False]))
     assert ct.target_agreement(tokenizer, tmp_path, ROWS, first=2) == expected
+
+
+def test_matched_ids_are_the_text_the_student_shows_the_teacher():
+    """The post-hoc matched teacher's training ids: the student's row re-tokenized as one text, as the aligner hands
+    it to the teacher (identical tokenizers: the student's own ids). A sentencepiece-style teacher of a byte-level
+    student sees no dummy space before the response, which its own tokenization of the response has."""
+    student = build_tokenizer()
+    ids = student("ba ke:")["input_ids"] + student("lum dok", add_special_tokens=False)["input_ids"]
+    assert ct.matched_ids(student, student, ROWS[:1]) == [ids + [student.eos_token_id]]
+    texts = [r["prompt"] + r["response"] for r in ROWS] * 20
+    byte_level = build_bpe_tokenizer(texts, style="byte_level", vocab_size=ct.BPE_VOCAB)
+    sentencepiece = build_bpe_tokenizer(texts, style="sentencepiece", vocab_size=ct.bpe_vocab_size(texts, "sentencepiece"))
+    shown = ct.matched_ids(byte_level, sentencepiece, ROWS[:1])[0]
+    assert shown[0] == sentencepiece.bos_token_id and shown[-1] == sentencepiece.eos_token_id
+    assert sentencepiece.decode(shown[1:-1]) == "ba ke:lum dok"
+    own = sentencepiece(ROWS[0]["prompt"])["input_ids"] + sentencepiece(ROWS[0]["response"], add_special_tokens=False)[
+        "input_ids"]
+    assert sentencepiece.decode(own[1:]) == "ba ke: lum dok"
