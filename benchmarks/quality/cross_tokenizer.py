@@ -561,13 +561,13 @@ def bpe_verdicts(runs: list[dict], task: str, student: str) -> list[str]:
     lines = []
     if ours_dev and ref_dev:
         ratio = ours_dev[0] / ref_dev[0] if ref_dev[0] else (1.0 if ours_dev[0] == 0 else float("inf"))
-        miss = "" if ratio >= DEV_RATIO else f", missed by {DEV_RATIO * ref_dev[0] - ours_dev[0]:.1f} points"
+        miss = "" if ratio >= DEV_RATIO else f", {DEV_RATIO * ref_dev[0] - ours_dev[0]:.1f} points below the mark"
         lines.append(f"- dev mean >= {DEV_RATIO}x {REFERENCE}'s: **{'met' if not miss else 'missed'}**: "
                      f"{ours_dev[0]:.1f} / {ref_dev[0]:.1f} = {ratio:.2f}{miss}.")
     else:
         lines.append(f"- dev mean >= {DEV_RATIO}x {REFERENCE}'s: no runs of both yet.")
     if ours and sft:
-        miss = "" if ours[0] >= sft[0] else f", missed by {sft[0] - ours[0]:.1f} points"
+        miss = "" if ours[0] >= sft[0] else f", {sft[0] - ours[0]:.1f} points below"
         lines.append(f"- test mean >= {SFT}'s: **{'met' if not miss else 'missed'}**: {ours[0]:.1f} vs "
                      f"{sft[0]:.1f}{miss}.")
     else:
