@@ -168,13 +168,14 @@ def reference_xkd(logits, labels, *, teacher, mu, log_sigma, hp, position_ids=No
 
 
 def aligned_teacher_record(student, teacher, teacher_logits, text: str, student_ids: list[int], *,
-                           server_top_k: int | None = None) -> list[dict]:
+                           server_top_k: int | None = None, parts: list[str] | None = None) -> list[dict]:
     """Cross-tokenizer reference (docs/cross_tokenizer.md, the prefix projection), one student position at a time,
     for ASCII `text`: {student id: log p~_T} at each position of `student_ids` (the student's tokens of `text`, then
     its EOS), {} where no teacher position is read. Written from offsets and token strings (`Ġ` and `▁` read as a
     space), not from the library's byte pieces or tables. `teacher_logits` (T_T, V_T) are the teacher's on
-    `teacher(text)`. With `server_top_k`, only what a teacher server sends: its top k and the teacher's next token
-    (its EOS after the last).
+    `teacher(text)`, or with `parts` (texts that join to `text`, the prompt and the response the student tokenized
+    apart) on the teacher's ids of each part tokenized on its own, in order. With `server_top_k`, only what a teacher
+    server sends: its top k and the teacher's next token (its EOS after the last).
     """
     def spelled(tokenizer, tid: int) -> str | None:
         token = tokenizer.convert_ids_to_tokens(tid)
@@ -211,16 +212,25 @@ def aligned_teacher_record(student, teacher, teacher_logits, text: str, student_
                 best = (key, sid)
         return None if best is None else best[1]
 
+    parts = parts or [text]
+    part_starts = {sum(map(len, parts[:k])) for k in range(len(parts))}
+
     def dummy_space(tokenizer, tid: int, start: int, end: int) -> bool:
-        """Whether the token's string carries a space that is not in the text (a sentencepiece dummy prefix)."""
+        """Whether the token's string carries a space that is not in the text (a sentencepiece dummy prefix, at the
+        start of a part)."""
         piece = spelled(tokenizer, tid)
-        return piece is not None and piece == " " + text[start:end] and (start == 0 or text[start - 1] != " ")
+        return (piece is not None and piece == " " + text[start:end] and start in part_starts
+                and (start == 0 or text[start - 1] != " "))
 
     s_offsets = student(text, return_offsets_mapping=True)["offset_mapping"]
     s_offsets = s_offsets + [(len(text), len(text))] * (len(student_ids) - len(s_offsets))
     s_ends = [max(end for _, end in s_offsets[: i + 1]) for i in range(len(s_offsets))]
-    encoded = teacher(text, return_offsets_mapping=True)
-    t_ids, t_offsets = encoded["input_ids"], encoded["offset_mapping"]
+    t_ids, t_offsets = [], []
+    for k, part in enumerate(parts):
+        encoded = teacher(part, return_offsets_mapping=True, add_special_tokens=k == 0)
+        base = sum(map(len, parts[:k]))
+        t_ids += encoded["input_ids"]
+        t_offsets += [(start + base, end + base) for start, end in encoded["offset_mapping"]]
     t_ends = [max(end for _, end in t_offsets[: j + 1]) for j in range(len(t_offsets))]
     records = []
     for i, end in enumerate(s_ends):
@@ -233,8 +243,14 @@ def aligned_teacher_record(student, teacher, teacher_logits, text: str, student_
         space_s = i + 1 < len(student_ids) and i + 1 < len(s_offsets) and dummy_space(
             student, student_ids[i + 1], *s_offsets[i + 1])
         r = " " * space_t + text[t_ends[j]: end]
-        if space_s and not r:
-            records.append({})
+        if space_s and not r:  # only the student writes its dummy space: each teacher token counts after a space
+            lp = torch.log_softmax(teacher_logits[j].double(), dim=0)
+            mass = {}
+            for t in range(len(teacher)):
+                target = longest(" " + (spelled(teacher, t) or ""))
+                if target is not None:
+                    mass[target] = mass.get(target, 0.0) + math.exp(lp[t])
+            records.append({sid: math.log(m) for sid, m in mass.items() if m > 0})
             continue
         if len(r) == space_s:  # both sides write their dummy space here: nothing of the next token is written yet
             r, space_s = "", 0

@@ -79,22 +79,29 @@ def _prefix_ends(pieces: list[bytes]) -> list[int]:
     return ends
 
 
-def _strip_dummy_prefix(pieces: list[bytes]) -> tuple[list[bytes], int]:
-    """Drop the leading space a sentencepiece-style tokenizer adds to a text (its decoder strips it too); returns the
-    pieces and the index of the token that lost it (-1: none)."""
-    first = next((k for k, p in enumerate(pieces) if p), None)
-    if first is None or not pieces[first].startswith(b" "):
-        return pieces, -1
-    return [*pieces[:first], pieces[first][1:], *pieces[first + 1:]], first
+def _strip_dummy_prefix(pieces: list[bytes], starts: list[int]) -> tuple[list[bytes], set[int]]:
+    """Drop the leading space a sentencepiece-style tokenizer adds to each text it tokenizes (its decoder strips it
+    too) at the first token with bytes of each separately tokenized part (`starts`: the token index each part begins
+    at); returns the pieces and the indices of the tokens that lost it."""
+    pieces, stripped = list(pieces), set()
+    bounds = [*starts, len(pieces)]
+    for start, stop in zip(bounds, bounds[1:]):
+        first = next((k for k in range(start, stop) if pieces[k]), None)
+        if first is not None and pieces[first].startswith(b" "):
+            pieces[first] = pieces[first][1:]
+            stripped.add(first)
+    return pieces, stripped
 
 
-def _drop_dummy_spaces(pieces: list[bytes], ids: list[int], added: set[int],
-                       data: bytes) -> tuple[list[bytes], list[bool]]:
-    """The teacher's side of the dummy prefix: a sentencepiece-style tokenizer puts a space before the text and
-    (prepend_scheme 'always') again after each added token; drop it there, where the student's text has none.
-    Returns the pieces and, per token, whether its space was dropped."""
+def _drop_dummy_spaces(pieces: list[bytes], ids: list[int], added: set[int], data: bytes,
+                       starts: set[int]) -> tuple[list[bytes], list[bool]]:
+    """The teacher's side of the dummy prefix: a sentencepiece-style tokenizer puts a space before each text it
+    tokenizes (the parts beginning at token indices `starts`) and (prepend_scheme 'always') again after each added
+    token; drop it there, where the student's text has none. Returns the pieces and, per token, whether its space
+    was dropped."""
     out, dropped, at, fresh = [], [], 0, True
-    for piece, token in zip(pieces, ids):
+    for k, (piece, token) in enumerate(zip(pieces, ids)):
+        fresh = fresh or k in starts
         drop = fresh and piece.startswith(b" ") and not data.startswith(b" ", at)
         piece = piece[1:] if drop else piece
         fresh = token in added if piece else fresh
@@ -157,20 +164,27 @@ class Aligner:
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         return next(full[:k] for k in range(len(full) + 1) if full[k: k + len(plain)] == plain)
 
-    def segment(self, student_ids: list[int], where: str) -> AlignedSegment:
+    def segment(self, student_ids: list[int], where: str, parts: list[int] = ()) -> AlignedSegment:
         """Re-tokenize one student sequence with the teacher and give each student position i (predicting u_{i+1})
         the last teacher position j whose prefix t_<=j ends at or before the byte where u_<=i ends, with the bytes r
         between the two ends, and the observed path through u_{i+1}. Where the teacher's tokens spell the text
         otherwise (a normalizer, a character it cannot spell), the positions whose r or u_{i+1} touch a changed
-        byte are left out, and the first few such rows are logged, naming `where`."""
+        byte are left out, and the first few such rows are logged, naming `where`.
+
+        `parts`: the token indices where a separately tokenized part of the sequence begins besides 0 (Axolotl
+        tokenizes an instruction row's prompt and response apart; the callers pass where the labels switch between
+        masked and counted). Each part's text is re-tokenized by the teacher on its own, as the teacher sees a
+        response it generates after its prompt, and each part's dummy-prefix space is not text."""
         pieces = joined(self.student_pieces, student_ids)
-        pieces, student_space = _strip_dummy_prefix(pieces) if self.student_dummy else (pieces, -1)
+        starts = [0, *parts]
+        pieces, student_spaces = _strip_dummy_prefix(pieces, starts) if self.student_dummy else (pieces, set())
         data = _utf8_text(b"".join(pieces), where)
-        teacher_ids = self.teacher_leading + self.teacher(data.decode("utf-8"), add_special_tokens=False)["input_ids"]
+        teacher_ids, teacher_starts = self._retokenized(pieces, starts, len(data))
         teacher_pieces = joined(self.teacher_pieces, teacher_ids)
         teacher_space = [False] * len(teacher_ids)
         if self.teacher_dummy:
-            teacher_pieces, teacher_space = _drop_dummy_spaces(teacher_pieces, teacher_ids, self.teacher_added, data)
+            teacher_pieces, teacher_space = _drop_dummy_spaces(teacher_pieces, teacher_ids, self.teacher_added, data,
+                                                               teacher_starts)
         spelled = b"".join(teacher_pieces)
         blocks = matching_blocks(data, spelled)
         if len(blocks) != 1 or blocks[0][2] != len(data) or len(spelled) != len(data):
@@ -189,13 +203,30 @@ class Aligner:
                 continue
             space = j + 1 < len(teacher_ids) and teacher_space[j + 1]
             partial = b" " * space + spelled[teacher_ends[j]: at]
-            column = len(partial) - (i + 1 == student_space)
-            if column < 0:  # only the student writes a dummy space here: no teacher token spells it
-                continue
+            column = len(partial) - (i + 1 in student_spaces)  # -1: only the student writes a dummy space here
             first, m, tail = self._observed_path(teacher_ids, teacher_ends, teacher_space, spelled, j, at + own)
             found.append((i, j, partial if column else b"", column, at - teacher_ends[j], first, m, tail))
         columns = list(zip(*found)) or [()] * 8
         return AlignedSegment(teacher_ids, *(list(values) for values in columns))
+
+    def _retokenized(self, pieces: list[bytes], starts: list[int], size: int) -> tuple[list[int], set[int]]:
+        """The teacher's ids of the student's text (`size` bytes of `pieces`), each part (beginning at the token
+        indices `starts`) tokenized on its own after the teacher's leading specials; and the teacher index where
+        each part begins. A part boundary inside a UTF-8 character is not a boundary."""
+        ends = [min(sum(map(len, pieces[:k])), size) for k in starts] + [size]
+        data = b"".join(pieces)[:size]
+        ids, begins = list(self.teacher_leading), set()
+        text_start = 0
+        for stop in ends[1:]:
+            try:
+                text = data[text_start:stop].decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # the part goes on past a character cut in two
+            if text:
+                begins.add(len(ids))
+                ids += self.teacher(text, add_special_tokens=False)["input_ids"]
+            text_start = stop
+        return ids, begins
 
     def _observed_path(self, teacher_ids: list[int], teacher_ends: list[int], teacher_space: list[bool],
                        spelled: bytes, j: int, own_end: int) -> tuple[int, int, bytes]:

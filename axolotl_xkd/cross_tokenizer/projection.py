@@ -28,7 +28,9 @@ class ProjectionTables:
     """The projection's index tables, on one device. By teacher id: `rank` (position in byte order), `widths`
     (max(|beta(t)|, 1)), `starts` (where t's columns begin in `table`), `whole` (column 0: the student token where r
     is empty, -1: none); `table` the flat columns; `order` teacher ids by rank; `sources`, `targets` the teacher ids
-    with a column-0 student token and that token; `teacher_of` student id -> teacher id where the map is one-to-one."""
+    with a column-0 student token and that token; `teacher_of` student id -> teacher id where the map is one-to-one;
+    `spaced` the student token that a space and t's bytes start with (column -1: where only the student writes a
+    dummy-prefix space)."""
 
     rank: Tensor
     widths: Tensor
@@ -39,6 +41,7 @@ class ProjectionTables:
     sources: Tensor
     targets: Tensor
     teacher_of: Tensor
+    spaced: Tensor
 
 
 class Projection:
@@ -82,7 +85,7 @@ class Projection:
         self._tables = {torch.device("cpu"): ProjectionTables(
             rank=torch.tensor(rank, dtype=torch.long), widths=widths_t, starts=starts, table=table_t,
             order=torch.tensor(order, dtype=torch.long), whole=whole, sources=sources, targets=targets,
-            teacher_of=teacher_of)}
+            teacher_of=teacher_of, spaced=torch.tensor([_longest(trie, b" " + piece, 0) for piece in teacher]))}
 
     def tables(self, device: torch.device) -> ProjectionTables:
         """The index tables on `device`, copied there once."""
@@ -229,8 +232,9 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logp
     out_lps = torch.full((count, k + 1), -math.inf, dtype=entry_logprobs.dtype, device=device)
     step = max(1, chunk_elements // max(entry_logprobs.shape[-1], size, 1))
     one_to_one = entry_ids is None and projection.one_to_one and k <= entry_logprobs.shape[-1]
-    groups = {"fast": ~plan.inside & ~follows & one_to_one, "inside": plan.inside}
-    groups["aligned"] = ~plan.inside & ~groups["fast"]
+    spaced = plan.columns < 0  # only the student writes a dummy-prefix space: r empty, a space before each token
+    groups = {"fast": ~plan.inside & ~spaced & ~follows & one_to_one, "inside": plan.inside, "spaced": spaced}
+    groups["aligned"] = ~plan.inside & ~spaced & ~groups["fast"]
     for kind, chosen in groups.items():
         for rows in chosen.nonzero().squeeze(-1).split(step):
             if not rows.numel():
@@ -239,31 +243,35 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logp
             if kind == "fast":
                 out_ids[rows], out_lps[rows] = _record_one_to_one(entry_logprobs[rows], own, k, tables, size)
                 continue
-            dense, first_lp = _dense(plan, rows, kind == "inside", entry_ids, entry_logprobs, tables, size)
+            dense, first_lp = _dense(plan, rows, kind, entry_ids, entry_logprobs, tables, size)
             moved = torch.where(follows[rows], first_lp + path[rows], -math.inf)
             out_ids[rows], out_lps[rows] = _record(_moved(dense, first_sids[rows], own, moved), own, k)
     return out_ids, out_lps
 
 
-def _dense(plan: _Plan, rows: Tensor, inside: bool, entry_ids: Tensor | None, entry_logprobs: Tensor | HiddenRows,
+def _dense(plan: _Plan, rows: Tensor, kind: str, entry_ids: Tensor | None, entry_logprobs: Tensor | HiddenRows,
            tables: ProjectionTables, size: int) -> tuple[Tensor, Tensor]:
-    """The projected distribution (n, V_S) at the student positions `rows`, and the share of it (log) that the
-    teacher's own next token carries (its probability over the mass of the run that starts with r)."""
+    """The projected distribution (n, V_S) at the student positions `rows` of one `kind` ("aligned": r empty,
+    "spaced": r empty with the student's dummy-prefix space before each teacher token, "inside": r not empty), and
+    the share of it (log) that the teacher's own next token carries (its probability over the mass of the run that
+    starts with r)."""
     firsts = plan.firsts[rows].clamp(min=0)
+    mapping = tables.spaced if kind == "spaced" else tables.whole
     if entry_ids is None:
         lp = entry_logprobs[rows]
         first_lp = lp.gather(-1, firsts.unsqueeze(-1)).squeeze(-1)
-        if not inside:
-            return _every_aligned(lp, tables, size), first_lp
+        if kind != "inside":
+            sources = tables.sources if kind == "aligned" else (mapping >= 0).nonzero().squeeze(-1)
+            return _every_aligned(lp, sources, mapping[sources], size), first_lp
         dense, norm = _every_inside(lp, plan.columns[rows], plan.lows[rows], plan.highs[rows], tables, size)
         return dense, first_lp - norm
     t, lp = entry_ids[rows].long(), entry_logprobs[rows]
     first_lp = _entry_logprob(t, lp, firsts)
-    if inside:
+    if kind == "inside":
         sid, lp, norm = _continuations(t, lp, plan.columns[rows], plan.lows[rows], plan.highs[rows], tables)
         norm = torch.where(torch.isfinite(norm), norm, 0.0)
-    else:  # r empty: every entry, column 0, no normalisation
-        sid, norm = torch.where(torch.isfinite(lp), tables.whole[t], -1), torch.zeros_like(lp[:, 0])
+    else:  # r empty: every entry, its whole bytes (after a space where spaced), no normalisation
+        sid, norm = torch.where(torch.isfinite(lp), mapping[t], -1), torch.zeros_like(lp[:, 0])
     dense = _scatter_logsumexp(torch.where(sid >= 0, lp, -math.inf), sid.clamp(min=0), size)
     return dense - norm.unsqueeze(-1), first_lp - norm
 
@@ -326,12 +334,12 @@ def _moved(dense: Tensor, sources: Tensor, own: Tensor, mass: Tensor) -> Tensor:
     return dense
 
 
-def _every_aligned(lp: Tensor, tables: ProjectionTables, size: int) -> Tensor:
-    """Rows with r empty over every teacher token (n, V_T) -> (n, V_S): each student token's teacher mass, summed
-    relative to the row's peak."""
+def _every_aligned(lp: Tensor, sources: Tensor, targets: Tensor, size: int) -> Tensor:
+    """Rows with r empty over every teacher token (n, V_T) -> (n, V_S): each student token's teacher mass (teacher
+    tokens `sources` give theirs to `targets`), summed relative to the row's peak."""
     peak = lp.amax(-1, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, 0.0)
-    total = lp.new_zeros((lp.shape[0], size)).index_add_(1, tables.targets, (lp[:, tables.sources] - peak).exp())
+    total = lp.new_zeros((lp.shape[0], size)).index_add_(1, targets, (lp[:, sources] - peak).exp())
     return total.log() + peak
 
 
@@ -365,9 +373,11 @@ def _run_entries(lp: Tensor, lows: Tensor, highs: Tensor, tables: ProjectionTabl
 
 
 def _column(t: Tensor, columns: Tensor, tables: ProjectionTables) -> Tensor:
-    """The student token that teacher token t's bytes from offset `columns` on start with (-1: none, or none left)."""
+    """The student token that teacher token t's bytes from offset `columns` on start with (-1: none, or none left);
+    at column -1, the one that a space and t's bytes start with."""
     inside = columns < tables.widths[t]
-    return torch.where(inside, tables.table[(tables.starts[t] + columns).clamp(max=tables.table.numel() - 1)], -1)
+    at = tables.table[(tables.starts[t] + columns).clamp(min=0, max=tables.table.numel() - 1)]
+    return torch.where(columns < 0, tables.spaced[t], torch.where(inside, at, -1))
 
 
 def _continuations(t: Tensor, lp: Tensor, columns: Tensor, lows: Tensor, highs: Tensor,

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from axolotl_xkd.cross_tokenizer import KEY, AlignedSegment, Aligner, HiddenRows, path_rows, project
 from axolotl_xkd.frozen_teacher import output_layer_is_linear
-from axolotl_xkd.losses.positions import response_mask
+from axolotl_xkd.losses.positions import IGNORE_INDEX, response_mask
 from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import TopKSignal
 from axolotl_xkd.sequences import segments
@@ -70,7 +70,10 @@ class AlignedTeacherSource(TeacherSource):
         found = segments(batch)
         rows = ids.tolist()
         responses = responses_of(batch)
-        aligned = [self.aligner.segment(rows[r][a:b], f"batch row {r} (tokens {a}..{b - 1})") for r, a, b in found]
+        labels = batch["labels"].tolist() if "labels" in batch else None
+        aligned = [self.aligner.segment(rows[r][a:b], f"batch row {r} (tokens {a}..{b - 1})",
+                                        label_parts(labels[r][a:b]) if labels is not None else [])
+                   for r, a, b in found]
         aligned = counted_only(responses, found, aligned)
         k = self.width
         token_ids = torch.zeros((*ids.shape, k), dtype=torch.long, device=ids.device)
@@ -141,10 +144,12 @@ class AlignedServerTeacherSource(ServerTeacherSource):
         and the student's vocabulary) and the student's own token."""
         return min(self.record_k, self.client.settings.top_k + 1, self.aligner.vocab.student_size) + 1
 
-    def _prompt(self, sequence: list[int], where: str) -> tuple[list[int], AlignedSegment] | None:
-        """The teacher's ids of the sequence's text and one token more (its EOS), whose entry is the teacher's
-        distribution after the whole text: the one the student's EOS position is aligned with."""
-        segment = self.aligner.segment(sequence, where)
+    def _prompt(self, sequence: list[int], labels: list[int] | None,
+                where: str) -> tuple[list[int], AlignedSegment] | None:
+        """The teacher's ids of the sequence's text (each part between label switches re-tokenized on its own,
+        `label_parts`) and one token more (its EOS), whose entry is the teacher's distribution after the whole text:
+        the one the student's EOS position is aligned with."""
+        segment = self.aligner.segment(sequence, where, label_parts(labels) if labels is not None else [])
         if not segment.student_positions:
             return None
         return [*segment.teacher_ids, self.end_id], segment
@@ -201,6 +206,13 @@ class Positions:
         actions = torch.where(cols + 1 < stops, ids[rows, (cols + 1).clamp(max=ids.shape[1] - 1)], -1)
         path_seg, path_pos = torch.tensor(path_rows(aligned), dtype=torch.long).reshape(-1, 2).unbind(-1)
         return cls(rows, cols, actions, torch.cat([seg_of, path_seg]), torch.cat([t_pos, path_pos]))
+
+
+def label_parts(labels: list[int]) -> list[int]:
+    """The token indices where the labels switch between masked and counted: where Axolotl's instruction strategies
+    start a separately tokenized part (the response after its prompt), which the teacher re-tokenizes on its own."""
+    masked = [label == IGNORE_INDEX for label in labels]
+    return [k for k in range(1, len(masked)) if masked[k] != masked[k - 1]]
 
 
 def responses_of(batch: dict[str, Tensor]) -> Tensor | None:

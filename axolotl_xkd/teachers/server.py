@@ -69,7 +69,9 @@ class ServerTeacherSource(TeacherSource):
             # A sequence with no response token needs no teacher (its positions are not trained).
             if end - start < 2 or (labels is not None and not has_response(labels[b : b + 1, start:end])):
                 continue
-            asked = self._prompt(input_ids[b, start:end].tolist(), f"batch row {b} (tokens {start}..{end - 1})")
+            asked = self._prompt(input_ids[b, start:end].tolist(),
+                                 None if labels is None else labels[b, start:end].tolist(),
+                                 f"batch row {b} (tokens {start}..{end - 1})")
             if asked is None:
                 continue
             if group and sum(len(p) for _, p, _ in group) + len(asked[0]) > budget:
@@ -83,9 +85,10 @@ class ServerTeacherSource(TeacherSource):
             self._pending[ticket] = work
         batch[TEACHER_TICKET] = ticket
 
-    def _prompt(self, sequence: list[int], where: str) -> tuple[list[int], object] | None:
-        """The prompt that asks for a sequence's teacher entries, and what `_signal` needs to place them (None:
-        nothing to ask). Here the sequence itself: the student's tokens are the teacher's."""
+    def _prompt(self, sequence: list[int], labels: list[int] | None, where: str) -> tuple[list[int], object] | None:
+        """The prompt that asks for a sequence's teacher entries (its `labels` where the batch has them), and what
+        `_signal` needs to place them (None: nothing to ask). Here the sequence itself: the student's tokens are the
+        teacher's."""
         return sequence, None
 
     def _ask(self, prompts: list[list[int]]) -> Future:

@@ -44,9 +44,13 @@ def reference_signal(student, teacher, model, batch, *, top_k: int, rows=ROWS, s
     for b, (row, ids) in enumerate(zip(rows, batch["input_ids"].tolist())):
         text = row["prompt"] + row["response"]
         length = len(student(text)["input_ids"]) + 1
+        # the student tokenized the prompt and the response apart (encode_rows, as Axolotl): so does the teacher
+        teacher_ids = (teacher(row["prompt"])["input_ids"]
+                       + teacher(row["response"], add_special_tokens=False)["input_ids"])
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([teacher(text)["input_ids"]])).logits[0]
-        records = aligned_teacher_record(student, teacher, logits, text, ids[:length], server_top_k=server_top_k)
+            logits = model(input_ids=torch.tensor([teacher_ids])).logits[0]
+        records = aligned_teacher_record(student, teacher, logits, text, ids[:length], server_top_k=server_top_k,
+                                         parts=[row["prompt"], row["response"]])
         for i, entries in enumerate(records):
             kept = sorted(entries, key=lambda sid: -entries[sid])[:top_k]
             if i + 1 < length and ids[i + 1] in entries and ids[i + 1] not in kept:

@@ -49,9 +49,10 @@ def chat_row(tokenizer) -> tuple[list[int], int]:
     return list(full), len(prompt)
 
 
-def certain_teacher_records(al: Aligner, ids: list[int]):
-    """Project a teacher that is certain of its own re-tokenization of the row; -> (segment, ids, log-probs)."""
-    segment = al.segment(ids, "row 0")
+def certain_teacher_records(al: Aligner, ids: list[int], parts: list[int] = ()):
+    """Project a teacher that is certain of its own re-tokenization of the row (its `parts` tokenized apart);
+    -> (segment, ids, log-probs)."""
+    segment = al.segment(ids, "row 0", list(parts))
     teacher_ids, eos = segment.teacher_ids, al.teacher.eos_token_id
     rows = [*segment.teacher_positions, *(l for _, l in path_rows([segment]))]
     lp = torch.full((len(rows), al.vocab.teacher_size), -math.inf, dtype=torch.float64)
@@ -87,6 +88,27 @@ def test_a_certain_teacher_puts_all_the_mass_on_the_students_own_token(student, 
             assert first_answer - 1 in mass, (name, tokenizer.convert_ids_to_tokens(ids[first_answer]))
         if name not in ("accents", "chat") or teacher != "qwen3":  # only Qwen3's NFC changes these texts
             assert len(mass) >= len(ids) - 4, (name, len(mass), len(ids))
+
+
+@pytest.mark.parametrize(("student", "teacher"), [("llama3", "llama2"), ("llama2", "llama3"), ("gemma3", "llama2"),
+                                                 ("llama2", "qwen3")], ids=lambda name: name)
+def test_a_response_tokenized_apart_is_aligned_from_its_first_token(student, teacher):
+    """Axolotl's instruction strategies tokenize the prompt and the response apart (a sentencepiece-style student's
+    response then opens with its dummy-prefix space); the teacher re-tokenizes the two parts apart too, as it reads
+    a response it generates after its prompt. A certain teacher then points at the student's own token at every
+    response position, the first included, and never at a space the text does not have."""
+    al = aligner(student, teacher)
+    tokenizer = load(student)
+    for text in TEXTS.values():
+        prompt = tokenizer(ALPACA.replace("slate ivory coral", text))["input_ids"]
+        ids = prompt + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        segment, out_ids, out_lps = certain_teacher_records(al, ids, [len(prompt)])
+        mass = own_mass(ids, segment, out_ids, out_lps)
+        response = range(len(prompt) - 1, len(ids) - 1)
+        assert set(response) <= set(mass) or teacher == "qwen3", (text, sorted(set(response) - set(mass)))
+        assert len(prompt) - 1 in mass, text  # the first response token
+        wrong = {i: m for i, m in mass.items() if m < 1 - TAIL_FLOOR - 1e-9}
+        assert not wrong, (text, {i: tokenizer.convert_ids_to_tokens(ids[i + 1]) for i in wrong})
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama2"])
