@@ -18,7 +18,7 @@
 # that the GPU machine lacks are installed here from carried wheels (--no-index --no-deps) when axolotl is missing;
 # the GPU machine has no network, so two steps first, on the CPU machine (repository root):
 #   XKD_TOKENIZER_CACHE=runs/tokenizers .venv/bin/python -c "from benchmarks.real_tokenizers import FAMILIES, fetch; [fetch(n) for n in FAMILIES]"
-#   bash benchmarks/gpu_wheels.sh      # runs/wheels: the wheels (~30 MB) + tokenizers.tar.xz (Gemma 3, Llama 3: ~5 MB)
+#   bash benchmarks/gpu_wheels.sh      # runs/wheels: the wheels (~36 MB) + tokenizers.tar.xz (Gemma 3, Llama 3: ~5 MB)
 # then the device run, one call (the device tool's `run`):
 #   command: set -o pipefail; bash benchmarks/gpu_check.sh runs/gpu_check --copy-to $OUT 2>&1 | tee $OUT/gpu_check.log
 #            (--copy-to: gpu_check.json and a failed check's logs land in $OUT after every check)

@@ -16,7 +16,7 @@
 # Usage (repository root, CPU machine):
 #   XKD_TOKENIZER_CACHE=runs/tokenizers .venv/bin/python -c "from benchmarks.real_tokenizers import FAMILIES, fetch; [fetch(n) for n in FAMILIES]"
 #   bash benchmarks/gpu_wheels.sh [OUT]
-# then carry OUT to the device run (benchmarks/gpu_check.sh's header). About 35 MB; a few minutes.
+# then carry OUT to the device run (benchmarks/gpu_check.sh's header). About 41 MB (36 of wheels); a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/wheels}
@@ -25,8 +25,8 @@ TOKENIZERS=${XKD_TOKENIZER_CACHE:-runs/tokenizers}
 mkdir -p "$OUT"
 rm -f "$OUT"/*.whl
 
-PLATFORM=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
-          --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64
+PLATFORM=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
+          --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64
           --platform manylinux1_x86_64 --platform any)
 BINARY=(
   axolotl==0.19.0 transformers==5.16.1 accelerate==1.13.0 peft==0.20.0 trl==1.9.0 datasets==4.8.4
