@@ -35,10 +35,11 @@ targets; nothing is chosen on dev here, so the table gives both ratios on both s
 (appended per run, resumable: a rerun trains only what it lacks) and bpe_students.md under --out; --report-only
 rewrites bpe_students.md from bpe_runs.csv without training.
 
-Post hoc (added after the protocol's 18 runs, which missed both targets in both directions; not part of its
-targets): --matched-teachers adds `cross_fkl_matched`, cross_fkl with the other teacher trained on the text the
-student shows it in distillation (prepare_matched_teacher) instead of its own tokenization of prompt and response,
-which differs at the response's start by the sentencepiece-style dummy space. Same seeds, steps and scoring.
+The cross_fkl arm first ran on the code before commit 12466a1, which reads the teacher on the student's text as one
+piece: both directions missed both targets, the first response tokens trained towards a space and wrong digits (the
+sentencepiece-style side writes a dummy space before the response that the byte-level side does not). 12466a1 makes
+the teacher re-tokenize the prompt and the response apart; cross_fkl was rerun on it, and the report lists the first
+runs (bpe_runs_before_12466a1.csv) beside the new ones.
 """
 
 from __future__ import annotations
@@ -345,8 +346,8 @@ STYLE_NAMES = {"byte_level": "byte-level", "sentencepiece": "sentencepiece-style
 BPE_MERGES = 64
 BPE_FOLDER = "bpe_students"
 BPE_ARMS = [SFT, REFERENCE, "cross_fkl"]
-MATCHED = "cross_fkl_matched"  # post hoc: --matched-teachers
-BPE_FIELDS = ["task", "student", *(f for f in FIELDS if f != "task")]
+EARLIER = "bpe_runs_before_12466a1.csv"
+BPE_FIELDS = ["task", "student", *(f for f in FIELDS if f != "task"), "code"]
 
 
 def other_style(style: str) -> str:
@@ -482,70 +483,16 @@ def target_agreement(student, teacher_path: Path, rows: list[dict], *, first: in
     return statistics.fmean(hits[True]), statistics.fmean(hits[False])
 
 
-def matched_ids(student, teacher, rows: list[dict]) -> list[list[int]]:
-    """Per row, the teacher's ids of the text the `student`-tokenized row shows it in distillation (what the aligner
-    hands the teacher: prompt with the student's BOS, response, EOS re-tokenized as one text) and the teacher's EOS."""
-    from axolotl_xkd.cross_tokenizer import Aligner
-
-    aligner = Aligner(student, teacher, "matched teacher")
-    out = []
-    for n, row in enumerate(rows):
-        ids = (student(row["prompt"])["input_ids"] + student(row["response"], add_special_tokens=False)["input_ids"]
-               + [student.eos_token_id])
-        out.append(aligner.segment(ids, f"row {n}").teacher_ids + [teacher.eos_token_id])
-    return out
-
-
-def prepare_matched_teacher(task_name: str, student_style: str, data: Path, work: Path,
-                            args: argparse.Namespace) -> dict:
-    """Post hoc (after the protocol's runs): the teacher of the other convention trained, as the protocol's teachers
-    are (size, steps, batch, lr, seed), on the text a `student_style` student shows it in distillation
-    (matched_ids; every token is a target, the prompt's too, since teacher tokens may straddle the prompt's end)
-    instead of its own tokenization of prompt and response. Cached; returns its folder."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from axolotl_xkd.tiny import build_model, one_thread
-
-    task = TASKS[task_name]
-    folder = work / task.name / BPE_FOLDER / f"matched_for_{student_style}_student"
-    stamp = folder / "teacher.json"
-    settings = {**study.task_settings(task.name, args), "student_style": student_style}
-    if stamp.is_file() and (info := json.loads(stamp.read_text())).get("settings") == settings:
-        return {**info, "teacher": folder / "teacher"}
-    base = work / task.name / BPE_FOLDER
-    student = AutoTokenizer.from_pretrained(base / student_style / "student")
-    tokenizer = AutoTokenizer.from_pretrained(base / other_style(student_style) / "teacher")
-    sequences = matched_ids(student, tokenizer, read_rows(data / "train.jsonl"))
-    width, pad = max(map(len, sequences)), tokenizer.pad_token_id
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
-    labels = torch.tensor([s + [-100] * (width - len(s)) for s in sequences])
-    model = build_model(tokenizer, hidden=settings["teacher_hidden"], layers=2, seed=0)
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    started = time.perf_counter()
-    model.train()
-    with one_thread():  # tiny.train_teacher's loop, over ids instead of prompt/response text
-        for _ in range(settings["teacher_steps"]):
-            pick = torch.randint(0, len(sequences), (64,), generator=generator)
-            loss = model(input_ids=ids[pick], attention_mask=ids[pick] != pad, labels=labels[pick]).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    model.save_pretrained(folder / "teacher")
-    tokenizer.save_pretrained(folder / "teacher")
-    info = {"settings": settings, "teacher_loss": float(loss.detach()),
-            "teacher_seconds": round(time.perf_counter() - started, 1)}
-    stamp.write_text(json.dumps(info))
-    return {**info, "teacher": folder / "teacher"}
-
-
 def train_bpe_arm(task: Task, assets: dict[str, Path], work: Path, student: str, arm: str, xkd: dict, seed: int,
                   args: argparse.Namespace) -> dict:
-    """study.train_one for the `student`-style BPE student (its own run folder); returns its bpe_runs.csv row."""
+    """study.train_one for the `student`-style BPE student (its own run folder); returns its bpe_runs.csv row, with
+    the code it ran (`code`: the checkout's commit, `+dirty` where axolotl_xkd/ had changes not committed when it
+    started; others edit the same checkout)."""
+    git = partial(subprocess.run, capture_output=True, text=True, cwd=study.REPO, check=False)
+    code = git(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+    code += "+dirty" if git(["git", "status", "--porcelain", "axolotl_xkd"]).stdout.strip() else ""
     row = study.train_one(task, assets, work, f"bpe_{student}_{arm}", seed, 1.0, args, xkd=xkd, dev_too=True)
-    return {**row, "method": arm, "student": student}
+    return {**row, "method": arm, "student": student, "code": code}
 
 
 def bpe_stats(runs: list[dict], task: str, student: str, arm: str, key: str) -> tuple[float, float, int] | None:
@@ -575,12 +522,13 @@ def bpe_verdicts(runs: list[dict], task: str, student: str) -> list[str]:
     return lines
 
 
-def bpe_report(runs: list[dict], tasks: list[str], models: dict, alignment: dict, command: str) -> str:
+def bpe_report(runs: list[dict], tasks: list[str], models: dict, alignment: dict, command: str,
+               earlier: list[dict] = ()) -> str:
     """bpe_students.md: the tokenizers and teachers, mean ± std per arm and direction on dev and test, the targets,
-    the ratios to gkd_same_fkl and sft, and the train seconds. models[(task, style)]: prepare_bpe_models' info;
-    alignment[(task, student style)]: bpe_alignment's."""
+    the ratios to gkd_same_fkl and sft, the `earlier` runs (EARLIER: cross_fkl before 12466a1) and the train seconds.
+    models[(task, style)]: prepare_bpe_models' info; alignment[(task, student style)]: bpe_alignment's."""
     directions = [(t, s) for t in tasks for s in BPE_STYLES]
-    shown = BPE_ARMS + [MATCHED] * any(r["method"] == MATCHED for r in runs)
+    shown = BPE_ARMS
     label = {(t, s): f"{t}: {STYLE_NAMES[other_style(s)]} teacher -> {STYLE_NAMES[s]} student" for t, s in directions}
     counts = {}
     for r in runs:
@@ -617,11 +565,6 @@ def bpe_report(runs: list[dict], tasks: list[str], models: dict, alignment: dict
               "|---|---|---|"]
     lines += [f"| {label[d]} | {alignment[d]['same_first']:.1%} / {alignment[d]['same_rest']:.1%} | "
               f"{alignment[d]['cross_first']:.1%} / {alignment[d]['cross_rest']:.1%} |" for d in directions]
-    if all("matched_first" in alignment[d] for d in directions):
-        lines += ["", f"Post hoc, the other teacher trained on the text the student shows it ({MATCHED}, "
-                  "prepare_matched_teacher): " + "; ".join(
-                      f"{label[d]}: {alignment[d]['matched_first']:.1%} / {alignment[d]['matched_rest']:.1%}"
-                      for d in directions) + "."]
     for split, key in (("dev", "dev_metric"), ("test", "metric")):
         lines += ["", f"## {split} prompts", "", "| arm | " + " | ".join(label[d] for d in directions) + " |",
                   "|---" * (len(directions) + 1) + "|"]
@@ -637,15 +580,15 @@ def bpe_report(runs: list[dict], tasks: list[str], models: dict, alignment: dict
         sub = [r for r in runs if r["student"] == d[1]]
         lines.append(f"| {label[d]} | " + " | ".join(ratio(sub, d[0], "cross_fkl", arm, key) for arm, key in (
             (REFERENCE, "dev_metric"), (REFERENCE, "metric"), (SFT, "dev_metric"), (SFT, "metric"))) + " |")
-    if MATCHED in shown:
-        lines += ["", f"Post hoc ({MATCHED}, not part of the protocol's targets): its mean over the other arms' "
-                  "means.", "",
-                  f"| direction | dev / {REFERENCE} | test / {REFERENCE} | dev / {SFT} | test / {SFT} |",
-                  "|---|---|---|---|---|"]
-        for d in directions:
-            sub = [r for r in runs if r["student"] == d[1]]
-            lines.append(f"| {label[d]} | " + " | ".join(ratio(sub, d[0], MATCHED, arm, key) for arm, key in (
-                (REFERENCE, "dev_metric"), (REFERENCE, "metric"), (SFT, "dev_metric"), (SFT, "metric"))) + " |")
+    if earlier:
+        lines += ["", "## The first cross_fkl runs, before 12466a1", "",
+                  f"The same protocol's cross_fkl arm on the code before commit 12466a1 ({EARLIER}; the teacher read "
+                  "the student's prompt and response as one text), mean ± std over seeds, dev then test:", "",
+                  "| arm | " + " | ".join(f"{label[d]} dev | test" for d in directions) + " |",
+                  "|---" * (2 * len(directions) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(cell(bpe_stats(earlier, *d, a, key)) for d in directions
+                                           for key in ("dev_metric", "metric")) + " |"
+                  for a in dict.fromkeys(r["method"] for r in earlier)]
     lines += ["", "## Train seconds per run (mean)", "",
               "`axolotl train` wall time (start-up, data preparation, 150 steps, saving), two runs at a time on 2 "
               "shared CPU cores, one thread each.", "",
@@ -671,18 +614,6 @@ def bpe_main(args: argparse.Namespace) -> None:
     alignment = {(t, s): bpe_alignment(models[(t, s)]["student"], models[(t, other_style(s))]["teacher"],
                                        models[(t, s)]["teacher"], data[t])
                  for t in tasks for s in BPE_STYLES}
-    matched = {}
-    if args.matched_teachers:
-        from transformers import AutoTokenizer
-
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            futures = {(t, s): pool.submit(prepare_matched_teacher, t, s, data[t], args.work, args)
-                       for t in tasks for s in BPE_STYLES}
-            matched = {key: future.result()["teacher"] for key, future in futures.items()}
-        for (t, s), path in matched.items():
-            student = AutoTokenizer.from_pretrained(models[(t, s)]["student"])
-            agreement = target_agreement(student, path, read_rows(data[t] / "train.jsonl")[:200])
-            alignment[(t, s)].update(zip(("matched_first", "matched_rest"), agreement))
     if not args.report_only:
         done = {(r["task"], r["student"], r["method"], int(r["seed"])) for r in study.read_runs(csv_path)}
         jobs = []
@@ -692,15 +623,12 @@ def bpe_main(args: argparse.Namespace) -> None:
                     assets = {"student": models[(t, s)]["student"], "tokenizer": models[(t, s)]["student"],
                               "teacher": models[(t, s)]["teacher"], "data": data[t]}
                     table = bpe_arms(models[(t, s)]["teacher"], models[(t, other_style(s))]["teacher"])
-                    if (t, s) in matched:
-                        table[MATCHED] = {**table["cross_fkl"], "teacher": {**table["cross_fkl"]["teacher"],
-                                                                            "path": str(matched[(t, s)])}}
                     jobs += [partial(train_bpe_arm, TASKS[t], assets, args.work, s, arm, xkd, seed, args)
                              for arm, xkd in table.items() if (t, s, arm, seed) not in done]
         study.run_all(jobs, csv_path, args.jobs, "cross-tokenizer study, BPE students", fields=BPE_FIELDS)
     command = ("python -m benchmarks.quality.cross_tokenizer " + " ".join(
         a for a in sys.argv[1:] if a != "--report-only")).strip()
-    text = bpe_report(study.read_runs(csv_path), tasks, models, alignment, command)
+    text = bpe_report(study.read_runs(csv_path), tasks, models, alignment, command, study.read_runs(args.out / EARLIER))
     (args.out / "bpe_students.md").write_text(text)
     print(text)
 
@@ -719,8 +647,6 @@ def main() -> None:
     parser.add_argument("--bpe-students", action="store_true",
                         help="the BPE-student study instead (docstring; default task: " + " ".join(BPE_TASKS) + ")")
     parser.add_argument("--report-only", action="store_true", help="with --bpe-students: rewrite its report only")
-    parser.add_argument("--matched-teachers", action="store_true",
-                        help=f"with --bpe-students: also the post-hoc {MATCHED} arm (prepare_matched_teacher)")
     args = study.follow_up_args(parser)
     if args.bpe_students:
         return bpe_main(args)

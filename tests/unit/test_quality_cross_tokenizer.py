@@ -105,13 +105,16 @@ def test_bpe_report():
     alignment = {("t", s): {"exact": 20, "student_tokens": 11.0, "teacher_tokens": 5.0, "coverage": 0.5,
                             "unmapped_mass": 0.25, "same_first": 0.9, "same_rest": 1.0, "cross_first": 0.5,
                             "cross_rest": 0.95} for s in ct.BPE_STYLES}
-    text = ct.bpe_report(runs, ["t"], models, alignment, "python -m benchmarks.quality.cross_tokenizer --bpe-students")
+    earlier = [{**run("t", "cross_fkl", s, 2 + s, 4), "student": "byte_level"} for s in (0, 1)]
+    text = ct.bpe_report(runs, ["t"], models, alignment, "python -m benchmarks.quality.cross_tokenizer --bpe-students",
+                         earlier)
     assert "| t: sentencepiece-style teacher -> byte-level student | 20 | 11.0 / 5.0 | 50.0% | 25.0% |" in text
     assert "| cross_fkl | 70.0 ± 0.0 (n=2) | 70.0 ± 0.0 (n=2) |" in text  # dev, both directions
     assert "| cross_fkl | 60.5 ± 0.7 (n=2) | 60.5 ± 0.7 (n=2) |" in text  # test
     assert "| t: byte-level teacher -> sentencepiece-style student | 1.00 | 1.00 | 1.00 | 1.00 |" in text
     assert "sft 2, gkd_same_fkl 2, cross_fkl 2" in text
     assert "| t: byte-level teacher -> sentencepiece-style student | 90.0% / 100.0% | 50.0% / 95.0% |" in text
+    assert "| cross_fkl | 4.0 ± 0.0 (n=2) | 2.5 ± 0.7 (n=2) |  |  |" in text  # before 12466a1, byte-level only
 
 
 def test_target_agreement_of_the_same_tokenizer_is_the_teachers_own_argmax(tmp_path):
@@ -136,20 +139,3 @@ def test_target_agreement_of_the_same_tokenizer_is_the_teachers_own_argmax(tmp_p
     expected = (sum(hits[True]) / len(hits[True]), sum(hits[False]) / len(hits[False]))
     assert ct.target_agreement(tokenizer, tmp_path, ROWS, first=2) == expected
 
-
-def test_matched_ids_are_the_text_the_student_shows_the_teacher():
-    """The post-hoc matched teacher's training ids: the student's row re-tokenized as one text, as the aligner hands
-    it to the teacher (identical tokenizers: the student's own ids). A sentencepiece-style teacher of a byte-level
-    student sees no dummy space before the response, which its own tokenization of the response has."""
-    student = build_tokenizer()
-    ids = student("ba ke:")["input_ids"] + student("lum dok", add_special_tokens=False)["input_ids"]
-    assert ct.matched_ids(student, student, ROWS[:1]) == [ids + [student.eos_token_id]]
-    texts = [r["prompt"] + r["response"] for r in ROWS] * 20
-    byte_level = build_bpe_tokenizer(texts, style="byte_level", vocab_size=ct.BPE_VOCAB)
-    sentencepiece = build_bpe_tokenizer(texts, style="sentencepiece", vocab_size=ct.bpe_vocab_size(texts, "sentencepiece"))
-    shown = ct.matched_ids(byte_level, sentencepiece, ROWS[:1])[0]
-    assert shown[0] == sentencepiece.bos_token_id and shown[-1] == sentencepiece.eos_token_id
-    assert sentencepiece.decode(shown[1:-1]) == "ba ke:lum dok"
-    own = sentencepiece(ROWS[0]["prompt"])["input_ids"] + sentencepiece(ROWS[0]["response"], add_special_tokens=False)[
-        "input_ids"]
-    assert sentencepiece.decode(own[1:]) == "ba ke: lum dok"
