@@ -3,7 +3,7 @@
     python -m scripts.demo configs --out runs/tiny   # the data split, four configs (example_configs/xkd_tiny.yml)
     python -m scripts.demo answers --out runs/tiny   # the stored teacher answers as text, for SFT on them
     python -m scripts.demo report --out runs/tiny    # exact-match table of the students, the untrained one, the teacher
-    python -m scripts.demo score --out runs/tiny FOLDER...  # exact match of other models (docs/demo.md's second run)
+    python -m scripts.demo score --out runs/tiny FOLDER...  # exact match of other models (folders under OUT)
 
 The case distillation is for: a strong teacher, many prompts, few gold answers. `configs` keeps the gold answers of
 the first LABELLED rows of OUT/data/train.jsonl (OUT/data/labelled.jsonl) and the prompts of all of them without
@@ -83,7 +83,8 @@ def demo_configs(base: dict, out: str, seed: int = 42, steps: int = STEPS) -> di
         "dataset_prepared_path": f"{out}/prepared_teacher",
     }
     sft_on_answers = {**sft, "datasets": [{**dataset, "path": f"{out}/data/{ANSWERS}"}],
-                      "output_dir": f"{out}/sft_teacher_student", "dataset_prepared_path": f"{out}/prepared_sft_teacher"}
+                      "output_dir": f"{out}/sft_teacher_student",
+                      "dataset_prepared_path": f"{out}/prepared_sft_teacher"}
     return {"xkd": xkd, "sft": sft, "xkd_teacher": on_answers, "sft_teacher": sft_on_answers}
 
 
