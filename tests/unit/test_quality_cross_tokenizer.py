@@ -1,5 +1,6 @@
 """benchmarks/quality/cross_tokenizer.py and gold.py: the GOLD rows are what GOLD's own preparation would write for
-the character student, the coverage count, the arms, and the dev choice and target verdicts of the report."""
+the character student, the coverage count, the arms, and the dev choice and target verdicts of the report; for the
+BPE students, the vocabulary sizes, arms, per-direction verdicts, report and target agreement (no training here)."""
 
 from __future__ import annotations
 
