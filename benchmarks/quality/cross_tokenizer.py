@@ -158,13 +158,7 @@ def prepare_other_teacher(task: Task, assets: dict[str, Path], work: Path, args:
         "teacher_metric": study.evaluate(folder, task, evaluation, samples=0)["metric"],
         "parameters": sum(p.numel() for p in teacher.parameters()),
         "student_vocab": len(student), "teacher_vocab": len(tokenizer),
-        "exact": aligner.vocab.exact,
-        "student_tokens": statistics.fmean(len(student(r["response"], add_special_tokens=False)["input_ids"])
-                                           for r in sample),
-        "teacher_tokens": statistics.fmean(len(tokenizer(r["response"], add_special_tokens=False)["input_ids"])
-                                           for r in sample),
-        "coverage": response_coverage(aligner, student, sample),
-        "unmapped_mass": unmapped_mass(teacher, aligner, student, sample[:200]),
+        **pair_figures(aligner, student, tokenizer, teacher, sample),
     }
     stamp.write_text(json.dumps(info))
     print(f"{task.name}: teacher of another tokenizer ({len(tokenizer)} tokens) trained in {seconds:.0f} s, "
@@ -434,6 +428,18 @@ def prepare_bpe_models(task_name: str, style: str, data: Path, work: Path, args:
     return {**info, **paths}
 
 
+def pair_figures(aligner, student, teacher_tokenizer, teacher, sample: list[dict]) -> dict:
+    """How a teacher's tokenizer cuts the student's responses in `sample`: teacher tokens with a student twin,
+    response tokens per side, the aligned share of response positions, and the teacher's mass there on its tokens
+    without a student twin (first 200 rows)."""
+    def tokens(tokenizer) -> float:
+        return statistics.fmean(len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in sample)
+
+    return {"exact": aligner.vocab.exact, "student_tokens": tokens(student),
+            "teacher_tokens": tokens(teacher_tokenizer), "coverage": response_coverage(aligner, student, sample),
+            "unmapped_mass": unmapped_mass(teacher, aligner, student, sample[:200])}
+
+
 def bpe_alignment(student_path: Path, teacher_path: Path, same_path: Path, data: Path) -> dict:
     """How the other teacher's tokenizer cuts the student's responses (the first 500 training rows): mapped vocabulary,
     response tokens per side, the aligned share of response positions, the teacher's mass there on its tokens
@@ -447,13 +453,7 @@ def bpe_alignment(student_path: Path, teacher_path: Path, same_path: Path, data:
     sample = read_rows(data / "train.jsonl")[:500]
     aligner = Aligner(student, teacher, "bpe students")
     model = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
-    return {"exact": aligner.vocab.exact,
-            "student_tokens": statistics.fmean(len(student(r["response"], add_special_tokens=False)["input_ids"])
-                                               for r in sample),
-            "teacher_tokens": statistics.fmean(len(teacher(r["response"], add_special_tokens=False)["input_ids"])
-                                               for r in sample),
-            "coverage": response_coverage(aligner, student, sample),
-            "unmapped_mass": unmapped_mass(model, aligner, student, sample[:200]),
+    return {**pair_figures(aligner, student, teacher, model, sample),
             **dict(zip(("same_first", "same_rest"), target_agreement(student, same_path, sample[:200]))),
             **dict(zip(("cross_first", "cross_rest"), target_agreement(student, teacher_path, sample[:200])))}
 
