@@ -72,7 +72,10 @@ def train_gold(task: str, seed: int, teacher: Path, args: argparse.Namespace) ->
 
     torch.set_num_threads(args.threads)
     assets = study.asset_paths(task, args.work)  # prepared by the parent process
-    out = args.work / task / "runs" / f"{ARM}-seed{seed}"
+    if args.student is not None:  # a control: another student (and its data), e.g. the BPE students' study's
+        assets = {**assets, "student": args.student, "data": args.data or assets["data"]}
+    name = ARM if args.student is None else f"{ARM}-{args.student.name}-{teacher.parent.name}"
+    out = args.work / task / "runs" / f"{name}-seed{seed}"
     tokenizer = AutoTokenizer.from_pretrained(assets["student"])
     rows = [json.loads(line) for line in (assets["data"] / "train.jsonl").read_text().splitlines()]
     config = GOLDConfig(
@@ -105,6 +108,9 @@ def main() -> None:
     parser.add_argument("task", choices=list(TASKS))
     parser.add_argument("seed", type=int)
     parser.add_argument("--teacher", type=Path, required=True, help="the teacher of another tokenizer (a folder)")
+    parser.add_argument("--student", type=Path, default=None,
+                        help="a student folder other than the task's (a control: e.g. a byte-level BPE student)")
+    parser.add_argument("--data", type=Path, default=None, help="with --student: the folder of its train/dev/eval.jsonl")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--samples", type=int, default=0, help="samples per test prompt for the diversity measures")
