@@ -301,7 +301,6 @@ def render(args, shape: Shape, runs: dict[str, list[Run]], cuda: bool, version: 
         "- step time = a step's trainable tokens / Axolotl's `tokens/train_per_sec_per_gpu` for it, median over the "
         "steps of a run, then over the repeats (runs interleave the arms); peak memory: "
         + ("Axolotl's memory/max_allocated" if cuda else "peak RSS of the `axolotl train` process tree"),
-        "",
         "- logged tokens/s: Axolotl's `tokens/train_per_sec_per_gpu` as a run logs it (trainable tokens, labels other "
         "than -100, since the previous log over the wall time since it: the teacher's forward, the loss, the "
         "optimizer and any save in between included; the first log has none); SFT / arm: SFT's over the arm's, the "
