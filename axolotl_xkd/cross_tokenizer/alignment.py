@@ -179,7 +179,8 @@ class Aligner:
         starts = [0, *parts]
         pieces, student_spaces = _strip_dummy_prefix(pieces, starts) if self.student_dummy else (pieces, set())
         data = _utf8_text(b"".join(pieces), where)
-        teacher_ids, teacher_starts = self._retokenized(pieces, starts, len(data))
+        student_ends = _prefix_ends(pieces)
+        teacher_ids, teacher_starts = self._retokenized(data, [student_ends[k - 1] for k in starts[1:]])
         teacher_pieces = joined(self.teacher_pieces, teacher_ids)
         teacher_space = [False] * len(teacher_ids)
         if self.teacher_dummy:
@@ -187,11 +188,11 @@ class Aligner:
                                                                teacher_starts)
         spelled = b"".join(teacher_pieces)
         blocks = matching_blocks(data, spelled)
-        if len(blocks) != 1 or blocks[0][2] != len(data) or len(spelled) != len(data):
+        if spelled != data:
             self._report_respelled(data, spelled, blocks, where)
         teacher_ends = _prefix_ends(teacher_pieces)
         found = []
-        for i, end in enumerate(_prefix_ends(pieces)):
+        for i, end in enumerate(student_ends):
             own = min(len(pieces[i + 1]) if i + 1 < len(pieces) else 0, len(data) - end)  # a cut character: up to it
             block = _block_holding(blocks, end, end + own) if end <= len(data) else None
             if block is None:
@@ -209,15 +210,13 @@ class Aligner:
         columns = list(zip(*found)) or [()] * 8
         return AlignedSegment(teacher_ids, *(list(values) for values in columns))
 
-    def _retokenized(self, pieces: list[bytes], starts: list[int], size: int) -> tuple[list[int], set[int]]:
-        """The teacher's ids of the student's text (`size` bytes of `pieces`), each part (beginning at the token
-        indices `starts`) tokenized on its own after the teacher's leading specials; and the teacher index where
-        each part begins. A part boundary inside a UTF-8 character is not a boundary."""
-        ends = [min(sum(map(len, pieces[:k])), size) for k in starts] + [size]
-        data = b"".join(pieces)[:size]
+    def _retokenized(self, data: bytes, bounds: list[int]) -> tuple[list[int], set[int]]:
+        """The teacher's ids of the student's text `data`, each part (between the byte offsets `bounds`) tokenized on
+        its own after the teacher's leading specials; and the teacher index where each part begins. A bound inside
+        a UTF-8 character (or past a cut end) is not a boundary."""
         ids, begins = list(self.teacher_leading), set()
         text_start = 0
-        for stop in ends[1:]:
+        for stop in [*(min(b, len(data)) for b in bounds), len(data)]:
             try:
                 text = data[text_start:stop].decode("utf-8")
             except UnicodeDecodeError:
@@ -261,6 +260,8 @@ def matching_blocks(data: bytes, spelled: bytes) -> list[tuple[int, int, int]]:
     """The spans (a, b, n) where data[a:a+n] == spelled[b:b+n], in order, found by walking both texts and, after a
     difference, resuming at the nearest bytes where RESYNC bytes agree again (skipping at most WINDOW on each side;
     beyond that the rest is left unmatched). One span for equal texts."""
+    if data == spelled:  # the common case, compared in C: no walk
+        return [(0, 0, len(data))] if data else []
     blocks: list[tuple[int, int, int]] = []
     a = b = 0
     while a < len(data) and b < len(spelled):

@@ -72,7 +72,7 @@ class AlignedTeacherSource(TeacherSource):
         responses = responses_of(batch)
         labels = batch["labels"].tolist() if "labels" in batch else None
         aligned = [self.aligner.segment(rows[r][a:b], f"batch row {r} (tokens {a}..{b - 1})",
-                                        label_parts(labels[r][a:b]) if labels is not None else [])
+                                        label_parts(None if labels is None else labels[r][a:b]))
                    for r, a, b in found]
         aligned = counted_only(responses, found, aligned)
         k = self.width
@@ -149,7 +149,7 @@ class AlignedServerTeacherSource(ServerTeacherSource):
         """The teacher's ids of the sequence's text (each part between label switches re-tokenized on its own,
         `label_parts`) and one token more (its EOS), whose entry is the teacher's distribution after the whole text:
         the one the student's EOS position is aligned with."""
-        segment = self.aligner.segment(sequence, where, label_parts(labels) if labels is not None else [])
+        segment = self.aligner.segment(sequence, where, label_parts(labels))
         if not segment.student_positions:
             return None
         return [*segment.teacher_ids, self.end_id], segment
@@ -208,10 +208,11 @@ class Positions:
         return cls(rows, cols, actions, torch.cat([seg_of, path_seg]), torch.cat([t_pos, path_pos]))
 
 
-def label_parts(labels: list[int]) -> list[int]:
+def label_parts(labels: list[int] | None) -> list[int]:
     """The token indices where the labels switch between masked and counted: where Axolotl's instruction strategies
-    start a separately tokenized part (the response after its prompt), which the teacher re-tokenizes on its own."""
-    masked = [label == IGNORE_INDEX for label in labels]
+    start a separately tokenized part (the response after its prompt), which the teacher re-tokenizes on its own;
+    none without labels."""
+    masked = [label == IGNORE_INDEX for label in labels or ()]
     return [k for k in range(1, len(masked)) if masked[k] != masked[k - 1]]
 
 
