@@ -82,15 +82,16 @@ class XKDPlugin(BasePlugin):
         from axolotl_xkd.locations import check_data_files, check_teacher
 
         check_teacher(config.teacher, training=not preprocess)
-        if getattr(config.teacher, "source", None) != "precomputed":  # else the store is the training data
+        precomputed = getattr(config.teacher, "source", None) == "precomputed"
+        if not precomputed:  # else the store is the training data
             check_data_files(cfg)
         if not preprocess:
             from axolotl.loaders import load_tokenizer
 
             from axolotl_xkd.wiring import check_teacher_tokenizer
 
-            check_teacher_tokenizer(config.teacher, load_tokenizer(cfg))
-        if getattr(config.teacher, "source", None) != "precomputed":
+            check_teacher_tokenizer(config.teacher, lambda: load_tokenizer(cfg))
+        if not precomputed:
             return None
         from axolotl_xkd.store.read import load_datasets_meta
 

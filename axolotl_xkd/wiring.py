@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import fields, replace
 
 import torch
@@ -106,31 +107,41 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
     )
 
 
-def check_teacher_tokenizer(teacher, student_tokenizer) -> None:
-    """The teacher's tokenizer against the student's, before the dataset is prepared and the student loads
-    (tokenizers load in seconds, an 8B student in minutes): the same-tokenizer rule for an in-process teacher
-    without cross_tokenizer; with it, that both tokenizers can be read byte by byte. A server's own tokenizer is
-    checked when the client connects; a store's, by its manifest (store.read)."""
-    if teacher is None:  # `teacher: null`: CE only (the quality study's sft arm), no teacher to check
-        return
-    from axolotl_xkd.cross_tokenizer import KEY, check_readable
-    from axolotl_xkd.frozen_teacher import check_same_tokenizer
-
-    path = teacher.tokenizer_path if teacher.source != "precomputed" else teacher.model_path
+def teacher_tokenizer_key(teacher) -> str | None:
+    """The key of an `xkd.teacher` block that names the tokenizer to check against the student's before any work
+    (None: none here): an in-process teacher's always; with cross_tokenizer, a store's teacher (model_path) and a
+    server's tokenizer_path. A same-tokenizer server is checked when the client connects, a store by its manifest."""
+    if teacher is None:  # `teacher: null`: CE only (the quality study's sft arm)
+        return None
     if teacher.source == "model":
-        path = path or teacher.path
-    if path is None or (teacher.source != "model" and not teacher.cross_tokenizer):
+        key = "tokenizer_path" if teacher.tokenizer_path else "path"
+    elif teacher.cross_tokenizer:
+        key = "model_path" if teacher.source == "precomputed" else "tokenizer_path"
+    else:
+        return None
+    return key if getattr(teacher, key) is not None else None
+
+
+def check_teacher_tokenizer(teacher, student_tokenizer: Callable[[], object]) -> None:
+    """The teacher's tokenizer against the student's (`student_tokenizer` loads it, only when there is something to
+    check), before the dataset is prepared and the student loads (tokenizers load in seconds, an 8B student in
+    minutes): the same-tokenizer rule without cross_tokenizer; with it, that both can be read byte by byte."""
+    key = teacher_tokenizer_key(teacher)
+    if key is None:
         return
     from transformers import AutoTokenizer
 
-    key = "tokenizer_path" if getattr(teacher, "tokenizer_path", None) else (
-        "model_path" if teacher.source == "precomputed" else "path")
+    from axolotl_xkd.cross_tokenizer import KEY, check_readable
+    from axolotl_xkd.frozen_teacher import check_same_tokenizer
+
+    path = getattr(teacher, key)
     where = f"xkd.teacher.{key}={path!r}"
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=getattr(teacher, "trust_remote_code", False))
+    student = student_tokenizer()
     if not teacher.cross_tokenizer:
-        check_same_tokenizer(student_tokenizer, tokenizer, where)
+        check_same_tokenizer(student, tokenizer, where)
         return
-    check_readable(student_tokenizer, f"{where} with {KEY} (the student's tokenizer)")
+    check_readable(student, f"{where} with {KEY} (the student's tokenizer)")
     check_readable(tokenizer, f"{where} with {KEY} (the teacher's tokenizer)")
 
 
