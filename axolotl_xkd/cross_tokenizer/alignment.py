@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from bisect import bisect_right
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from os.path import commonprefix
 
 from axolotl_xkd.cross_tokenizer.projection import Projection
@@ -48,9 +48,9 @@ class AlignedSegment:
     partials: list[bytes]
     columns: list[int]
     written: list[int]
-    firsts: list[int] = field(default_factory=list)
-    path_ends: list[int] = field(default_factory=list)
-    tails: list[bytes] = field(default_factory=list)
+    firsts: list[int]
+    path_ends: list[int]
+    tails: list[bytes]
 
     @property
     def aligned(self) -> list[int]:
@@ -65,8 +65,6 @@ class AlignedSegment:
     def path_positions(self) -> list[list[int]]:
         """Per student position, the teacher positions whose distributions its observed path reads past j: j+1..m-1
         (each the teacher's own next token) and m where the tail q is not empty (the tokens that start with q)."""
-        if not self.firsts:
-            return [[] for _ in self.student_positions]
         return [list(range(j + 1, m + bool(q))) for j, m, q in zip(self.teacher_positions, self.path_ends, self.tails)]
 
 

@@ -172,8 +172,7 @@ class _Plan:
     def of(cls, segments: list[AlignedSegment], projection: Projection, device: torch.device) -> _Plan:
         partials = [r for segment in segments for r in segment.partials]
         position = [(segment, j, m, q) for segment in segments
-                    for j, m, q in zip(segment.teacher_positions, segment.path_ends or segment.teacher_positions,
-                                       segment.tails or [b""] * len(segment.partials))]
+                    for j, m, q in zip(segment.teacher_positions, segment.path_ends, segment.tails)]
         owners, tokens, tails = [], [], []
         for owner, (segment, j, m, q) in enumerate(position):
             for l in range(j + 1, m):
@@ -193,7 +192,7 @@ class _Plan:
         return cls(lows=runs[:, 0], highs=runs[:, 1],
                    columns=tensor([c for segment in segments for c in segment.columns]),
                    inside=tensor([bool(r) for r in partials], torch.bool),
-                   firsts=tensor([f for segment in segments for f in segment.firsts or [-1] * len(segment.partials)]),
+                   firsts=tensor([f for segment in segments for f in segment.firsts]),
                    beyond=tensor([m > j for _, j, m, _ in position], torch.bool), owners=tensor(owners),
                    tokens=tensor(tokens), tail_lows=tail_runs[:, 0], tail_highs=tail_runs[:, 1])
 

@@ -175,7 +175,7 @@ def test_truncated_character_drops_only_its_bytes():
 
 def one_position(partial: bytes) -> AlignedSegment:
     """A segment of one student position that reads teacher position 0 with the partial bytes r."""
-    return AlignedSegment([], [0], [0], [partial], [len(partial)], [len(partial)])
+    return AlignedSegment([], [0], [0], [partial], [len(partial)], [len(partial)], [-1], [0], [b""])
 
 
 def teacher_row(teacher, probs: dict[str, float]) -> torch.Tensor:
@@ -279,12 +279,13 @@ def test_the_students_own_token_is_read_exactly_outside_the_top_k():
     g = torch.Generator().manual_seed(0)
     lp = torch.log_softmax(torch.randn(3, len(teacher), generator=g, dtype=torch.float64) * 3, -1)
     every = torch.arange(len(teacher)).expand_as(lp)
-    full = project([AlignedSegment([], [0, 1, 2], [0, 1, 2], [b""] * 3, [0] * 3, [0] * 3)], every, lp,
+    three = AlignedSegment([], [0, 1, 2], [0, 1, 2], [b""] * 3, [0] * 3, [0] * 3, [-1] * 3, [0, 1, 2], [b""] * 3)
+    full = project([three], every, lp,
                    torch.full((3,), -1), aligner.projection, top_k=len(student))
     ranked = full[0][0][torch.isfinite(full[1][0])]
     outside, best = int(ranked[-1]), int(full[0][2, 0])
     actions = torch.tensor([outside, -1, best])
-    ids, lps = project([AlignedSegment([], [0, 1, 2], [0, 1, 2], [b""] * 3, [0] * 3, [0] * 3)], every, lp, actions,
+    ids, lps = project([three], every, lp, actions,
                        aligner.projection, top_k=4)
     assert ids.shape == (3, 5)
     assert torch.equal(ids[:, :4], full[0][:, :4]) and torch.equal(lps[:, :4], full[1][:, :4])
