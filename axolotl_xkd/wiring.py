@@ -12,12 +12,10 @@ import os
 from collections.abc import Callable
 from dataclasses import fields, replace
 
-import torch
 from torch import nn
 
 from axolotl_xkd import __version__
 from axolotl_xkd.args import XKDConfig
-from axolotl_xkd.losses.precision import torch_dtype
 from axolotl_xkd.losses.reward_head import VariationalRewardHead
 from axolotl_xkd.losses.xkd import XKDHyperparams
 from axolotl_xkd.on_policy import OnPolicySampler
@@ -81,29 +79,16 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
         from axolotl_xkd.teachers.precomputed import PrecomputedTeacherSource
 
         return PrecomputedTeacherSource(store_top_k(teacher))
-    if teacher.source == "server":
-        return load_server_teacher(teacher, trainer.processing_class)
-    from axolotl_xkd.teachers.model import ModelTeacherSource
+    from axolotl_xkd.teachers.build import build_teacher
 
-    dtype = torch_dtype(teacher.dtype) if teacher.dtype else base_model(student).dtype
-    attn = teacher.attn_implementation or getattr(base_model(student).config, "_attn_implementation", None)
-    load = ModelTeacherSource.load
-    if teacher.cross_tokenizer:
-        from functools import partial
-
-        from axolotl_xkd.teachers.aligned import AlignedTeacherSource
-
-        load = partial(AlignedTeacherSource.load, top_k=teacher.cross_tokenizer_top_k)
-    return load(
-        teacher.path,
+    student_model = base_model(student)
+    return build_teacher(
+        teacher,
         student_tokenizer=trainer.processing_class,
-        dtype=dtype,
+        dtype=student_model.dtype,
         device=trainer.args.device,
-        tokenizer_path=teacher.tokenizer_path,
-        attn_implementation=attn,
-        trust_remote_code=teacher.trust_remote_code,
+        attn_implementation=getattr(student_model.config, "_attn_implementation", None),
         ds_config=trainer.accelerator.state.deepspeed_plugin.deepspeed_config if trainer.is_deepspeed_enabled else None,
-        offload=teacher.offload,
     )
 
 
@@ -143,23 +128,6 @@ def check_teacher_tokenizer(teacher, student_tokenizer: Callable[[], object]) ->
         return
     check_readable(student, f"{where} with {KEY} (the student's tokenizer)")
     check_readable(tokenizer, f"{where} with {KEY} (the teacher's tokenizer)")
-
-
-def load_server_teacher(teacher, tokenizer) -> TeacherSource:
-    """A teacher server client for `xkd.teacher` (source: server), checked once against the student's tokenizer, or
-    with cross_tokenizer against the teacher's (xkd.teacher.tokenizer_path), which is aligned with the student's."""
-    from axolotl_xkd.frozen_teacher import tokenizer_hash
-    from axolotl_xkd.server.client import TeacherServerClient, api_key_from_env
-    from axolotl_xkd.teachers.server import ServerTeacherSource
-
-    client = TeacherServerClient(teacher, api_key=api_key_from_env(teacher))
-    if teacher.cross_tokenizer:
-        from axolotl_xkd.teachers.aligned import AlignedServerTeacherSource
-
-        return AlignedServerTeacherSource.connect(client, student_tokenizer=tokenizer,
-                                                  top_k=teacher.cross_tokenizer_top_k)
-    client.check_server(tokenizer, tokenizer_hash(tokenizer))
-    return ServerTeacherSource(client)
 
 
 def configure_trainer(trainer, config: XKDConfig, cfg) -> None:

@@ -294,7 +294,7 @@ def test_config_checks_url_and_reads_key_from_named_variable(tiny, served, monke
     from pydantic import ValidationError
 
     from axolotl_xkd.args import ServerTeacher
-    from axolotl_xkd.wiring import load_server_teacher
+    from axolotl_xkd.teachers.build import load_server_teacher
 
     with pytest.raises(ValidationError, match="xkd.teacher.base_url='localhost:8000' must start with http"):
         ServerTeacher(base_url="localhost:8000")
