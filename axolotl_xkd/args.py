@@ -8,17 +8,17 @@ rest of the YAML; unknown keys inside `xkd:` are errors naming the closest known
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from axolotl_xkd.options import (
+    CONFIDENCE_SCORES,
     DEFAULT_CHUNK_SIZE,
     DIVERGENCES,
-    DTYPE_NAMES,
     LOSS_BOUNDS,
     LOSS_DEFAULTS,
+    MIXTURES,
     PRESETS,
     Q_FORMS,
     REWARD_INPUTS,
@@ -26,147 +26,18 @@ from axolotl_xkd.options import (
     reward_reaches_student,
     teacher_reader,
 )
+from axolotl_xkd.teacher_args import (  # noqa: F401 (the teacher blocks are imported from here too)
+    ModelTeacher,
+    NamedTeacher,
+    PrecomputedTeacher,
+    ServerTeacher,
+    check_base_url,
+)
 from axolotl_xkd.unknown_keys import check_known_keys
 
 LOG = logging.getLogger(__name__)
 
 Divergence = Literal[DIVERGENCES]
-
-
-class CrossTokenizerKeys(BaseModel):
-    """The two keys that allow a teacher of another tokenizer, with one meaning in every teacher block."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    cross_tokenizer: bool = Field(
-        False,
-        description="Allow a teacher whose tokenizer differs from the student's: each sequence is re-tokenized with "
-        "the teacher's tokenizer and the teacher's distributions projected onto the student's positions by byte "
-        "spans, each teacher token's mass given to the student token its bytes start with. The same in every "
-        "source: in-process, server (which needs tokenizer_path) and precomputed (`axolotl xkd precompute` aligns "
-        "the teacher as it writes the store; training checks the store was written so) (docs/cross_tokenizer.md).",
-    )
-    cross_tokenizer_top_k: int = Field(
-        64, ge=1, description="With cross_tokenizer: student tokens kept per position (plus the student's own next "
-        "token), as a top-k signal in student ids.",
-    )
-
-
-class ModelTeacher(CrossTokenizerKeys):
-    """An in-process teacher: a causal LM loaded once, in eval mode, without gradients."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: Literal["model"] = Field("model", description="Run the teacher in the training process.")
-    path: str = Field(description="Hugging Face model directory (or hub id) of the teacher.")
-    tokenizer_path: str | None = Field(
-        None, description="Tokenizer to compare with the student's; defaults to `path`."
-    )
-    dtype: Literal[DTYPE_NAMES] | None = Field(
-        None, description="Teacher weights dtype; default: the student's dtype."
-    )
-    attn_implementation: str | None = Field(
-        None, description="Attention kernel of the teacher; default: the student's."
-    )
-    trust_remote_code: bool = Field(False, description="Passed to from_pretrained.")
-    offload: bool = Field(
-        False,
-        description="DeepSpeed ZeRO-3 only: keep the sharded teacher's parameters in CPU memory (gathered to the "
-        "device layer by layer in its forward). Without ZeRO-3 the teacher is placed whole on every rank.",
-    )
-
-
-class PrecomputedTeacher(CrossTokenizerKeys):
-    """Teacher top-k log-probs stored with the data by `axolotl xkd precompute` (or Axolotl's KD v2 format)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: Literal["precomputed"] = Field("precomputed", description="Train from stored teacher top-k.")
-    path: str = Field(description="Folder written by `axolotl xkd precompute` (or a KD v2 dataset, see format).")
-    top_k: int | None = Field(None, ge=1, description="k expected in the data; default: whatever was stored.")
-    format: Literal["xkd", "axolotl_kd_v2"] = Field(
-        "xkd",
-        description="xkd: a precompute folder with manifest.json; axolotl_kd_v2: a tokenized dataset (folder "
-        "saved with save_to_disk, or .jsonl/.json/.parquet) with input_ids, labels, target_token_ids, logprobs.",
-    )
-    model_path: str | None = Field(
-        None, description="Teacher model `axolotl xkd precompute` runs (else pass --teacher)."
-    )
-
-
-class ServerTeacher(CrossTokenizerKeys):
-    """A teacher server returning the prompt's log-probs: vLLM or `axolotl xkd serve-teacher` (completions with
-    prompt_logprobs), or SGLang (its native /generate, with `api: sglang`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: Literal["server"] = Field("server", description="Ask a teacher server for top-k log-probs.")
-    base_url: str = Field(description="Server root, e.g. http://127.0.0.1:8000 (requests go to /v1/...).")
-    model: str | None = Field(None, description="Served model name; default: the first one /v1/models lists.")
-    top_k: int = Field(20, ge=1, description="Teacher log-probs per position (vLLM: at most its --max-logprobs).")
-    timeout_s: float = Field(120.0, gt=0, description="Limit of one HTTP attempt, connect to last byte.")
-    max_retries: int = Field(3, ge=0, description="Retries of a failed request before the run stops.")
-    retry_backoff_s: float = Field(0.5, ge=0, description="Wait before the first retry; doubles on each further one.")
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
-    request_tokens: int = Field(
-        8192, ge=1, description="Tokens per request: a batch's sequences go out as prompts of a few requests."
-    )
-    prefetch: int = Field(2, ge=0, description="Training batches whose requests are sent ahead of their step.")
-    api_key_env: str | None = Field(
-        None, description="Name of the environment variable holding the API key (sent as a Bearer token)."
-    )
-    api: Literal["vllm", "sglang"] = Field(
-        "vllm",
-        description="How the server is asked: vllm, /v1/completions with prompt_logprobs (vLLM, `axolotl xkd "
-        "serve-teacher`); sglang, SGLang's native /generate with input log-probs (its /v1/completions ignores "
-        "prompt_logprobs). Checked at start against the /v1/models card's owned_by (docs/teachers.md#teacher-server).",
-        examples=["sglang"],
-    )
-    tokenizer_path: str | None = Field(
-        None, description="With cross_tokenizer (required there): the served model's tokenizer, folder or hub id; "
-        "checked against the server's at start.",
-    )
-
-    @model_validator(mode="after")
-    def _http_url(self) -> ServerTeacher:
-        check_base_url(self.base_url, "xkd.teacher.base_url")
-        return self
-
-    @model_validator(mode="after")
-    def _cross_tokenizer_names_the_tokenizer(self) -> ServerTeacher:
-        if self.cross_tokenizer and self.tokenizer_path is None:
-            raise ValueError(
-                "xkd.teacher.tokenizer_path is required with xkd.teacher.cross_tokenizer: true (source: server): the "
-                "student's text is re-tokenized with the teacher's tokenizer before it is sent. Set it to the served "
-                "model's tokenizer (the folder `axolotl xkd serve-teacher --model` or `vllm serve` loaded)."
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _tokenizer_path_only_across_tokenizers(self) -> ServerTeacher:
-        if self.tokenizer_path is not None and not self.cross_tokenizer:
-            raise ValueError(
-                f"xkd.teacher.tokenizer_path={self.tokenizer_path!r} (source: server) is read only with "
-                "xkd.teacher.cross_tokenizer: true; without it the server's tokenizer is checked against the "
-                "student's. Remove tokenizer_path, or set cross_tokenizer: true for a teacher of another tokenizer."
-            )
-        return self
-
-
-def check_base_url(url: str, key: str) -> None:
-    """Raise unless `url` (given as `key`) is a server root of the form http(s)://HOST[:PORT][/path]."""
-    example = "e.g. http://127.0.0.1:8000"
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"{key}={url!r} must start with http:// or https://, {example}")
-    parts = urlsplit(url)
-    try:
-        parts.port  # noqa: B018 (raises on a port that is not a number in 0-65535)
-    except ValueError:
-        raise ValueError(f"{key}={url!r} has a port that is not a number in 0-65535, {example}") from None
-    if not parts.hostname:
-        raise ValueError(f"{key}={url!r} names no host after {parts.scheme}://, {example}")
-    if parts.query or parts.fragment:
-        raise ValueError(f"{key}={url!r} is a server root: requests go to <root>/v1/...; drop the ?query or #part")
 
 
 class GenerationSettings(BaseModel):
@@ -206,6 +77,43 @@ class XKDConfig(BaseModel):
     )
     teacher: ModelTeacher | PrecomputedTeacher | ServerTeacher | None = Field(
         None, description="Where the teacher distribution p_T comes from.", discriminator="source"
+    )
+    teachers: list[Annotated[NamedTeacher, Field(discriminator="source")]] | None = Field(
+        None, min_length=1,
+        description="Several teachers instead of `teacher`: a list of teacher blocks (any source, each with its own "
+        "cross_tokenizer) with a `name` and a `weight`, combined as `mixture` says (docs/teachers.md#many-teachers).",
+        examples=[[{"name": "maths", "source": "model", "path": "/models/maths"},
+                   {"name": "code", "source": "model", "path": "/models/code", "weight": 2.0}]],
+    )
+    mixture: Literal[MIXTURES] | None = Field(
+        None,
+        description="How `teachers` combine (required with them): route, each row distilled from the teacher its "
+        "`route_column` names; weighted, every teacher at every position, p = sum_i w_i p_i with the fixed weights; "
+        "confidence, per-position weights, a softmax over each teacher's `confidence_score` plus its log weight.",
+        examples=["route"],
+    )
+    route_column: str | None = Field(
+        None, description="mixture: route: the dataset column holding each row's teacher name.",
+        examples=["teacher"],
+    )
+    default_teacher: str | None = Field(
+        None, description="mixture: route: the teacher of a row whose route column names none (empty or unknown); "
+        "without it such a row is an error naming it.", examples=["general"],
+    )
+    confidence_score: Literal[CONFIDENCE_SCORES] = Field(
+        "logprob",
+        description="mixture: confidence: each teacher's score at a position: logprob, its log-prob of the observed "
+        "next token (the teacher that predicts the data best leads; a confident but wrong teacher does not); "
+        "neg_entropy, minus its entropy (no use of the observed token).",
+    )
+    confidence_temperature: float = Field(
+        1.0, gt=0, description="mixture: confidence: temperature of the softmax over the teachers' scores (lower: "
+        "closer to picking the best teacher at each position).",
+    )
+    mixture_top_k: int = Field(
+        64, ge=1, description="Entries an in-process teacher of the student's tokenizer contributes to a mixture "
+        "that also holds top-k teachers (a store, a server, another tokenizer); a mixture of such teachers only is "
+        "formed over the whole vocabulary.",
     )
     divergence: Divergence = _loss_key("divergence", "The distillation term D_i.")
     beta: float = _loss_key("beta", "JSD mixture weight (TRL GKD: 0 = forward KL, 1 = reverse KL).")
@@ -279,11 +187,23 @@ class XKDConfig(BaseModel):
             )
         return self
 
+    @property
+    def teacher_blocks(self) -> list:
+        """Every teacher block: `teachers`, or `teacher` alone (none without a teacher)."""
+        if self.teachers is not None:
+            return list(self.teachers)
+        return [] if self.teacher is None else [self.teacher]
+
+    @model_validator(mode="after")
+    def _teachers_combined(self) -> XKDConfig:
+        check_mixture(self)
+        return self
+
     @model_validator(mode="after")
     def _teacher_present(self) -> XKDConfig:
         reader = teacher_reader(divergence=self.divergence, alpha_kd=self.alpha_kd, td_weight=self.td_weight,
                                 td_target=self.td_target)
-        if self.teacher is None and reader is not None:
+        if not self.teacher_blocks and reader is not None:
             no_teacher = (" (the default target: the reward head learns the teacher's log-probs); without a teacher "
                           "set `td_target: observed` or, for no reward, `td_weight: 0, reward_kl_weight: 0`"
                           if reader.startswith("td_target") else "")
@@ -295,17 +215,23 @@ class XKDConfig(BaseModel):
 
     @model_validator(mode="after")
     def _sequences_have_their_teacher(self) -> XKDConfig:
+        sources = {block.source for block in self.teacher_blocks}
+        if self.teachers is not None and self.sequences == "teacher":
+            raise ValueError(
+                "xkd.sequences: teacher with xkd.teachers is not supported yet (which teacher's generations?); "
+                "generate with one teacher (`xkd.teacher`), or train on the dataset's sequences (xkd.sequences: dataset)"
+            )
+        if self.sequences == "on_policy" and "precomputed" in sources:
+            raise ValueError(
+                "xkd.sequences: on_policy scores the student's fresh samples, which no precomputed store holds; use "
+                "source: model or server for every teacher"
+            )
         source = getattr(self.teacher, "source", None)
-        if self.sequences == "teacher" and source != "precomputed":
+        if self.sequences == "teacher" and self.teachers is None and source != "precomputed":
             raise ValueError(
                 "xkd.sequences: teacher trains on responses the teacher generated once with `axolotl xkd precompute "
                 "CONFIG.yml --generate`; set `teacher: {source: precomputed, path: DIR}` to that store "
                 f"(xkd.teacher.source is {source!r})"
-            )
-        if self.sequences == "on_policy" and source == "precomputed":
-            raise ValueError(
-                "xkd.sequences: on_policy scores the student's fresh samples, which no precomputed store holds; use "
-                "xkd.teacher.source: model or server"
             )
         return self
 
@@ -326,6 +252,46 @@ class XKDConfig(BaseModel):
             warn_once(message)
         return self
 
+
+def check_mixture(config: XKDConfig) -> None:
+    """Refuse a `teachers` / `mixture` combination that cannot mean one thing, naming the key and what to do."""
+    teachers, mixture = config.teachers, config.mixture
+    if teachers is not None and config.teacher is not None:
+        raise ValueError("xkd.teacher and xkd.teachers are both set; keep one: `teacher` for one teacher, `teachers` "
+                         "(a list of named teacher blocks) for several")
+    if teachers is None:
+        extra = [key for key in MIXTURE_KEYS if key in config.model_fields_set]
+        if extra:
+            raise ValueError(f"xkd.{extra[0]} is read only with xkd.teachers (several teachers); remove it, or list "
+                             "the teachers under `teachers:`")
+        return
+    names = [t.name for t in teachers]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"xkd.teachers: the name {twice[0]!r} is used by items {[i for i, n in enumerate(names) if n == twice[0]]}; "
+                         "each teacher needs its own name (routing, stores and logs use it)")
+    if mixture is None:
+        raise ValueError(f"xkd.mixture is required with xkd.teachers: one of {', '.join(MIXTURES)} "
+                         "(docs/teachers.md#many-teachers)")
+    unread = {"route": ("confidence_score", "confidence_temperature"),
+              "weighted": ("route_column", "default_teacher", "confidence_score", "confidence_temperature"),
+              "confidence": ("route_column", "default_teacher")}[mixture]
+    for key in unread:
+        if key in config.model_fields_set:
+            raise ValueError(f"xkd.{key} is not read with xkd.mixture: {mixture}; remove it")
+    if mixture == "route" and config.route_column is None:
+        raise ValueError("xkd.mixture: route needs xkd.route_column, the dataset column that names each row's teacher "
+                         f"(one of {names})")
+    if config.default_teacher is not None and config.default_teacher not in names:
+        raise ValueError(f"xkd.default_teacher {config.default_teacher!r} is not one of xkd.teachers' names {names}")
+    if "precomputed" in {t.source for t in teachers}:
+        raise ValueError("xkd.teachers: a `source: precomputed` teacher is not supported in a list of teachers yet; "
+                         "use source: model or server for each, or one precomputed `xkd.teacher`")
+
+
+MIXTURE_KEYS = ("mixture", "route_column", "default_teacher", "confidence_score", "confidence_temperature",
+                "mixture_top_k")
+"""The keys that configure how `xkd.teachers` combine."""
 
 RECOMMENDED = {"td_target": "teacher_logprob", "reward_detach_backbone": True}
 """The safe setting (docs/defaults.md), the defaults: the reward terms train only the reward head, so the student

@@ -20,6 +20,7 @@ TOPK_COLUMNS = (TOPK_PACKED, TOPK_IDS, TOPK_LOGPROBS)
 TEACHER_IDS = PREFIX + "teacher_ids"  # (B, T, k) int64, the precomputed top-k expanded by the collator
 TEACHER_LOGPROBS = PREFIX + "teacher_logprobs"  # (B, T, k) float32, -inf where a slot has no entry
 TEACHER_TICKET = PREFIX + "teacher_ticket"  # int: the id of a batch's pending teacher-server requests
+ROUTE = PREFIX + "route"  # (B, T) int64 under `mixture: route`: each token's teacher (index in xkd.teachers), -1 none
 
 
 def is_xkd_key(name: str) -> bool:

@@ -100,6 +100,10 @@ LOSS_DEFAULTS: dict[str, object] = {
 DEFAULT_CHUNK_SIZE = 1024
 # Names of the floating-point dtypes a teacher or scorer may be loaded in (torch.<name>).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+MIXTURES = ("route", "weighted", "confidence")
+"""How several teachers combine (`xkd.mixture`, teachers/mixture.py)."""
+CONFIDENCE_SCORES = ("logprob", "neg_entropy")
+"""A teacher's score at a position under `mixture: confidence`."""
 
 # What best-of-n reranking sorts by (`axolotl xkd score --rank-by`) -> the ScoredResponse field: the learned reward
 # summed or averaged over the response, or the student's own log-likelihood, which the reranking benchmark

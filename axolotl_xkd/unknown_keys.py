@@ -27,7 +27,22 @@ def unknown_key_messages(model: type[BaseModel], data: dict, path: str) -> list[
             nested = _nested_model(model.model_fields[key], value)
             if nested is not None:
                 messages += unknown_key_messages(nested, value, f"{path}.{key}")
+        elif isinstance(value, list):
+            item_field = _item_field(model.model_fields[key])
+            for i, item in enumerate(value):
+                nested = None if item_field is None or not isinstance(item, dict) else _nested_model(item_field, item)
+                if nested is not None:
+                    messages += unknown_key_messages(nested, item, f"{path}.{key}[{i}]")
     return messages
+
+
+def _item_field(field: FieldInfo) -> FieldInfo | None:
+    """The field an item of a list field is validated as (its discriminator kept), or None for no list of models."""
+    lists = [t for t in (typing.get_args(field.annotation) or (field.annotation,)) if typing.get_origin(t) is list]
+    if not lists:
+        return None
+    item = typing.get_args(lists[0])[0]
+    return FieldInfo.from_annotation(item)
 
 
 def check_known_keys(model: type[BaseModel], data: object, path: str) -> None:

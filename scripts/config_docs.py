@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from axolotl_xkd.args import GenerationSettings, ModelTeacher, PrecomputedTeacher, ServerTeacher, XKDConfig
+from axolotl_xkd.teacher_args import Named
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -39,6 +40,9 @@ SECTIONS: list[tuple[str, str, type[BaseModel], str]] = [
      "See [teachers.md](teachers.md#precomputed-teacher)."),
     ("`xkd.teacher` with `source: server`", "xkd.teacher", ServerTeacher,
      "See [teachers.md](teachers.md#teacher-server)."),
+    ("An item of `xkd.teachers`", "xkd.teachers[]", Named,
+     "Each item is a teacher block of any source above (`source: model` or `server`; its own `cross_tokenizer`) "
+     "with these two keys added. See [teachers.md](teachers.md#many-teachers)."),
     ("`xkd.generation`", "xkd.generation", GenerationSettings,
      "See [teachers.md](teachers.md#sequence-sources-teacher-generations-and-on-policy-x-kd)."),
 ]

@@ -276,3 +276,56 @@ def aligned_teacher_record(student, teacher, teacher_logits, text: str, student_
         scale = norm if r else 1.0
         records.append({sid: math.log(m / scale) for sid, m in mass.items() if m > 0})
     return records
+
+
+def mixture_reference(teachers: list[dict], weights: list[float], mixture: str, *, route=None, next_ids=None,
+                      vocab_size: int, score: str = "logprob", temperature: float = 1.0):
+    """Per position (b, i), the mixed teacher {token: probability} and the weights {teacher: W}, one position at a
+    time in float64 (docs/teachers.md#many-teachers). A teacher is {"dense": (B, T, V) logits} or {"ids", "logprobs"}
+    (B, T, k) with -inf for an empty slot; a top-k teacher lists p_j(u) for its ids only (0 elsewhere, the rest its
+    tail), a position with no entry has no distribution."""
+    def dist(t, b, i):
+        if "dense" in t:
+            p = torch.softmax(t["dense"][b, i].double(), -1)
+            return {u: float(p[u]) for u in range(vocab_size)}
+        return {int(u): math.exp(float(lp)) for u, lp in zip(t["ids"][b, i], t["logprobs"][b, i])
+                if math.isfinite(float(lp))}
+
+    def log_p(d, u):  # the tail spread evenly over the unlisted tokens (with the loss's floor)
+        if u in d:
+            return math.log(d[u])
+        tail = max(1 - sum(d.values()), 2.0**-11)
+        return math.log(tail) - math.log(max(vocab_size - len(d), 1))
+
+    def neg_h(d, dense):
+        listed = sum(p * math.log(p) for p in d.values() if p > 0)
+        tail = 0.0 if dense else max(1 - sum(d.values()), 0.0)
+        return listed + (tail * math.log(tail) if tail > 0 else 0.0)
+
+    shape = next(iter(teachers[0].values())).shape[:2]
+    out = {}
+    for b in range(shape[0]):
+        for i in range(shape[1]):
+            dists = [dist(t, b, i) for t in teachers]
+            have = [bool(d) for d in dists]
+            if mixture == "route":
+                raw = [0.0 if j == int(route[b, i]) else -math.inf for j in range(len(teachers))]
+            elif mixture == "weighted":
+                raw = [math.log(w) for w in weights]
+            else:
+                raw = [math.log(w) + (log_p(d, int(next_ids[b, i])) if score == "logprob" else
+                                      neg_h(d, "dense" in t)) / temperature
+                       for w, d, t in zip(weights, dists, teachers)]
+            raw = [r if h else -math.inf for r, h in zip(raw, have)]
+            top = max(raw)
+            if top == -math.inf:
+                out[b, i] = ({}, [0.0] * len(teachers))
+                continue
+            w = [math.exp(r - top) for r in raw]
+            w = [x / sum(w) for x in w]
+            mixed: dict[int, float] = {}
+            for wj, d in zip(w, dists):
+                for u, p in d.items() if wj > 0 else ():
+                    mixed[u] = mixed.get(u, 0.0) + wj * p
+            out[b, i] = (mixed, w)
+    return out

@@ -49,7 +49,9 @@ class ServerTeacherSource(TeacherSource):
         self._pending: dict[int, list[tuple[Future, list[tuple[Segment, object]]]]] = {}
         self._tickets = itertools.count()
         self._lock = threading.Lock()
-        self._lookahead: _Lookahead | None = None
+        self._lookahead: Lookahead | None = None
+        # The batch key of this source's ticket; several servers of a mixture tag the same batch, each its own.
+        self.ticket_key = TEACHER_TICKET
 
     def submit(self, batch: dict[str, Tensor]) -> None:
         """Send the requests for every sequence of `batch` and tag it with their ticket (once per batch).
@@ -57,7 +59,7 @@ class ServerTeacherSource(TeacherSource):
         Each sequence (packed segment) is its own prompt; prompts are grouped into requests of at most
         `request_tokens` tokens, so a batch costs a few HTTP round trips rather than one per sequence.
         """
-        if TEACHER_TICKET in batch:
+        if self.ticket_key in batch:
             return
         input_ids = batch["input_ids"].cpu().numpy()
         labels = batch.get("labels")
@@ -83,7 +85,7 @@ class ServerTeacherSource(TeacherSource):
         with self._lock:
             ticket = next(self._tickets)
             self._pending[ticket] = work
-        batch[TEACHER_TICKET] = ticket
+        batch[self.ticket_key] = ticket
 
     def _prompt(self, sequence: list[int], labels: list[int] | None, where: str) -> tuple[list[int], object] | None:
         """The prompt that asks for a sequence's teacher entries (its `labels` where the batch has them), and what
@@ -101,15 +103,15 @@ class ServerTeacherSource(TeacherSource):
         The trainer calls this with the same epoch iterator at every step; the lookahead is kept for it.
         """
         if self._lookahead is None or self._lookahead.source is not batches:
-            self._lookahead = _Lookahead(batches, self.client.settings.prefetch, self.submit)
+            self._lookahead = Lookahead(batches, self.client.settings.prefetch, self.submit)
         return self._lookahead
 
     def get_signal(self, batch: dict[str, Tensor]) -> TopKSignal:
         """TopKSignal (B, T, k) aligned with the student; -inf where a position has no teacher entry."""
-        if TEACHER_TICKET not in batch:
+        if self.ticket_key not in batch:
             self.submit(batch)  # not drawn through `prefetched` (evaluation): ask now
         with self._lock:
-            work = self._pending.pop(batch[TEACHER_TICKET])
+            work = self._pending.pop(batch[self.ticket_key])
         try:
             answers = [(segment, plan, answer) for future, group in work
                        for (segment, plan), answer in zip(group, future.result())]
@@ -137,7 +139,7 @@ class ServerTeacherSource(TeacherSource):
         self.client.close()
 
 
-class _Lookahead:
+class Lookahead:
     """An iterator that draws `depth` items ahead of the one it hands out, calling `on_draw` on each."""
 
     def __init__(self, source: Iterator, depth: int, on_draw: Callable[[dict], None]) -> None:
@@ -147,7 +149,7 @@ class _Lookahead:
         self._queue: deque = deque()
         self._done = False
 
-    def __iter__(self) -> _Lookahead:
+    def __iter__(self) -> Lookahead:
         return self
 
     def __next__(self):

@@ -112,7 +112,7 @@ def test_rl_is_refused(load):
         ({"teacher": {"source": "server", "base_url": "http://h:1", "timeout": 5}},
          "xkd.teacher.timeout (did you mean `timeout_s`?)"),
         ({"generation": {"temprature": 0.5}}, "xkd.generation.temprature (did you mean `temperature`?)"),
-        ({"zzz": 1}, "xkd.zzz (the keys of `xkd`: preset, teacher, divergence,"),
+        ({"zzz": 1}, "xkd.zzz (the keys of `xkd`: preset, teacher, teachers, mixture,"),
     ],
 )
 def test_unknown_keys_are_named_with_the_closest_known_key(load, override, fragment):
