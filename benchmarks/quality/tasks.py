@@ -43,6 +43,22 @@ def arithmetic_v2(rng: random.Random) -> Row:
     return {"prompt": f"{a}+{b}+{c}=", "response": f"{a}+{b}={a + b:02d},{a + b:02d}+{c}={a + b + c:02d}"}
 
 
+def arithmetic_sub(rng: random.Random) -> Row:
+    """arithmetic_v2's worked format with a subtraction second: '3+4-2=' -> '3+4=07,07-2=05' (c <= a+b, so no number
+    is negative)."""
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    c = rng.randint(0, min(9, a + b))
+    return {"prompt": f"{a}+{b}-{c}=", "response": f"{a}+{b}={a + b:02d},{a + b:02d}-{c}={a + b - c:02d}"}
+
+
+def arithmetic_split(rng: random.Random) -> Row:
+    """Half arithmetic_v2 rows, half arithmetic_sub rows, each with a `teacher` field naming its half ("add" or
+    "sub"): the task of two specialists that each know half (benchmarks/quality/specialists.py, issue 34)."""
+    if rng.random() < 0.5:
+        return {**arithmetic_v2(rng), "teacher": "add"}
+    return {**arithmetic_sub(rng), "teacher": "sub"}
+
+
 def translation(rng: random.Random) -> Row:
     """2-4 source words -> their target words in reverse order: 'ba ke:' -> 'lum dok'."""
     words = [rng.choice(list(LEXICON)) for _ in range(rng.randint(2, 4))]
@@ -138,6 +154,7 @@ TASKS = {
     "translation": Task("translation", translation, bleu, "BLEU"),
     "summary": Task("summary", summary, rouge_l, "ROUGE-L"),
     "arithmetic_v2": Task("arithmetic_v2", arithmetic_v2, exact_match, "accuracy"),
+    "arithmetic_split": Task("arithmetic_split", arithmetic_split, exact_match, "accuracy"),
 }
 STUDY_TASKS = ["arithmetic", "translation", "summary"]  # the published study (scripts/quality.sh)
 
