@@ -260,7 +260,7 @@ def check_mixture(config: XKDConfig) -> None:
         raise ValueError("xkd.teacher and xkd.teachers are both set; keep one: `teacher` for one teacher, `teachers` "
                          "(a list of named teacher blocks) for several")
     if teachers is None:
-        extra = [key for key in MIXTURE_KEYS if key in config.model_fields_set]
+        extra = [key for key in MIXTURE_KEYS if _changed(config, key)]
         if extra:
             raise ValueError(f"xkd.{extra[0]} is read only with xkd.teachers (several teachers); remove it, or list "
                              "the teachers under `teachers:`")
@@ -277,7 +277,7 @@ def check_mixture(config: XKDConfig) -> None:
               "weighted": ("route_column", "default_teacher", "confidence_score", "confidence_temperature"),
               "confidence": ("route_column", "default_teacher")}[mixture]
     for key in unread:
-        if key in config.model_fields_set:
+        if _changed(config, key):
             raise ValueError(f"xkd.{key} is not read with xkd.mixture: {mixture}; remove it")
     if mixture == "route" and config.route_column is None:
         raise ValueError("xkd.mixture: route needs xkd.route_column, the dataset column that names each row's teacher "
@@ -287,6 +287,12 @@ def check_mixture(config: XKDConfig) -> None:
     if "precomputed" in {t.source for t in teachers}:
         raise ValueError("xkd.teachers: a `source: precomputed` teacher is not supported in a list of teachers yet; "
                          "use source: model or server for each, or one precomputed `xkd.teacher`")
+
+
+def _changed(config: XKDConfig, key: str) -> bool:
+    """Whether `key` holds another value than its default (Axolotl validates the block, then hands the plugin the
+    block with every default filled in, so which keys were written cannot be told)."""
+    return getattr(config, key) != type(config).model_fields[key].default
 
 
 MIXTURE_KEYS = ("mixture", "route_column", "default_teacher", "confidence_score", "confidence_temperature",

@@ -62,17 +62,17 @@ def check_store(value: str, key: str, *, store_format: str) -> None:
         )
 
 
-def check_teacher(teacher, *, training: bool) -> None:
-    """The places of an `xkd.teacher` block (args.py's ModelTeacher / PrecomputedTeacher / ServerTeacher) that a run
-    reads: the store always (it is the training data, also for `axolotl preprocess`); a model's path and
+def check_teacher(teacher, *, training: bool, where: str = "xkd.teacher") -> None:
+    """The places of a teacher block (args.py's ModelTeacher / PrecomputedTeacher / ServerTeacher, found at `where`)
+    that a run reads: the store always (it is the training data, also for `axolotl preprocess`); a model's path and
     tokenizer_path (a model's, or a server's of another tokenizer) when training."""
     source = getattr(teacher, "source", None)
     if source == "precomputed":
-        check_store(teacher.path, "xkd.teacher.path", store_format=teacher.format)
+        check_store(teacher.path, f"{where}.path", store_format=teacher.format)
     elif source == "model" and training:
-        check_model_location(teacher.path, "xkd.teacher.path")
+        check_model_location(teacher.path, f"{where}.path")
     if source in ("model", "server") and training and teacher.tokenizer_path is not None:
-        check_model_location(teacher.tokenizer_path, "xkd.teacher.tokenizer_path")
+        check_model_location(teacher.tokenizer_path, f"{where}.tokenizer_path")
 
 
 def check_data_files(cfg) -> None:

@@ -14,7 +14,8 @@ import random
 from torch import Tensor, nn
 
 from axolotl_xkd.args import GenerationSettings
-from axolotl_xkd.sequences import collate_rows, prompt_seed, prompts_of, response_rows, sample_responses
+from axolotl_xkd.keys import ROUTE
+from axolotl_xkd.sequences import collate_rows, prompt_seed, prompts_of, response_rows, routes_of, sample_responses
 
 
 class OnPolicySampler:
@@ -59,7 +60,11 @@ class OnPolicySampler:
             responses = [answers[tuple(p)] for p in prompts]
             self.sequences += len(responses)
             self.tokens += sum(map(len, responses))
-            out.append(collate_rows(response_rows(prompts, responses), pad_id=self.pad_id, like=batch))
+            rows = response_rows(prompts, responses)
+            if ROUTE in batch:  # a routed sample keeps its prompt's teacher
+                for row, route in zip(rows, routes_of(batch)):
+                    row[ROUTE] = [route] * len(row["input_ids"])
+            out.append(collate_rows(rows, pad_id=self.pad_id, like=batch))
         return out
 
     def _answers(self, model: nn.Module, prompts: set[tuple[int, ...]], step: int) -> dict[tuple[int, ...], list[int]]:

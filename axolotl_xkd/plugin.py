@@ -74,23 +74,35 @@ class XKDPlugin(BasePlugin):
 
     def load_datasets(self, cfg, preprocess: bool = False):
         """The first hook of `axolotl train` and `preprocess` (0.19 and 0.21) after the config is validated, before
-        the dataset is prepared and the model loaded: the teacher's places and tokenizer are checked here, then a
-        precomputed store is read as the training data."""
+        the dataset is prepared and the model loaded: every teacher's places and tokenizer are checked here, then a
+        precomputed store is read as the training data, or routed rows are prepared with their teacher."""
         config = self._xkd_config(cfg)
         if config is None:
             return None
         from axolotl_xkd.locations import check_data_files, check_teacher
 
-        check_teacher(config.teacher, training=not preprocess)
+        blocks = config.teacher_blocks
+        where = ["xkd.teacher"] if config.teachers is None else [f"xkd.teachers[{i}]" for i in range(len(blocks))]
+        for block, key in zip(blocks, where):
+            check_teacher(block, training=not preprocess, where=key)
         precomputed = getattr(config.teacher, "source", None) == "precomputed"
         if not precomputed:  # else the store is the training data
             check_data_files(cfg)
         if not preprocess:
+            from functools import cache
+
             from axolotl.loaders import load_tokenizer
 
             from axolotl_xkd.wiring import check_teacher_tokenizer
 
-            check_teacher_tokenizer(config.teacher, lambda: load_tokenizer(cfg))
+            student_tokenizer = cache(lambda: load_tokenizer(cfg))
+            for block, key in zip(blocks, where):
+                check_teacher_tokenizer(block, student_tokenizer, where=key)
+        if config.mixture == "route":
+            from axolotl_xkd.routing import load_routed_datasets
+
+            return load_routed_datasets(cfg, column=config.route_column, names=[t.name for t in config.teachers],
+                                        default=config.default_teacher)
         if not precomputed:
             return None
         from axolotl_xkd.store.read import load_datasets_meta
@@ -99,9 +111,14 @@ class XKDPlugin(BasePlugin):
 
     def get_collator_cls_and_kwargs(self, cfg, is_eval: bool = False):
         config = self._xkd_config(cfg)
-        if config is None or getattr(config.teacher, "source", None) != "precomputed":
+        if config is None:
             return None
         from axolotl_xkd.store.collate import collator_for
+
+        if config.mixture == "route":
+            return collator_for(cfg, is_eval=is_eval)
+        if getattr(config.teacher, "source", None) != "precomputed":
+            return None
         from axolotl_xkd.store.read import store_top_k
 
         return collator_for(cfg, is_eval=is_eval, top_k=store_top_k(config.teacher))

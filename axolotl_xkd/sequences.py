@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from axolotl_xkd.args import GenerationSettings
+from axolotl_xkd.keys import ROUTE
 from axolotl_xkd.losses.positions import IGNORE_INDEX
 
 
@@ -74,10 +75,22 @@ def prompt_to_answer(input_ids, labels, *, eos_id: int | None) -> list[int] | No
 
 def prompts_of(batch: dict[str, Tensor]) -> list[list[int]]:
     """The prompt of every sequence of `batch` that has a response (sequences without labels are left out)."""
+    return [prompt for prompt, _ in _prompts_with_segments(batch)]
+
+
+def routes_of(batch: dict[str, Tensor]) -> list[int]:
+    """The teacher (`keys.ROUTE`, under `mixture: route`) of each sequence `prompts_of` returns, in the same order."""
+    route = batch[ROUTE].cpu()
+    return [int(route[b, start]) for _, (b, start, _) in _prompts_with_segments(batch)]
+
+
+def _prompts_with_segments(batch: dict[str, Tensor]) -> list[tuple[list[int], tuple[int, int, int]]]:
+    """(prompt, segment) of every sequence of `batch` that has a response."""
     input_ids = batch["input_ids"].cpu().numpy()
     labels = batch["labels"].cpu().numpy()
-    prompts = (prompt_of(input_ids[b, start:end], labels[b, start:end]) for b, start, end in segments(batch))
-    return [p for p in prompts if p is not None]
+    found = ((prompt_of(input_ids[b, start:end], labels[b, start:end]), (b, start, end))
+             for b, start, end in segments(batch))
+    return [(p, segment) for p, segment in found if p is not None]
 
 
 def prompt_seed(seed: int, step: int, prompt: list[int] | tuple[int, ...]) -> int:
@@ -174,13 +187,15 @@ def right_pad(sequences: list, pad_value: int) -> tuple[Tensor, Tensor]:
 
 
 def collate_rows(rows: list[dict[str, list[int]]], *, pad_id: int, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Right-padded input_ids, labels, attention_mask (and position_ids when `like` has them), one sequence per
-    row, on the device and with the dtypes of the batch `like`."""
+    """Right-padded input_ids, labels, attention_mask (and position_ids when `like` has them, the route column when
+    the rows have it), one sequence per row, on the device and with the dtypes of the batch `like`."""
     ids, mask = right_pad([r["input_ids"] for r in rows], pad_id)
     labels, _ = right_pad([r["labels"] for r in rows], IGNORE_INDEX)
     width = ids.shape[1]
     device = like["input_ids"].device
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if ROUTE in rows[0]:  # each sequence's teacher, -1 on padding
+        batch[ROUTE], _ = right_pad([r[ROUTE] for r in rows], -1)
     if "position_ids" in like:
         batch["position_ids"] = torch.arange(width).expand(len(rows), width).clone()
     return {k: v.to(device=device, dtype=like[k].dtype if k in like else v.dtype) for k, v in batch.items()}

@@ -368,10 +368,13 @@ class XKDTrainer(AxolotlTrainer, _CrossEntropyPerplexity):
         super().log(logs, start_time)
 
     def _xkd_step_logs(self) -> dict[str, float]:
-        """The on-policy statistics and the step's time shares since the last log, under xkd/."""
+        """The on-policy statistics, the teacher's (a mixture's per-teacher shares) and the step's time shares since
+        the last log, under xkd/."""
         logs = self._xkd_time.shares(STEP_PARTS)
         if self.xkd is not None and self.xkd.sampler is not None:
             logs.update(self.xkd.sampler.metrics())
+        if self.xkd is not None and self.xkd.teacher is not None:
+            logs.update(self.xkd.teacher.metrics())
         return {f"xkd/{k}": round(v, 6) for k, v in logs.items()}
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -70,11 +70,11 @@ def attach_reward_head(model: nn.Module, config: XKDConfig) -> VariationalReward
 
 
 def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSource | None:
-    """The teacher source the loss needs, or None when no term reads the teacher."""
-    if config.teacher is None or not hyperparams(config).needs_teacher:
+    """The teacher source the loss needs (several teachers: their mixture), or None when no term reads the teacher."""
+    if not config.teacher_blocks or not hyperparams(config).needs_teacher:
         return None
     teacher = config.teacher
-    if teacher.source == "precomputed":
+    if teacher is not None and teacher.source == "precomputed":
         from axolotl_xkd.store.read import store_top_k
         from axolotl_xkd.teachers.precomputed import PrecomputedTeacherSource
 
@@ -82,14 +82,26 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
     from axolotl_xkd.teachers.build import build_teacher
 
     student_model = base_model(student)
-    return build_teacher(
-        teacher,
-        student_tokenizer=trainer.processing_class,
-        dtype=student_model.dtype,
-        device=trainer.args.device,
-        attn_implementation=getattr(student_model.config, "_attn_implementation", None),
-        ds_config=trainer.accelerator.state.deepspeed_plugin.deepspeed_config if trainer.is_deepspeed_enabled else None,
-    )
+    options = {
+        "student_tokenizer": trainer.processing_class,
+        "dtype": student_model.dtype,
+        "device": trainer.args.device,
+        "attn_implementation": getattr(student_model.config, "_attn_implementation", None),
+        "ds_config": trainer.accelerator.state.deepspeed_plugin.deepspeed_config if trainer.is_deepspeed_enabled
+        else None,
+    }
+    if teacher is not None:
+        return build_teacher(teacher, **options)
+    from axolotl_xkd.teachers.mixture import Member, MixtureTeacherSource
+
+    members = [Member(block.name, build_teacher(block, **options), block.weight) for block in config.teachers]
+    for block in config.teachers:
+        LOG.info("X-KD teacher %r: source %s, %s, %s, weight %g", block.name, block.source,
+                 getattr(block, "path", None) or getattr(block, "base_url", None),
+                 "another tokenizer" if block.cross_tokenizer else "the student's tokenizer", block.weight)
+    return MixtureTeacherSource(members, mixture=config.mixture, vocab_size=len(trainer.processing_class),
+                                top_k=config.mixture_top_k, score=config.confidence_score,
+                                temperature=config.confidence_temperature)
 
 
 def teacher_tokenizer_key(teacher) -> str | None:
@@ -107,7 +119,7 @@ def teacher_tokenizer_key(teacher) -> str | None:
     return key if getattr(teacher, key) is not None else None
 
 
-def check_teacher_tokenizer(teacher, student_tokenizer: Callable[[], object]) -> None:
+def check_teacher_tokenizer(teacher, student_tokenizer: Callable[[], object], *, where: str = "xkd.teacher") -> None:
     """The teacher's tokenizer against the student's (`student_tokenizer` loads it, only when there is something to
     check), before the dataset is prepared and the student loads (tokenizers load in seconds, an 8B student in
     minutes): the same-tokenizer rule without cross_tokenizer; with it, that both can be read byte by byte."""
@@ -120,7 +132,7 @@ def check_teacher_tokenizer(teacher, student_tokenizer: Callable[[], object]) ->
     from axolotl_xkd.frozen_teacher import check_same_tokenizer
 
     path = getattr(teacher, key)
-    where = f"xkd.teacher.{key}={path!r}"
+    where = f"{where}.{key}={path!r}"
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=getattr(teacher, "trust_remote_code", False))
     student = student_tokenizer()
     if not teacher.cross_tokenizer:

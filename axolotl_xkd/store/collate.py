@@ -1,4 +1,5 @@
-"""Collators that keep a precomputed teacher's top-k columns through padding and sample packing.
+"""Collators that keep a precomputed teacher's top-k columns (or a routed row's teacher) through padding and sample
+packing.
 
 Rows store the top-k of their response positions only (see store/format.py); these collators expand each
 row to (T_row, k) aligned with its tokens (-inf log-probs where there is no teacher entry), pack
@@ -19,7 +20,7 @@ from axolotl.utils.collators.batching import (
     V2BatchSamplerDataCollatorForSeq2Seq,
 )
 
-from axolotl_xkd.keys import TEACHER_IDS, TEACHER_LOGPROBS, TOPK_COLUMNS
+from axolotl_xkd.keys import ROUTE, TEACHER_IDS, TEACHER_LOGPROBS, TOPK_COLUMNS
 from axolotl_xkd.store.format import decode, response_mask
 
 
@@ -94,16 +95,52 @@ class TopKBatchSamplerCollator(_TopKMixin, BatchSamplerDataCollatorForSeq2Seq):
     packed: bool = True
 
 
-def collator_for(cfg, *, is_eval: bool, top_k: int) -> tuple[type, dict]:
-    """The top-k collator matching the one Axolotl's trainer builder would pick for this config."""
+class _RouteMixin:
+    """Pops the per-token route column (`keys.ROUTE`) before the base collator runs and adds it back as (B, T)
+    int64, packed rows concatenated as the base collator packs them, padding -1 (no teacher)."""
+
+    def __call__(self, features, return_tensors=None):
+        packs = features if isinstance(features[0], list) else [[f] for f in features]
+        routes = [np.concatenate([np.asarray(f.pop(ROUTE), dtype=np.int64) for f in pack]) for pack in packs]
+        batch = super().__call__(features, return_tensors=return_tensors)
+        width = batch["input_ids"].shape[1]
+        route = torch.full((len(routes), width), -1, dtype=torch.long)
+        left = self.tokenizer.padding_side == "left"
+        for b, row in enumerate(routes):
+            route[b, slice(width - len(row), width) if left else slice(0, len(row))] = torch.from_numpy(row)
+        batch[ROUTE] = route
+        return batch
+
+
+@dataclass
+class RoutedDataCollator(_RouteMixin, DataCollatorForSeq2Seq):
+    """Unpacked batches: Axolotl's DataCollatorForSeq2Seq plus each token's teacher."""
+
+
+@dataclass
+class RoutedV2BatchSamplerCollator(_RouteMixin, V2BatchSamplerDataCollatorForSeq2Seq):
+    """Sample packing (Axolotl's V2 multipack collator) plus each token's teacher."""
+
+
+@dataclass
+class RoutedBatchSamplerCollator(_RouteMixin, BatchSamplerDataCollatorForSeq2Seq):
+    """Sample packing with Axolotl's V1 multipack collator plus each token's teacher."""
+
+
+def collator_for(cfg, *, is_eval: bool, top_k: int | None = None) -> tuple[type, dict]:
+    """The collator matching the one Axolotl's trainer builder would pick for this config: with a store's top-k
+    (`top_k`), or else with the route column."""
     from axolotl.monkeypatch.multipack import SUPPORTED_MULTIPACK_MODEL_TYPES
 
+    unpacked, v2, v1 = ((TopKDataCollator, TopKV2BatchSamplerCollator, TopKBatchSamplerCollator) if top_k is not None
+                        else (RoutedDataCollator, RoutedV2BatchSamplerCollator, RoutedBatchSamplerCollator))
+    kwargs = {"top_k": top_k} if top_k is not None else {}
     packed = bool(cfg.eval_sample_packing) if is_eval else bool(cfg.sample_packing)
     if not packed:
-        return TopKDataCollator, {"top_k": top_k}
-    v2 = (
+        return unpacked, kwargs
+    use_v2 = (
         cfg.attn_implementation == "flex_attention"
         or cfg.model_config_type in SUPPORTED_MULTIPACK_MODEL_TYPES
         or (cfg.model_config_type == "llama" and cfg.attn_implementation != "flash_attention_2")
     )
-    return (TopKV2BatchSamplerCollator if v2 else TopKBatchSamplerCollator), {"top_k": top_k}
+    return (v2 if use_v2 else v1), kwargs

@@ -19,7 +19,8 @@ class TeacherSource:
     Subclasses implement `get_signal`; the other members are capabilities a source may add:
     - `fusable` / `get_hidden_signal`: the teacher's hidden states and output layer, so the chunked loss forms
       the teacher's logits a chunk at a time (the in-process model with a plain Linear output layer);
-    - `prefetched` / `submit`: ask a remote teacher ahead of the step that needs the answer (the server).
+    - `prefetched` / `submit`: ask a remote teacher ahead of the step that needs the answer (the server);
+    - `metrics`: statistics to log (a mixture's per-teacher shares and weights).
     """
 
     def get_signal(self, batch: dict[str, Tensor]) -> TeacherSignal:
@@ -41,3 +42,7 @@ class TeacherSource:
 
     def submit(self, batch: dict[str, Tensor]) -> None:
         """Start the teacher's work for `batch` before `get_signal` asks for it; by default nothing to start."""
+
+    def metrics(self) -> dict[str, float]:
+        """The source's statistics since the last call (logged under xkd/ at each log step); by default none."""
+        return {}
