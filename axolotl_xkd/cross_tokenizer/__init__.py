@@ -18,8 +18,8 @@ trainer, Axolotl or the config schema.
 """
 
 from axolotl_xkd.cross_tokenizer.alignment import AlignedSegment, Aligner, matching_blocks
-from axolotl_xkd.cross_tokenizer.projection import HiddenRows, Projection, path_rows, project
+from axolotl_xkd.cross_tokenizer.projection import Projection, path_rows, project
 from axolotl_xkd.cross_tokenizer.token_bytes import KEY, RULE, VocabMap, check_readable, token_pieces
 
-__all__ = ["KEY", "RULE", "AlignedSegment", "Aligner", "HiddenRows", "Projection", "VocabMap", "check_readable",
+__all__ = ["KEY", "RULE", "AlignedSegment", "Aligner", "Projection", "VocabMap", "check_readable",
            "matching_blocks", "path_rows", "project", "token_pieces"]

@@ -2,16 +2,17 @@
 alignment found, turned into a top-k signal in student ids, with the observed path's mass on the student's own
 next token (docs/cross_tokenizer.md).
 
-Imports torch, the token bytes and the loss's tail floor and precision policy; knows nothing of the trainer, Axolotl
-or the schema.
+Imports torch, the token bytes and the loss's tail floor, precision policy and dense hidden signal; knows nothing of
+the trainer, Axolotl or the schema.
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,6 +20,7 @@ from torch import Tensor
 from axolotl_xkd.cross_tokenizer.token_bytes import VocabMap
 from axolotl_xkd.losses.categories import TAIL_FLOOR
 from axolotl_xkd.losses.precision import upcast
+from axolotl_xkd.losses.signal import DenseHiddenSignal
 
 if TYPE_CHECKING:
     from axolotl_xkd.cross_tokenizer.alignment import AlignedSegment
@@ -114,33 +116,23 @@ def _longest(trie: dict, piece: bytes, offset: int) -> int:
     return found
 
 
-@dataclass(frozen=True)
-class HiddenRows:
-    """The teacher's log-probs over its `size` tokens at P positions, given as its last hidden states there (P, H)
-    and its output layer (V, H): indexed like the (P, V_T) tensor, each block of rows is formed when it is read (as
-    the fused loss forms the teacher's logits), so no (P, V_T) logits or log-probs exist at once."""
+class _Entries(NamedTuple):
+    """How `project` reads its entries' log-probs: `read(rows)` gives the rows' log-probs, (n, width), in `dtype` on
+    `device`."""
 
-    hidden: Tensor
-    weight: Tensor
-    bias: Tensor | None
-    size: int
+    read: Callable[[Tensor], Tensor]
+    width: int
+    dtype: torch.dtype
+    device: torch.device
 
-    def __getitem__(self, rows: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias[: self.size]
-        logits = torch.nn.functional.linear(self.hidden[rows], self.weight[: self.size], bias)
-        return torch.log_softmax(upcast(logits), dim=-1)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.hidden.shape[0], self.size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return upcast(self.hidden.new_zeros(())).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.hidden.device
+    @classmethod
+    def of(cls, entry_logprobs: Tensor | DenseHiddenSignal) -> _Entries:
+        """A tensor is indexed; a teacher's hidden states and output layer form each block's log-probs when it is
+        read (`DenseHiddenSignal.log_probs`), as the fused loss forms the teacher's logits."""
+        if isinstance(entry_logprobs, DenseHiddenSignal):
+            dtype = upcast(entry_logprobs.hidden.new_zeros(())).dtype
+            return cls(entry_logprobs.log_probs, entry_logprobs.vocab_size, dtype, entry_logprobs.hidden.device)
+        return cls(entry_logprobs.__getitem__, entry_logprobs.shape[-1], entry_logprobs.dtype, entry_logprobs.device)
 
 
 def path_rows(segments: list[AlignedSegment]) -> list[tuple[int, int]]:
@@ -197,7 +189,7 @@ class _Plan:
                    tokens=tensor(tokens), tail_lows=tail_runs[:, 0], tail_highs=tail_runs[:, 1])
 
 
-def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logprobs: Tensor | HiddenRows,
+def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logprobs: Tensor | DenseHiddenSignal,
             actions: Tensor, projection: Projection, *, top_k: int,
             chunk_elements: int = 1 << 22) -> tuple[Tensor, Tensor]:
     """The teacher's entries at the segments' student positions, in order -> (ids, log-probs), (P, k + 1), over
@@ -206,10 +198,11 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logp
     `entry_ids`, `entry_logprobs` (P + X, K): the teacher tokens and log-probs at each position's teacher position j
     (what a server sent; -inf pads), then at the X teacher positions of the observed paths (`path_rows`), or
     `entry_ids` None and `entry_logprobs` (P + X, V_T) over every teacher token in id order (a teacher run here:
-    read through the projection's index tables, no (P, V_T) id tensor; `HiddenRows` forms those log-probs a block of
-    rows at a time). Each entry whose bytes start with the position's r gives its probability to the student token
-    of the projection table; entries equal to r give theirs to no one (the tail). Where r is not empty the sums are
-    divided by the mass of the entries that start with r. The teacher's own next token gives the student's own next
+    read through the projection's index tables, no (P, V_T) id tensor; or its hidden states there and its output layer
+    cut to its vocabulary, a `DenseHiddenSignal` whose `log_probs` forms them a block of rows at a time). Each entry
+    whose bytes start with the position's r gives its probability to the student token of the projection table;
+    entries equal to r give theirs to no one (the tail). Where r is not empty the sums are divided by the mass of the
+    entries that start with r. The teacher's own next token gives the student's own next
     token `actions` (P,) its mass along the observed path: all of it where it covers that token, else times the
     teacher's probability of its further tokens inside it (docs/cross_tokenizer.md). The record is the k most likely
     student tokens plus one slot for the student's own next token when it has mass outside those k (-inf otherwise,
@@ -219,18 +212,19 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logp
     reverse KL infinite."""
     k = min(top_k, projection.student_size)
     size = projection.student_size
-    device = entry_logprobs.device
+    entries = _Entries.of(entry_logprobs)
+    device = entries.device
     tables = projection.tables(device)
     plan = _Plan.of(segments, projection, device)
     count = plan.columns.numel()
     actions = actions.to(device)
     first_sids = torch.where(plan.firsts >= 0, _column(plan.firsts.clamp(min=0), plan.columns, tables), -1)
     follows = (plan.firsts >= 0) & (actions >= 0) & ((first_sids != actions) | plan.beyond)
-    path = _path_logprobs(plan, entry_ids, entry_logprobs, tables, count)
+    path = _path_logprobs(plan, entry_ids, entries, tables, count)
     out_ids = torch.zeros((count, k + 1), dtype=torch.long, device=device)
-    out_lps = torch.full((count, k + 1), -math.inf, dtype=entry_logprobs.dtype, device=device)
-    step = max(1, chunk_elements // max(entry_logprobs.shape[-1], size, 1))
-    one_to_one = entry_ids is None and projection.one_to_one and k <= entry_logprobs.shape[-1]
+    out_lps = torch.full((count, k + 1), -math.inf, dtype=entries.dtype, device=device)
+    step = max(1, chunk_elements // max(entries.width, size, 1))
+    one_to_one = entry_ids is None and projection.one_to_one and k <= entries.width
     spaced = plan.columns < 0  # only the student writes a dummy-prefix space: r empty, a space before each token
     groups = {"fast": ~plan.inside & ~spaced & ~follows & one_to_one, "inside": plan.inside, "spaced": spaced}
     groups["aligned"] = ~plan.inside & ~spaced & ~groups["fast"]
@@ -240,15 +234,15 @@ def project(segments: list[AlignedSegment], entry_ids: Tensor | None, entry_logp
                 continue
             own = actions[rows]
             if kind == "fast":
-                out_ids[rows], out_lps[rows] = _record_one_to_one(entry_logprobs[rows], own, k, tables, size)
+                out_ids[rows], out_lps[rows] = _record_one_to_one(entries.read(rows), own, k, tables, size)
                 continue
-            dense, first_lp = _dense(plan, rows, kind, entry_ids, entry_logprobs, tables, size)
+            dense, first_lp = _dense(plan, rows, kind, entry_ids, entries, tables, size)
             moved = torch.where(follows[rows], first_lp + path[rows], -math.inf)
             out_ids[rows], out_lps[rows] = _record(_moved(dense, first_sids[rows], own, moved), own, k)
     return out_ids, out_lps
 
 
-def _dense(plan: _Plan, rows: Tensor, kind: str, entry_ids: Tensor | None, entry_logprobs: Tensor | HiddenRows,
+def _dense(plan: _Plan, rows: Tensor, kind: str, entry_ids: Tensor | None, entries: _Entries,
            tables: ProjectionTables, size: int) -> tuple[Tensor, Tensor]:
     """The projected distribution (n, V_S) at the student positions `rows` of one `kind` ("aligned": r empty,
     "spaced": r empty with the student's dummy-prefix space before each teacher token, "inside": r not empty), and
@@ -257,14 +251,14 @@ def _dense(plan: _Plan, rows: Tensor, kind: str, entry_ids: Tensor | None, entry
     firsts = plan.firsts[rows].clamp(min=0)
     mapping = tables.spaced if kind == "spaced" else tables.whole
     if entry_ids is None:
-        lp = entry_logprobs[rows]
+        lp = entries.read(rows)
         first_lp = lp.gather(-1, firsts.unsqueeze(-1)).squeeze(-1)
         if kind != "inside":
             sources = tables.sources if kind == "aligned" else (mapping >= 0).nonzero().squeeze(-1)
             return _every_aligned(lp, sources, mapping[sources], size), first_lp
         dense, norm = _every_inside(lp, plan.columns[rows], plan.lows[rows], plan.highs[rows], tables, size)
         return dense, first_lp - norm
-    t, lp = entry_ids[rows].long(), entry_logprobs[rows]
+    t, lp = entry_ids[rows].long(), entries.read(rows)
     first_lp = _entry_logprob(t, lp, firsts)
     if kind == "inside":
         sid, lp, norm = _continuations(t, lp, plan.columns[rows], plan.lows[rows], plan.highs[rows], tables)
@@ -280,26 +274,26 @@ def _entry_logprob(t: Tensor, lp: Tensor, token: Tensor) -> Tensor:
     return torch.where(t == token.unsqueeze(-1), lp, -math.inf).amax(-1)
 
 
-def _path_logprobs(plan: _Plan, entry_ids: Tensor | None, entry_logprobs: Tensor | HiddenRows,
+def _path_logprobs(plan: _Plan, entry_ids: Tensor | None, entries: _Entries,
                    tables: ProjectionTables, count: int) -> Tensor:
     """Per student position (P,): the log-probability of the observed path past the teacher's own next token: the
     sum over the X path rows (after the P rows) of the teacher's log-prob of its own next token there, or, at the
     tail, of the mass of the tokens that start with q (0 where the path has no factor)."""
-    total = torch.zeros(count, dtype=entry_logprobs.dtype, device=entry_logprobs.device)
+    total = torch.zeros(count, dtype=entries.dtype, device=entries.device)
     factors = plan.owners.numel()
     if not factors:
         return total
-    rows = torch.arange(count, count + factors, device=entry_logprobs.device)
-    step = max(1, (1 << 22) // max(entry_logprobs.shape[-1], 1))
+    rows = torch.arange(count, count + factors, device=entries.device)
+    step = max(1, (1 << 22) // max(entries.width, 1))
     values = []
     for part in torch.arange(factors, device=rows.device).split(step):
         tokens, lows, highs = plan.tokens[part], plan.tail_lows[part], plan.tail_highs[part]
         if entry_ids is None:
-            lp = entry_logprobs[rows[part]]
+            lp = entries.read(rows[part])
             exact = lp.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             run = _run_mass(lp, lows, highs, tables)
         else:
-            t, lp = entry_ids[rows[part]].long(), entry_logprobs[rows[part]]
+            t, lp = entry_ids[rows[part]].long(), entries.read(rows[part])
             exact = _entry_logprob(t, lp, tokens)
             ranks = tables.rank[t]
             run = torch.where((ranks >= lows[:, None]) & (ranks < highs[:, None]), lp, -math.inf).logsumexp(-1)

@@ -70,28 +70,16 @@ class _Plan:
 
     @property
     def teacher_kind(self) -> str:
-        if self.teacher is None:
-            return "none"
-        return "topk" if isinstance(self.teacher, TopKSignal) else "dense"
+        """"none", or the signal's kind ("dense", "topk"): which math fused.py's hand-written gradients use."""
+        return "none" if self.teacher is None else self.teacher.kind
 
     def teacher_rows(self, start: int, stop: int, *, writable: bool = False) -> TeacherSignal | None:
-        """The teacher for flat positions [start, stop); a dense one as logits (a DenseHiddenSignal's formed here).
-
-        writable: dense logits come as a fresh, at least float32 tensor the caller may overwrite.
-        """
-        t = self.teacher
-        if t is None:
+        """The teacher for flat positions [start, stop), as the per-token terms read it (`formed`: a
+        DenseHiddenSignal's logits formed here). writable: dense logits come as a fresh, at least float32 tensor
+        the caller may overwrite."""
+        if self.teacher is None:
             return None
-        if isinstance(t, TopKSignal):
-            return TopKSignal(t.token_ids[start:stop], t.logprobs[start:stop])
-        if isinstance(t, DenseSignal):
-            logits = t.logits[start:stop]
-            fresh = upcast(logits)
-            return DenseSignal(fresh.clone() if writable and fresh is logits else fresh)
-        with torch.no_grad():
-            logits = t.hidden[start:stop] @ t.weight.T
-            logits = (logits + t.bias) if t.bias is not None else logits
-            return DenseSignal(upcast(logits) if writable else logits)
+        return self.teacher.rows(slice(start, stop)).formed(writable=writable)
 
 
 def _chunk_step(plan: _Plan, argnums: tuple[int, ...] | None):
@@ -218,16 +206,6 @@ class _ChunkedXKDFunction(torch.autograd.Function):
         return (*scaled, None)
 
 
-def _cut_vocabulary(teacher: ChunkedTeacher | None, vocab_size: int) -> ChunkedTeacher | None:
-    """A dense teacher cut to its first `vocab_size` tokens, as the caller asked for the student's output layer."""
-    if isinstance(teacher, DenseSignal):
-        return DenseSignal(teacher.logits[..., :vocab_size])
-    if isinstance(teacher, DenseHiddenSignal):
-        bias = teacher.bias[:vocab_size] if teacher.bias is not None else None
-        return DenseHiddenSignal(teacher.hidden, teacher.weight[:vocab_size], bias)
-    return teacher
-
-
 def _counted_rows(positions: Positions, params: XKDHyperparams) -> Tensor | None:
     """The flat rows the loss counts, where every term of a row reads that row alone (no TD term, or a fixed TD
     target: no TD pair with the next row); None where every row counts or a TD pair reads the next row."""
@@ -235,17 +213,6 @@ def _counted_rows(positions: Positions, params: XKDHyperparams) -> Tensor | None
         return None
     keep = positions.valid.nonzero().squeeze(-1)
     return None if keep.numel() == positions.valid.numel() else keep
-
-
-def _select_rows(teacher: ChunkedTeacher | None, index: Tensor) -> ChunkedTeacher | None:
-    """The flat teacher at the rows `index`."""
-    if isinstance(teacher, TopKSignal):
-        return TopKSignal(teacher.token_ids[index], teacher.logprobs[index])
-    if isinstance(teacher, DenseSignal):
-        return DenseSignal(teacher.logits[index])
-    if isinstance(teacher, DenseHiddenSignal):
-        return DenseHiddenSignal(teacher.hidden[index], teacher.weight, teacher.bias)
-    return teacher
 
 
 def _check_arguments(student_hidden: Tensor, labels: Tensor, *, chunk_size: int, mode: str) -> None:
@@ -302,14 +269,14 @@ def chunked_xkd_loss(
     if vocab_size is not None:
         output_weight = output_weight[:vocab_size]
         output_bias = output_bias[:vocab_size] if output_bias is not None else None
-        teacher = _cut_vocabulary(teacher, vocab_size)
+        teacher = teacher.cut(vocab_size) if teacher is not None else None
     n_rows = labels.numel()
     positions, flat = prepare(labels, teacher, mu, log_sigma, params=p,
                               vocab_size=output_weight.shape[0], position_ids=position_ids, eos_token_id=eos_token_id)
     rows, counted = student_hidden.reshape(n_rows, student_hidden.shape[-1]), positions
     keep = _counted_rows(positions, p)
     if keep is not None:  # only the counted rows need logits: the prompt's are never formed
-        rows, flat = rows.index_select(0, keep), _select_rows(flat, keep)
+        rows, flat = rows.index_select(0, keep), None if flat is None else flat.rows(keep)
         counted = Positions(*(None if t is None else t[keep] for t in positions))
     plan = _Plan(
         params=p,

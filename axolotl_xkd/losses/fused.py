@@ -33,10 +33,10 @@ from torch import Tensor
 from axolotl_xkd.losses.blocks import row_blocks
 from axolotl_xkd.losses.categories import drop_empty_tail, teacher_topk_categories, topk_mask
 from axolotl_xkd.losses.divergence import kl
-from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import DenseSignal, TeacherSignal, TopKSignal
 from axolotl_xkd.losses.td import td_consistency, td_difference
-from axolotl_xkd.losses.xkd import RowInputs, XKDHyperparams, first_rows, fixed_td_target
+from axolotl_xkd.losses.xkd import RowInputs, XKDHyperparams, fixed_td_target
+
 
 def supports(params: XKDHyperparams, teacher_kind: str, uses_td: bool) -> bool:
     """Whether `fused_chunk` computes this configuration (else chunked.py uses autograd)."""
@@ -297,7 +297,7 @@ def fused_chunk(logits: Tensor, mu: Tensor | None, log_sigma: Tensor | None, inp
     topk_kl = kd_on and p.divergence == "forward_kl" and isinstance(teacher, TopKSignal)
     fixed_td = nonterminal is not None and p.fixed_td_target
     # Read before pass 1 overwrites a dense teacher's buffer.
-    td_target = fixed_td_target(first_rows(teacher, n), safe[:n, 0], params=p,
+    td_target = fixed_td_target(teacher.rows(slice(0, n)), safe[:n, 0], params=p,
                                 vocab_size=logits.shape[-1]) if fixed_td else None
     ava = nonterminal is not None and p.q_form == "ava" and not fixed_td
     rows = _first_pass(logits, teacher, safe, row_mask, p, dense_kl=dense_kl, topk_kl=topk_kl, ava=ava)

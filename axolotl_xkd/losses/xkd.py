@@ -21,7 +21,7 @@ from axolotl_xkd.losses.categories import paired_categories, teacher_expectation
 from axolotl_xkd.losses.divergence import divergence
 from axolotl_xkd.losses.positions import IGNORE_INDEX, align_reward, nonterminal_next, shift_targets
 from axolotl_xkd.losses.precision import upcast
-from axolotl_xkd.losses.signal import DenseHiddenSignal, DenseSignal, TeacherSignal, TopKSignal
+from axolotl_xkd.losses.signal import DenseHiddenSignal, TeacherSignal
 from axolotl_xkd.losses.td import (
     gaussian_kl_to_prior,
     q_values,
@@ -169,27 +169,17 @@ def flat_teacher(teacher: TeacherSignal | DenseHiddenSignal, positions: torch.Si
     the teacher's extra entries are padding only the caller knows (the trainer cuts both to the tokenizer
     length); renormalising over a silently cut vocabulary would change p_T.
     """
-    per_position = teacher.hidden if isinstance(teacher, DenseHiddenSignal) else (
-        teacher.logits if isinstance(teacher, DenseSignal) else teacher.logprobs)
-    if per_position.shape[:-1] != positions:
-        raise ValueError(f"the teacher's {tuple(per_position.shape)} is not aligned with the student's (B, T) = "
-                         f"{tuple(positions)}: position i of the teacher must predict the same token as z_i")
-    n_rows, width = positions.numel(), per_position.shape[-1]
-    if isinstance(teacher, TopKSignal):
-        return TopKSignal(teacher.token_ids.reshape(n_rows, width), teacher.logprobs.reshape(n_rows, width))
-    if isinstance(teacher, DenseSignal):
-        got, what = width, "teacher logits have {} entries per position"
-    else:
-        got, what = teacher.weight.shape[0], "teacher output layer has {} rows"
-    if got != vocab_size:
+    if teacher.positions != positions:
+        raise ValueError(f"the teacher's {tuple(teacher.positions)} positions are not aligned with the student's "
+                         f"(B, T) = {tuple(positions)}: position i of the teacher must predict the same token as z_i")
+    if teacher.vocab_size is not None and teacher.vocab_size != vocab_size:
         raise ValueError(
-            f"{what.format(got)} but the student's vocabulary has {vocab_size}. X-KD compares full next-token "
-            "distributions over the same tokens, so they must match: slice both to the shared tokenizer vocabulary "
-            "(chunked_xkd_loss: pass vocab_size=<tokenizer length>), or use a top-k teacher."
+            f"the teacher's distributions cover {teacher.vocab_size} tokens but the student's vocabulary has "
+            f"{vocab_size}. X-KD compares full next-token distributions over the same tokens, so they must match: "
+            "slice both to the shared tokenizer vocabulary (chunked_xkd_loss: pass vocab_size=<tokenizer length>), "
+            "or use a top-k teacher."
         )
-    if isinstance(teacher, DenseSignal):
-        return DenseSignal(teacher.logits.reshape(n_rows, width))
-    return DenseHiddenSignal(teacher.hidden.reshape(n_rows, width), teacher.weight, teacher.bias)
+    return teacher.flat()
 
 
 def prepare(labels: Tensor, teacher: TeacherSignal | DenseHiddenSignal | None, mu: Tensor | None,
@@ -225,7 +215,7 @@ def token_terms(logits: Tensor, mu: Tensor | None, log_sigma: Tensor | None, row
             per_token = -logprobs[:n].gather(-1, safe_targets[:n]).squeeze(-1)
         else:
             s_cat, t_cat = paired_categories(
-                logprobs[:n], first_rows(teacher, n), temperature=p.temperature, topk_tail=p.topk_tail
+                logprobs[:n], teacher.rows(slice(0, n)), temperature=p.temperature, topk_tail=p.topk_tail
             )
             per_token = divergence(s_cat, t_cat, name=p.divergence, beta=p.beta, skew_alpha=p.skew_alpha)
             if p.scale_by_tau_squared:
@@ -312,13 +302,6 @@ def fixed_td_target(teacher: TeacherSignal, actions: Tensor, *, params: XKDHyper
         return teacher_token_logprob(teacher, actions, temperature=p.temperature, topk_tail=p.topk_tail,
                                      vocab_size=vocab_size)
     raise ValueError(f"td_target {p.td_target!r} is not one of the fixed targets {FIXED_TD_TARGETS}")
-
-
-def first_rows(teacher: TeacherSignal, n: int) -> TeacherSignal:
-    """The first n rows of a teacher signal (dropping a chunk's look-ahead row)."""
-    if isinstance(teacher, DenseSignal):
-        return DenseSignal(teacher.logits[:n])
-    return TopKSignal(teacher.token_ids[:n], teacher.logprobs[:n])
 
 
 def loss_output(logit_loss: Tensor, parts: tuple[Tensor, Tensor, Tensor], positions: Positions, *,

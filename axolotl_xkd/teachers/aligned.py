@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from axolotl_xkd.cross_tokenizer import KEY, AlignedSegment, Aligner, HiddenRows, path_rows, project
+from axolotl_xkd.cross_tokenizer import KEY, AlignedSegment, Aligner, path_rows, project
 from axolotl_xkd.frozen_teacher import output_layer_is_linear
 from axolotl_xkd.losses.positions import IGNORE_INDEX, response_mask
 from axolotl_xkd.losses.precision import upcast
-from axolotl_xkd.losses.signal import TopKSignal
+from axolotl_xkd.losses.signal import DenseHiddenSignal, TopKSignal
 from axolotl_xkd.sequences import segments
 from axolotl_xkd.server.client import TeacherServerClient
 from axolotl_xkd.teachers.base import TeacherSource
@@ -89,11 +89,13 @@ class AlignedTeacherSource(TeacherSource):
         self.coverage.report(responses, torch.isfinite(logprobs).any(-1))
         return TopKSignal(token_ids=token_ids, logprobs=logprobs)
 
-    def _teacher_logprobs(self, sequences: list[list[int]], seg_of: Tensor, t_pos: Tensor) -> Tensor | HiddenRows:
+    def _teacher_logprobs(self, sequences: list[list[int]], seg_of: Tensor,
+                          t_pos: Tensor) -> Tensor | DenseHiddenSignal:
         """The teacher run on its re-tokenized sequences (one right-padded row each): log-probs over its tokenizer's
         vocabulary at the P (sequence, position) pairs, in float32 (float64 for a float64 teacher). With a plain
-        Linear output layer, as `HiddenRows` (its hidden states at those pairs; `project` forms the log-probs a block
-        at a time); otherwise the (P, V_T) tensor from the model's own logits (softcapped or scaled heads)."""
+        Linear output layer, as a `DenseHiddenSignal` at those pairs cut to that vocabulary (`project` forms the
+        log-probs a block at a time, `log_probs`); otherwise the (P, V_T) tensor from the model's own logits
+        (softcapped or scaled heads)."""
         width = max(map(len, sequences))
         teacher_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -106,7 +108,7 @@ class AlignedTeacherSource(TeacherSource):
         size = self.aligner.vocab.teacher_size
         if self.fused:
             signal = hidden_signal(self.model, self.engine, inputs)
-            return HiddenRows(signal.hidden[seg_of, t_pos], signal.weight, signal.bias, size)
+            return signal.rows((seg_of, t_pos)).cut(size)
         logits = self.model(**inputs, use_cache=False).logits
         return torch.log_softmax(upcast(logits[seg_of, t_pos, :size]), dim=-1)
 

@@ -12,10 +12,11 @@ import math
 import pytest
 import torch
 
-from axolotl_xkd.cross_tokenizer import KEY, Aligner, HiddenRows, project
+from axolotl_xkd.cross_tokenizer import KEY, Aligner, project
 from axolotl_xkd.losses import DenseSignal, xkd_loss
 from axolotl_xkd.losses.categories import TAIL_FLOOR
 from axolotl_xkd.losses.positions import IGNORE_INDEX, shift_targets
+from axolotl_xkd.losses.signal import DenseHiddenSignal
 from axolotl_xkd.teachers.aligned import AlignedTeacherSource
 from axolotl_xkd.teachers.model import ModelTeacherSource
 from axolotl_xkd.tiny import build_model, build_tokenizer, encode_rows
@@ -119,7 +120,7 @@ def test_identical_tokenizers_reproduce_the_same_tokenizer_signal():
 
 
 def test_log_probs_formed_a_block_at_a_time_equal_the_whole_tensor():
-    """The in-process teacher's log-probs formed from its hidden states a block of rows at a time (`HiddenRows`,
+    """The in-process teacher's log-probs formed from its hidden states a block of rows at a time (`DenseHiddenSignal`,
     one row per block here) give the records of the (P, V_T) tensor of its own logits (the path of an output layer
     that is not a plain Linear), and get_signal takes the first path for a Linear head."""
     student, teacher = build_tokenizer(), sentencepiece()
@@ -133,10 +134,10 @@ def test_log_probs_formed_a_block_at_a_time_equal_the_whole_tensor():
     actions = torch.tensor([rows[n][i + 1] if i + 1 < len(rows[n]) else -1
                             for n, s in enumerate(segments) for i in s.student_positions])
     blocks = source._teacher_logprobs([s.teacher_ids for s in segments], seg_of, t_pos)
-    assert isinstance(blocks, HiddenRows)
+    assert isinstance(blocks, DenseHiddenSignal)
     source.fused = False
     whole = source._teacher_logprobs([s.teacher_ids for s in segments], seg_of, t_pos)
-    assert isinstance(whole, torch.Tensor) and whole.shape == blocks.shape
+    assert isinstance(whole, torch.Tensor) and whole.shape == (*blocks.positions, blocks.vocab_size)
     size = source.aligner.vocab.teacher_size
     got = project(segments, None, blocks, actions, source.aligner.projection, top_k=6, chunk_elements=size)
     want = project(segments, None, whole, actions, source.aligner.projection, top_k=6)
