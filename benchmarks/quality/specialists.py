@@ -242,8 +242,15 @@ def failure(work: Path, arm: str) -> str | None:
     if not logs:
         return None
     lines = [line.strip() for line in logs[-1].read_text().splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line or "error:" in line]
-    return f"`{(errors or lines or [''])[-1][:400]}` ({logs[-1].name})"
+    # The training process's own exception, not the launchers' CalledProcessError that follows it (pydantic puts
+    # the message on the line after its header).
+    errors = [n for n, line in enumerate(lines) if ("Error" in line or "Exception" in line) and ":" in line
+              and "CalledProcessError" not in line and not line.startswith(("File ", "Traceback"))]
+    if not errors:
+        return f"see {logs[-1].name}"
+    n = errors[-1]
+    text = lines[n] + (" " + lines[n + 1] if "validation error" in lines[n] and n + 1 < len(lines) else "")
+    return f"`{text[:600]}` ({logs[-1].name})"
 
 
 def report(runs: list[dict], info: dict, work: Path, command: str) -> str:
