@@ -284,9 +284,6 @@ def check_mixture(config: XKDConfig) -> None:
                          f"(one of {names})")
     if config.default_teacher is not None and config.default_teacher not in names:
         raise ValueError(f"xkd.default_teacher {config.default_teacher!r} is not one of xkd.teachers' names {names}")
-    if "precomputed" in {t.source for t in teachers}:
-        raise ValueError("xkd.teachers: a `source: precomputed` teacher is not supported in a list of teachers yet; "
-                         "use source: model or server for each, or one precomputed `xkd.teacher`")
 
 
 def _changed(config: XKDConfig, key: str) -> bool:

@@ -69,8 +69,9 @@ def attach_reward_head(model: nn.Module, config: XKDConfig) -> VariationalReward
     return head
 
 
-def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSource | None:
-    """The teacher source the loss needs (several teachers: their mixture), or None when no term reads the teacher."""
+def load_teacher(config: XKDConfig, trainer, student: nn.Module, *, sequence_len: int) -> TeacherSource | None:
+    """The teacher source the loss needs (several teachers: their mixture), or None when no term reads the teacher.
+    `sequence_len` is the config's, which a store among several teachers must have been written with."""
     if not config.teacher_blocks or not hyperparams(config).needs_teacher:
         return None
     teacher = config.teacher
@@ -94,10 +95,19 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module) -> TeacherSourc
         return build_teacher(teacher, **options)
     from axolotl_xkd.teachers.mixture import Member, MixtureTeacherSource
 
-    members = [Member(block.name, build_teacher(block, **options), block.weight) for block in config.teachers]
+    members = []
+    for i, block in enumerate(config.teachers):
+        if block.source == "precomputed":
+            from axolotl_xkd.teachers.recorded import RecordedTeacherSource
+
+            source = RecordedTeacherSource.open(block, name=block.name, where=f"xkd.teachers[{i}]",
+                                                tokenizer=trainer.processing_class, sequence_len=sequence_len)
+        else:
+            source = build_teacher(block, **options)
+        members.append(Member(block.name, source, block.weight))
     for block in config.teachers:
         LOG.info("X-KD teacher %r: source %s, %s, %s, weight %g", block.name, block.source,
-                 getattr(block, "path", None) or getattr(block, "base_url", None),
+                 getattr(block, "base_url", None) or block.path,
                  "another tokenizer" if block.cross_tokenizer else "the student's tokenizer", block.weight)
     return MixtureTeacherSource(members, mixture=config.mixture, vocab_size=len(trainer.processing_class),
                                 top_k=config.mixture_top_k, score=config.confidence_score,
@@ -160,7 +170,7 @@ def configure_trainer(trainer, config: XKDConfig, cfg) -> None:
                                 eos_token_id=tokenizer.eos_token_id).as_dict()
     trainer.configure_xkd(XKDSetup(
         params,
-        teacher=load_teacher(config, trainer, student),
+        teacher=load_teacher(config, trainer, student, sequence_len=int(cfg.sequence_len)),
         reward_head=head,
         detach_backbone=config.reward_detach_backbone,
         eos_token_id=tokenizer.eos_token_id,

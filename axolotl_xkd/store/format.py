@@ -77,6 +77,7 @@ class Manifest:
     # (cross_tokenizer.VocabMap.digest); the rows hold its aligned records in student ids, k = top_k slots.
     teacher_tokenizer_hash: str | None = None
     vocab_map: str | None = None
+    teacher_name: str | None = None  # the name of the `xkd.teachers` item it records (None: written for one teacher)
     # "<split>/shard-NNNNN" -> integrity.folder_sha256 of the shard, recorded when it is written (empty in a store
     # written before hashes existed: it loads with a warning).
     shard_sha256: dict[str, str] = field(default_factory=dict)

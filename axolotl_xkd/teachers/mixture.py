@@ -54,15 +54,8 @@ def available(signal: TeacherSignal) -> Tensor:
 def next_token_logprob(signal: TeacherSignal, next_ids: Tensor, vocab_size: int) -> Tensor:
     """(B, T) log p_j(u_{i+1} | u_<=i), the teacher's log-prob of the observed next token; a top-k teacher's unlisted
     token gets its tail spread evenly over the unlisted vocabulary (`categories.teacher_token_logprob`)."""
-    shape = next_ids.shape
-    flat = next_ids.reshape(-1)
-    if isinstance(signal, DenseSignal):
-        flat_signal = DenseSignal(signal.logits.reshape(flat.numel(), -1))
-    else:
-        width = signal.token_ids.shape[-1]
-        flat_signal = TopKSignal(signal.token_ids.reshape(-1, width), signal.logprobs.reshape(-1, width))
-    return teacher_token_logprob(flat_signal, flat, temperature=1.0, topk_tail=True,
-                                 vocab_size=vocab_size).reshape(shape)
+    return teacher_token_logprob(signal.flat(), next_ids.reshape(-1), temperature=1.0, topk_tail=True,
+                                 vocab_size=vocab_size).reshape(next_ids.shape)
 
 
 def neg_entropy(signal: TeacherSignal) -> Tensor:

@@ -1,0 +1,91 @@
+"""A teacher recorded in a store (`source: precomputed` among `xkd.teachers`): each sequence of a batch is looked up
+in the store by its tokens and labels, so the store needs neither the training data's order nor its routing, and
+weights or routes change without recomputing it.
+
+A single `xkd.teacher` store is the training data instead (store/read.py, the collator expands it); several stores
+cannot all be the data, so here the data is Axolotl's and each named store answers for the sequences it recorded.
+Imports torch, numpy and the store's reader; nothing of Axolotl or the trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from axolotl_xkd.keys import TOPK_COLUMNS
+from axolotl_xkd.losses.signal import TopKSignal
+from axolotl_xkd.sequences import segments
+from axolotl_xkd.teachers.base import TeacherSource
+
+LOG = logging.getLogger("axolotl_xkd")
+
+
+def sequence_key(input_ids, labels) -> bytes:
+    """The lookup key of one sequence: a digest of its token ids and labels (int64)."""
+    digest = hashlib.blake2b(np.asarray(input_ids, dtype=np.int64).tobytes(), digest_size=16)
+    digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return digest.digest()
+
+
+class RecordedTeacherSource(TeacherSource):
+    """The records of a store, placed at the response positions of every batch sequence the store holds."""
+
+    def __init__(self, splits: list, *, top_k: int, where: str) -> None:
+        self.splits = splits  # datasets.Dataset per split, rows as the store wrote them
+        self.top_k = top_k
+        self.where = where
+        self.index: dict[bytes, tuple[int, int]] = {}
+        for s, split in enumerate(splits):
+            table = split.data
+            for r, (ids, labels) in enumerate(zip(table.column("input_ids").to_pylist(),
+                                                  table.column("labels").to_pylist())):
+                self.index.setdefault(sequence_key(ids, labels), (s, r))
+
+    @classmethod
+    def open(cls, block, *, name: str, where: str, tokenizer, sequence_len: int) -> RecordedTeacherSource:
+        """The store of the named teacher `block` (found at `where` in the config), checked as a single store is
+        (tokenizer, sequence_len, k, the teacher pair across tokenizers) and refused when recorded for another name."""
+        from axolotl_xkd.store.format import MANIFEST, Manifest
+        from axolotl_xkd.store.read import check_manifest, check_teacher_pair, load_split
+
+        manifest = Manifest.read(block.path)
+        if manifest.teacher_name is not None and manifest.teacher_name != name:
+            raise ValueError(f"{Path(block.path) / MANIFEST}: the store was recorded for the teacher "
+                             f"{manifest.teacher_name!r}, but {where} is named {name!r}; point {where}.path at "
+                             f"{name!r}'s store, or precompute it (`axolotl xkd precompute CONFIG.yml`)")
+        check_manifest(manifest, block.path, tokenizer=tokenizer, sequence_len=sequence_len, top_k=block.top_k)
+        check_teacher_pair(manifest, block, tokenizer)
+        splits = [load_split(block.path, manifest, split) for split in manifest.splits]
+        LOG.info("X-KD teacher %r: store %s (k=%d, %s rows)", name, block.path, manifest.top_k, manifest.splits)
+        return cls(splits, top_k=manifest.top_k, where=f"{where}.path={block.path!r}")
+
+    def get_signal(self, batch: dict[str, Tensor]) -> TopKSignal:
+        """TopKSignal (B, T, k): each sequence's stored records at its response positions, -inf elsewhere."""
+        from axolotl_xkd.store.format import decode, response_mask
+
+        input_ids = batch["input_ids"].cpu().numpy()
+        labels = batch["labels"].cpu().numpy()
+        shape = (*input_ids.shape, self.top_k)
+        ids = torch.zeros(shape, dtype=torch.long)
+        logprobs = torch.full(shape, -torch.inf, dtype=torch.float32)
+        for b, start, end in segments(batch):
+            mask = response_mask(labels[b, start:end])
+            if not mask.any():
+                continue
+            found = self.index.get(sequence_key(input_ids[b, start:end], labels[b, start:end]))
+            if found is None:
+                raise KeyError(f"{self.where}: batch row {b} (tokens {start}..{end - 1}) is not in the store: it was "
+                               "recorded for other training data (another dataset, tokenizer settings or "
+                               "sequence_len). Precompute the store again with this config.")
+            row = self.splits[found[0]][found[1]]
+            stored_ids, stored_logprobs = decode({k: row[k] for k in TOPK_COLUMNS if k in row}, self.top_k)
+            at = start + np.flatnonzero(mask)
+            ids[b, at] = torch.from_numpy(stored_ids)
+            logprobs[b, at] = torch.from_numpy(stored_logprobs)
+        device = batch["input_ids"].device
+        return TopKSignal(token_ids=ids.to(device), logprobs=logprobs.to(device))
