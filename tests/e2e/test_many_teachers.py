@@ -124,3 +124,29 @@ def test_route_refuses_rows_that_name_no_teacher(two_teachers, tmp_path, edit, m
     logs = proc.stdout + proc.stderr
     assert proc.returncode != 0 and message in logs, logs[-3000:]
     assert not (Path(config["output_dir"]) / "checkpoint-2").exists()
+
+
+def test_a_store_among_routed_teachers_gives_the_in_process_teachers_loss(two_teachers, tmp_path):
+    """`source: precomputed` among teachers: a store of the whole vocabulary (k = V, float32), written by `axolotl xkd
+    precompute` from a one-teacher config, looked up row by row under route (packed), trains as the same teacher run
+    in process does (listing every id in the mixture, `mixture_top_k: V`)."""
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(two_teachers["tokenizer"]))
+    store = tmp_path / "store"
+    one = merged(base_config(two_teachers, tmp_path / "one"), {"xkd": {"teacher": {
+        "source": "precomputed", "path": str(store), "model_path": str(two_teachers["teacher"])}}})
+    run_cli(["axolotl", "xkd", "precompute", str(write_config(tmp_path / "one.yml", one)), "--top-k", str(vocab),
+             "--logprob-dtype", "float32"])
+    losses = {}
+    for kind, first in (("store", {"name": "add", "source": "precomputed", "path": str(store)}),
+                        ("model", in_process(two_teachers)[0])):
+        config = config_for(two_teachers, tmp_path / kind, [first, in_process(two_teachers)[1]], mixture="route",
+                            route_column="teacher", mixture_top_k=vocab)  # the in-process teacher lists every id
+        config["sample_packing"] = True
+        train(write_config(tmp_path / f"{kind}.yml", config))
+        losses[kind] = [(e["loss"], e["xkd/teacher/add/share"]) for e in steps(Path(config["output_dir"]))]
+    assert len(losses["store"]) == 4
+    for (store_loss, store_share), (model_loss, model_share) in zip(losses["store"], losses["model"]):
+        assert store_share == model_share
+        assert store_loss == pytest.approx(model_loss, rel=1e-4)
