@@ -150,3 +150,19 @@ def test_a_store_among_routed_teachers_gives_the_in_process_teachers_loss(two_te
     for (store_loss, store_share), (model_loss, model_share) in zip(losses["store"], losses["model"]):
         assert store_share == model_share
         assert store_loss == pytest.approx(model_loss, rel=1e-4)
+
+
+def test_route_under_zero3_runs_each_sharded_teacher_on_every_rank(two_teachers, tmp_path):
+    """Two ranks under ZeRO-3, one row per micro-batch, rows alternating teachers: each rank's batch names one teacher,
+    yet both sharded teachers (one of another tokenizer) run a forward on every rank, since their parameters are
+    gathered collectively; without that the ranks would wait on each other forever (the run's timeout)."""
+    from tests.e2e.test_distributed import deepspeed_json, torchrun
+
+    config = config_for(two_teachers, tmp_path, in_process(two_teachers), mixture="route", route_column="teacher")
+    config.update({"deepspeed": deepspeed_json(3), "micro_batch_size": 1, "gradient_accumulation_steps": 1,
+                   "max_steps": 3, "save_steps": 3})
+    proc = torchrun(write_config(tmp_path / "cfg.yml", config))
+    assert "ZeRO-3 sharded" in proc.stdout + proc.stderr
+    run = steps(Path(config["output_dir"]))
+    assert len(run) == 3 and all(math.isfinite(e["loss"]) for e in run)
+    assert all(e["xkd/teacher/add/share"] in (0.0, 1.0) for e in run)  # rank 0's single row: one teacher's
