@@ -1,0 +1,83 @@
+"""`xkd.teachers` and `xkd.mixture` through Axolotl's own config validation (`load_cfg`, as `axolotl train` does):
+what is accepted, and each refusal naming the key and what to do; and a teacher of another vocabulary refused before
+any data is prepared, named by its place in the list."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import base_config, merged, write_config
+
+
+@pytest.fixture()
+def load(tmp_path, untrained_assets):
+    from axolotl.cli.config import load_cfg
+
+    def _load(xkd: dict):
+        config = merged(base_config(untrained_assets, tmp_path), {"xkd": xkd})
+        if "teachers" in xkd and "teacher" not in xkd:
+            config["xkd"].pop("teacher")
+        return load_cfg(str(write_config(tmp_path / "cfg.yml", config)))
+
+    return _load
+
+
+@pytest.fixture()
+def two(untrained_assets) -> list[dict]:
+    return [{"name": "add", "source": "model", "path": str(untrained_assets["teacher"])},
+            {"name": "sub", "source": "server", "base_url": "http://127.0.0.1:9", "weight": 2.0}]
+
+
+def test_two_teachers_with_each_mixture_validate(load, two):
+    for mixture, extra in (("route", {"route_column": "teacher", "default_teacher": "add"}), ("weighted", {}),
+                           ("confidence", {"confidence_score": "neg_entropy", "confidence_temperature": 0.5})):
+        cfg = load({"teachers": two, "mixture": mixture, **extra})
+        assert [t["name"] for t in cfg.xkd["teachers"]] == ["add", "sub"] and cfg.xkd["mixture"] == mixture
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"teachers": "SAME_NAMES", "mixture": "weighted"}, "the name 'add' is used by items [0, 1]"),
+    ({"teachers": "ZERO_WEIGHT", "mixture": "weighted"}, "weight"),
+    ({"teachers": "TWO", "teacher": "KEEP", "mixture": "weighted"}, "xkd.teacher and xkd.teachers are both set"),
+    ({"teachers": "TWO"}, "xkd.mixture is required with xkd.teachers"),
+    ({"teachers": "TWO", "mixture": "route"}, "xkd.mixture: route needs xkd.route_column"),
+    ({"teachers": "TWO", "mixture": "route", "route_column": "t", "default_teacher": "mul"},
+     "xkd.default_teacher 'mul' is not one of xkd.teachers' names ['add', 'sub']"),
+    ({"teachers": "TWO", "mixture": "weighted", "route_column": "t"},
+     "xkd.route_column is not read with xkd.mixture: weighted; remove it"),
+    ({"mixture": "weighted"}, "xkd.mixture is read only with xkd.teachers"),
+    ({"teachers": "TWO", "mixture": "weighted", "sequences": "teacher"}, "xkd.sequences: teacher with xkd.teachers"),
+    ({"teachers": "MISSPELT", "mixture": "weighted"}, "xkd.teachers[1].wieght (did you mean `weight`?)"),
+])
+def test_refusals_name_the_key(load, two, untrained_assets, change, fragment):
+    teachers = {"TWO": two, "SAME_NAMES": [two[0], {**two[1], "name": "add"}],
+                "ZERO_WEIGHT": [two[0], {**two[1], "weight": 0}],
+                "MISSPELT": [two[0], {**{k: v for k, v in two[1].items() if k != "weight"}, "wieght": 2}]}
+    xkd = {**change}
+    if "teachers" in xkd:
+        xkd["teachers"] = teachers[xkd["teachers"]]
+    if xkd.get("teacher") == "KEEP":
+        xkd["teacher"] = {"source": "model", "path": str(untrained_assets["teacher"])}
+    with pytest.raises(Exception) as error:
+        load(xkd)
+    assert fragment in str(error.value)
+
+
+def test_a_listed_teacher_of_another_vocabulary_is_refused_by_its_place(untrained_assets, tmp_path):
+    """Without `cross_tokenizer`, each listed teacher's tokenizer must be the student's; the error names the item."""
+    from transformers import AutoTokenizer
+
+    from axolotl_xkd.args import XKDConfig
+    from axolotl_xkd.tiny import build_bpe_tokenizer
+    from axolotl_xkd.wiring import check_teacher_tokenizer
+
+    other = build_bpe_tokenizer(["1+2=3", "4-1=3"], style="sentencepiece", vocab_size=40)
+    other.save_pretrained(tmp_path / "other")
+    teachers = [{"name": "a", "source": "model", "path": str(untrained_assets["teacher"])},
+                {"name": "b", "source": "model", "path": str(tmp_path / "other")}]
+    config = XKDConfig.model_validate({"teachers": teachers, "mixture": "weighted"})
+
+    student = AutoTokenizer.from_pretrained(untrained_assets["tokenizer"])
+    check_teacher_tokenizer(config.teachers[0], lambda: student, where="xkd.teachers[0]")
+    with pytest.raises(ValueError, match=r"xkd.teachers\[1\].path="):
+        check_teacher_tokenizer(config.teachers[1], lambda: student, where="xkd.teachers[1]")
