@@ -211,8 +211,12 @@ class MixtureTeacherSource(TeacherSource):
             self.submit(batch)
         with self._lock:
             parts = self._pending.pop(batch[MIXTURE_TICKET])
-        signals = [self._placed(batch, m.source.get_signal(part), part) if part is not None else None
-                   for m, part in zip(self.members, parts)]
+        answers = [m.source.get_signal(part) if part is not None else None for m, part in zip(self.members, parts)]
+        if self.mixture == "route" and all(isinstance(a, DenseSignal) for a in answers if a is not None):
+            signal, log_w = _routed_logits(batch, parts, answers)
+            self._record(log_w, batch)
+            return signal
+        signals = [self._placed(batch, a, part) if a is not None else None for a, part in zip(answers, parts)]
         ids = batch["input_ids"]
         next_ids = torch.zeros_like(ids)
         next_ids[:, :-1] = ids[:, 1:]
@@ -281,3 +285,21 @@ class MixtureTeacherSource(TeacherSource):
         self._counted = 0.0
         return logs
 
+
+def _routed_logits(batch: dict[str, Tensor], parts: list[dict | None],
+                   answers: list[DenseSignal | None]) -> tuple[DenseSignal, Tensor]:
+    """Under `route` with dense teachers only: each position's routed teacher's own logits (the loss normalises them,
+    so no log-softmax or mixing pass is needed; exact), and the one-hot log-weights (B, T, n)."""
+    route = batch[ROUTE].to(next(a.logits.device for a in answers if a is not None))
+    index = torch.arange(len(answers), device=route.device)
+    log_w = torch.where(route.unsqueeze(-1) == index, 0.0, -math.inf)
+    logits = None
+    for j, (part, answer) in enumerate(zip(parts, answers)):
+        if answer is None:
+            continue
+        if logits is None:
+            logits = answer.logits.new_zeros((*route.shape, answer.logits.shape[-1]))
+        rows = part["rows"]
+        chosen = (route[rows] == j).unsqueeze(-1)
+        logits[rows] = torch.where(chosen, answer.logits, logits[rows])
+    return DenseSignal(logits), log_w

@@ -149,12 +149,28 @@ def test_route_runs_each_teacher_on_its_rows_only_and_logs_shares():
     route = torch.tensor([[0] * T, [1] * T])
     out = source.get_signal({"input_ids": IDS, "labels": labels, ROUTE: route})
     assert first.asked == [[0]] and second.asked == [[1]]
-    assert torch.equal(out.logits[0], torch.log_softmax(dense(1)[0], -1))
-    assert torch.equal(out.logits[1], torch.log_softmax(dense(2)[1], -1))
+    # Dense teachers only: each row gets its teacher's own logits, bit for bit (the loss normalises them).
+    assert torch.equal(out.logits[0], dense(1)[0])
+    assert torch.equal(out.logits[1], dense(2)[1])
     logs = source.metrics()
     assert logs == {"teacher/add/share": 0.5, "teacher/add/weight": 0.5, "teacher/sub/share": 0.5,
                     "teacher/sub/weight": 0.5}
     assert source.metrics()["teacher/add/share"] == 0.0  # a new window
+
+
+def test_route_over_dense_teachers_in_packed_rows_picks_each_positions_teacher():
+    """A packed row holding sequences of both teachers: every position gets its own teacher's logits; padding (-1)
+    gets none, and the weights logged are the route's."""
+    first, second = RowsSeen(dense(1)), RowsSeen(dense(2))
+    source = MixtureTeacherSource([Member("add", first), Member("sub", second)], mixture="route", vocab_size=V,
+                                  top_k=4)
+    route = torch.tensor([[0, 0, 1, 1, -1], [1, 1, 1, 1, 1]])
+    out = source.get_signal({"input_ids": IDS, "labels": IDS, ROUTE: route})
+    assert first.asked == [[0]] and second.asked == [[0, 1]]
+    assert torch.equal(out.logits[0, :2], dense(1)[0, :2]) and torch.equal(out.logits[0, 2:4], dense(2)[0, 2:4])
+    assert torch.equal(out.logits[1], dense(2)[1])
+    shares = source.metrics()
+    assert shares["teacher/add/share"] == pytest.approx(2 / 8) and shares["teacher/sub/share"] == pytest.approx(6 / 8)
 
 
 def test_route_without_the_route_column_names_the_collator():
