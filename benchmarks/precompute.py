@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import axolotl_xkd
 from axolotl_xkd.store.format import choose_encoding
-from axolotl_xkd.store.write import pad_batch, score_rows, shard_table, write_shard
+from axolotl_xkd.store.write import pad_batch, records, shard_table, write_shard
+from axolotl_xkd.teachers.model import ModelTeacherSource
 from benchmarks import write_report
 
 RESULTS = Path(__file__).parent / "results" / "precompute.md"
@@ -52,8 +53,8 @@ def bare_forward(model, rows, batch_size, pad_id, device) -> float:
     sync(device)
     start = time.perf_counter()
     for b in range(0, len(rows), batch_size):
-        ids, attention, _ = pad_batch(rows[b: b + batch_size], pad_id, device)
-        model(input_ids=ids, attention_mask=attention, use_cache=False)
+        batch, _ = pad_batch(rows[b: b + batch_size], pad_id, device)
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     sync(device)
     return time.perf_counter() - start
 
@@ -63,14 +64,15 @@ def full_precompute(model, rows, batch_size, pad_id, device, k, vocab, out: Path
     from datasets import Dataset
 
     encoding = choose_encoding(vocab, "float16")
+    source = ModelTeacherSource(model, vocab)
     sync(device)
     start = time.perf_counter()
     for index, s in enumerate(range(0, len(rows), rows_per_shard)):
         shard = rows[s: s + rows_per_shard]
         scored = []
         for b in range(0, len(shard), batch_size):
-            scored += score_rows(model, shard[b: b + batch_size], top_k=k, vocab_size=vocab, pad_id=pad_id,
-                                 device=device)
+            batch, response = pad_batch(shard[b: b + batch_size], pad_id, device)
+            scored += records(source, batch, response, width=k, vocab_size=vocab)
         write_shard(Dataset(shard_table(shard, scored, encoding=encoding, logprob_dtype="float16")), out, "train",
                     index)
     sync(device)

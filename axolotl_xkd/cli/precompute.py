@@ -65,6 +65,10 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
         server_block = ServerTeacher(base_url=server, model=server_model, top_k=top_k)
     elif source == "server" and teacher_path is None:
         server_block = teacher.model_copy(update={"top_k": top_k, "model": server_model or teacher.model})
+    if server_block is not None and cross_tokenizer:
+        raise click.UsageError("--cross-tokenizer (xkd.teacher.cross_tokenizer) aligns a teacher model loaded here; it "
+                               "does not yet combine with a teacher server. Drop --server (or use a `source: model` "
+                               "block), or use a teacher of the student's tokenizer.")
     teacher_key = "--teacher" if teacher_path else ("xkd.teacher.model_path" if precomputed else "xkd.teacher.path")
     if server_block is None:
         teacher_path = teacher_path or (teacher.model_path if precomputed else getattr(teacher, "path", None))
@@ -75,44 +79,40 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
         raise click.UsageError(
             "no output folder: pass --out DIR or set `xkd.teacher: {source: precomputed, path: DIR}`"
         )
+    block = server_block or _model_block(teacher, teacher_path, cross_tokenizer=cross_tokenizer, top_k=top_k)
     if server_block is None:
         checked(check_model_location, teacher_path, teacher_key)
-        tokenizer_path = _loading(teacher, teacher_path).get("tokenizer_path")
-        if tokenizer_path is not None:
-            checked(check_model_location, tokenizer_path, "xkd.teacher.tokenizer_path")
+        if block.tokenizer_path is not None:
+            checked(check_model_location, block.tokenizer_path, "xkd.teacher.tokenizer_path")
 
     from axolotl.cli.config import load_cfg
 
     from axolotl_xkd.args import GenerationSettings
-    from axolotl_xkd.server.client import api_key_from_env
     from axolotl_xkd.store.write import PrecomputeSettings, run_precompute
 
     cfg = load_cfg(config)
-    block = XKDConfig.model_validate(dict(cfg["xkd"])) if cfg.get("xkd") is not None else None
+    xkd = XKDConfig.model_validate(dict(cfg["xkd"])) if cfg.get("xkd") is not None else None
     sampling = None
-    if generate or (block is not None and block.sequences == "teacher"):
-        sampling = block.generation if block is not None else GenerationSettings()
-    settings = PrecomputeSettings(out=out, teacher=teacher_path or server_block.base_url, top_k=top_k,
-                                  batch_size=batch_size,
+    if generate or (xkd is not None and xkd.sequences == "teacher"):
+        sampling = xkd.generation if xkd is not None else GenerationSettings()
+    settings = PrecomputeSettings(out=out, teacher=block, top_k=top_k, batch_size=batch_size,
                                   rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype, generate=sampling,
-                                  seed=seed if seed is not None else int(cfg.get("seed") or 0),
-                                  server=server_block,
-                                  server_api_key=None if server_block is None else api_key_from_env(server_block),
-                                  loading=_loading(teacher, teacher_path),
-                                  cross_tokenizer=cross_tokenizer)
+                                  seed=seed if seed is not None else int(cfg.get("seed") or 0))
     manifest = run_precompute(cfg, settings, rank=int(os.environ.get("RANK", "0")),
                               world_size=int(os.environ.get("WORLD_SIZE", "1")))
     click.echo(f"xkd precompute: {out} (k={manifest.top_k}, {manifest.splits} rows, {manifest.encoding}, "
                f"sequences: {manifest.sequences})")
 
 
-def _loading(teacher: Teacher | None, teacher_path: str | None) -> dict:
-    """The from_pretrained options of a `source: model` block, so the precompute loads that teacher as training
-    does (none for another teacher given with --teacher)."""
-    if getattr(teacher, "source", None) != "model" or teacher_path != teacher.path:
-        return {}
-    return {"tokenizer_path": teacher.tokenizer_path, "trust_remote_code": teacher.trust_remote_code,
-            "attn_implementation": teacher.attn_implementation}
+def _model_block(teacher: Teacher | None, teacher_path: str, *, cross_tokenizer: bool, top_k: int) -> ModelTeacher:
+    """The `source: model` block of the teacher to run here: the config's own when it names `teacher_path` (so its
+    tokenizer_path, trust_remote_code and attn_implementation load it as training does), else one for --teacher or
+    xkd.teacher.model_path; across tokenizers, with `top_k` student tokens per position. The precompute places the
+    whole teacher itself (`store.write.teacher_placement`: its dtype, no ZeRO-3 offload)."""
+    same = getattr(teacher, "source", None) == "model" and teacher.path == teacher_path
+    block = teacher if same else ModelTeacher(path=teacher_path)
+    return block.model_copy(update={"dtype": None, "offload": False, "cross_tokenizer": cross_tokenizer,
+                                    "cross_tokenizer_top_k": top_k})
 
 
 def _teacher_block(config: str) -> Teacher | None:

@@ -6,10 +6,11 @@ rows are written atomically (tmp folder + rename) and skipped when present, so a
 resumes without duplicating or losing rows; under torchrun, rank r takes shards r, r + W, ...
 With `generate`, each row's response is first replaced by one the teacher samples for its prompt
 (seeded per shard, so resuming stays row-for-row identical), and the top-k is taken on that sequence.
-With `server`, a running teacher server (vLLM's `vllm serve`, or `axolotl xkd serve-teacher`) is asked
-for the rows' prompt_logprobs instead of loading the teacher here.
-Imports torch and the teacher-server client, transformers and Axolotl inside the functions that need them; the
-CLI module imports it lazily. Nothing of the trainer.
+The teacher is any teacher source built from its block (`teachers.build.build_teacher`: a model here, a teacher
+server such as vLLM's `vllm serve` or `axolotl xkd serve-teacher`, either of another tokenizer aligned to the
+student's): a store is that source's signal at the response positions, recorded as top-k records.
+Imports torch and the teacher sources, transformers and Axolotl inside the functions that need them; the CLI module
+imports it lazily. Nothing of the trainer.
 """
 
 from __future__ import annotations
@@ -17,20 +18,20 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from axolotl_xkd.args import GenerationSettings, ServerTeacher
-from axolotl_xkd.frozen_teacher import load_frozen_teacher, output_layer_is_linear, special_tokens, tokenizer_hash
-from axolotl_xkd.keys import TOPK_IDS, TOPK_LOGPROBS, TOPK_PACKED
+from axolotl_xkd.args import GenerationSettings, ModelTeacher, ServerTeacher
+from axolotl_xkd.frozen_teacher import special_tokens, tokenizer_hash
 from axolotl_xkd.integrity import folder_sha256, locked
+from axolotl_xkd.keys import TOPK_IDS, TOPK_LOGPROBS, TOPK_PACKED
 from axolotl_xkd.sequences import pad_token_id, prompt_to_answer, response_rows, right_pad, sample_responses
-from axolotl_xkd.server.client import TeacherServerClient
 from axolotl_xkd.store.format import (
     MANIFEST,
     Manifest,
@@ -41,6 +42,7 @@ from axolotl_xkd.store.format import (
     response_mask,
     shard_dir,
 )
+from axolotl_xkd.teachers.base import TeacherSource
 
 LOG = logging.getLogger("axolotl_xkd")
 
@@ -52,73 +54,45 @@ class PrecomputeSettings:
     """What a precompute run needs besides the Axolotl config."""
 
     out: str
-    teacher: str
+    # The teacher block to build (teachers.build.build_teacher): a model run here (--teacher, a `source: model`
+    # block, or model_path), or a teacher server (--server, a `source: server` block); its cross_tokenizer keys
+    # align a teacher of another tokenizer.
+    teacher: ModelTeacher | ServerTeacher
     top_k: int
     batch_size: int = 8
     rows_per_shard: int = 1024
     logprob_dtype: str = "float16"
     generate: GenerationSettings | None = None  # --generate: store the teacher's responses instead of the dataset's
     seed: int = 0
-    server: ServerTeacher | None = None  # --server: ask a running teacher server instead of loading the teacher
-    server_api_key: str | None = field(default=None, repr=False)  # read from the block's api_key_env
-    # load_frozen_teacher's options from the config's `xkd.teacher` (tokenizer_path, trust_remote_code,
-    # attn_implementation), so the precompute loads the teacher as training would.
-    loading: dict = field(default_factory=dict)
-    cross_tokenizer: bool = False  # a teacher of another tokenizer, aligned to the student's positions
 
 
-def pad_batch(rows: list[dict], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and the response-position mask (B, T) of `rows`."""
+def pad_batch(rows: list[dict], pad_id: int, device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
+    """`rows` as a collated batch (right-padded input_ids, attention_mask and labels, (B, T)) and its response-position
+    mask (B, T)."""
     ids, attention = right_pad([r["input_ids"] for r in rows], pad_id)
-    response, _ = right_pad([response_mask(r["labels"]) for r in rows], 0)
-    return ids.to(device), attention.to(device), response.bool().to(device)
-
-
-@torch.no_grad()
-def score_rows(model: nn.Module, rows: list[dict], *, top_k: int, vocab_size: int, pad_id: int,
-               device: torch.device) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per row, the teacher's top-k (ids, log-probs), each (R_row, k), at its response positions.
-
-    Log-probs are over the full tokenizer vocabulary at temperature 1, computed in float32. With a plain
-    Linear output layer only the response positions' logits are formed (the decoder's hidden states are
-    picked first), so the output layer costs less than in a bare forward; only their top k are
-    normalised, with no (R, V) log_softmax copy.
-    """
-    ids, attention, response = pad_batch(rows, pad_id, device)
-    if output_layer_is_linear(model):
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
-        picked = model.get_output_embeddings()(hidden[response])[:, :vocab_size].float()
-    else:
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        picked = logits[response][:, :vocab_size].float()
-    values, indices = picked.topk(top_k, dim=-1)  # ranking the logits ranks the log-probs
-    values -= torch.logsumexp(picked, dim=-1, keepdim=True)
-    values, indices = values.cpu().numpy(), indices.cpu().numpy()
-    counts = response.sum(-1).tolist()
-    bounds = np.cumsum([0, *counts])
-    return [(indices[a:b], values[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-@torch.no_grad()
-def score_aligned(source, rows: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per row, an aligned teacher's records (ids, log-probs), each (R_row, k + 1), at its response positions:
-    `teachers.aligned.AlignedTeacherSource.get_signal` on the rows, as training would compute it."""
-    ids, attention, response = pad_batch(rows, 0, torch.device("cpu"))
     labels, _ = right_pad([r["labels"] for r in rows], -100)
-    signal = source.get_signal({"input_ids": ids, "attention_mask": attention, "labels": labels})
-    return [(signal.token_ids[b][response[b]].numpy(), signal.logprobs[b][response[b]].float().numpy())
-            for b in range(len(rows))]
+    response, _ = right_pad([response_mask(r["labels"]) for r in rows], 0)
+    batch = {"input_ids": ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
+    return batch, response.bool().to(device)
 
 
-def response_entries(rows: list[dict],
-                     answers: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """A teacher server's per-position top-k of each row (`TeacherServerClient.score`, rows aligned as the
-    student's logits) cut to the row's response positions, as `score_rows` returns them."""
-    picked = []
-    for row, (ids, logprobs) in zip(rows, answers):
-        mask = response_mask(np.asarray(row["labels"]))
-        picked.append((ids[mask].astype(np.int64), logprobs[mask].astype(np.float32)))
-    return picked
+@torch.no_grad()
+def records(source: TeacherSource, batch: dict[str, Tensor], response: Tensor, *, width: int,
+            vocab_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row of `batch`, the teacher's top-k records (ids, log-probs), each (R_row, width), at its response
+    positions (`response`, (B, T)), in int64 and float32.
+
+    A source with hidden states (`fusable`) has its logits formed at the response positions only, a block of rows
+    at a time, and only their top k normalised (log-probs over the student's `vocab_size` tokens at temperature 1,
+    no (R, V) log-softmax copy); a source of records (a server, a teacher of another tokenizer) gives its own, as
+    training reads them (`TeacherSource.record_width`).
+    """
+    signal = source.get_hidden_signal(batch) if source.fusable else source.get_signal(batch)
+    picked = signal.rows(response).cut(vocab_size).top_k(width)
+    ids = picked.token_ids.cpu().numpy().astype(np.int64)
+    logprobs = picked.logprobs.float().cpu().numpy()
+    bounds = np.cumsum([0, *response.sum(-1).tolist()])
+    return [(ids[a:b], logprobs[a:b]) for a, b in pairwise(bounds)]
 
 
 def teacher_rows(model: nn.Module, rows: list[dict], sampling: GenerationSettings, *, pad_id: int, eos_id: int | None,
@@ -224,28 +198,39 @@ def open_store(wanted: Manifest, out: str) -> Manifest:
     return wanted
 
 
-def connect_server(settings: PrecomputeSettings, tokenizer, fingerprint: str) -> TeacherServerClient | None:
-    """The checked client of `--server`, or None when the teacher runs in this process."""
-    if settings.server is None:
-        return None
-    if settings.generate is not None:
+def check_sampling(settings: PrecomputeSettings) -> None:
+    """--generate samples with the teacher model in this process, in the student's tokenizer: refuse a teacher server
+    or a teacher of another tokenizer before any work."""
+    if settings.generate is None:
+        return
+    if settings.teacher.source == "server":
         raise ValueError("--generate samples responses with the teacher model in this process; a teacher server "
                          "(--server) is only asked for log-probs. Drop --server, or drop --generate.")
-    client = TeacherServerClient(settings.server, api_key=settings.server_api_key)
-    client.check_server(tokenizer, fingerprint)
-    return client
+    if settings.teacher.cross_tokenizer:
+        from axolotl_xkd.cross_tokenizer import KEY
+
+        raise ValueError(f"--cross-tokenizer ({KEY}) aligns a teacher model loaded here; it does not yet combine "
+                         "with --generate or --server. Drop them, or use a teacher of the student's tokenizer.")
+
+
+def teacher_description(settings: PrecomputeSettings, source: TeacherSource) -> str:
+    """What the manifest names as the teacher: the model's path, or the server's root and the model it serves."""
+    if settings.teacher.source == "server":
+        return f"{source.client.base_url} (model {source.client.model})"
+    return settings.teacher.path
 
 
 def new_manifest(cfg, settings: PrecomputeSettings, tokenizer, splits: dict, *, fingerprint: str,
-                 teacher: str, aligned=None) -> Manifest:
-    """The manifest of the store these settings make (`aligned`: the AlignedTeacherSource of a teacher of another
-    tokenizer, whose records have its width and whose pair is recorded)."""
+                 source: TeacherSource) -> Manifest:
+    """The manifest of the store these settings make with `source`: its records' width and, for a teacher of another
+    tokenizer, the pair it was aligned for (its tokenizer's hash and the vocabulary map's digest)."""
+    aligner = source.aligner
     return Manifest(
-        teacher=teacher,
+        teacher=teacher_description(settings, source),
         tokenizer_hash=fingerprint,
         vocab_size=len(tokenizer),
         special_tokens=special_tokens(tokenizer),
-        top_k=settings.top_k if aligned is None else aligned.width,
+        top_k=source.record_width(settings.top_k),
         sequence_len=int(cfg.sequence_len),
         encoding=choose_encoding(len(tokenizer), settings.logprob_dtype),
         logprob_dtype=settings.logprob_dtype,
@@ -253,58 +238,41 @@ def new_manifest(cfg, settings: PrecomputeSettings, tokenizer, splits: dict, *, 
         splits={name: len(ds) for name, ds in splits.items()},
         sequences="dataset" if settings.generate is None else "teacher",
         generation=None if settings.generate is None else {**settings.generate.model_dump(), "seed": settings.seed},
-        teacher_tokenizer_hash=None if aligned is None else tokenizer_hash(aligned.aligner.teacher),
-        vocab_map=None if aligned is None else aligned.aligner.vocab.digest(),
+        teacher_tokenizer_hash=None if aligner is None else tokenizer_hash(aligner.teacher),
+        vocab_map=None if aligner is None else aligner.vocab.digest(),
     )
 
 
 @dataclass
 class ShardScorer:
-    """The teacher of a precompute (a model in this process, a teacher of another tokenizer aligned here, or a
-    server's client) and how it scores a shard."""
+    """A precompute's teacher source and how it scores a shard."""
 
     settings: PrecomputeSettings
     manifest: Manifest
     tokenizer: object
-    model: nn.Module | None = None
-    client: TeacherServerClient | None = None
-    aligned: object | None = None  # teachers.aligned.AlignedTeacherSource (--cross-tokenizer)
-    device: torch.device = torch.device("cpu")
-
-    @classmethod
-    def load(cls, settings: PrecomputeSettings, manifest: Manifest, tokenizer, client: TeacherServerClient | None,
-             aligned=None) -> ShardScorer:
-        """Load the teacher model (bfloat16 on a GPU that has it, else float32) unless a server or an aligned teacher
-        (already loaded) scores."""
-        if client is not None or aligned is not None:
-            return cls(settings, manifest, tokenizer, client=client, aligned=aligned)
-        device, dtype = teacher_placement()
-        model = load_frozen_teacher(settings.teacher, dtype=dtype, student_tokenizer=tokenizer, **settings.loading)[0]
-        return cls(settings, manifest, tokenizer, model=model.to(device), device=device)
+    source: TeacherSource
+    device: torch.device  # where the batches go: the teacher's (teacher_placement)
 
     def score(self, rows: list[dict], split: str, index: int, bar) -> tuple[list[dict], list]:
-        """(rows, per-row top-k) of one shard; with --generate the rows carry the teacher's responses."""
-        settings, pad_id = self.settings, pad_token_id(self.tokenizer)
+        """(rows, per-row top-k records) of one shard; with --generate the rows carry the teacher's responses.
+
+        Every batch of the shard is submitted before the first signal is read, so a server keeps `concurrency`
+        requests in flight (a model here has nothing to start)."""
+        settings, manifest = self.settings, self.manifest
+        batches = [rows[b: b + settings.batch_size] for b in range(0, len(rows), settings.batch_size)]
         if settings.generate is not None:
             # Seeded per shard, so a resumed run samples exactly what an uninterrupted one would.
             torch.manual_seed(settings.seed * 1_000_003 + index * 2 + (split != "train"))
-        batches = [rows[b: b + settings.batch_size] for b in range(0, len(rows), settings.batch_size)]
-        # A server gets every batch of the shard at once; its client keeps `concurrency` requests in flight.
-        answers = [self.client.submit([r["input_ids"] for r in batch]) for batch in batches] if self.client else None
+            batches = [teacher_rows(self.source.model, batch, settings.generate, pad_id=pad_token_id(self.tokenizer),
+                                    eos_id=self.tokenizer.eos_token_id, max_length=manifest.sequence_len)
+                       for batch in batches]
+        padded = [pad_batch(batch, pad_token_id(self.tokenizer), self.device) for batch in batches]
+        for batch, _ in padded:
+            self.source.submit(batch)
         scored = []
-        for i, batch in enumerate(batches):
-            if answers is not None:
-                scored += response_entries(batch, answers[i].result())
-            elif self.aligned is not None:
-                scored += score_aligned(self.aligned, batch)
-            else:
-                if settings.generate is not None:
-                    batch = batches[i] = teacher_rows(self.model, batch, settings.generate, pad_id=pad_id,
-                                                      eos_id=self.tokenizer.eos_token_id,
-                                                      max_length=self.manifest.sequence_len)
-                scored += score_rows(self.model, batch, top_k=settings.top_k, vocab_size=self.manifest.vocab_size,
-                                     pad_id=pad_id, device=self.device)
-            bar.update(sum(len(r["input_ids"]) for r in batch))
+        for rows_of_batch, (batch, response) in zip(batches, padded):
+            scored += records(self.source, batch, response, width=manifest.top_k, vocab_size=manifest.vocab_size)
+            bar.update(sum(len(r["input_ids"]) for r in rows_of_batch))
         return [row for batch in batches for row in batch], scored
 
 
@@ -321,27 +289,27 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
     """Write (or finish) the store at settings.out; returns its manifest."""
     from axolotl.loaders import load_tokenizer
 
+    from axolotl_xkd.teachers.build import build_teacher
+
+    check_sampling(settings)
     tokenizer = load_tokenizer(cfg)
     splits = prepared_splits(cfg)
     if not 1 <= settings.top_k <= len(tokenizer):
         raise ValueError(f"--top-k {settings.top_k} must lie in [1, {len(tokenizer)}] (the vocabulary size)")
-    fingerprint = tokenizer_hash(tokenizer)
-    aligned = _aligned_source(settings, tokenizer) if settings.cross_tokenizer else None
-    client = connect_server(settings, tokenizer, fingerprint)
+    device, dtype = teacher_placement()
+    source = build_teacher(settings.teacher, student_tokenizer=tokenizer, dtype=dtype, device=device)
     try:
-        teacher = str(settings.teacher) if client is None else f"{client.base_url} (model {client.model})"
-        manifest = open_store(new_manifest(cfg, settings, tokenizer, splits, fingerprint=fingerprint,
-                                           teacher=teacher, aligned=aligned), settings.out)
+        manifest = open_store(new_manifest(cfg, settings, tokenizer, splits, fingerprint=tokenizer_hash(tokenizer),
+                                           source=source), settings.out)
         todo = [(name, i) for name in splits for i in missing_shards(settings.out, manifest, name)
                 if i % world_size == rank]
         if todo:
-            write_shards(ShardScorer.load(settings, manifest, tokenizer, client, aligned), splits, todo, rank=rank,
+            write_shards(ShardScorer(settings, manifest, tokenizer, source, device), splits, todo, rank=rank,
                          progress=progress)
         else:
             LOG.info("xkd precompute: %s is complete", settings.out)
     finally:
-        if client is not None:
-            client.close()
+        source.close()
     return manifest
 
 
@@ -363,20 +331,3 @@ def write_shards(scorer: ShardScorer, splits: dict, todo: list[tuple[str, int]],
         table = shard_table(rows, scored, encoding=manifest.encoding, logprob_dtype=manifest.logprob_dtype)
         write_shard(Dataset(table), scorer.settings.out, name, index)
     bar.close()
-
-
-def _aligned_source(settings: PrecomputeSettings, tokenizer):
-    """The teacher of another tokenizer (--cross-tokenizer), loaded and placed, with its alignment to `tokenizer`;
-    sampling (--generate) and teacher servers (--server) are not aligned yet."""
-    from axolotl_xkd.cross_tokenizer import KEY, Aligner
-    from axolotl_xkd.teachers.aligned import AlignedTeacherSource
-
-    if settings.generate is not None or settings.server is not None:
-        raise ValueError(f"--cross-tokenizer ({KEY}) aligns a teacher model loaded here; it does not yet combine "
-                         "with --generate or --server. Drop them, or use a teacher of the student's tokenizer.")
-    device, dtype = teacher_placement()
-    model, teacher_tokenizer = load_frozen_teacher(settings.teacher, dtype=dtype, student_tokenizer=tokenizer,
-                                                   cross_tokenizer=True, **settings.loading)
-    aligner = Aligner(tokenizer, teacher_tokenizer, f"--teacher {settings.teacher!r} with {KEY}")
-    LOG.info("xkd precompute, cross-tokenizer teacher: %s", aligner.summary())
-    return AlignedTeacherSource(model.to(device), aligner, top_k=settings.top_k)

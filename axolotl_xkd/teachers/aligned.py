@@ -62,6 +62,10 @@ class AlignedTeacherSource(TeacherSource):
         """Slots of each position's record: the top k (at most the student's vocabulary) and its own token."""
         return min(self.top_k, self.aligner.vocab.student_size) + 1
 
+    def record_width(self, top_k: int) -> int:
+        """The record's own width (`width`): the top k student tokens and the own-token slot."""
+        return self.width
+
     @torch.no_grad()
     def get_signal(self, batch: dict[str, Tensor]) -> TopKSignal:
         """The teacher's top k (+ the student's own token) projected onto every student position that reads a
@@ -145,6 +149,10 @@ class AlignedServerTeacherSource(ServerTeacherSource):
         """Slots of each position's record: the top k student tokens (at most the k_server + 1 entries of a position
         and the student's vocabulary) and the student's own token."""
         return min(self.record_k, self.client.settings.top_k + 1, self.aligner.vocab.student_size) + 1
+
+    def record_width(self, top_k: int) -> int:
+        """The record's own width (`width`): the top k student tokens and the own-token slot."""
+        return self.width
 
     def _prompt(self, sequence: list[int], labels: list[int] | None,
                 where: str) -> tuple[list[int], AlignedSegment] | None:

@@ -106,6 +106,10 @@ class ServerTeacherSource(TeacherSource):
             self._lookahead = Lookahead(batches, self.client.settings.prefetch, self.submit)
         return self._lookahead
 
+    def record_width(self, top_k: int) -> int:
+        """The server's entries per position (xkd.teacher.top_k): its records are stored as they come."""
+        return self.top_k
+
     def get_signal(self, batch: dict[str, Tensor]) -> TopKSignal:
         """TopKSignal (B, T, k) aligned with the student; -inf where a position has no teacher entry."""
         if self.ticket_key not in batch:
