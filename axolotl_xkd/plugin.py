@@ -85,6 +85,10 @@ class XKDPlugin(BasePlugin):
         where = ["xkd.teacher"] if config.teachers is None else [f"xkd.teachers[{i}]" for i in range(len(blocks))]
         for block, key in zip(blocks, where):
             check_teacher(block, training=not preprocess, where=key)
+            if config.teachers is not None and block.source == "precomputed":
+                from axolotl_xkd.teachers.recorded import check_store_name
+
+                check_store_name(block.path, block.name, key)
         precomputed = getattr(config.teacher, "source", None) == "precomputed"
         if not precomputed:  # else the store is the training data
             check_data_files(cfg)

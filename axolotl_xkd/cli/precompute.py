@@ -46,13 +46,31 @@ _TEACHER = TypeAdapter(Annotated[Teacher, Field(discriminator="source")])
               help="The teacher has another tokenizer: store its distributions aligned to the student's positions "
               "(docs/cross_tokenizer.md); read from xkd.teacher.cross_tokenizer: true (any teacher block), so the "
               "flag is only needed for a teacher given with --teacher.")
+@click.option("--name", default=None,
+              help="With xkd.teachers: the `source: precomputed` teacher whose store to write (default: each of them, "
+              "one after another); its name is recorded in the store, which training checks.")
 def precompute(config: str, top_k: int | None, out: str | None, teacher_path: str | None, batch_size: int,
                rows_per_shard: int, logprob_dtype: str, generate: bool, seed: int | None, server: str | None,
-               server_model: str | None, cross_tokenizer: bool) -> None:
-    """Run the teacher of CONFIG.yml over its tokenized rows and write top-k log-probs (resumable)."""
+               server_model: str | None, cross_tokenizer: bool, name: str | None) -> None:
+    """Run the teacher of CONFIG.yml over its tokenized rows and write top-k log-probs (resumable); with
+    xkd.teachers, one store per `source: precomputed` teacher."""
+    named = _named_stores(config, name)
+    if named and (out or teacher_path or server):
+        raise click.UsageError("--out, --teacher and --server name one teacher's store; with xkd.teachers each store "
+                               "is its item's path and model_path: select one with --name")
+    for teacher_name, teacher in named or [(None, _teacher_block(config))]:
+        _precompute(config, teacher, teacher_name, top_k=top_k, out=out, teacher_path=teacher_path,
+                    batch_size=batch_size, rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype,
+                    generate=generate, seed=seed, server=server, server_model=server_model,
+                    cross_tokenizer=cross_tokenizer)
+
+
+def _precompute(config: str, teacher: Teacher | None, teacher_name: str | None, *, top_k: int | None, out: str | None,
+                teacher_path: str | None, batch_size: int, rows_per_shard: int, logprob_dtype: str, generate: bool,
+                seed: int | None, server: str | None, server_model: str | None, cross_tokenizer: bool) -> None:
+    """One store: of the config's `teacher` block (or of the named item `teacher_name` of xkd.teachers)."""
     # The command's own arguments are checked against the YAML's teacher block before Axolotl loads (and
     # prints) the whole config, so a usage error is the first thing the user reads.
-    teacher = _teacher_block(config)
     source = getattr(teacher, "source", None)
     precomputed = source == "precomputed"
     cross_tokenizer = cross_tokenizer or bool(getattr(teacher, "cross_tokenizer", False))
@@ -97,7 +115,8 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
         sampling = xkd.generation if xkd is not None else GenerationSettings()
     settings = PrecomputeSettings(out=out, teacher=block, top_k=top_k, batch_size=batch_size,
                                   rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype, generate=sampling,
-                                  seed=seed if seed is not None else int(cfg.get("seed") or 0))
+                                  seed=seed if seed is not None else int(cfg.get("seed") or 0),
+                                  teacher_name=teacher_name)
     manifest = run_precompute(cfg, settings, rank=int(os.environ.get("RANK", "0")),
                               world_size=int(os.environ.get("WORLD_SIZE", "1")))
     click.echo(f"xkd precompute: {out} (k={manifest.top_k}, {manifest.splits} rows, {manifest.encoding}, "
@@ -113,6 +132,32 @@ def _model_block(teacher: Teacher | None, teacher_path: str, *, cross_tokenizer:
     block = teacher if same else ModelTeacher(path=teacher_path)
     return block.model_copy(update={"dtype": None, "offload": False, "cross_tokenizer": cross_tokenizer,
                                     "cross_tokenizer_top_k": top_k})
+
+
+def _named_stores(config: str, name: str | None) -> list[tuple[str, PrecomputedTeacher]]:
+    """The (name, block) of each `source: precomputed` item of the YAML's xkd.teachers (only `name`'s when given);
+    empty without xkd.teachers."""
+    raw = yaml.safe_load(Path(config).read_text())
+    xkd = raw.get("xkd") if isinstance(raw, dict) else None
+    items = xkd.get("teachers") if isinstance(xkd, dict) else None
+    if not items:
+        if name is not None:
+            raise click.UsageError("--name selects a teacher of xkd.teachers, which this config does not have")
+        return []
+    every = [(item.get("name"), item) for item in items if isinstance(item, dict) and item.get("source") == "precomputed"]
+    stores = [(n, item) for n, item in every if name is None or n == name]
+    if not stores:
+        known = [n for n, _ in every] or "none"
+        raise click.UsageError(f"xkd.teachers has no `source: precomputed` teacher{f' named {name!r}' if name else ''} "
+                               f"to write a store for (its precomputed teachers: {known})")
+    blocks = []
+    for n, item in stores:
+        fields = {k: v for k, v in item.items() if k not in ("name", "weight")}
+        try:
+            blocks.append((n, _TEACHER.validate_python(fields)))
+        except ValidationError as error:
+            raise click.BadParameter(f"{config}: xkd.teachers item {n!r}: {error}", param_hint="CONFIG") from None
+    return blocks
 
 
 def _teacher_block(config: str) -> Teacher | None:

@@ -64,6 +64,7 @@ class PrecomputeSettings:
     logprob_dtype: str = "float16"
     generate: GenerationSettings | None = None  # --generate: store the teacher's responses instead of the dataset's
     seed: int = 0
+    teacher_name: str | None = None  # the xkd.teachers item the store records (checked by training)
 
 
 def pad_batch(rows: list[dict], pad_id: int, device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
@@ -240,6 +241,7 @@ def new_manifest(cfg, settings: PrecomputeSettings, tokenizer, splits: dict, *, 
         generation=None if settings.generate is None else {**settings.generate.model_dump(), "seed": settings.seed},
         teacher_tokenizer_hash=None if aligner is None else tokenizer_hash(aligner.teacher),
         vocab_map=None if aligner is None else aligner.vocab.digest(),
+        teacher_name=settings.teacher_name,
     )
 
 

@@ -32,6 +32,19 @@ def sequence_key(input_ids, labels) -> bytes:
     return digest.digest()
 
 
+def check_store_name(path: str, name: str, where: str):
+    """The manifest of the store at `path`, refused when it records another teacher than `name` (the item at `where`
+    of xkd.teachers); a store written for one teacher records none. Cheap: the plugin calls it before the data."""
+    from axolotl_xkd.store.format import MANIFEST, Manifest
+
+    manifest = Manifest.read(path)
+    if manifest.teacher_name is not None and manifest.teacher_name != name:
+        raise ValueError(f"{Path(path) / MANIFEST}: the store was recorded for the teacher {manifest.teacher_name!r}, "
+                         f"but {where} is named {name!r}; point {where}.path at {name!r}'s store, or precompute it "
+                         "(`axolotl xkd precompute CONFIG.yml`)")
+    return manifest
+
+
 class RecordedTeacherSource(TeacherSource):
     """The records of a store, placed at the response positions of every batch sequence the store holds."""
 
@@ -50,14 +63,9 @@ class RecordedTeacherSource(TeacherSource):
     def open(cls, block, *, name: str, where: str, tokenizer, sequence_len: int) -> RecordedTeacherSource:
         """The store of the named teacher `block` (found at `where` in the config), checked as a single store is
         (tokenizer, sequence_len, k, the teacher pair across tokenizers) and refused when recorded for another name."""
-        from axolotl_xkd.store.format import MANIFEST, Manifest
         from axolotl_xkd.store.read import check_manifest, check_teacher_pair, load_split
 
-        manifest = Manifest.read(block.path)
-        if manifest.teacher_name is not None and manifest.teacher_name != name:
-            raise ValueError(f"{Path(block.path) / MANIFEST}: the store was recorded for the teacher "
-                             f"{manifest.teacher_name!r}, but {where} is named {name!r}; point {where}.path at "
-                             f"{name!r}'s store, or precompute it (`axolotl xkd precompute CONFIG.yml`)")
+        manifest = check_store_name(block.path, name, where)
         check_manifest(manifest, block.path, tokenizer=tokenizer, sequence_len=sequence_len, top_k=block.top_k)
         check_teacher_pair(manifest, block, tokenizer)
         splits = [load_split(block.path, manifest, split) for split in manifest.splits]

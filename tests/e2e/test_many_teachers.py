@@ -166,3 +166,32 @@ def test_route_under_zero3_runs_each_sharded_teacher_on_every_rank(two_teachers,
     run = steps(Path(config["output_dir"]))
     assert len(run) == 3 and all(math.isfinite(e["loss"]) for e in run)
     assert all(e["xkd/teacher/add/share"] in (0.0, 1.0) for e in run)  # rank 0's single row: one teacher's
+
+
+def test_precompute_writes_one_store_per_named_teacher_and_a_swapped_store_is_refused(two_teachers, tmp_path):
+    """`axolotl xkd precompute` on a config with two `source: precomputed` teachers (one of another tokenizer) writes
+    each one's store with its name; confidence trains from both; a store of the other name is refused at start."""
+    stores = [{"name": "add", "source": "precomputed", "path": str(tmp_path / "add"),
+               "model_path": str(two_teachers["teacher"])},
+              {"name": "sub", "source": "precomputed", "path": str(tmp_path / "sub"),
+               "model_path": str(two_teachers["sp_teacher"]), **CROSS}]
+    config = config_for(two_teachers, tmp_path, stores, mixture="confidence")
+    path = write_config(tmp_path / "cfg.yml", config)
+    run_cli(["axolotl", "xkd", "precompute", str(path), "--top-k", "8"])
+    from axolotl_xkd.store.format import Manifest
+
+    assert [Manifest.read(tmp_path / n).teacher_name for n in ("add", "sub")] == ["add", "sub"]
+    assert Manifest.read(tmp_path / "sub").vocab_map is not None  # aligned to the student's positions
+    train(path)
+    run = steps(Path(config["output_dir"]))
+    assert len(run) == 4 and all(e["xkd/teacher/add/share"] == 1.0 and e["xkd/teacher/sub/share"] > 0.9 for e in run)
+
+    swapped = merged(config, {"output_dir": str(tmp_path / "swapped"),
+                              "dataset_prepared_path": str(tmp_path / "swapped_prepared")})
+    swapped["xkd"]["teachers"] = [{**stores[0], "path": str(tmp_path / "sub")}, stores[1]]
+    proc = run_cli(["python", "-m", "axolotl.cli.train", str(write_config(tmp_path / "swapped.yml", swapped))],
+                   check=False)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode != 0, logs[-3000:]
+    assert "the store was recorded for the teacher 'sub', but xkd.teachers[0] is named 'add'" in logs, logs[-3000:]
+    assert not (tmp_path / "swapped_prepared").exists()  # refused before the dataset is prepared
