@@ -195,3 +195,20 @@ def test_precompute_writes_one_store_per_named_teacher_and_a_swapped_store_is_re
     assert proc.returncode != 0, logs[-3000:]
     assert "the store was recorded for the teacher 'sub', but xkd.teachers[0] is named 'add'" in logs, logs[-3000:]
     assert not (tmp_path / "swapped_prepared").exists()  # refused before the dataset is prepared
+
+
+def test_route_with_every_row_naming_one_teacher_trains_as_that_teacher_alone(two_teachers, tmp_path):
+    """Every row routed to `add`: the routed student trains as the one-teacher student of `add` does (same losses to
+    float rounding: the one-teacher run forms the teacher's logits in the chunked loss, the mixture hands them over)."""
+    data = [json.loads(line) for line in (two_teachers["data"] / "train.jsonl").read_text().splitlines()]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("\n".join(json.dumps({**r, "teacher": "add"}) for r in data) + "\n")
+    assets = {**two_teachers, "data": tmp_path / "data"}
+    routed = config_for(assets, tmp_path / "routed", in_process(two_teachers), mixture="route", route_column="teacher")
+    train(write_config(tmp_path / "routed.yml", routed))
+    alone = merged(base_config(assets, tmp_path / "alone"), {"max_steps": 4, "save_steps": 2, "logging_steps": 1})
+    train(write_config(tmp_path / "alone.yml", alone))
+    routed_run, alone_run = steps(Path(routed["output_dir"])), steps(Path(alone["output_dir"]))
+    assert [e["xkd/teacher/add/share"] for e in routed_run] == [1.0] * 4
+    for a, b in zip(routed_run, alone_run, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
