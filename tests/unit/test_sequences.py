@@ -200,3 +200,24 @@ def test_pad_token_id_is_pad_else_eos_else_zero():
     assert pad_token_id(tokenizer) == tokenizer.eos_token_id
     tokenizer.eos_token = None
     assert pad_token_id(tokenizer) == 0
+
+
+def test_on_policy_samples_keep_their_prompts_route(tiny):
+    """Under `mixture: route` each rebuilt row keeps the teacher of the sequence its prompt came from (packed rows:
+    per segment), -1 on padding."""
+    from axolotl_xkd.keys import ROUTE
+
+    tokenizer, model = tiny
+    first = tokenizer("3+4=")["input_ids"] + [5, 5]
+    second = tokenizer("12+1=")["input_ids"] + [5]
+    batch = {"input_ids": torch.tensor([first + second]),
+             "labels": torch.tensor([[M] * 4 + [5, 5] + [M] * 5 + [5]]),
+             "attention_mask": torch.ones(1, 12, dtype=torch.long),
+             "position_ids": torch.tensor([list(range(6)) + list(range(6))]),
+             ROUTE: torch.tensor([[1] * 6 + [0] * 6])}
+    (new,) = sampler(1.0).sample(model, [batch], step=0)
+    assert new["input_ids"].shape[0] == 2
+    for row, teacher in zip(range(2), (1, 0)):
+        length = int(new["attention_mask"][row].sum())
+        assert new[ROUTE][row, :length].tolist() == [teacher] * length
+        assert (new[ROUTE][row, length:] == -1).all()
