@@ -28,6 +28,15 @@ Protocol, fixed before the runs:
 Writes runs.csv and table.md under --out (default benchmarks/results/quality/specialists); --report-only rewrites
 table.md from runs.csv. Each row records the code it ran (`code`: the checkout's commit, `+dirty` where axolotl_xkd/
 had uncommitted changes). A run that fails is logged under --work/errors/ and the rest of its arm is skipped.
+
+A second budget, chosen after the 300-step results (not part of the fixed protocol): the same arms and seeds at 600
+steps, to see whether the per-half gap to the single-teacher students is the budget's (at 300 steps the students
+that must learn both operations, sft included, stay far below a student that learns one):
+
+    python -m benchmarks.quality.specialists --seeds 3 --steps 600 --out benchmarks/results/quality/specialists/steps600
+
+At 600 steps sft reaches the specialists on the add half, so that budget leaves distillation little room; 300 steps
+is the study's budget.
 """
 
 from __future__ import annotations
