@@ -35,6 +35,25 @@ BATCH_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
 @dataclass(frozen=True)
+class LogProbs(DenseSignal):
+    """A dense signal whose logits are already log-probabilities (log_softmax taken once, then read by the weights and
+    the mixture without another pass over the vocabulary)."""
+
+    def rows(self, index) -> LogProbs:
+        return LogProbs(self.logits[index])
+
+    def flat(self) -> LogProbs:
+        return LogProbs(self.logits.reshape(-1, self.vocab_size))
+
+
+def log_probs(signal: TeacherSignal) -> TeacherSignal:
+    """A dense signal as `LogProbs` (a top-k record is log-probs already)."""
+    if isinstance(signal, DenseSignal) and not isinstance(signal, LogProbs):
+        return LogProbs(torch.log_softmax(upcast(signal.logits), dim=-1))
+    return signal
+
+
+@dataclass(frozen=True)
 class Member:
     """One named teacher of a mixture."""
 
@@ -54,6 +73,8 @@ def available(signal: TeacherSignal) -> Tensor:
 def next_token_logprob(signal: TeacherSignal, next_ids: Tensor, vocab_size: int) -> Tensor:
     """(B, T) log p_j(u_{i+1} | u_<=i), the teacher's log-prob of the observed next token; a top-k teacher's unlisted
     token gets its tail spread evenly over the unlisted vocabulary (`categories.teacher_token_logprob`)."""
+    if isinstance(signal, LogProbs):
+        return upcast(signal.logits).gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
     return teacher_token_logprob(signal.flat(), next_ids.reshape(-1), temperature=1.0, topk_tail=True,
                                  vocab_size=vocab_size).reshape(next_ids.shape)
 
@@ -62,7 +83,7 @@ def neg_entropy(signal: TeacherSignal) -> Tensor:
     """(B, T) minus the teacher's entropy: over the whole vocabulary (dense), or over its listed entries and its tail
     taken as one category (top-k; a lower bound of the entropy)."""
     if isinstance(signal, DenseSignal):
-        logp = torch.log_softmax(upcast(signal.logits), dim=-1)
+        logp = log_probs(signal).logits
         return (logp.exp() * logp).sum(-1)
     logp = upcast(signal.logprobs)
     listed = torch.where(torch.isfinite(logp), logp.exp() * logp, 0.0).sum(-1)
@@ -107,11 +128,10 @@ def mix(signals: list[TeacherSignal | None], log_w: Tensor, *, top_k: int) -> Te
     if all(isinstance(s, DenseSignal) for _, s in present):
         total = None
         for j, signal in present:
-            term = log_w[..., j : j + 1] + torch.log_softmax(upcast(signal.logits), dim=-1)
-            total = term if total is None else torch.logaddexp(total, term)
+            term = log_w[..., j : j + 1] + log_probs(signal).logits
+            total = term if total is None else torch.logaddexp(total, term, out=total)
         return DenseSignal(logits=total)
-    dense_logp = [torch.log_softmax(upcast(s.logits), dim=-1) if isinstance(s, DenseSignal) else None
-                  for _, s in present]
+    dense_logp = [log_probs(s).logits if isinstance(s, DenseSignal) else None for _, s in present]
     listed = [_listed(s, logp, top_k) for (_, s), logp in zip(present, dense_logp)]
     union = torch.cat([ids for ids, _ in listed], dim=-1)
     union_valid = torch.cat([torch.isfinite(lp) for _, lp in listed], dim=-1)
@@ -214,18 +234,20 @@ class MixtureTeacherSource(TeacherSource):
         answers = [m.source.get_signal(part) if part is not None else None for m, part in zip(self.members, parts)]
         if self.mixture == "route" and all(isinstance(a, DenseSignal) for a in answers if a is not None):
             signal, log_w = _routed_logits(batch, parts, answers)
-            self._record(log_w, batch)
+            self._record(log_w[_counted(batch).to(log_w.device)])
             return signal
-        signals = [self._placed(batch, a, part) if a is not None else None for a, part in zip(answers, parts)]
         ids = batch["input_ids"]
+        counted = _counted(batch)  # the loss reads no other position's teacher
+        signals = [log_probs(self._placed(batch, a, part).rows(counted)) if a is not None else None
+                   for a, part in zip(answers, parts)]
         next_ids = torch.zeros_like(ids)
         next_ids[:, :-1] = ids[:, 1:]
-        log_w = log_weights(self.mixture, signals, [m.weight for m in self.members], shape=ids.shape,
-                            route=batch.get(ROUTE),
-                            next_ids=next_ids, vocab_size=self.vocab_size, score=self.score,
-                            temperature=self.temperature)
-        self._record(log_w, batch)
-        return mix(signals, log_w, top_k=self.top_k)
+        route = batch.get(ROUTE)
+        log_w = log_weights(self.mixture, signals, [m.weight for m in self.members], shape=next_ids[counted].shape,
+                            route=None if route is None else route[counted], next_ids=next_ids[counted],
+                            vocab_size=self.vocab_size, score=self.score, temperature=self.temperature)
+        self._record(log_w)
+        return _scattered(mix(signals, log_w, top_k=self.top_k), counted)
 
     def _parts(self, batch: dict[str, Tensor]) -> list[dict | None]:
         """What each teacher is asked: the whole batch (weighted, confidence), or under `route` the rows holding a
@@ -263,15 +285,12 @@ class MixtureTeacherSource(TeacherSource):
         ids[rows], logprobs[rows] = signal.token_ids, signal.logprobs
         return TopKSignal(ids, logprobs)
 
-    def _record(self, log_w: Tensor, batch: dict[str, Tensor]) -> None:
-        """Add the batch's counted positions to each teacher's served positions and weight sums."""
-        if "labels" not in batch:
-            return
-        counted = response_mask(batch["labels"], batch.get("position_ids")).to(log_w.device)
-        weights = log_w.exp()[counted].double().cpu()  # (m, n)
+    def _record(self, log_w: Tensor) -> None:
+        """Add the log-weights (m, n) of a batch's counted positions to each teacher's served positions and weights."""
+        weights = log_w.exp().double().cpu()
         self._sums[0] += (weights > 0).sum(0)
         self._sums[1] += weights.sum(0)
-        self._counted += float(counted.sum())
+        self._counted += float(weights.shape[0])
 
     def metrics(self) -> dict[str, float]:
         """Per teacher since the last call: the share of counted positions it served (a weight above 0) and its mean
@@ -303,3 +322,23 @@ def _routed_logits(batch: dict[str, Tensor], parts: list[dict | None],
         chosen = (route[rows] == j).unsqueeze(-1)
         logits[rows] = torch.where(chosen, answer.logits, logits[rows])
     return DenseSignal(logits), log_w
+
+
+def _counted(batch: dict[str, Tensor]) -> Tensor:
+    """(B, T) bool: the positions the loss counts (every position of a batch without labels)."""
+    if "labels" not in batch:
+        return torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    return response_mask(batch["labels"], batch.get("position_ids"))
+
+
+def _scattered(signal: TeacherSignal, counted: Tensor) -> TeacherSignal:
+    """A signal of the counted positions (m, ...) placed at them in (B, T, ...); zero logits or empty records
+    elsewhere."""
+    if isinstance(signal, DenseSignal):
+        logits = signal.logits.new_zeros((*counted.shape, signal.logits.shape[-1]))
+        logits[counted] = signal.logits
+        return DenseSignal(logits)
+    ids = signal.token_ids.new_zeros((*counted.shape, signal.token_ids.shape[-1]))
+    logprobs = signal.logprobs.new_full((*counted.shape, signal.logprobs.shape[-1]), -math.inf)
+    ids[counted], logprobs[counted] = signal.token_ids, signal.logprobs
+    return TopKSignal(ids, logprobs)

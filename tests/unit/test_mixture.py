@@ -177,3 +177,23 @@ def test_route_without_the_route_column_names_the_collator():
     source = MixtureTeacherSource([Member("a", RowsSeen(dense(1)))], mixture="route", vocab_size=V, top_k=4)
     with pytest.raises(KeyError, match=ROUTE):
         source.get_signal({"input_ids": IDS})
+
+
+@pytest.mark.parametrize("mixture", ["weighted", "confidence"])
+def test_the_source_mixes_the_counted_positions_as_the_module_does(mixture):
+    """Through MixtureTeacherSource: the counted positions (labels after the prompt) hold the mixture `mix` forms over
+    the whole batch; the others, which the loss does not read, are left unformed (zero logits)."""
+    first, second = RowsSeen(dense(1)), RowsSeen(dense(2))
+    source = MixtureTeacherSource([Member("a", first), Member("b", second, 3.0)], mixture=mixture, vocab_size=V,
+                                  top_k=4)
+    labels = IDS.clone()
+    labels[:, :2] = -100
+    out = source.get_signal({"input_ids": IDS, "labels": labels})
+    signals = [DenseSignal(dense(1)), DenseSignal(dense(2))]
+    next_ids = torch.zeros_like(IDS)
+    next_ids[:, :-1] = IDS[:, 1:]
+    whole, _ = module_mixture(signals, mixture, [1.0, 3.0], next_ids=next_ids)
+    counted = torch.zeros(B, T, dtype=torch.bool)
+    counted[:, 1:4] = True  # positions whose next token is a label
+    assert torch.allclose(out.logits[counted], whole.logits[counted], atol=1e-12)
+    assert (out.logits[~counted] == 0).all()
