@@ -88,8 +88,9 @@ class XKDConfig(BaseModel):
     mixture: Literal[MIXTURES] | None = Field(
         None,
         description="How `teachers` combine (required with them): route, each row distilled from the teacher its "
-        "`route_column` names; weighted, every teacher at every position, p = sum_i w_i p_i with the fixed weights; "
-        "confidence, per-position weights, a softmax over each teacher's `confidence_score` plus its log weight.",
+        "`route_column` names; weighted, every teacher at every position, p = sum_i w_i p_i with the fixed weights (for "
+        "teachers that agree: it collapsed with two specialists, docs/teachers.md#many-teachers); confidence, "
+        "per-position weights, a softmax over each teacher's `confidence_score` plus its log weight.",
         examples=["route"],
     )
     route_column: str | None = Field(
