@@ -187,12 +187,8 @@ class MixtureTeacherSource(TeacherSource):
 
     def __init__(self, members: list[Member], *, mixture: str, vocab_size: int, top_k: int,
                  score: str = "logprob", temperature: float = 1.0) -> None:
-        self.members = members
-        self.mixture = mixture
-        self.vocab_size = vocab_size
-        self.top_k = top_k
-        self.score = score
-        self.temperature = temperature
+        self.members, self.mixture, self.vocab_size, self.top_k = members, mixture, vocab_size, top_k
+        self.score, self.temperature = score, temperature  # of `confidence`
         for member in members:  # several servers tag the same batch: each under its own key
             if hasattr(member.source, "ticket_key"):
                 member.source.ticket_key = f"{TEACHER_TICKET}_{member.name}"
