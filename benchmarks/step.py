@@ -2,7 +2,7 @@
 teacher source on the same student and data, as ratios to SFT measured in the same run, runs interleaved.
 
     python -m benchmarks.step [--quick] [--repeats 3] [--steps 12] [--max-seconds 3000] [--run-timeout 900]
-        [--top-k 64] [--threads N] [--prompt-words 16] [--arms sft xkd_precomputed ...]
+        [--top-k 64] [--threads N] [--prompt-words 16] [--arms sft xkd_precomputed ...] [--profile]
 
 Shapes (the issue's): vocabulary 32000, student hidden 256 x 4 layers, teacher hidden 512 x 4 layers, steps of
 4 x 256 tokens (micro_batch_size 4, sequence_len 256, every row full length, no accumulation); `--quick`: vocabulary
@@ -15,13 +15,21 @@ Arms: `sft` (Axolotl alone, no plugin), `gkd_model` (X-KD with the reward terms 
 `gkd_cross` (the same with a teacher of another tokenizer, `cross_tokenizer: true`: the teacher's words under
 shuffled ids, so the ratio to gkd_model is what re-tokenizing and aligning costs, top-k records included) and
 `xkd_model`, `xkd_precomputed` (a top-k store written by `axolotl xkd precompute`), `xkd_server`
-(`axolotl xkd serve-teacher` on loopback). Step time = trainable tokens of a step / Axolotl's own
-`tokens/train_per_sec_per_gpu` of that step (logged every step), median over the steps after the first of every
-run; peak memory = the training process's peak resident set (CPU) or Axolotl's `memory/max_allocated` (CUDA).
-On CUDA the runs use bf16 and flash-attention-2 where `flash_attn` is installed (else sdpa). `--max-seconds` bounds
-the whole benchmark: no run starts after it (a run may take up to `--run-timeout`), and the report covers the runs
-done. Writes
-benchmarks/results/step.md (`step_quick.md` with --quick) with the CPU model, thread count and versions, and prints it.
+(`axolotl xkd serve-teacher` on loopback). Many teachers (issue 34): `gkd_route2`, `gkd_weighted2`, `gkd_confidence2`
+are gkd_model with two in-process teachers of the student's tokenizer (`xkd.teachers` a and b: gkd_model's teacher and
+one of the same shape from another seed) under `xkd.mixture` route (rows alternate a / b in the data's `teacher`
+column, which every arm's data carries: Axolotl's tokenization drops raw columns), weighted and confidence; when any
+of them runs, the report adds their ratios to gkd_model, the teachers' and the loss's logged shares of a step
+(`xkd/teacher_time_share`, `xkd/loss_time_share`) and the verdict against the issue's targets (route at most 1.1x
+gkd_model; a mixture at most gkd_model plus one more teacher forward plus 10%, see `MANY_TEACHERS_TARGETS`), and is
+written to step_teachers.md (`step_teachers_quick.md`); `--profile` adds where a two-teacher step's time goes, the
+teacher and loss parts of one batch of the shape and the whole step, timed in this process (`profile_teachers`).
+Step time = trainable tokens of a step / Axolotl's own `tokens/train_per_sec_per_gpu` of that step (logged every
+step), median over the steps after the first of every run; peak memory = the training process's peak resident set
+(CPU) or Axolotl's `memory/max_allocated` (CUDA). On CUDA the runs use bf16 and flash-attention-2 where `flash_attn`
+is installed (else sdpa). `--max-seconds` bounds the whole benchmark: no run starts after it (a run may take up to
+`--run-timeout`), and the report covers the runs done. Writes benchmarks/results/step.md (`step_quick.md` with
+--quick) with the CPU model, thread count and versions, and prints it.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import random
@@ -48,7 +57,18 @@ from benchmarks.harness import BIN, ENV, log_history, merged, run_cli, serve_tea
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
-ARMS = ("sft", "gkd_model", "gkd_cross", "xkd_model", "xkd_precomputed", "xkd_server")
+ARMS = ("sft", "gkd_model", "gkd_cross", "xkd_model", "xkd_precomputed", "xkd_server", "gkd_route2", "gkd_weighted2",
+        "gkd_confidence2")
+MANY = ("gkd_route2", "gkd_weighted2", "gkd_confidence2")
+"""The arms of two teachers (a: gkd_model's teacher, b: the same shape from another seed), one per `xkd.mixture`."""
+MANY_TEACHERS_TARGETS = """\
+Targets (issue 34 item 5), each against gkd_model (one in-process teacher) of the same run:
+- route: t(gkd_route2) <= 1.1 x t(gkd_model) (each row runs through its own teacher only);
+- weighted, confidence: t(mix) <= t(gkd_model) x (1 + s + 0.1), with s gkd_model's median logged
+  `xkd/teacher_time_share`: one teacher forward is s x t(gkd_model), so the bound is gkd_model's step, one more
+  teacher forward and 10% of gkd_model's step. gkd_model's teacher time is its decoder only (the chunked loss forms
+  its output layer chunk by chunk, inside the loss share), so s x t(gkd_model) undercounts a whole teacher forward by
+  the teacher's output layer."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +104,7 @@ def build_assets(out: Path, shape: Shape, rows: int, seed: int = 0, prompt_words
 
     words = [f"\u2581w{i}" for i in range(shape.vocab - len(SPECIALS))]
     tokenizer = word_tokenizer(words)
-    paths = {name: out / name for name in ("student", "teacher", "teacher_cross", "data")}
+    paths = {name: out / name for name in ("student", "teacher", "teacher_cross", "teacher_b", "data")}
     for name, (hidden, layers) in (("student", shape.student), ("teacher", shape.teacher)):
         torch.manual_seed(seed + len(name))
         config = LlamaConfig(vocab_size=shape.vocab, hidden_size=hidden, intermediate_size=4 * hidden,
@@ -106,13 +126,18 @@ def build_assets(out: Path, shape: Shape, rows: int, seed: int = 0, prompt_words
         model.lm_head.weight.copy_(model.lm_head.weight[inverse])
     model.save_pretrained(paths["teacher_cross"])
     cross.save_pretrained(paths["teacher_cross"])
+    # The second teacher of the many-teacher arms: the teacher's shape and tokenizer, weights from another seed.
+    torch.manual_seed(seed + 1000)
+    LlamaForCausalLM(model.config).save_pretrained(paths["teacher_b"])
+    tokenizer.save_pretrained(paths["teacher_b"])
     rng = random.Random(seed)
     words = [word[1:] for word in words]
     response_words = shape.tokens - prompt_words - 2  # BOS and EOS
     lines = []
-    for _ in range(rows):
+    for i in range(rows):  # `teacher`: the route arm's column (a, b alternating); the other arms never read it
         lines.append(json.dumps({"prompt": " ".join(rng.choices(words, k=prompt_words)),
-                                 "response": " " + " ".join(rng.choices(words, k=response_words))}))
+                                 "response": " " + " ".join(rng.choices(words, k=response_words)),
+                                 "teacher": "ab"[i % 2]}))
     paths["data"].mkdir(parents=True, exist_ok=True)
     (paths["data"] / "train.jsonl").write_text("\n".join(lines) + "\n")
     return paths
@@ -184,7 +209,13 @@ def arm_overrides(arm: str, assets: dict[str, Path], store: Path, url: str, top_
                   "cross_tokenizer_top_k": top_k},
     }
     kind, source = arm.split("_")
-    xkd = {"teacher": teachers[source]}
+    if arm in MANY:
+        mixture = source[:-1]
+        xkd = {"teachers": [{"name": "a", **teachers["model"]},
+                            {"name": "b", "source": "model", "path": str(assets["teacher_b"])}],
+               "mixture": mixture, **({"route_column": "teacher"} if mixture == "route" else {})}
+    else:
+        xkd = {"teacher": teachers[source]}
     if kind == "gkd":
         xkd.update({"reward_kl_weight": 0.0, "td_weight": 0.0})
     return {"plugins": ["axolotl_xkd.XKDPlugin"], "xkd": xkd}
@@ -196,6 +227,8 @@ class Run:
     tokens_per_s: float  # median tokens/train_per_sec_per_gpu, after the first step
     trainable: int  # tokens/trainable at the end
     peak_mb: float
+    shares: dict[str, float]  # over the steps after the first: each logged xkd/<part>_time_share (median) and
+    # xkd/teacher/<name>/share (mean); none for sft
 
 
 def train_once(config: dict, path: Path, cuda: bool, timeout: float) -> Run:
@@ -222,7 +255,12 @@ def train_once(config: dict, path: Path, cuda: bool, timeout: float) -> Run:
         raise RuntimeError(f"axolotl train {path} did not log tokens/train_per_sec_per_gpu at every step: {logs}")
     gpu = [e["memory/max_allocated (GiB)"] * 1024 for e in logs if "memory/max_allocated (GiB)" in e]
     peak = max(gpu) if cuda and gpu else usage.ru_maxrss / 1024
-    return Run(statistics.median(s / r for s, r in zip(steps, rates)), statistics.median(rates), trainable[-1], peak)
+    keys = sorted({k for e in logs[1:] for k in e if k.endswith("_time_share") or k.startswith("xkd/teacher/")})
+    # time shares: the median step's; a teacher's served share: the run's mean (batches draw the route's rows at random)
+    shares = {k: (statistics.median if k.endswith("_time_share") else statistics.mean)(e[k] for e in logs[1:] if k in e)
+              for k in keys}
+    return Run(statistics.median(s / r for s, r in zip(steps, rates)), statistics.median(rates), trainable[-1], peak,
+               shares)
 
 
 def main() -> None:
@@ -235,6 +273,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=64, help="top-k of the precomputed store and the server")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the runs (0: torch's default)")
+    parser.add_argument("--profile", action="store_true", help="with many-teacher arms: also time the teacher and "
+                        "loss parts of one batch in this process (one teacher against each mixture)")
     parser.add_argument("--prompt-words", type=int, default=16, help="prompt tokens of each row (of --quick's 64 "
                         "or the full shape's 256, less BOS, EOS and one response token)")
     args = parser.parse_args()
@@ -270,9 +310,141 @@ def main() -> None:
                                       **arm_overrides(arm, assets, store, url, args.top_k)})
                 runs[arm].append(train_once(run, out / "cfg.yml", cuda, timeout=args.run_timeout))
                 print(f"{arm} repeat {r}: {runs[arm][-1].step_s * 1000:.1f} ms/step", flush=True)
-    report = render(args, shape, runs, cuda, __version__, time.perf_counter() - started)
-    name = "step_quick" if args.quick else "step"
+    profile = profile_teachers(assets, shape, args.prompt_words) if args.profile and set(MANY) & set(args.arms) else []
+    report = render(args, shape, runs, cuda, __version__, time.perf_counter() - started) + "".join(
+        line + "\n" for line in profile)
+    name = ("step_teachers" if set(MANY) & set(args.arms) else "step") + ("_quick" if args.quick else "")
     write_report(RESULTS / f"{name}{'' if args.prompt_words == 16 else f'_prompt{args.prompt_words}'}.md", report)
+
+
+def profile_teachers(assets: dict[str, Path], shape: Shape, prompt_words: int, repeats: int = 9) -> list[str]:
+    """The teacher and loss parts of one batch of `shape` (random ids, the prompt masked) timed in this process on
+    one torch thread (a shared 2-core machine makes two threads wait on each other), the fastest of `repeats` calls
+    each: gkd_model's (the teacher's decoder, then the chunked loss forming its logits per chunk) against two
+    teachers a and b under each mixture (rows 0, 2 routed to a, 1, 3 to b)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from axolotl_xkd.keys import ROUTE
+    from axolotl_xkd.losses.chunked import chunked_xkd_loss
+    from axolotl_xkd.losses.xkd import XKDHyperparams
+    from axolotl_xkd.teachers.mixture import Member, MixtureTeacherSource
+    from axolotl_xkd.teachers.model import ModelTeacherSource
+
+    def load(name: str):
+        return LlamaForCausalLM.from_pretrained(assets[name], attn_implementation="sdpa").eval().requires_grad_(False)
+
+    student = LlamaForCausalLM.from_pretrained(assets["student"], attn_implementation="sdpa")
+    a, b = ModelTeacherSource(load("teacher"), shape.vocab), ModelTeacherSource(load("teacher_b"), shape.vocab)
+    ids = torch.randint(len(SPECIALS), shape.vocab, (shape.batch, shape.tokens))
+    labels = ids.clone()
+    labels[:, : prompt_words + 1] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    routed = {**batch, ROUTE: (torch.arange(shape.batch) % 2).unsqueeze(-1).expand_as(ids).contiguous()}
+    halves = [{k: v[j :: 2] for k, v in batch.items()} for j in (0, 1)]
+    members = [Member("a", a), Member("b", b)]
+    sources = {m: MixtureTeacherSource(members, mixture=m, vocab_size=shape.vocab, top_k=64)
+               for m in ("route", "weighted", "confidence")}
+    params = XKDHyperparams(reward_kl_weight=0.0, td_weight=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def best_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times) * 1000
+
+    def loss(signal) -> None:
+        hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state.detach().requires_grad_(True)
+        chunked_xkd_loss(hidden, student.lm_head.weight, labels, teacher=signal, params=params, mu=None,
+                         log_sigma=None, vocab_size=shape.vocab).loss.backward()
+        student.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        forwards = {"route": best_ms(lambda: [t.get_signal(h) for t, h in zip((a, b), halves)]),
+                    "weighted": best_ms(lambda: [t.get_signal(batch) for t in (a, b)])}
+        forwards["confidence"] = forwards["weighted"]
+        signal_ms = {m: best_ms(lambda m=m: sources[m].get_signal(dict(routed if m == "route" else batch)))
+                     for m in sources}
+        parts = {
+            "one teacher's decoder (gkd_model's teacher part: `get_hidden_signal`)": best_ms(
+                lambda: a.get_hidden_signal(batch)),
+            "one teacher's whole forward, logits (B, T, V) included (`get_signal`)": best_ms(
+                lambda: a.get_signal(batch)),
+            "route's forwards: each teacher on its 2 of 4 rows, logits included": forwards["route"],
+            "weighted's and confidence's forwards: both teachers on every row, logits included": forwards["weighted"],
+            **{f"the mixture source's `get_signal`, {m}": ms for m, ms in signal_ms.items()},
+            **{f"{m}: what `get_signal` adds to the forwards (placing, weights, mixing)": signal_ms[m] - forwards[m]
+               for m in sources},
+        }
+        hidden_signal = a.get_hidden_signal(batch)
+        mixed = sources["weighted"].get_signal(dict(batch))
+    parts["chunked loss forward + backward, one teacher's hidden states (gkd_model: its logits formed per chunk)"] = (
+        best_ms(lambda: loss(hidden_signal)))
+    parts["chunked loss forward + backward, the mixture's dense log-probs"] = best_ms(lambda: loss(mixed))
+
+    # The whole step in this process, the arms interleaved: the student's forward, the teacher's signal, the chunked
+    # loss, the backward pass and AdamW's step (what XKDTrainer does around Axolotl's loop, less the data and logs).
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    signal_of = {"gkd_model": lambda: a.get_hidden_signal(batch),
+                 **{f"gkd_{m}2": lambda m=m: sources[m].get_signal(dict(routed if m == "route" else batch))
+                    for m in sources}}
+
+    def whole_step(signal) -> tuple[float, float]:
+        start = time.perf_counter()
+        hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
+        asked = time.perf_counter()
+        with torch.no_grad():
+            teacher = signal()
+        teacher_s = time.perf_counter() - asked
+        chunked_xkd_loss(hidden, student.lm_head.weight, labels, teacher=teacher, params=params, mu=None,
+                         log_sigma=None, vocab_size=shape.vocab).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start, teacher_s
+
+    steps = {arm: (math.inf, 0.0) for arm in signal_of}
+    for round_ in range(repeats + 1):  # the first round warms up
+        for arm, signal in signal_of.items():
+            took = whole_step(signal)
+            if round_ and took[0] < steps[arm][0]:
+                steps[arm] = took
+    torch.set_num_threads(threads)
+    lines = ["", "## Where a two-teacher step's time goes (`--profile`)", "",
+             (f"One batch of {shape.batch} x {shape.tokens} tokens, random ids, in this process (one torch thread, "
+              f"load average {os.getloadavg()[0]:.1f} at the end); each part the fastest of {repeats} calls."), "",
+             "| part | ms |", "|---|---|"]
+    lines += [f"| {name} | {ms:.1f} |" for name, ms in parts.items()]
+    t_one, teacher_one = steps["gkd_model"]
+    whole = parts["one teacher's whole forward, logits (B, T, V) included (`get_signal`)"] / 1000
+    lines += ["", ("The whole step in this process (student forward, teacher signal, chunked loss, backward, AdamW "
+                   f"step; arms interleaved, the fastest of {repeats} rounds after one to warm up), against the same "
+                   "targets; s = gkd_model's teacher seconds / its step here. Last column: the mixtures' bound with "
+                   "a whole teacher forward (its output layer included, the part above) in place of s x t(gkd_model)."),
+              "",
+              "| arm | step ms | teacher ms | / gkd_model | bound / gkd_model | target | bound with a whole forward |",
+              "|---|---|---|---|---|---|---|"]
+    for arm, (t, teacher) in steps.items():
+        if arm == "gkd_model":
+            lines.append(f"| {arm} | {t * 1000:.1f} | {teacher * 1000:.1f} | 1.00x | - | - | - |")
+            continue
+        bound, verdict = _verdict(arm, t, t_one, teacher_one / t_one)
+        alternative = "-" if arm == "gkd_route2" else (
+            f"{(t_one * 1.1 + whole) / t_one:.2f}x: {'met' if t <= t_one * 1.1 + whole else 'missed'}")
+        lines.append(f"| {arm} | {t * 1000:.1f} | {teacher * 1000:.1f} | {t / t_one:.2f}x | {bound / t_one:.2f}x | "
+                     f"{verdict} | {alternative} |")
+    return lines
+
+
+def _verdict(arm: str, t: float, t_one: float, s_one: float) -> tuple[float, str]:
+    """An arm's bound (seconds) and verdict against MANY_TEACHERS_TARGETS, from gkd_model's step `t_one` and its
+    teacher share `s_one`."""
+    bound = 1.1 * t_one if arm == "gkd_route2" else t_one * (1 + s_one + 0.1)
+    return bound, f"**{'met' if t <= bound else 'missed'}** ({t / t_one:.2f}x vs {bound / t_one:.2f}x)"
 
 
 def render(args, shape: Shape, runs: dict[str, list[Run]], cuda: bool, version: str, seconds: float) -> str:
@@ -321,7 +493,52 @@ def render(args, shape: Shape, runs: dict[str, list[Run]], cuda: bool, version: 
         logged = f"{sft_rate / rate:.2f}x" if sft_rate else "-"
         lines.append(f"| {arm} | {', '.join(f'{r.step_s * 1000:.1f}' for r in done)} | {median * 1000:.1f} | {ratio} | "
                      f"{rate:.0f} | {logged} | {done[-1].trainable} | {max(r.peak_mb for r in done):.0f} |")
+    if set(MANY) & set(runs):
+        lines += many_teachers(runs)
     return "\n".join(lines) + "\n"
+
+
+def _share(done: list[Run], key: str) -> float:
+    """The median over the repeats of a run's median logged share `key` (0 where it was not logged)."""
+    return statistics.median(r.shares.get(key, 0.0) for r in done)
+
+
+def many_teachers(runs: dict[str, list[Run]]) -> list[str]:
+    """The many-teacher section: each arm against gkd_model (ratio, where its step goes, the bound) and the verdict."""
+    lines = ["", "## Two teachers against one (gkd_model)", "", *MANY_TEACHERS_TARGETS.splitlines(), ""]
+    one = runs.get("gkd_model")
+    if not one:
+        return lines + ["gkd_model was not run: no ratio."]
+    t_one = statistics.median(r.step_s for r in one)
+    s_one = _share(one, "xkd/teacher_time_share")
+    lines += [("| arm | median ms/step | / gkd_model | / gkd_model of the same repeat | teacher share | teacher ms | "
+               "loss share | loss ms | rows or positions per teacher (a / b) | bound ms | bound / gkd_model | "
+               "target |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm in ("gkd_model", *MANY):
+        done = runs.get(arm)
+        if not done:
+            if arm in runs:
+                lines.append(f"| {arm} | not run (time bound) | | | | | | | | | | |")
+            continue
+        t = statistics.median(r.step_s for r in done)
+        teacher, loss = _share(done, "xkd/teacher_time_share"), _share(done, "xkd/loss_time_share")
+        served = (f"{_share(done, 'xkd/teacher/a/share'):.2f} / {_share(done, 'xkd/teacher/b/share'):.2f}"
+                  if arm in MANY else "-")
+        if arm == "gkd_model":
+            bound, target = None, "-"
+        else:
+            bound, target = _verdict(arm, t, t_one, s_one)
+        paired = ", ".join(f"{r.step_s / o.step_s:.2f}x" for r, o in zip(done, one))
+        lines.append(f"| {arm} | {t * 1000:.1f} | {t / t_one:.2f}x | {paired} | {teacher:.3f} | "
+                     f"{teacher * t * 1000:.1f} | "
+                     f"{loss:.3f} | {loss * t * 1000:.1f} | {served} | "
+                     f"{'-' if bound is None else f'{bound * 1000:.1f}'} | "
+                     f"{'-' if bound is None else f'{bound / t_one:.2f}x'} | {target} |")
+    lines += ["", ("teacher / loss ms: the arm's median logged share x its median step time (the teacher's signal, the "
+                   "mixture's included; the loss's forward, which in the chunked loss also forms the output layer's "
+                   "gradients and gkd_model's teacher logits).")]
+    return lines
 
 
 if __name__ == "__main__":
