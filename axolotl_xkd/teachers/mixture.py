@@ -304,19 +304,30 @@ class MixtureTeacherSource(TeacherSource):
 def _routed_logits(batch: dict[str, Tensor], parts: list[dict | None],
                    answers: list[DenseSignal | None]) -> tuple[DenseSignal, Tensor]:
     """Under `route` with dense teachers only: each position's routed teacher's own logits (the loss normalises them,
-    so no log-softmax or mixing pass is needed; exact), and the one-hot log-weights (B, T, n)."""
+    so no log-softmax or mixing pass is needed; exact), and the one-hot log-weights (B, T, n). A row wholly one
+    teacher's (unpacked data) is copied as it is; only packed rows of several teachers are merged position by position,
+    and rows of no teacher are zero."""
     route = batch[ROUTE].to(next(a.logits.device for a in answers if a is not None))
     index = torch.arange(len(answers), device=route.device)
     log_w = torch.where(route.unsqueeze(-1) == index, 0.0, -math.inf)
-    logits = None
+    width = next(a.logits.shape[-1] for a in answers if a is not None)
+    dtype = next(a.logits.dtype for a in answers if a is not None)
+    logits = torch.empty((*route.shape, width), dtype=dtype, device=route.device)
+    owner = torch.where((route >= 0).any(-1), route.max(-1).values, -1)  # a row's teacher if it has only one
+    whole = (route == owner.unsqueeze(-1)) | (route < 0)
+    single = whole.all(-1) & (owner >= 0)
+    logits[~single] = 0
     for j, (part, answer) in enumerate(zip(parts, answers)):
         if answer is None:
             continue
-        if logits is None:
-            logits = answer.logits.new_zeros((*route.shape, answer.logits.shape[-1]))
-        rows = part["rows"]
-        chosen = (route[rows] == j).unsqueeze(-1)
-        logits[rows] = torch.where(chosen, answer.logits, logits[rows])
+        rows, own = part["rows"], single[part["rows"]] & (owner[part["rows"]] == j)
+        source = answer.logits if bool(own.all()) else answer.logits[own]  # no copy when every row is its own
+        logits.index_copy_(0, rows[own], source.to(dtype))
+        shared = ~single[rows]
+        if shared.any():
+            at = rows[shared]
+            chosen = (route[at] == j).unsqueeze(-1)
+            logits[at] = torch.where(chosen, answer.logits[shared].to(dtype), logits[at])
     return DenseSignal(logits), log_w
 
 
