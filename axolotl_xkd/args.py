@@ -189,11 +189,12 @@ class XKDConfig(BaseModel):
         return self
 
     @property
-    def teacher_blocks(self) -> list:
-        """Every teacher block: `teachers`, or `teacher` alone (none without a teacher)."""
+    def teacher_blocks(self) -> list[tuple[str, Any]]:
+        """Every teacher block with the key it sits at, for messages: `xkd.teachers[i]` each, or `xkd.teacher` alone
+        (none without a teacher)."""
         if self.teachers is not None:
-            return list(self.teachers)
-        return [] if self.teacher is None else [self.teacher]
+            return [(f"xkd.teachers[{i}]", block) for i, block in enumerate(self.teachers)]
+        return [] if self.teacher is None else [("xkd.teacher", self.teacher)]
 
     @model_validator(mode="after")
     def _teachers_combined(self) -> XKDConfig:
@@ -216,7 +217,7 @@ class XKDConfig(BaseModel):
 
     @model_validator(mode="after")
     def _sequences_have_their_teacher(self) -> XKDConfig:
-        sources = {block.source for block in self.teacher_blocks}
+        sources = {block.source for _, block in self.teacher_blocks}
         if self.teachers is not None and self.sequences == "teacher":
             raise ValueError(
                 "xkd.sequences: teacher with xkd.teachers is not supported yet (which teacher's generations?); "

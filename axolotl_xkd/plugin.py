@@ -81,9 +81,7 @@ class XKDPlugin(BasePlugin):
             return None
         from axolotl_xkd.locations import check_data_files, check_teacher
 
-        blocks = config.teacher_blocks
-        where = ["xkd.teacher"] if config.teachers is None else [f"xkd.teachers[{i}]" for i in range(len(blocks))]
-        for block, key in zip(blocks, where):
+        for key, block in config.teacher_blocks:
             check_teacher(block, training=not preprocess, where=key)
             if config.teachers is not None and block.source == "precomputed":
                 from axolotl_xkd.teachers.recorded import check_store_name
@@ -100,7 +98,7 @@ class XKDPlugin(BasePlugin):
             from axolotl_xkd.wiring import check_teacher_tokenizer
 
             student_tokenizer = cache(lambda: load_tokenizer(cfg))
-            for block, key in zip(blocks, where):
+            for key, block in config.teacher_blocks:
                 check_teacher_tokenizer(block, student_tokenizer, where=key)
         if config.mixture == "route":
             from axolotl_xkd.routing import load_routed_datasets

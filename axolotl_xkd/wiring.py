@@ -96,16 +96,15 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module, *, sequence_len
     from axolotl_xkd.teachers.mixture import Member, MixtureTeacherSource
 
     members = []
-    for i, block in enumerate(config.teachers):
+    for key, block in config.teacher_blocks:
         if block.source == "precomputed":
             from axolotl_xkd.teachers.recorded import RecordedTeacherSource
 
-            source = RecordedTeacherSource.open(block, name=block.name, where=f"xkd.teachers[{i}]",
+            source = RecordedTeacherSource.open(block, name=block.name, where=key,
                                                 tokenizer=trainer.processing_class, sequence_len=sequence_len)
         else:
             source = build_teacher(block, **options)
         members.append(Member(block.name, source, block.weight))
-    for block in config.teachers:
         LOG.info("X-KD teacher %r: source %s, %s, %s, weight %g", block.name, block.source,
                  getattr(block, "base_url", None) or block.path,
                  "another tokenizer" if block.cross_tokenizer else "the student's tokenizer", block.weight)

@@ -60,16 +60,20 @@ class _TopKMixin:
             dense.append((np.concatenate([row[1] for row in rows]), np.concatenate([row[2] for row in rows])))
         inner = clean_packs if self.packed else [pack[0] for pack in clean_packs]
         batch = super().__call__(inner, return_tensors=return_tensors)
-        width = batch["input_ids"].shape[1]
-        ids = torch.zeros((len(dense), width, self.top_k), dtype=torch.long)
-        logprobs = torch.full((len(dense), width, self.top_k), -torch.inf, dtype=torch.float32)
-        left = self.tokenizer.padding_side == "left"
-        for b, (row_ids, row_logprobs) in enumerate(dense):
-            span = slice(width - len(row_ids), width) if left else slice(0, len(row_ids))
-            ids[b, span] = torch.from_numpy(row_ids)
-            logprobs[b, span] = torch.from_numpy(row_logprobs)
-        batch[TEACHER_IDS], batch[TEACHER_LOGPROBS] = ids, logprobs
+        batch[TEACHER_IDS] = padded([row[0] for row in dense], batch, self.tokenizer, 0, torch.long)
+        batch[TEACHER_LOGPROBS] = padded([row[1] for row in dense], batch, self.tokenizer, -torch.inf, torch.float32)
         return batch
+
+
+def padded(rows: list[np.ndarray], batch: dict, tokenizer, fill: float, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row arrays (T_row, ...) as one (B, T, ...) tensor padded with `fill` on the side the base collator padded
+    the batch's input_ids (the tokenizer's padding_side)."""
+    width = batch["input_ids"].shape[1]
+    out = torch.full((len(rows), width, *rows[0].shape[1:]), fill, dtype=dtype)
+    left = tokenizer.padding_side == "left"
+    for b, row in enumerate(rows):
+        out[b, slice(width - len(row), width) if left else slice(0, len(row))] = torch.from_numpy(row)
+    return out
 
 
 @dataclass
@@ -103,12 +107,7 @@ class _RouteMixin:
         packs = features if isinstance(features[0], list) else [[f] for f in features]
         routes = [np.concatenate([np.asarray(f.pop(ROUTE), dtype=np.int64) for f in pack]) for pack in packs]
         batch = super().__call__(features, return_tensors=return_tensors)
-        width = batch["input_ids"].shape[1]
-        route = torch.full((len(routes), width), -1, dtype=torch.long)
-        left = self.tokenizer.padding_side == "left"
-        for b, row in enumerate(routes):
-            route[b, slice(width - len(row), width) if left else slice(0, len(row))] = torch.from_numpy(row)
-        batch[ROUTE] = route
+        batch[ROUTE] = padded(routes, batch, self.tokenizer, -1, torch.long)
         return batch
 
 

@@ -105,8 +105,7 @@ def log_weights(mixture: str, signals: list[TeacherSignal | None], weights: list
     have = torch.stack([available(s) if s is not None else torch.zeros(shape, dtype=torch.bool, device=device)
                         for s in signals], dim=-1)
     if mixture == "route":
-        index = torch.arange(len(signals), device=device)
-        raw = torch.where(route.to(device).unsqueeze(-1) == index, 0.0, -math.inf).to(dtype)
+        raw = route_log_weights(route.to(device), len(signals)).to(dtype)
     else:
         raw = torch.log(torch.tensor(weights, dtype=dtype, device=device)).expand(have.shape)
         if mixture == "confidence":
@@ -117,6 +116,12 @@ def log_weights(mixture: str, signals: list[TeacherSignal | None], weights: list
     raw = torch.where(have, raw, -math.inf)
     total = torch.logsumexp(raw, dim=-1, keepdim=True)
     return torch.where(torch.isfinite(total), raw - total, -math.inf)
+
+
+def route_log_weights(route: Tensor, n: int) -> Tensor:
+    """(..., n) log-weights of `route` (...): 0 for the teacher each position names, -inf for the others (all -inf
+    where it names none, -1)."""
+    return torch.where(route.unsqueeze(-1) == torch.arange(n, device=route.device), 0.0, -math.inf)
 
 
 def mix(signals: list[TeacherSignal | None], log_w: Tensor, *, top_k: int) -> TeacherSignal:
@@ -234,8 +239,8 @@ class MixtureTeacherSource(TeacherSource):
             return signal
         ids = batch["input_ids"]
         counted = _counted(batch)  # the loss reads no other position's teacher
-        signals = [log_probs(self._placed(batch, a, part).rows(counted)) if a is not None else None
-                   for a, part in zip(answers, parts)]
+        signals = [None if a is None else log_probs((_placed(a, ids.shape, part["rows"]) if "rows" in part else a)
+                                                    .rows(counted)) for a, part in zip(answers, parts)]
         next_ids = torch.zeros_like(ids)
         next_ids[:, :-1] = ids[:, 1:]
         route = batch.get(ROUTE)
@@ -243,7 +248,7 @@ class MixtureTeacherSource(TeacherSource):
                             route=None if route is None else route[counted], next_ids=next_ids[counted],
                             vocab_size=self.vocab_size, score=self.score, temperature=self.temperature)
         self._record(log_w)
-        return _scattered(mix(signals, log_w, top_k=self.top_k), counted)
+        return _placed(mix(signals, log_w, top_k=self.top_k), counted.shape, counted)
 
     def _parts(self, batch: dict[str, Tensor]) -> list[dict | None]:
         """What each teacher is asked: the whole batch (weighted, confidence), or under `route` the rows holding a
@@ -265,21 +270,6 @@ class MixtureTeacherSource(TeacherSource):
                 part["rows"] = rows
             parts.append(part)
         return parts
-
-    def _placed(self, batch: dict[str, Tensor], signal: TeacherSignal, part: dict) -> TeacherSignal:
-        """A teacher's signal on the rows `part` holds, placed into the whole batch's rows (empty elsewhere)."""
-        rows = part.get("rows")
-        if rows is None:
-            return signal
-        b = batch["input_ids"].shape[0]
-        if isinstance(signal, DenseSignal):
-            logits = signal.logits.new_zeros((b, *signal.logits.shape[1:]))
-            logits[rows] = signal.logits
-            return DenseSignal(logits)
-        ids = signal.token_ids.new_zeros((b, *signal.token_ids.shape[1:]))
-        logprobs = signal.logprobs.new_full((b, *signal.logprobs.shape[1:]), -math.inf)
-        ids[rows], logprobs[rows] = signal.token_ids, signal.logprobs
-        return TopKSignal(ids, logprobs)
 
     def _record(self, log_w: Tensor) -> None:
         """Add the log-weights (m, n) of a batch's counted positions to each teacher's served positions and weights."""
@@ -307,12 +297,10 @@ def _routed_logits(batch: dict[str, Tensor], parts: list[dict | None],
     so no log-softmax or mixing pass is needed; exact), and the one-hot log-weights (B, T, n). A row wholly one
     teacher's (unpacked data) is copied as it is; only packed rows of several teachers are merged position by position,
     and rows of no teacher are zero."""
-    route = batch[ROUTE].to(next(a.logits.device for a in answers if a is not None))
-    index = torch.arange(len(answers), device=route.device)
-    log_w = torch.where(route.unsqueeze(-1) == index, 0.0, -math.inf)
-    width = next(a.logits.shape[-1] for a in answers if a is not None)
-    dtype = next(a.logits.dtype for a in answers if a is not None)
-    logits = torch.empty((*route.shape, width), dtype=dtype, device=route.device)
+    first = next(a.logits for a in answers if a is not None)
+    route = batch[ROUTE].to(first.device)
+    logits = first.new_empty((*route.shape, first.shape[-1]))
+    dtype = first.dtype
     owner = torch.where((route >= 0).any(-1), route.max(-1).values, -1)  # a row's teacher if it has only one
     whole = (route == owner.unsqueeze(-1)) | (route < 0)
     single = whole.all(-1) & (owner >= 0)
@@ -328,7 +316,7 @@ def _routed_logits(batch: dict[str, Tensor], parts: list[dict | None],
             at = rows[shared]
             chosen = (route[at] == j).unsqueeze(-1)
             logits[at] = torch.where(chosen, answer.logits[shared].to(dtype), logits[at])
-    return DenseSignal(logits), log_w
+    return DenseSignal(logits), route_log_weights(route, len(answers))
 
 
 def _counted(batch: dict[str, Tensor]) -> Tensor:
@@ -338,14 +326,14 @@ def _counted(batch: dict[str, Tensor]) -> Tensor:
     return response_mask(batch["labels"], batch.get("position_ids"))
 
 
-def _scattered(signal: TeacherSignal, counted: Tensor) -> TeacherSignal:
-    """A signal of the counted positions (m, ...) placed at them in (B, T, ...); zero logits or empty records
-    elsewhere."""
+def _placed(signal: TeacherSignal, shape: torch.Size, index: Tensor) -> TeacherSignal:
+    """A signal of some positions (m, ...) placed at `index` (rows, or a bool mask of `shape`) of a signal of leading
+    shape `shape`: zero logits or empty records elsewhere."""
     if isinstance(signal, DenseSignal):
-        logits = signal.logits.new_zeros((*counted.shape, signal.logits.shape[-1]))
-        logits[counted] = signal.logits
+        logits = signal.logits.new_zeros((*shape, signal.logits.shape[-1]))
+        logits[index] = signal.logits
         return DenseSignal(logits)
-    ids = signal.token_ids.new_zeros((*counted.shape, signal.token_ids.shape[-1]))
-    logprobs = signal.logprobs.new_full((*counted.shape, signal.logprobs.shape[-1]), -math.inf)
-    ids[counted], logprobs[counted] = signal.token_ids, signal.logprobs
+    ids = signal.token_ids.new_zeros((*shape, signal.token_ids.shape[-1]))
+    logprobs = signal.logprobs.new_full((*shape, signal.logprobs.shape[-1]), -math.inf)
+    ids[index], logprobs[index] = signal.token_ids, signal.logprobs
     return TopKSignal(ids, logprobs)

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from axolotl_xkd.keys import TOPK_COLUMNS
 from axolotl_xkd.losses.signal import TopKSignal
 from axolotl_xkd.sequences import segments
 from axolotl_xkd.teachers.base import TeacherSource
@@ -74,7 +73,8 @@ class RecordedTeacherSource(TeacherSource):
 
     def get_signal(self, batch: dict[str, Tensor]) -> TopKSignal:
         """TopKSignal (B, T, k): each sequence's stored records at its response positions, -inf elsewhere."""
-        from axolotl_xkd.store.format import decode, response_mask
+        from axolotl_xkd.store.collate import dense_topk
+        from axolotl_xkd.store.format import response_mask
 
         input_ids = batch["input_ids"].cpu().numpy()
         labels = batch["labels"].cpu().numpy()
@@ -90,10 +90,8 @@ class RecordedTeacherSource(TeacherSource):
                 raise KeyError(f"{self.where}: batch row {b} (tokens {start}..{end - 1}) is not in the store: it was "
                                "recorded for other training data (another dataset, tokenizer settings or "
                                "sequence_len). Precompute the store again with this config.")
-            row = self.splits[found[0]][found[1]]
-            stored_ids, stored_logprobs = decode({k: row[k] for k in TOPK_COLUMNS if k in row}, self.top_k)
-            at = start + np.flatnonzero(mask)
-            ids[b, at] = torch.from_numpy(stored_ids)
-            logprobs[b, at] = torch.from_numpy(stored_logprobs)
+            _, row_ids, row_logprobs = dense_topk(self.splits[found[0]][found[1]], self.top_k)  # as the collator
+            ids[b, start:end] = torch.from_numpy(row_ids)
+            logprobs[b, start:end] = torch.from_numpy(row_logprobs)
         device = batch["input_ids"].device
         return TopKSignal(token_ids=ids.to(device), logprobs=logprobs.to(device))
