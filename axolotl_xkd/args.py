@@ -32,6 +32,7 @@ from axolotl_xkd.teacher_args import (  # noqa: F401 (the teacher blocks are imp
     PrecomputedTeacher,
     ServerTeacher,
     check_base_url,
+    generation_obstacle,
 )
 from axolotl_xkd.unknown_keys import check_known_keys
 
@@ -115,6 +116,13 @@ class XKDConfig(BaseModel):
         64, ge=1, description="Entries an in-process teacher of the student's tokenizer contributes to a mixture "
         "that also holds top-k teachers (a store, a server, another tokenizer); a mixture of such teachers only is "
         "formed over the whole vocabulary.",
+    )
+    generator: str | None = Field(
+        None, description="sequences: teacher with `teachers`: the name of the teacher whose model samples every row's "
+        "response in `axolotl xkd precompute` (a `source: model` item's path or a store's model_path, in the student's "
+        "tokenizer); every store then records those rows. Required under weighted and confidence; under route, unset "
+        "means each row's response is sampled by its routed teacher (docs/teachers.md#many-teachers).",
+        examples=["maths"],
     )
     divergence: Divergence = _loss_key("divergence", "The distillation term D_i.")
     beta: float = _loss_key("beta", "JSD mixture weight (TRL GKD: 0 = forward KL, 1 = reverse KL).")
@@ -218,11 +226,7 @@ class XKDConfig(BaseModel):
     @model_validator(mode="after")
     def _sequences_have_their_teacher(self) -> XKDConfig:
         sources = {block.source for _, block in self.teacher_blocks}
-        if self.teachers is not None and self.sequences == "teacher":
-            raise ValueError(
-                "xkd.sequences: teacher with xkd.teachers is not supported yet (which teacher's generations?); "
-                "generate with one teacher (`xkd.teacher`), or train on the dataset's sequences (xkd.sequences: dataset)"
-            )
+        check_generated(self)
         if self.sequences == "on_policy" and "precomputed" in sources:
             raise ValueError(
                 "xkd.sequences: on_policy scores the student's fresh samples, which no precomputed store holds; use "
@@ -286,6 +290,40 @@ def check_mixture(config: XKDConfig) -> None:
                          f"(one of {names})")
     if config.default_teacher is not None and config.default_teacher not in names:
         raise ValueError(f"xkd.default_teacher {config.default_teacher!r} is not one of xkd.teachers' names {names}")
+
+
+def check_generated(config: XKDConfig) -> None:
+    """Refuse `sequences: teacher` with `teachers` when it cannot say which model samples the responses or which
+    stores hold them, naming the key and what to do."""
+    teachers = config.teachers
+    if config.generator is not None and (teachers is None or config.sequences != "teacher"):
+        raise ValueError("xkd.generator is read only with xkd.teachers and xkd.sequences: teacher; remove it")
+    if teachers is None or config.sequences != "teacher":
+        return
+    names = [t.name for t in teachers]
+    if config.generator is not None and config.generator not in names:
+        raise ValueError(f"xkd.generator {config.generator!r} is not one of xkd.teachers' names {names}")
+    why = "samples the responses (xkd.generator)"
+    if config.mixture == "route":
+        live = [t.name for t in teachers if t.source != "precomputed"]
+        if live:
+            raise ValueError(f"xkd.sequences: teacher with xkd.mixture: route keeps each row in its teacher's store, "
+                             f"but {live} are not `source: precomputed`; make every teacher a store (with model_path) "
+                             "written by `axolotl xkd precompute CONFIG.yml` (live teachers under route cannot score "
+                             "generated rows yet), or train on the dataset's sequences")
+        if config.generator is None:
+            why = "samples its routed rows' responses (xkd.mixture: route without xkd.generator)"
+    elif config.generator is None:
+        raise ValueError(f"xkd.sequences: teacher with xkd.mixture: {config.mixture} needs xkd.generator, the teacher "
+                         f"whose model samples every response (one of {names})")
+    elif all(t.source != "precomputed" for t in teachers):
+        raise ValueError("xkd.sequences: teacher with xkd.teachers needs a `source: precomputed` teacher: its store, "
+                         "written by `axolotl xkd precompute CONFIG.yml`, holds the generated rows training reads")
+    for i, block in enumerate(teachers):
+        problem = generation_obstacle(block) if config.generator in (None, block.name) else None
+        if problem is not None:
+            raise ValueError(f"xkd.teachers[{i}] ({block.name!r}) {why} but {problem}; name a teacher that can "
+                             "(a `source: model` item, or a store with model_path, of the student's tokenizer)")
 
 
 def _changed(config: XKDConfig, key: str) -> bool:

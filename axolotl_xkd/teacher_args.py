@@ -176,3 +176,15 @@ class NamedServerTeacher(ServerTeacher, Named):
 
 
 NamedTeacher = NamedModelTeacher | NamedPrecomputedTeacher | NamedServerTeacher
+
+
+def generation_obstacle(block: ModelTeacher | PrecomputedTeacher | ServerTeacher) -> str | None:
+    """Why the teacher `block` cannot sample responses (`sequences: teacher`), or None when it can: a model run in
+    the precompute's process, in the student's tokenizer (a `source: model` block's path, a store's model_path)."""
+    if block.source == "server":
+        return "is a teacher server, which is only asked for log-probs (responses are sampled by a model loaded here)"
+    if block.cross_tokenizer:
+        return "has another tokenizer (cross_tokenizer: true); responses are sampled in the student's tokenizer"
+    if block.source == "precomputed" and block.model_path is None:
+        return "has no model_path, the model that would sample the responses"
+    return None

@@ -46,7 +46,9 @@ def test_two_teachers_with_each_mixture_validate(load, two):
     ({"teachers": "TWO", "mixture": "weighted", "route_column": "t"},
      "xkd.route_column is not read with xkd.mixture: weighted; remove it"),
     ({"mixture": "weighted"}, "xkd.mixture is read only with xkd.teachers"),
-    ({"teachers": "TWO", "mixture": "weighted", "sequences": "teacher"}, "xkd.sequences: teacher with xkd.teachers"),
+    ({"teachers": "TWO", "mixture": "weighted", "sequences": "teacher"},
+     ("xkd.sequences: teacher with xkd.mixture: weighted needs xkd.generator, the teacher whose model samples every "
+     "response (one of ['add', 'sub'])")),
     ({"teachers": "MISSPELT", "mixture": "weighted"}, "xkd.teachers[1].wieght (did you mean `weight`?)"),
 ])
 def test_refusals_name_the_key(load, two, untrained_assets, change, fragment):
@@ -81,3 +83,60 @@ def test_a_listed_teacher_of_another_vocabulary_is_refused_by_its_place(untraine
     check_teacher_tokenizer(config.teachers[0], lambda: student, where="xkd.teachers[0]")
     with pytest.raises(ValueError, match=r"xkd.teachers\[1\].path="):
         check_teacher_tokenizer(config.teachers[1], lambda: student, where="xkd.teachers[1]")
+
+
+def stores(assets) -> list[dict]:
+    """Two stores whose models sample in the student's tokenizer, the second also of a teacher served elsewhere."""
+    return [{"name": "add", "source": "precomputed", "path": "/tmp/add", "model_path": str(assets["teacher"])},
+            {"name": "sub", "source": "precomputed", "path": "/tmp/sub", "model_path": str(assets["teacher"])}]
+
+
+def test_teacher_generations_with_several_teachers_validate(load, two, untrained_assets):
+    """route: each store's model samples its own rows (no generator) or the named one samples all; weighted and
+    confidence: the named generator samples, a store holds the rows and a live teacher scores them."""
+    routed = load({"teachers": stores(untrained_assets), "mixture": "route", "route_column": "teacher",
+                   "sequences": "teacher"})
+    assert routed.xkd["generator"] is None
+    named = load({"teachers": stores(untrained_assets), "mixture": "route", "route_column": "teacher",
+                  "sequences": "teacher", "generator": "sub"})
+    assert named.xkd["generator"] == "sub"
+    mixed = load({"teachers": [two[0], stores(untrained_assets)[1]], "mixture": "confidence", "sequences": "teacher",
+                  "generator": "add"})
+    assert mixed.xkd["generator"] == "add"
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"mixture": "weighted"}, "xkd.sequences: teacher with xkd.mixture: weighted needs xkd.generator"),
+    ({"mixture": "confidence", "generator": "mul"}, ("xkd.generator 'mul' is not one of xkd.teachers' names "
+     "['add', 'sub']")),
+    ({"mixture": "weighted", "generator": "sub", "SUB": {"source": "server", "base_url": "http://127.0.0.1:9"}},
+     "xkd.teachers[1] ('sub') samples the responses (xkd.generator) but is a teacher server"),
+    ({"mixture": "weighted", "generator": "sub", "SUB": {"model_path": None}},
+     "xkd.teachers[1] ('sub') samples the responses (xkd.generator) but has no model_path"),
+    ({"mixture": "route", "route_column": "t", "SUB": {"cross_tokenizer": True}},
+     ("xkd.teachers[1] ('sub') samples its routed rows' responses (xkd.mixture: route without xkd.generator) but has "
+     "another tokenizer")),
+    ({"mixture": "route", "route_column": "t", "generator": "add", "SUB": {"source": "model", "path": "/m"}},
+     ("xkd.sequences: teacher with xkd.mixture: route keeps each row in its teacher's store, but ['sub'] are not "
+     "`source: precomputed`")),
+    ({"mixture": "weighted", "generator": "add", "ADD": {"source": "model", "path": "/m"},
+      "SUB": {"source": "model", "path": "/m"}}, "needs a `source: precomputed` teacher: its store"),
+    ({"mixture": "weighted", "generator": "add", "sequences": "dataset"},
+     "xkd.generator is read only with xkd.teachers and xkd.sequences: teacher"),
+])
+def test_teacher_generation_refusals_name_the_key(untrained_assets, change, fragment):
+    """Each refusal of `sequences: teacher` with several teachers, from the `xkd:` block alone."""
+    from axolotl_xkd.args import XKDConfig
+
+    add, sub = stores(untrained_assets)
+    for key, item in (("ADD", add), ("SUB", sub)):
+        edit = change.get(key, {})
+        item.update(edit)
+        if edit.get("source") in ("model", "server"):
+            for gone in ("path" if edit["source"] == "server" else None, "model_path"):
+                item.pop(gone, None)
+    block = {"teachers": [add, sub], "sequences": "teacher",
+             **{k: v for k, v in change.items() if k not in ("ADD", "SUB")}}
+    with pytest.raises(ValueError) as error:
+        XKDConfig.model_validate(block)
+    assert fragment in str(error.value)
