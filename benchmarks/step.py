@@ -365,33 +365,36 @@ def profile_teachers(assets: dict[str, Path], shape: Shape, prompt_words: int, r
         student.zero_grad(set_to_none=True)
 
     with torch.no_grad():
-        forwards = {"route": best_ms(lambda: [t.get_signal(h) for t, h in zip((a, b), halves)]),
-                    "weighted": best_ms(lambda: [t.get_signal(batch) for t in (a, b)])}
-        forwards["confidence"] = forwards["weighted"]
-        signal_ms = {m: best_ms(lambda m=m: sources[m].get_signal(dict(routed if m == "route" else batch)))
+        decoders = {"route": best_ms(lambda: [t.get_hidden_signal(h) for t, h in zip((a, b), halves)]),
+                    "weighted": best_ms(lambda: [t.get_hidden_signal(batch) for t in (a, b)])}
+        decoders["confidence"] = decoders["weighted"]
+        hidden_ms = {m: best_ms(lambda m=m: sources[m].get_hidden_signal(dict(routed if m == "route" else batch)))
                      for m in sources}
         parts = {
             "one teacher's decoder (gkd_model's teacher part: `get_hidden_signal`)": best_ms(
                 lambda: a.get_hidden_signal(batch)),
             "one teacher's whole forward, logits (B, T, V) included (`get_signal`)": best_ms(
                 lambda: a.get_signal(batch)),
-            "route's forwards: each teacher on its 2 of 4 rows, logits included": forwards["route"],
-            "weighted's and confidence's forwards: both teachers on every row, logits included": forwards["weighted"],
-            **{f"the mixture source's `get_signal`, {m}": ms for m, ms in signal_ms.items()},
-            **{f"{m}: what `get_signal` adds to the forwards (placing, weights, mixing)": signal_ms[m] - forwards[m]
+            "route's decoders: each teacher on its 2 of 4 rows": decoders["route"],
+            "weighted's and confidence's decoders: both teachers on every row": decoders["weighted"],
+            **{f"the mixture source's `get_hidden_signal`, {m} (the teachers unmixed)": ms
+               for m, ms in hidden_ms.items()},
+            **{f"{m}: what `get_hidden_signal` adds to the decoders (placing)": hidden_ms[m] - decoders[m]
                for m in sources},
         }
         hidden_signal = a.get_hidden_signal(batch)
-        mixed = sources["weighted"].get_signal(dict(batch))
+        unmixed = {m: sources[m].get_hidden_signal(dict(routed if m == "route" else batch)) for m in sources}
     parts["chunked loss forward + backward, one teacher's hidden states (gkd_model: its logits formed per chunk)"] = (
         best_ms(lambda: loss(hidden_signal)))
-    parts["chunked loss forward + backward, the mixture's dense log-probs"] = best_ms(lambda: loss(mixed))
+    for m, signal in unmixed.items():
+        parts[f"chunked loss forward + backward, {m}: two teachers mixed per chunk"] = best_ms(
+            lambda signal=signal: loss(signal))
 
     # The whole step in this process, the arms interleaved: the student's forward, the teacher's signal, the chunked
     # loss, the backward pass and AdamW's step (what XKDTrainer does around Axolotl's loop, less the data and logs).
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     signal_of = {"gkd_model": lambda: a.get_hidden_signal(batch),
-                 **{f"gkd_{m}2": lambda m=m: sources[m].get_signal(dict(routed if m == "route" else batch))
+                 **{f"gkd_{m}2": lambda m=m: sources[m].get_hidden_signal(dict(routed if m == "route" else batch))
                     for m in sources}}
 
     def whole_step(signal) -> tuple[float, float]:

@@ -1,12 +1,11 @@
 """The X-KD loss of xkd.py, fused with the student's output layer and computed a chunk of positions at a time.
 
-`chunked_xkd_loss` takes the student's last hidden states and output layer instead of logits, so the
-full (N, V) student logits (and, with a `DenseHiddenSignal`, the teacher's) never exist: each chunk of
-C positions forms its (C, V) logits, computes the per-token terms with the same `xkd.token_terms` that
-xkd_loss calls on all rows (or fused.py's hand-written gradients of it), and turns them into gradients for
-the hidden states, the output layer and the reward-head outputs before the next chunk starts (the
-Liger pattern: gradients are produced in the forward pass and only scaled in the backward pass, which
-is why there are no second derivatives).
+`chunked_xkd_loss` takes the student's last hidden states and output layer instead of logits, so the full (N, V)
+student logits (and, with a `DenseHiddenSignal` or a `MixedSignal` of several teachers, the teachers') never exist:
+each chunk of C positions forms its (C, V) logits, computes the per-token terms with the same `xkd.token_terms` that
+xkd_loss calls on all rows (or fused.py's hand-written gradients of it), and turns them into gradients for the hidden
+states, the output layer and the reward-head outputs before the next chunk starts (the Liger pattern: gradients are
+produced in the forward pass and only scaled in the backward pass, which is why there are no second derivatives).
 
 The TD term couples position i with i+1 (Q(s'_i, a'_i), or V(s'_i) for td_target soft, is read at i+1). A chunk of rows
 [s, e) therefore also forms the logits of row e (one look-ahead row, ~1/C extra work) so that TD_{e-1}
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor
 
 from axolotl_xkd.losses import fused
+from axolotl_xkd.losses.mixed import MixedSignal
 from axolotl_xkd.losses.precision import upcast
 from axolotl_xkd.losses.signal import DenseHiddenSignal, DenseSignal, TeacherSignal, TopKSignal
 from axolotl_xkd.losses.xkd import (
@@ -47,7 +47,7 @@ from axolotl_xkd.losses.xkd import (
 )
 from axolotl_xkd.options import DEFAULT_CHUNK_SIZE
 
-ChunkedTeacher = DenseHiddenSignal | DenseSignal | TopKSignal
+ChunkedTeacher = DenseHiddenSignal | DenseSignal | TopKSignal | MixedSignal
 MODES = ("fused", "autograd")
 
 
@@ -251,8 +251,8 @@ def chunked_xkd_loss(
     the student's output layer; vocab_size, when given, cuts it and a dense teacher's logits or output layer
     to their first vocab_size rows (padded embedding rows); without it a dense teacher must have the student's
     V' tokens, as in xkd_loss. labels (B, T) unshifted; teacher: a `DenseHiddenSignal` (teacher hidden
-    states + output layer, its logits formed per chunk), a `DenseSignal` or a `TopKSignal`, aligned with the
-    student; mu / log_sigma (B, T) the reward head at every position. Gradients reach
+    states + output layer, its logits formed per chunk), a `MixedSignal` (several teachers mixed per chunk), a
+    `DenseSignal` or a `TopKSignal`, aligned with the student; mu / log_sigma (B, T) the reward head at every position. Gradients reach
     student_hidden, output_weight (only if it requires grad: a frozen LoRA base layer gets none), output_bias
     and the reward-head outputs; first derivatives only (no create_graph). chunk_size positions at a time.
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from axolotl_xkd.losses.mixed import MixedSignal
 from axolotl_xkd.losses.signal import DenseHiddenSignal, TeacherSignal
 
 if TYPE_CHECKING:
@@ -43,8 +44,9 @@ class TeacherSource:
         """Whether `get_hidden_signal` is available; only then may the trainer call it."""
         return False
 
-    def get_hidden_signal(self, batch: dict[str, Tensor]) -> DenseHiddenSignal:
-        """Teacher last hidden states and output layer for the chunked loss (sources with `fusable`)."""
+    def get_hidden_signal(self, batch: dict[str, Tensor]) -> DenseHiddenSignal | MixedSignal:
+        """Teacher last hidden states and output layer for the chunked loss (sources with `fusable`); a mixture's
+        teachers unmixed, with their weights."""
         raise NotImplementedError(f"{type(self).__name__} is not fusable; call get_signal")
 
     def prefetched(self, batches: Iterator[dict]) -> Iterator[dict]:

@@ -1,4 +1,4 @@
-"""Several teachers mixed into one signal (teachers/mixture.py) against the float64, one-position-at-a-time
+"""Several teachers mixed into one signal (losses/mixed.py, teachers/mixture.py) against the float64, one-position-at-a-time
 reference written from docs/teachers.md#many-teachers (tests/reference.py `mixture_reference`)."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from axolotl_xkd.keys import ROUTE
+from axolotl_xkd.losses.mixed import MixRule, log_weights, mix
 from axolotl_xkd.losses.signal import DenseSignal, TopKSignal
 from axolotl_xkd.teachers.base import TeacherSource
-from axolotl_xkd.teachers.mixture import Member, MixtureTeacherSource, log_weights, mix
+from axolotl_xkd.teachers.mixture import Member, MixtureTeacherSource
 from tests.reference import mixture_reference
 
 B, T, V = 2, 5, 11
@@ -38,9 +39,9 @@ def as_teacher(signal) -> dict:
     return {"ids": signal.token_ids, "logprobs": signal.logprobs}
 
 
-def module_mixture(signals, mixture, weights, **kw):
-    shape = torch.Size((B, T))
-    log_w = log_weights(mixture, signals, weights, shape=shape, vocab_size=V, **kw)
+def module_mixture(signals, mixture, weights, *, route=None, next_ids=None, **kw):
+    rule = MixRule(mixture, tuple(weights), V, top_k=4, **kw)
+    log_w = log_weights(signals, rule, shape=torch.Size((B, T)), route=route, next_ids=next_ids)
     return mix(signals, log_w, top_k=4), log_w
 
 
