@@ -100,8 +100,8 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module, *, sequence_len
         if block.source == "precomputed":
             from axolotl_xkd.teachers.recorded import RecordedTeacherSource
 
-            source = RecordedTeacherSource.open(block, name=block.name, where=key,
-                                                tokenizer=trainer.processing_class, sequence_len=sequence_len)
+            source = RecordedTeacherSource.open(block, name=block.name, where=key, tokenizer=trainer.processing_class,
+                                                sequence_len=sequence_len, sequences=config.sequences)
         else:
             source = build_teacher(block, **options)
         members.append(Member(block.name, source, block.weight))

@@ -58,17 +58,20 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
     if named and (out or teacher_path or server):
         raise click.UsageError("--out, --teacher and --server name one teacher's store; with xkd.teachers each store "
                                "is its item's path and model_path: select one with --name")
-    for teacher_name, teacher in named or [(None, _teacher_block(config))]:
+    for teacher_name, teacher, plan in _planned(config, named, generate) if named else [(None, _teacher_block(config),
+                                                                                         {})]:
         _precompute(config, teacher, teacher_name, top_k=top_k, out=out, teacher_path=teacher_path,
                     batch_size=batch_size, rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype,
                     generate=generate, seed=seed, server=server, server_model=server_model,
-                    cross_tokenizer=cross_tokenizer)
+                    cross_tokenizer=cross_tokenizer, plan=plan)
 
 
 def _precompute(config: str, teacher: Teacher | None, teacher_name: str | None, *, top_k: int | None, out: str | None,
                 teacher_path: str | None, batch_size: int, rows_per_shard: int, logprob_dtype: str, generate: bool,
-                seed: int | None, server: str | None, server_model: str | None, cross_tokenizer: bool) -> None:
-    """One store: of the config's `teacher` block (or of the named item `teacher_name` of xkd.teachers)."""
+                seed: int | None, server: str | None, server_model: str | None, cross_tokenizer: bool,
+                plan: dict) -> None:
+    """One store: of the config's `teacher` block (or of the named item `teacher_name` of xkd.teachers, written as
+    `plan`, the PrecomputeSettings fields of store.generated.StorePlan, says)."""
     # The command's own arguments are checked against the YAML's teacher block before Axolotl loads (and
     # prints) the whole config, so a usage error is the first thing the user reads.
     source = getattr(teacher, "source", None)
@@ -116,7 +119,7 @@ def _precompute(config: str, teacher: Teacher | None, teacher_name: str | None, 
     settings = PrecomputeSettings(out=out, teacher=block, top_k=top_k, batch_size=batch_size,
                                   rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype, generate=sampling,
                                   seed=seed if seed is not None else int(cfg.get("seed") or 0),
-                                  teacher_name=teacher_name)
+                                  teacher_name=teacher_name, **plan)
     manifest = run_precompute(cfg, settings, rank=int(os.environ.get("RANK", "0")),
                               world_size=int(os.environ.get("WORLD_SIZE", "1")))
     click.echo(f"xkd precompute: {out} (k={manifest.top_k}, {manifest.splits} rows, {manifest.encoding}, "
@@ -158,6 +161,27 @@ def _named_stores(config: str, name: str | None) -> list[tuple[str, PrecomputedT
         except ValidationError as error:
             raise click.BadParameter(f"{config}: xkd.teachers item {n!r}: {error}", param_hint="CONFIG") from None
     return blocks
+
+
+def _planned(config: str, named: list[tuple[str, PrecomputedTeacher]],
+             generate: bool) -> list[tuple[str, PrecomputedTeacher, dict]]:
+    """The named stores with how each is written: as they are, or under xkd.sequences: teacher in the order and with
+    the sampling model and rows store.generated plans (one generation for every store)."""
+    raw = yaml.safe_load(Path(config).read_text())["xkd"]
+    try:
+        xkd = XKDConfig.model_validate(raw)
+    except ValidationError as error:
+        raise click.BadParameter(f"{config}: {error}", param_hint="CONFIG") from None
+    if xkd.sequences != "teacher":
+        if generate:
+            raise click.UsageError("--generate with xkd.teachers: set xkd.sequences: teacher (with xkd.generator, "
+                                   "docs/teachers.md#many-teachers), so that every store records the same generated rows")
+        return [(n, block, {}) for n, block in named]
+    from axolotl_xkd.store.generated import store_plans
+
+    plans = {plan.name: plan for plan in store_plans(xkd)}
+    order = list(plans)
+    return [(n, block, plans[n].settings()) for n, block in sorted(named, key=lambda item: order.index(item[0]))]
 
 
 def _teacher_block(config: str) -> Teacher | None:

@@ -210,11 +210,18 @@ def with_length(dataset):
 
 def load_datasets_meta(cfg, config: PrecomputedTeacher, *, sequences: str = "dataset"):
     """Axolotl's TrainDatasetMeta for the precomputed data, with the step count Axolotl would compute."""
-    from axolotl.common.datasets import TrainDatasetMeta
     from axolotl.loaders import load_tokenizer
-    from axolotl.utils.trainer import calculate_total_num_steps
 
     train, evaluation, _ = load_precomputed(cfg, config, load_tokenizer(cfg), sequences=sequences)
+    return training_meta(cfg, train, evaluation)
+
+
+def training_meta(cfg, train, evaluation):
+    """Axolotl's TrainDatasetMeta of rows read here (not prepared by Axolotl): its `length` column where it packs,
+    and the step count Axolotl would compute."""
+    from axolotl.common.datasets import TrainDatasetMeta
+    from axolotl.utils.trainer import calculate_total_num_steps
+
     # Axolotl's multipack sampler and step estimate read a `length` column, as its own packing prep adds.
     if cfg.sample_packing:
         train = with_length(train)

@@ -5,7 +5,9 @@ tokenized, filtered and split exactly as `axolotl train` will see them. Shards o
 rows are written atomically (tmp folder + rename) and skipped when present, so an interrupted run
 resumes without duplicating or losing rows; under torchrun, rank r takes shards r, r + W, ...
 With `generate`, each row's response is first replaced by one the teacher samples for its prompt
-(seeded per shard, so resuming stays row-for-row identical), and the top-k is taken on that sequence.
+(seeded per shard, so resuming stays row-for-row identical), and the top-k is taken on that sequence; among several
+teachers (store/generated.py) another model may sample, a store may hold only its routed rows, or score the rows
+another store's run generated.
 The teacher is any teacher source built from its block (`teachers.build.build_teacher`: a model here, a teacher
 server such as vLLM's `vllm serve` or `axolotl xkd serve-teacher`, either of another tokenizer aligned to the
 student's): a store is that source's signal at the response positions, recorded as top-k records.
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 from axolotl_xkd.args import GenerationSettings, ModelTeacher, ServerTeacher
 from axolotl_xkd.frozen_teacher import special_tokens, tokenizer_hash
 from axolotl_xkd.integrity import folder_sha256, locked
-from axolotl_xkd.keys import TOPK_IDS, TOPK_LOGPROBS, TOPK_PACKED
+from axolotl_xkd.keys import ROUTE, TOPK_IDS, TOPK_LOGPROBS, TOPK_PACKED
 from axolotl_xkd.sequences import pad_token_id, prompt_to_answer, response_rows, right_pad, sample_responses
 from axolotl_xkd.store.format import (
     MANIFEST,
@@ -50,6 +52,16 @@ _ARROW_TYPES = {TOPK_PACKED: pa.uint32(), TOPK_IDS: pa.int32(), "float16": pa.fl
 
 
 @dataclass(frozen=True)
+class RoutedRows:
+    """Under `mixture: route`: the routing of the config's rows and the teacher whose rows a store holds."""
+
+    column: str | None  # None: rows routed by their dataset entry only
+    names: tuple[str, ...]
+    default: str | None
+    index: int  # the store's teacher in `names`
+
+
+@dataclass(frozen=True)
 class PrecomputeSettings:
     """What a precompute run needs besides the Axolotl config."""
 
@@ -65,6 +77,24 @@ class PrecomputeSettings:
     generate: GenerationSettings | None = None  # --generate: store the teacher's responses instead of the dataset's
     seed: int = 0
     teacher_name: str | None = None  # the xkd.teachers item the store records (checked by training)
+    # Among several teachers (store/generated.py): the model that samples when it is not `teacher` (xkd.generator),
+    # the rows routed to this store's teacher only, or a store whose generated rows this one scores instead of
+    # sampling its own; `generated_by` (which teacher sampled, routed or not) goes into the manifest's generation.
+    generator: ModelTeacher | None = None
+    routed: RoutedRows | None = None
+    rows_from: str | None = None
+    generated_by: dict | None = None
+
+    @property
+    def samples(self) -> bool:
+        """Whether this run samples responses itself (not when it scores another store's generated rows)."""
+        return self.generate is not None and self.rows_from is None
+
+    def generation(self) -> dict | None:
+        """The manifest's record of the generated rows: sampling settings, seed and who sampled them."""
+        if self.generate is None:
+            return None
+        return {**self.generate.model_dump(), "seed": self.seed, **(self.generated_by or {})}
 
 
 def pad_batch(rows: list[dict], pad_id: int, device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
@@ -160,15 +190,29 @@ def write_shard(dataset, folder: str | Path, split: str, index: int) -> Path:
     return final
 
 
-def prepared_splits(cfg) -> dict:
-    """Axolotl's own train (and eval) rows for `cfg`, exactly as `axolotl train` prepares them."""
+def prepared_splits(cfg, settings: PrecomputeSettings | None = None) -> dict:
+    """Axolotl's own train (and eval) rows for `cfg`, exactly as `axolotl train` prepares them; with `settings.routed`
+    only the rows routed to its teacher; with `settings.rows_from`, that store's generated rows instead."""
+    if settings is not None and settings.rows_from is not None:
+        from axolotl_xkd.store.generated import stored_rows
+
+        return stored_rows(settings.rows_from, settings.generation())
     from axolotl.common.datasets import load_datasets
 
-    meta = load_datasets(cfg=cfg)
+    routed = None if settings is None else settings.routed
+    if routed is None:
+        meta = load_datasets(cfg=cfg)
+    else:
+        from axolotl_xkd.routing import load_routed_datasets
+
+        meta = load_routed_datasets(cfg, column=routed.column, names=list(routed.names), default=routed.default)
     splits = {"train": meta.train_dataset}
     if meta.eval_dataset is not None:
         splits["eval"] = meta.eval_dataset
-    return splits
+    if routed is None:
+        return splits
+    return {name: ds.select([i for i, route in enumerate(ds[ROUTE]) if route and route[0] == routed.index])
+            for name, ds in splits.items()}
 
 
 def check_resume(existing: Manifest, wanted: Manifest, out: str) -> None:
@@ -200,9 +244,9 @@ def open_store(wanted: Manifest, out: str) -> Manifest:
 
 
 def check_sampling(settings: PrecomputeSettings) -> None:
-    """--generate samples with the teacher model in this process, in the student's tokenizer: refuse a teacher server
-    or a teacher of another tokenizer before any work."""
-    if settings.generate is None:
+    """--generate samples with the teacher model (or `generator`) in this process, in the student's tokenizer: refuse
+    a teacher server or a teacher of another tokenizer before any work."""
+    if not settings.samples or settings.generator is not None:  # xkd.generator was checked with the config
         return
     if settings.teacher.source == "server":
         raise ValueError("--generate samples responses with the teacher model in this process; a teacher server "
@@ -238,7 +282,7 @@ def new_manifest(cfg, settings: PrecomputeSettings, tokenizer, splits: dict, *, 
         rows_per_shard=settings.rows_per_shard,
         splits={name: len(ds) for name, ds in splits.items()},
         sequences="dataset" if settings.generate is None else "teacher",
-        generation=None if settings.generate is None else {**settings.generate.model_dump(), "seed": settings.seed},
+        generation=settings.generation(),
         teacher_tokenizer_hash=None if aligner is None else tokenizer_hash(aligner.teacher),
         vocab_map=None if aligner is None else aligner.vocab.digest(),
         teacher_name=settings.teacher_name,
@@ -254,6 +298,7 @@ class ShardScorer:
     tokenizer: object
     source: TeacherSource
     device: torch.device  # where the batches go: the teacher's (teacher_placement)
+    sampler: nn.Module | None = None  # the model that samples the responses (the teacher's, or xkd.generator's)
 
     def score(self, rows: list[dict], split: str, index: int, bar) -> tuple[list[dict], list]:
         """(rows, per-row top-k records) of one shard; with --generate the rows carry the teacher's responses.
@@ -262,10 +307,10 @@ class ShardScorer:
         requests in flight (a model here has nothing to start)."""
         settings, manifest = self.settings, self.manifest
         batches = [rows[b: b + settings.batch_size] for b in range(0, len(rows), settings.batch_size)]
-        if settings.generate is not None:
+        if settings.samples:
             # Seeded per shard, so a resumed run samples exactly what an uninterrupted one would.
             torch.manual_seed(settings.seed * 1_000_003 + index * 2 + (split != "train"))
-            batches = [teacher_rows(self.source.model, batch, settings.generate, pad_id=pad_token_id(self.tokenizer),
+            batches = [teacher_rows(self.sampler, batch, settings.generate, pad_id=pad_token_id(self.tokenizer),
                                     eos_id=self.tokenizer.eos_token_id, max_length=manifest.sequence_len)
                        for batch in batches]
         padded = [pad_batch(batch, pad_token_id(self.tokenizer), self.device) for batch in batches]
@@ -295,23 +340,29 @@ def run_precompute(cfg, settings: PrecomputeSettings, *, rank: int = 0, world_si
 
     check_sampling(settings)
     tokenizer = load_tokenizer(cfg)
-    splits = prepared_splits(cfg)
+    splits = prepared_splits(cfg, settings)
     if not 1 <= settings.top_k <= len(tokenizer):
         raise ValueError(f"--top-k {settings.top_k} must lie in [1, {len(tokenizer)}] (the vocabulary size)")
     device, dtype = teacher_placement()
     source = build_teacher(settings.teacher, student_tokenizer=tokenizer, dtype=dtype, device=device)
+    sampler = None
+    if settings.samples and settings.generator is not None:
+        sampler = build_teacher(settings.generator, student_tokenizer=tokenizer, dtype=dtype, device=device)
     try:
         manifest = open_store(new_manifest(cfg, settings, tokenizer, splits, fingerprint=tokenizer_hash(tokenizer),
                                            source=source), settings.out)
         todo = [(name, i) for name in splits for i in missing_shards(settings.out, manifest, name)
                 if i % world_size == rank]
         if todo:
-            write_shards(ShardScorer(settings, manifest, tokenizer, source, device), splits, todo, rank=rank,
+            model = (sampler or source).model if settings.samples else None
+            write_shards(ShardScorer(settings, manifest, tokenizer, source, device, model), splits, todo, rank=rank,
                          progress=progress)
         else:
             LOG.info("xkd precompute: %s is complete", settings.out)
     finally:
         source.close()
+        if sampler is not None:
+            sampler.close()
     return manifest
 
 

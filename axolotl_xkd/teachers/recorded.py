@@ -59,13 +59,16 @@ class RecordedTeacherSource(TeacherSource):
                 self.index.setdefault(sequence_key(ids, labels), (s, r))
 
     @classmethod
-    def open(cls, block, *, name: str, where: str, tokenizer, sequence_len: int) -> RecordedTeacherSource:
+    def open(cls, block, *, name: str, where: str, tokenizer, sequence_len: int,
+             sequences: str = "dataset") -> RecordedTeacherSource:
         """The store of the named teacher `block` (found at `where` in the config), checked as a single store is
-        (tokenizer, sequence_len, k, the teacher pair across tokenizers) and refused when recorded for another name."""
+        (tokenizer, sequence_len, k, `sequences`, the teacher pair across tokenizers) and refused when recorded for
+        another name."""
         from axolotl_xkd.store.read import check_manifest, check_teacher_pair, load_split
 
         manifest = check_store_name(block.path, name, where)
-        check_manifest(manifest, block.path, tokenizer=tokenizer, sequence_len=sequence_len, top_k=block.top_k)
+        check_manifest(manifest, block.path, tokenizer=tokenizer, sequence_len=sequence_len, top_k=block.top_k,
+                       sequences=sequences)
         check_teacher_pair(manifest, block, tokenizer)
         splits = [load_split(block.path, manifest, split) for split in manifest.splits]
         LOG.info("X-KD teacher %r: store %s (k=%d, %s rows)", name, block.path, manifest.top_k, manifest.splits)
