@@ -16,6 +16,7 @@ from axolotl_xkd.options import (
     CONFIDENCE_SCORES,
     DEFAULT_CHUNK_SIZE,
     DIVERGENCES,
+    ENTRY_TEACHER,
     LOSS_BOUNDS,
     LOSS_DEFAULTS,
     MIXTURES,
@@ -89,18 +90,20 @@ class XKDConfig(BaseModel):
     mixture: Literal[MIXTURES] | None = Field(
         None,
         description="How `teachers` combine (required with them): route, each row distilled from the teacher its "
-        "`route_column` names; weighted, every teacher at every position, p = sum_i w_i p_i with the fixed weights (for "
+        "`datasets:` entry names (`xkd_teacher: <name>` in the entry) or its `route_column` names; weighted, every teacher at every position, p = sum_i w_i p_i with the fixed weights (for "
         "teachers that agree: it collapsed with two specialists, docs/teachers.md#many-teachers); confidence, "
         "per-position weights, a softmax over each teacher's `confidence_score` plus its log weight.",
         examples=["route"],
     )
     route_column: str | None = Field(
-        None, description="mixture: route: the dataset column holding each row's teacher name.",
+        None, description="mixture: route: the dataset column holding each row's teacher name (read for the rows of "
+        "entries that do not name their teacher with `xkd_teacher:`).",
         examples=["teacher"],
     )
     default_teacher: str | None = Field(
-        None, description="mixture: route: the teacher of a row whose route column names none (empty or unknown); "
-        "without it such a row is an error naming it.", examples=["general"],
+        None, description="mixture: route: the teacher of a row whose route column names none (empty or unknown), or "
+        "of an entry's rows when neither the entry nor a route column names one; without it such a row is an error "
+        "naming it.", examples=["general"],
     )
     confidence_score: Literal[CONFIDENCE_SCORES] = Field(
         "logprob",
@@ -285,9 +288,6 @@ def check_mixture(config: XKDConfig) -> None:
     for key in unread:
         if _changed(config, key):
             raise ValueError(f"xkd.{key} is not read with xkd.mixture: {mixture}; remove it")
-    if mixture == "route" and config.route_column is None:
-        raise ValueError("xkd.mixture: route needs xkd.route_column, the dataset column that names each row's teacher "
-                         f"(one of {names})")
     if config.default_teacher is not None and config.default_teacher not in names:
         raise ValueError(f"xkd.default_teacher {config.default_teacher!r} is not one of xkd.teachers' names {names}")
 
@@ -413,3 +413,29 @@ class XKDArgs(BaseModel):
                 "sequence_parallel_degree) or set it to 1; use DeepSpeed ZeRO-3 for memory instead."
             )
         return data
+
+
+def check_entry_teachers(data: dict) -> None:
+    """Refuse a dataset entry's `xkd_teacher` that no routed mixture reads or that names no teacher, and `route`
+    with rows of no known teacher (no route_column, an entry naming none, no default teacher), naming the key. Axolotl
+    drops unknown keys of a dataset entry before any validator of the plugin sees them, so the plugin's `register`
+    hook runs this on the raw config."""
+    xkd = data.get("xkd") if isinstance(data.get("xkd"), dict) else {}
+    teachers = xkd.get("teachers") if isinstance(xkd.get("teachers"), list) else None
+    names = [t.get("name") for t in teachers or [] if isinstance(t, dict)]
+    routed = teachers is not None and xkd.get("mixture") == "route"
+    unnamed = []
+    for split in ("datasets", "test_datasets"):
+        for i, entry in enumerate(data.get(split) or []):
+            teacher = entry.get(ENTRY_TEACHER) if isinstance(entry, dict) else None
+            if teacher is None:
+                unnamed.append(f"{split}[{i}]")
+            elif not routed:
+                raise ValueError(f"{split}[{i}].{ENTRY_TEACHER} routes the entry's rows to a teacher, which only "
+                                 "xkd.teachers with xkd.mixture: route reads; remove it, or set xkd.mixture: route")
+            elif teacher not in names:
+                raise ValueError(f"{split}[{i}].{ENTRY_TEACHER} {teacher!r} is not one of xkd.teachers' names {names}")
+    if routed and unnamed and xkd.get("route_column") is None and xkd.get("default_teacher") is None:
+        raise ValueError(f"xkd.mixture: route needs xkd.route_column, the dataset column that names each row's teacher "
+                         f"(one of {names}), or `{ENTRY_TEACHER}: <name>` in each `datasets:` entry (without one: "
+                         f"{', '.join(unnamed)}), or xkd.default_teacher for the rows of entries that name none")

@@ -104,6 +104,8 @@ MIXTURES = ("route", "weighted", "confidence")
 """How several teachers combine (`xkd.mixture`, teachers/mixture.py)."""
 CONFIDENCE_SCORES = ("logprob", "neg_entropy")
 """A teacher's score at a position under `mixture: confidence`."""
+ENTRY_TEACHER = "xkd_teacher"
+"""The key of an Axolotl `datasets:` entry that routes all of its rows to one teacher (`xkd.mixture: route`)."""
 
 # What best-of-n reranking sorts by (`axolotl xkd score --rank-by`) -> the ScoredResponse field: the learned reward
 # summed or averaged over the response, or the student's own log-likelihood, which the reranking benchmark

@@ -20,6 +20,7 @@ class XKDPlugin(BasePlugin):
     def __init__(self) -> None:
         super().__init__()
         self._validated: tuple[dict, XKDConfig] | None = None
+        self._entry_teachers: dict[str, list[str | None]] = {}  # each dataset entry's xkd_teacher, from the raw YAML
 
     def _xkd_config(self, cfg) -> XKDConfig | None:
         """The validated `xkd:` block, or None when the plugin is loaded but X-KD is off.
@@ -46,6 +47,11 @@ class XKDPlugin(BasePlugin):
         warn_if_untested()
         if cfg.get("xkd") is None:
             LOG.warning("axolotl_xkd.XKDPlugin is listed in plugins but the config has no `xkd:` block; X-KD is off")
+        from axolotl_xkd.args import check_entry_teachers
+        from axolotl_xkd.routing import entry_teachers
+
+        check_entry_teachers(cfg)
+        self._entry_teachers = entry_teachers(cfg)  # Axolotl's validation drops the key from each entry
 
     def get_training_args(self, cfg) -> dict | None:
         """`use_cpu: True` for a bf16 run on a machine without an accelerator (Axolotl's `cfg.device` is "cpu"):
@@ -104,7 +110,7 @@ class XKDPlugin(BasePlugin):
             from axolotl_xkd.routing import load_routed_datasets
 
             return load_routed_datasets(cfg, column=config.route_column, names=[t.name for t in config.teachers],
-                                        default=config.default_teacher)
+                                        default=config.default_teacher, entries=self._entry_teachers)
         if not precomputed:
             return None
         from axolotl_xkd.store.read import load_datasets_meta
