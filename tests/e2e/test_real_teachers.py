@@ -107,3 +107,21 @@ def test_served_qwen3_teacher_into_a_gemma3_student(bodies, data, tmp_path):
                    "cross_tokenizer": True, "timeout_s": 300}
         config = config_for(bodies["gemma3"], data, "alpaca", tmp_path, teacher)
         assert_trained(train(write_config(tmp_path / "config.yml", config)), config, "gemma3", "qwen3")
+
+
+def test_gemma3_and_qwen3_teachers_mixed_by_confidence_into_a_llama3_student(bodies, data, tmp_path):
+    """Two teachers of two other real tokenizers at once (`xkd.teachers`, `mixture: confidence`): each projected into
+    the Llama 3 student's ids, then mixed over the union of their records; both serve positions, every step."""
+    config = config_for(bodies["llama3"], data, "alpaca", tmp_path, {})
+    config["xkd"].pop("teacher")
+    config["xkd"].update(mixture="confidence", teachers=[
+        {"name": "gemma", "source": "model", "path": str(bodies["gemma3"]), "cross_tokenizer": True},
+        {"name": "qwen", "source": "model", "path": str(bodies["qwen3"]), "cross_tokenizer": True}])
+    proc = train(write_config(tmp_path / "config.yml", config))
+    logs = proc.stdout + proc.stderr
+    assert "X-KD teacher 'gemma'" in logs and "X-KD teacher 'qwen'" in logs, logs[-3000:]
+    losses = [e for e in log_history(Path(config["output_dir"])) if "loss" in e]
+    assert len(losses) == 2 and all(math.isfinite(e["loss"]) and e["xkd/distill"] > 0 for e in losses), losses
+    for e in losses:
+        gemma, qwen = e["xkd/teacher/gemma/share"], e["xkd/teacher/qwen/share"]
+        assert gemma > 0.5 and qwen > 0.5, e  # confidence: both weigh in wherever both have a distribution
