@@ -101,7 +101,8 @@ def load_teacher(config: XKDConfig, trainer, student: nn.Module, *, sequence_len
             from axolotl_xkd.teachers.recorded import RecordedTeacherSource
 
             source = RecordedTeacherSource.open(block, name=block.name, where=key, tokenizer=trainer.processing_class,
-                                                sequence_len=sequence_len, sequences=config.sequences)
+                                                sequence_len=sequence_len, sequences=config.sequences,
+                                                partial=config.sequences == "teacher" and config.mixture == "route")
         else:
             source = build_teacher(block, **options)
         members.append(Member(block.name, source, block.weight))

@@ -47,10 +47,13 @@ def check_store_name(path: str, name: str, where: str):
 class RecordedTeacherSource(TeacherSource):
     """The records of a store, placed at the response positions of every batch sequence the store holds."""
 
-    def __init__(self, splits: list, *, top_k: int, where: str) -> None:
+    def __init__(self, splits: list, *, top_k: int, where: str, partial: bool = False) -> None:
         self.splits = splits  # datasets.Dataset per split, rows as the store wrote them
         self.top_k = top_k
         self.where = where
+        # A store of routed teacher generations holds only its teacher's rows; a packed row it is asked about may hold
+        # other teachers' sequences, which get no entry here (the route gives them weight 0 for this teacher).
+        self.partial = partial
         self.index: dict[bytes, tuple[int, int]] = {}
         for s, split in enumerate(splits):
             table = split.data
@@ -59,11 +62,11 @@ class RecordedTeacherSource(TeacherSource):
                 self.index.setdefault(sequence_key(ids, labels), (s, r))
 
     @classmethod
-    def open(cls, block, *, name: str, where: str, tokenizer, sequence_len: int,
-             sequences: str = "dataset") -> RecordedTeacherSource:
+    def open(cls, block, *, name: str, where: str, tokenizer, sequence_len: int, sequences: str = "dataset",
+             partial: bool = False) -> RecordedTeacherSource:
         """The store of the named teacher `block` (found at `where` in the config), checked as a single store is
         (tokenizer, sequence_len, k, `sequences`, the teacher pair across tokenizers) and refused when recorded for
-        another name."""
+        another name; `partial`: it holds only the sequences routed to its teacher (routed teacher generations)."""
         from axolotl_xkd.store.read import check_manifest, check_teacher_pair, load_split
 
         manifest = check_store_name(block.path, name, where)
@@ -72,7 +75,7 @@ class RecordedTeacherSource(TeacherSource):
         check_teacher_pair(manifest, block, tokenizer)
         splits = [load_split(block.path, manifest, split) for split in manifest.splits]
         LOG.info("X-KD teacher %r: store %s (k=%d, %s rows)", name, block.path, manifest.top_k, manifest.splits)
-        return cls(splits, top_k=manifest.top_k, where=f"{where}.path={block.path!r}")
+        return cls(splits, top_k=manifest.top_k, where=f"{where}.path={block.path!r}", partial=partial)
 
     def get_signal(self, batch: dict[str, Tensor]) -> TopKSignal:
         """TopKSignal (B, T, k): each sequence's stored records at its response positions, -inf elsewhere."""
@@ -89,6 +92,8 @@ class RecordedTeacherSource(TeacherSource):
             if not mask.any():
                 continue
             found = self.index.get(sequence_key(input_ids[b, start:end], labels[b, start:end]))
+            if found is None and self.partial:
+                continue
             if found is None:
                 raise KeyError(f"{self.where}: batch row {b} (tokens {start}..{end - 1}) is not in the store: it was "
                                "recorded for other training data (another dataset, tokenizer settings or "

@@ -86,12 +86,14 @@ def steps(out: Path) -> list[dict]:
 
 def test_route_generates_each_row_with_its_routed_teacher_and_trains_on_the_union(assets, tmp_path):
     """Each store holds the rows whose `teacher` names it, answered by that teacher (its greedy answers, not the
-    dataset's nor the other teacher's; a store resumed after a lost shard holds the same rows); training reads the union, each row routed to its store (a row a store lacks
-    would stop the run), both teachers serve about half the positions."""
+    dataset's nor the other teacher's; a store resumed after a lost shard holds the same rows); training reads the
+    packed union, each row routed to its store (a row a store lacks would stop the run), both teachers serving about
+    half the positions."""
     from transformers import AutoTokenizer
 
     teachers = [store("add", tmp_path, assets["teacher"]), store("sub", tmp_path, assets["teacher2"])]
     config = config_for(assets, tmp_path, teachers, mixture="route", route_column="teacher")
+    config["sample_packing"] = True
     path = write_config(tmp_path / "cfg.yml", config)
     precompute = ["axolotl", "xkd", "precompute", str(path), "--top-k", "8", "--rows-per-shard", "16"]
     run_cli(precompute)

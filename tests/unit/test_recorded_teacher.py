@@ -61,3 +61,17 @@ def test_a_sequence_the_store_does_not_hold_is_named(source):
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 1]]), "labels": torch.tensor([[-100, -100, 7, 8, 1]])}
     with pytest.raises(KeyError, match=r"xkd.teachers\[0\].path='store': batch row 0 \(tokens 0..4\) is not in the"):
         source.get_signal(batch)
+
+
+def test_a_store_of_routed_generations_leaves_other_teachers_sequences_empty(source):
+    """A store holding only its teacher's routed rows (`partial`) is asked about packed rows that also hold other
+    teachers' sequences: those get no entry, its own sequence its records."""
+    partial = RecordedTeacherSource(source.splits, top_k=K, where="xkd.teachers[0].path='store'", partial=True)
+    first = source.splits[0][0]
+    other = {"input_ids": [5, 6, 7, 8, 1], "labels": [-100, -100, 7, 8, 1]}
+    batch = {"input_ids": torch.tensor([first["input_ids"] + other["input_ids"]]),
+             "labels": torch.tensor([first["labels"] + other["labels"]]),
+             "position_ids": torch.tensor([list(range(5)) * 2])}
+    signal = partial.get_signal(batch)
+    assert torch.equal(signal.logprobs[0, :5], torch.from_numpy(expected(first)[1]))
+    assert not torch.isfinite(signal.logprobs[0, 5:]).any()

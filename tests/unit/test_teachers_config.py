@@ -140,3 +140,27 @@ def test_teacher_generation_refusals_name_the_key(untrained_assets, change, frag
     with pytest.raises(ValueError) as error:
         XKDConfig.model_validate(block)
     assert fragment in str(error.value)
+
+
+def test_store_plans_answer_once_per_row(untrained_assets):
+    """How precompute writes the stores of `sequences: teacher`: under route each store its own routed rows, answered
+    by its own model (no generator) or the generator's; under a mixture the first store answers with the generator's
+    model (an in-process item here) and the second scores the first's rows."""
+    from axolotl_xkd.args import XKDConfig
+    from axolotl_xkd.store.generated import store_plans
+
+    add, sub = stores(untrained_assets)
+    routed = store_plans(XKDConfig.model_validate({"teachers": [add, sub], "mixture": "route", "route_column": "t",
+                                                    "sequences": "teacher"}))
+    assert [(p.name, p.generator, p.routed.index, p.rows_from) for p in routed] == [("add", None, 0, None),
+                                                                                     ("sub", None, 1, None)]
+    assert routed[1].generated_by == {"generator": "sub", "routed": True}
+    named = store_plans(XKDConfig.model_validate({"teachers": [add, sub], "mixture": "route", "route_column": "t",
+                                                   "sequences": "teacher", "generator": "sub"}))
+    assert named[0].generator.path == sub["model_path"] and named[1].generator is None
+    live = {"name": "live", "source": "model", "path": str(untrained_assets["teacher"])}
+    mixed = store_plans(XKDConfig.model_validate({"teachers": [live, sub, add], "mixture": "confidence",
+                                                  "sequences": "teacher", "generator": "live"}))
+    assert [(p.name, p.routed, p.rows_from) for p in mixed] == [("sub", None, None), ("add", None, "/tmp/sub")]
+    assert mixed[0].generator.path == live["path"] and mixed[1].generator is None
+    assert mixed[1].generated_by == {"generator": "live", "routed": False}
