@@ -93,8 +93,9 @@ class XKDPlugin(BasePlugin):
                 from axolotl_xkd.teachers.recorded import check_store_name
 
                 check_store_name(block.path, block.name, key)
+        generated = config.teachers is not None and config.sequences == "teacher"  # the stores hold the rows
         precomputed = getattr(config.teacher, "source", None) == "precomputed"
-        if not precomputed:  # else the store is the training data
+        if not (precomputed or generated):  # else the stores are the training data
             check_data_files(cfg)
         if not preprocess:
             from functools import cache
@@ -106,6 +107,10 @@ class XKDPlugin(BasePlugin):
             student_tokenizer = cache(lambda: load_tokenizer(cfg))
             for key, block in config.teacher_blocks:
                 check_teacher_tokenizer(block, student_tokenizer, where=key)
+        if generated:
+            from axolotl_xkd.store.generated import load_generated_meta
+
+            return load_generated_meta(cfg, config)
         if config.mixture == "route":
             from axolotl_xkd.routing import load_routed_datasets
 
