@@ -167,9 +167,9 @@ def _planned(config: str, named: list[tuple[str, PrecomputedTeacher]],
              generate: bool) -> list[tuple[str, PrecomputedTeacher, dict]]:
     """The named stores with how each is written: as they are, or under xkd.sequences: teacher in the order and with
     the sampling model and rows store.generated plans (one generation for every store)."""
-    raw = yaml.safe_load(Path(config).read_text())["xkd"]
+    raw = yaml.safe_load(Path(config).read_text())
     try:
-        xkd = XKDConfig.model_validate(raw)
+        xkd = XKDConfig.model_validate(raw["xkd"])
     except ValidationError as error:
         raise click.BadParameter(f"{config}: {error}", param_hint="CONFIG") from None
     if xkd.sequences != "teacher":
@@ -177,9 +177,10 @@ def _planned(config: str, named: list[tuple[str, PrecomputedTeacher]],
             raise click.UsageError("--generate with xkd.teachers: set xkd.sequences: teacher (with xkd.generator, "
                                    "docs/teachers.md#many-teachers), so that every store records the same generated rows")
         return [(n, block, {}) for n, block in named]
+    from axolotl_xkd.routing import entry_teachers
     from axolotl_xkd.store.generated import store_plans
 
-    plans = {plan.name: plan for plan in store_plans(xkd)}
+    plans = {plan.name: plan for plan in store_plans(xkd, entry_teachers(raw))}
     order = list(plans)
     return [(n, block, plans[n].settings()) for n, block in sorted(named, key=lambda item: order.index(item[0]))]
 

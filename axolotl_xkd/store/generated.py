@@ -55,8 +55,9 @@ def sampling_block(config: XKDConfig, name: str) -> ModelTeacher:
     return ModelTeacher(path=block.model_path)
 
 
-def store_plans(config: XKDConfig) -> list[StorePlan]:
-    """Every store of `config` in the order to write them (the rows' store first under weighted / confidence)."""
+def store_plans(config: XKDConfig, entries: dict | None = None) -> list[StorePlan]:
+    """Every store of `config` in the order to write them (the rows' store first under weighted / confidence);
+    `entries`: the teacher each dataset entry names (routing.entry_teachers of the raw YAML)."""
     names = tuple(t.name for t in config.teachers)
     stores = [t for t in config.teachers if t.source == "precomputed"]
     if config.mixture != "route":
@@ -66,7 +67,7 @@ def store_plans(config: XKDConfig) -> list[StorePlan]:
     for block in stores:
         sampler = config.generator or block.name
         routed = None if config.mixture != "route" else RoutedRows(config.route_column, names, config.default_teacher,
-                                                                   names.index(block.name))
+                                                                   names.index(block.name), entries)
         carrier = routed is not None or block is stores[0]
         plans.append(StorePlan(block.name, sampling_block(config, sampler) if sampler != block.name and carrier else None,
                                routed, None if carrier else stores[0].path, generated_by(config, block.name)))

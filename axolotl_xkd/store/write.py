@@ -59,6 +59,7 @@ class RoutedRows:
     names: tuple[str, ...]
     default: str | None
     index: int  # the store's teacher in `names`
+    entries: dict | None = None  # the teacher each dataset entry names (routing.entry_teachers of the raw YAML)
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,8 @@ def prepared_splits(cfg, settings: PrecomputeSettings | None = None) -> dict:
     else:
         from axolotl_xkd.routing import load_routed_datasets
 
-        meta = load_routed_datasets(cfg, column=routed.column, names=list(routed.names), default=routed.default)
+        meta = load_routed_datasets(cfg, column=routed.column, names=list(routed.names), default=routed.default,
+                                    entries=routed.entries)
     splits = {"train": meta.train_dataset}
     if meta.eval_dataset is not None:
         splits["eval"] = meta.eval_dataset

@@ -174,3 +174,23 @@ def test_configs_that_cannot_say_who_answers_are_refused_before_the_data(assets,
     logs = proc.stdout + proc.stderr
     assert proc.returncode != 0 and message in logs, logs[-3000:]
     assert not (tmp_path / "prepared").exists()
+
+
+def test_route_by_dataset_entry_generates_each_entrys_rows_with_its_teacher(assets, tmp_path):
+    """Entries naming their teacher (`xkd_teacher:`, no route column): each store holds its entry's rows, answered by
+    its own teacher."""
+    from transformers import AutoTokenizer
+
+    from tests.e2e.test_route_entries import entry_config
+
+    config = entry_config(assets, tmp_path, ("add", "sub"))
+    config["xkd"].update(teachers=[store("add", tmp_path, assets["teacher"]), store("sub", tmp_path, assets["teacher2"])],
+                         sequences="teacher", generation=GENERATION)
+    run_cli(["axolotl", "xkd", "precompute", str(write_config(tmp_path / "cfg.yml", config)), "--top-k", "8"])
+    tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    for name, op, model in (("add", "+", assets["teacher"]), ("sub", "-", assets["teacher2"])):
+        manifest, rows = stored(tmp_path / name)
+        assert manifest["generation"]["generator"] == name and len(rows) > 10
+        assert all(op in tokenizer.decode([t for t, label in zip(r["input_ids"], r["labels"]) if label == -100])
+                   for r in rows)
+        assert responses(rows) == answers(model, rows)
