@@ -122,6 +122,8 @@ def load_generated_meta(cfg, config: XKDConfig):
             if split not in manifest.splits:
                 raise ValueError(f"{Path(block.path) / MANIFEST}: splits {sorted(manifest.splits)} have no {split!r}, "
                                  "but the config asks for evaluation; precompute again with it")
+            if not manifest.splits[split]:  # a teacher no row is routed to
+                continue
             rows = load_split(block.path, manifest, split).select_columns(["input_ids", "labels"])
             if route:
                 index = [t.name for t in config.teachers].index(block.name)

@@ -73,7 +73,7 @@ class RecordedTeacherSource(TeacherSource):
         check_manifest(manifest, block.path, tokenizer=tokenizer, sequence_len=sequence_len, top_k=block.top_k,
                        sequences=sequences)
         check_teacher_pair(manifest, block, tokenizer)
-        splits = [load_split(block.path, manifest, split) for split in manifest.splits]
+        splits = [load_split(block.path, manifest, split) for split, rows in manifest.splits.items() if rows]
         LOG.info("X-KD teacher %r: store %s (k=%d, %s rows)", name, block.path, manifest.top_k, manifest.splits)
         return cls(splits, top_k=manifest.top_k, where=f"{where}.path={block.path!r}", partial=partial)
 

@@ -178,15 +178,18 @@ def test_configs_that_cannot_say_who_answers_are_refused_before_the_data(assets,
 
 def test_route_by_dataset_entry_generates_each_entrys_rows_with_its_teacher(assets, tmp_path):
     """Entries naming their teacher (`xkd_teacher:`, no route column): each store holds its entry's rows, answered by
-    its own teacher."""
+    its own teacher; a third teacher that no entry names has an empty store, and training serves the other two."""
     from transformers import AutoTokenizer
 
     from tests.e2e.test_route_entries import entry_config
 
     config = entry_config(assets, tmp_path, ("add", "sub"))
-    config["xkd"].update(teachers=[store("add", tmp_path, assets["teacher"]), store("sub", tmp_path, assets["teacher2"])],
+    config["xkd"].update(teachers=[store("add", tmp_path, assets["teacher"]), store("sub", tmp_path, assets["teacher2"]),
+                                   store("idle", tmp_path, assets["teacher"])],
                          sequences="teacher", generation=GENERATION)
-    run_cli(["axolotl", "xkd", "precompute", str(write_config(tmp_path / "cfg.yml", config)), "--top-k", "8"])
+    path = write_config(tmp_path / "cfg.yml", config)
+    run_cli(["axolotl", "xkd", "precompute", str(path), "--top-k", "8"])
+    assert json.loads((tmp_path / "idle" / "manifest.json").read_text())["splits"] == {"train": 0}
     tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
     for name, op, model in (("add", "+", assets["teacher"]), ("sub", "-", assets["teacher2"])):
         manifest, rows = stored(tmp_path / name)
@@ -194,3 +197,8 @@ def test_route_by_dataset_entry_generates_each_entrys_rows_with_its_teacher(asse
         assert all(op in tokenizer.decode([t for t, label in zip(r["input_ids"], r["labels"]) if label == -100])
                    for r in rows)
         assert responses(rows) == answers(model, rows)
+
+    train(path)
+    run = steps(Path(config["output_dir"]))
+    assert len(run) == 3 and all(e["xkd/teacher/idle/share"] == 0 for e in run)
+    assert all(e["xkd/teacher/add/share"] + e["xkd/teacher/sub/share"] == pytest.approx(1.0, abs=1e-3) for e in run)
