@@ -1,4 +1,4 @@
-"""The GPU check's driver: five named checks of the paths CI cannot run (it has no GPU), each trained for real with
+"""The GPU check's driver: six named checks of the paths CI cannot run (it has no GPU), each trained for real with
 `axolotl train` on tiny models, in one call of under 10 minutes on one H100. `bash benchmarks/gpu_check.sh` installs
 what the machine lacks and runs it; docs/benchmarks.md ("GPU check") says what each check asserts.
 
@@ -12,6 +12,9 @@ what the machine lacks and runs it; docs/benchmarks.md ("GPU check") says what e
   cross_tokenizer  an in-process Gemma 3 teacher (tiny random Llama body over the real Gemma 3 tokenizer) into a Llama 3
                    student body, `cross_tokenizer: true`, bf16: both vocabularies and the coverage line are logged
                    (>= 90% of response positions covered), finite losses. Tokenizers from $XKD_TOKENIZER_CACHE.
+  mixture          two in-process teachers mixed inside the chunked loss (`xkd.teachers`, `mixture: route`, each
+                   teacher named by its `datasets:` entry), bf16 and packing: packed rows of both teachers train with
+                   finite losses and both teachers serve positions at every step.
   throughput       X-KD on precomputed top-k data (format: axolotl_kd_v2) against Axolotl's KD plugin on the same
                    rows (the KD plugin's pre-tokenized columns), student, steps, bf16, packing and attention: the ratio
                    of their training speed, measured in the same call (no threshold: a number to record).
@@ -43,11 +46,11 @@ from pathlib import Path
 
 from benchmarks.harness import BIN, REPO, base_config, cli_env, free_port, merged, write_config
 
-CHECKS = ("flash_packing", "qlora", "zero3", "cross_tokenizer", "throughput")
+CHECKS = ("flash_packing", "qlora", "zero3", "cross_tokenizer", "mixture", "throughput")
 # Rough seconds each check takes on one H100 (imports and model loads dominate); a check starts only when its
 # estimate still fits in the budget.
 ESTIMATE_S = {"flash_packing": 90, "qlora": 60, "qlora_merge": 40, "zero3": 70, "cross_tokenizer": 70,
-              "throughput": 170}  # throughput: the KD plugin's Liger loss is torch.compiled at its first step
+              "mixture": 50, "throughput": 170}  # throughput: the KD plugin's Liger loss is torch.compiled at its first step
 TOLERANCE = 0.02  # flash_packing: relative loss difference allowed in bf16
 TIMING_PLUGIN = "benchmarks.gpu_timing.StepTimesPlugin"
 COVERAGE_RE = re.compile(r"coverage after \d+ batches: (\d+) of (\d+) response positions")
@@ -341,6 +344,24 @@ def check_cross_tokenizer(run: Runner) -> dict:
     return {"vocabularies": sizes[0], "coverage": coverage[0], "losses": [e["loss"] for e in logged]}
 
 
+def check_mixture(run: Runner) -> dict:
+    config = run.tiny_config("mixture", {"bf16": True, **attention()})
+    entry = config["datasets"][0]
+    config["datasets"] = [{**entry, "xkd_teacher": "a"}, {**entry, "xkd_teacher": "b"}]  # packed rows of both
+    teacher = config["xkd"].pop("teacher")
+    config["xkd"].update(mixture="route", teachers=[{**teacher, "name": name, "dtype": "bfloat16"} for name in "ab"])
+    run.train(config, "mixture")
+    if run.dry_run:
+        return {}
+    logged = [e for e in losses(Path(config["output_dir"])) if "loss" in e]
+    if len(logged) != 4 or not all(math.isfinite(e["loss"]) for e in logged):
+        raise CheckFailed(f"expected 4 finite losses: {logged}")
+    shares = [(e["xkd/teacher/a/share"], e["xkd/teacher/b/share"]) for e in logged]
+    if not all(a > 0 and b > 0 and abs(a + b - 1) < 1e-3 for a, b in shares):
+        raise CheckFailed(f"both teachers must serve positions at every step, their shares summing to 1: {shares}")
+    return {"losses": [e["loss"] for e in logged], "shares": shares}
+
+
 def throughput_data(run: Runner, student_tokenizer, teacher: Path, folder: Path) -> tuple[Path, Path]:
     """The same rows in the two formats: KD v2 for X-KD (input_ids, labels, target_token_ids, logprobs; entry i is
     the teacher's distribution over token i+1, every position filled) and the KD plugin's pre-tokenized columns
@@ -470,7 +491,7 @@ def check_throughput(run: Runner) -> dict:
 
 
 FUNCTIONS = {"flash_packing": check_flash_packing, "qlora": check_qlora, "zero3": check_zero3,
-             "cross_tokenizer": check_cross_tokenizer, "throughput": check_throughput}
+             "cross_tokenizer": check_cross_tokenizer, "mixture": check_mixture, "throughput": check_throughput}
 
 
 def environment() -> dict:
