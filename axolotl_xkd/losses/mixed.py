@@ -214,10 +214,6 @@ class MixedSignal:
         self._note(log_w.exp())
         return mix(signals, log_w, top_k=self.rule.top_k)
 
-    def top_k(self, k: int) -> TopKSignal:
-        """The k most likely tokens of the mixture at each position."""
-        return self.formed().top_k(k)
-
     def _routed(self) -> DenseSignal:
         """`route` over dense teachers: each position's teacher's logits, formed on its positions only (zero where a
         position names no teacher)."""
