@@ -47,8 +47,7 @@ class XKDPlugin(BasePlugin):
         warn_if_untested()
         if cfg.get("xkd") is None:
             LOG.warning("axolotl_xkd.XKDPlugin is listed in plugins but the config has no `xkd:` block; X-KD is off")
-        from axolotl_xkd.args import check_entry_teachers
-        from axolotl_xkd.routing import entry_teachers
+        from axolotl_xkd.routing import check_entry_teachers, entry_teachers
 
         check_entry_teachers(cfg)
         self._entry_teachers = entry_teachers(cfg)  # Axolotl's validation drops the key from each entry

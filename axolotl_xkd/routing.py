@@ -91,6 +91,32 @@ def entry_teachers(cfg) -> dict[str, list[str | None]]:
     return named
 
 
+def check_entry_teachers(data: dict) -> None:
+    """Refuse a dataset entry's `xkd_teacher` that no routed mixture reads or that names no teacher, and `route`
+    with rows of no known teacher (no route_column, an entry naming none, no default teacher), naming the key. Axolotl
+    drops unknown keys of a dataset entry before any validator of the plugin sees them, so the plugin's `register`
+    hook runs this on the raw config."""
+    xkd = data.get("xkd") if isinstance(data.get("xkd"), dict) else {}
+    teachers = xkd.get("teachers") if isinstance(xkd.get("teachers"), list) else None
+    names = [t.get("name") for t in teachers or [] if isinstance(t, dict)]
+    routed = teachers is not None and xkd.get("mixture") == "route"
+    unnamed = []
+    for split in SPLITS:
+        for i, entry in enumerate(data.get(split) or []):
+            teacher = entry.get(ENTRY_TEACHER) if isinstance(entry, dict) else None
+            if teacher is None:
+                unnamed.append(f"{split}[{i}]")
+            elif not routed:
+                raise ValueError(f"{split}[{i}].{ENTRY_TEACHER} routes the entry's rows to a teacher, which only "
+                                 "xkd.teachers with xkd.mixture: route reads; remove it, or set xkd.mixture: route")
+            elif teacher not in names:
+                raise ValueError(f"{split}[{i}].{ENTRY_TEACHER} {teacher!r} is not one of xkd.teachers' names {names}")
+    if routed and unnamed and xkd.get("route_column") is None and xkd.get("default_teacher") is None:
+        raise ValueError(f"xkd.mixture: route needs xkd.route_column, the dataset column that names each row's teacher "
+                         f"(one of {names}), or `{ENTRY_TEACHER}: <name>` in each `datasets:` entry (without one: "
+                         f"{', '.join(unnamed)}), or xkd.default_teacher for the rows of entries that name none")
+
+
 @contextmanager
 def routed_tokenization(column: str | None, names: list[str], default: str | None):
     """While open, every prompt strategy Axolotl tokenizes with (`TokenizedPromptDataset`) adds the route column,
