@@ -202,3 +202,27 @@ def test_route_by_dataset_entry_generates_each_entrys_rows_with_its_teacher(asse
     run = steps(Path(config["output_dir"]))
     assert len(run) == 3 and all(e["xkd/teacher/idle/share"] == 0 for e in run)
     assert all(e["xkd/teacher/add/share"] + e["xkd/teacher/sub/share"] == pytest.approx(1.0, abs=1e-3) for e in run)
+
+
+def test_generated_rows_hold_an_eval_split_that_training_evaluates_on(assets, tmp_path):
+    """confidence with `generator: add` (a store) and a live teacher, val_set_size > 0: the store holds the generator's
+    answers in both splits, and training evaluates on the eval split with a finite loss."""
+    teachers = [store("add", tmp_path, assets["teacher"]), {"name": "sub", "source": "model",
+                                                            "path": str(assets["teacher2"])}]
+    config = config_for(assets, tmp_path, teachers, mixture="confidence", generator="add")
+    config.update(val_set_size=0.25, eval_strategy="steps", eval_steps=2)
+    path = write_config(tmp_path / "cfg.yml", config)
+    run_cli(["axolotl", "xkd", "precompute", str(path), "--top-k", "8"])
+
+    from axolotl_xkd.store.format import Manifest
+    from axolotl_xkd.store.read import load_split
+
+    manifest = Manifest.read(tmp_path / "add")
+    assert set(manifest.splits) == {"train", "eval"} and manifest.splits["eval"] == 16, manifest.splits
+    held = load_split(tmp_path / "add", manifest, "eval").select_columns(["input_ids", "labels"]).to_list()
+    assert responses(held) == answers(assets["teacher"], held)
+
+    train(path)
+    logs = log_history(Path(config["output_dir"]))
+    evaluated = [e["eval_loss"] for e in logs if "eval_loss" in e]
+    assert len(evaluated) >= 2 and all(math.isfinite(v) for v in evaluated), logs
