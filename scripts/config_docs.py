@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from axolotl_xkd.args import GenerationSettings, ModelTeacher, PrecomputedTeacher, ServerTeacher, XKDConfig
+from axolotl_xkd.options import ENTRY_TEACHER
 from axolotl_xkd.teacher_args import Named
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "config.md"
@@ -253,7 +254,25 @@ def render() -> str:
     for heading, path, schema, intro in SECTIONS:
         summary = " ".join((schema.__doc__ or "").split())
         lines += [f"## {heading}", "", f"YAML path: `{path}`. {summary} {intro}", "", *table(schema), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + ENTRY_SECTION)
+
+
+# The one key the plugin reads outside `xkd:`: Axolotl's schema of a dataset entry holds no plugin keys, so it has no
+# Field to render; routing.check_entry_teachers is its validation.
+ENTRY_SECTION = [
+    f"## `{ENTRY_TEACHER}` in a `datasets:` entry",
+    "",
+    "YAML path: `datasets[]` and `test_datasets[]`. The one key the plugin reads outside `xkd:`. Axolotl drops keys "
+    "of a dataset entry it does not know, so the plugin reads it from the raw YAML when Axolotl registers it. See "
+    "[teachers.md](teachers.md#many-teachers).",
+    "",
+    "| key | type | default | description | example |",
+    "|---|---|---|---|---|",
+    f"| `{ENTRY_TEACHER}` | str or null | `null` | xkd.mixture: route: the teacher (a name of `xkd.teachers`) of every "
+    "row of this entry, whose rows then do not read `route_column`. Refused without `mixture: route` and when no "
+    f"teacher has the name, naming `datasets[i].{ENTRY_TEACHER}`. | `{ENTRY_TEACHER}: maths` |",
+    "",
+]
 
 
 def main() -> None:
