@@ -1,6 +1,7 @@
 """End to end: `xkd.mixture: route` with each Axolotl `datasets:` entry naming its teacher (`xkd_teacher:` in the
-entry, no route column): Axolotl's own preparation keeps every row's teacher, row by row, and training serves each
-teacher its entry's rows; a name that no teacher has is refused before any data is prepared."""
+entry, no route column): Axolotl's own preparation keeps every row's teacher, row by row, in the train split and in a
+`test_datasets` eval split, and training serves each teacher its entry's rows and evaluates; a name that no teacher
+has is refused before any data is prepared."""
 
 from __future__ import annotations
 
@@ -42,22 +43,32 @@ def test_each_entry_routes_its_rows_to_its_teacher(untrained_assets, tmp_path):
     from axolotl_xkd.keys import ROUTE
 
     config = entry_config(untrained_assets, tmp_path, ("add", "sub"))
+    config["test_datasets"] = [{**config["datasets"][1], "split": "train"}]  # the subtractions again, as eval rows
+    config.update(eval_strategy="steps", eval_steps=2)
     cfg = write_config(tmp_path / "cfg.yml", config)
     run_cli(["python", "-m", "axolotl.cli.preprocess", str(cfg)])
     saved = {p.parent for p in (tmp_path / "prepared").glob("xkd-route-*/**/*.arrow")}
-    assert len(saved) == 1, saved
-    prepared = load_from_disk(str(saved.pop()))
+    assert len(saved) == 2, saved  # the train split and the eval split
     tokenizer = AutoTokenizer.from_pretrained(untrained_assets["tokenizer"])
-    seen = {0: 0, 1: 0}
-    for ids, route, labels in zip(prepared["input_ids"], prepared[ROUTE], prepared["labels"]):
-        assert len(set(route)) == 1 and len(route) == len(ids) == len(labels)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        assert route[0] == (0 if "+" in text else 1), (text, route[0])
-        seen[route[0]] += 1
-    assert seen[0] > 10 and seen[1] > 10, seen
+    counts = []
+    for folder in saved:
+        prepared = load_from_disk(str(folder))
+        seen = {0: 0, 1: 0}
+        for ids, route, labels in zip(prepared["input_ids"], prepared[ROUTE], prepared["labels"]):
+            assert len(set(route)) == 1 and len(route) == len(ids) == len(labels)
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            assert route[0] == (0 if "+" in text else 1), (text, route[0])
+            seen[route[0]] += 1
+        counts.append(seen)
+    evaluation = [c for c in counts if c[0] == 0]  # the eval split: subtractions only, each routed to `sub`
+    training = [c for c in counts if c[0] > 0]
+    assert len(evaluation) == len(training) == 1 and evaluation[0][1] > 10, counts
+    assert training[0][0] > 10 and training[0][1] > 10, counts
 
     train(cfg)
-    logs = [e for e in log_history(Path(config["output_dir"])) if "loss" in e]
+    history = log_history(Path(config["output_dir"]))
+    assert any(math.isfinite(e["eval_loss"]) for e in history if "eval_loss" in e), history
+    logs = [e for e in history if "loss" in e]
     assert len(logs) == 3 and all(math.isfinite(e["loss"]) for e in logs)
     for e in logs:
         add, sub = e["xkd/teacher/add/share"], e["xkd/teacher/sub/share"]
