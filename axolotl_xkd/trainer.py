@@ -365,6 +365,8 @@ class XKDTrainer(AxolotlTrainer, _CrossEntropyPerplexity):
             self._xkd_sums[mode] = defaultdict(float)
         if mode == "train":
             logs.update(self._xkd_step_logs())
+        elif self.xkd is not None and self.xkd.teacher is not None:  # the evaluation's batches, not the next step's
+            logs.update({f"eval_xkd/{k}": round(v, 6) for k, v in self.xkd.teacher.metrics().items()})
         super().log(logs, start_time)
 
     def _xkd_step_logs(self) -> dict[str, float]:

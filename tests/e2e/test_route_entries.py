@@ -67,7 +67,10 @@ def test_each_entry_routes_its_rows_to_its_teacher(untrained_assets, tmp_path):
 
     train(cfg)
     history = log_history(Path(config["output_dir"]))
-    assert any(math.isfinite(e["eval_loss"]) for e in history if "eval_loss" in e), history
+    evaluated = [e for e in history if "eval_loss" in e]
+    assert evaluated and all(math.isfinite(e["eval_loss"]) for e in evaluated), history
+    # The eval split is all subtractions: its own shares, logged apart from the training steps'.
+    assert all(e["eval_xkd/teacher/sub/share"] == 1.0 and e["eval_xkd/teacher/add/share"] == 0.0 for e in evaluated)
     logs = [e for e in history if "loss" in e]
     assert len(logs) == 3 and all(math.isfinite(e["loss"]) for e in logs)
     for e in logs:
