@@ -130,7 +130,7 @@ def mix(signals: list[TeacherSignal | None], log_w: Tensor, *, top_k: int) -> Te
             term = log_probs(signal).logits
             term = term.add_(log_w[..., j : j + 1]) if mine else term + log_w[..., j : j + 1]
             total = term if total is None else torch.logaddexp(total, term, out=total)
-        return DenseSignal(torch.where(torch.isfinite(log_w).any(-1, keepdim=True), total, 0.0))
+        return DenseSignal(total.masked_fill_(~torch.isfinite(log_w).any(-1, keepdim=True), 0.0))  # total is ours
     dense_logp = [log_probs(s).logits if isinstance(s, DenseSignal) else None for _, s in present]
     listed = [_listed(s, logp, top_k) for (_, s), logp in zip(present, dense_logp)]
     union = torch.cat([ids for ids, _ in listed], dim=-1)
