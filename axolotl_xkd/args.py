@@ -89,8 +89,8 @@ class XKDConfig(BaseModel):
     mixture: Literal[MIXTURES] | None = Field(
         None,
         description="How `teachers` combine (required with them): route, each row distilled from the teacher its "
-        "`datasets:` entry names (`xkd_teacher: <name>` in the entry) or its `route_column` names; weighted, every teacher at every position, p = sum_i w_i p_i with the fixed weights (for "
-        "teachers that agree: it collapsed with two specialists, docs/teachers.md#many-teachers); confidence, "
+        "`datasets:` entry names (`xkd_teacher: <name>` in the entry) or its `route_column` names; weighted, every "
+        "teacher at every position, p = sum_i w_i p_i with the fixed weights (for teachers that agree: it collapsed with two specialists, docs/teachers.md#many-teachers); confidence, "
         "per-position weights, a softmax over each teacher's `confidence_score` plus its log weight.",
         examples=["route"],
     )
@@ -276,7 +276,8 @@ def check_mixture(config: XKDConfig) -> None:
     names = [t.name for t in teachers]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise ValueError(f"xkd.teachers: the name {twice[0]!r} is used by items {[i for i, n in enumerate(names) if n == twice[0]]}; "
+        items = [i for i, n in enumerate(names) if n == twice[0]]
+        raise ValueError(f"xkd.teachers: the name {twice[0]!r} is used by items {items}; "
                          "each teacher needs its own name (routing, stores and logs use it)")
     if mixture is None:
         raise ValueError(f"xkd.mixture is required with xkd.teachers: one of {', '.join(MIXTURES)} "
@@ -412,4 +413,3 @@ class XKDArgs(BaseModel):
                 "sequence_parallel_degree) or set it to 1; use DeepSpeed ZeRO-3 for memory instead."
             )
         return data
-

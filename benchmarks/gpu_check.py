@@ -47,10 +47,10 @@ from pathlib import Path
 from benchmarks.harness import BIN, REPO, base_config, cli_env, free_port, merged, write_config
 
 CHECKS = ("flash_packing", "qlora", "zero3", "cross_tokenizer", "mixture", "throughput")
-# Rough seconds each check takes on one H100 (imports and model loads dominate); a check starts only when its
-# estimate still fits in the budget.
+# Rough seconds each check takes on one H100 (imports and model loads dominate; throughput's: the KD plugin's Liger
+# loss is torch.compiled at its first step); a check starts only when its estimate still fits in the budget.
 ESTIMATE_S = {"flash_packing": 90, "qlora": 60, "qlora_merge": 40, "zero3": 70, "cross_tokenizer": 70,
-              "mixture": 50, "throughput": 170}  # throughput: the KD plugin's Liger loss is torch.compiled at its first step
+              "mixture": 50, "throughput": 170}
 TOLERANCE = 0.02  # flash_packing: relative loss difference allowed in bf16
 TIMING_PLUGIN = "benchmarks.gpu_timing.StepTimesPlugin"
 COVERAGE_RE = re.compile(r"coverage after \d+ batches: (\d+) of (\d+) response positions")

@@ -58,8 +58,8 @@ def precompute(config: str, top_k: int | None, out: str | None, teacher_path: st
     if named and (out or teacher_path or server):
         raise click.UsageError("--out, --teacher and --server name one teacher's store; with xkd.teachers each store "
                                "is its item's path and model_path: select one with --name")
-    for teacher_name, teacher, plan in _planned(config, named, generate) if named else [(None, _teacher_block(config),
-                                                                                         {})]:
+    runs = _planned(config, named, generate) if named else [(None, _teacher_block(config), {})]
+    for teacher_name, teacher, plan in runs:
         _precompute(config, teacher, teacher_name, top_k=top_k, out=out, teacher_path=teacher_path,
                     batch_size=batch_size, rows_per_shard=rows_per_shard, logprob_dtype=logprob_dtype,
                     generate=generate, seed=seed, server=server, server_model=server_model,
@@ -147,7 +147,8 @@ def _named_stores(config: str, name: str | None) -> list[tuple[str, PrecomputedT
         if name is not None:
             raise click.UsageError("--name selects a teacher of xkd.teachers, which this config does not have")
         return []
-    every = [(item.get("name"), item) for item in items if isinstance(item, dict) and item.get("source") == "precomputed"]
+    every = [(item.get("name"), item) for item in items
+             if isinstance(item, dict) and item.get("source") == "precomputed"]
     stores = [(n, item) for n, item in every if name is None or n == name]
     if not stores:
         known = [n for n, _ in every] or "none"
@@ -175,7 +176,8 @@ def _planned(config: str, named: list[tuple[str, PrecomputedTeacher]],
     if xkd.sequences != "teacher":
         if generate:
             raise click.UsageError("--generate with xkd.teachers: set xkd.sequences: teacher (with xkd.generator, "
-                                   "docs/teachers.md#many-teachers), so that every store records the same generated rows")
+                                   "docs/teachers.md#many-teachers), so that every store records the same generated "
+                                   "rows")
         return [(n, block, {}) for n, block in named]
     from axolotl_xkd.routing import entry_teachers
     from axolotl_xkd.store.generated import store_plans

@@ -252,8 +252,8 @@ def chunked_xkd_loss(
     to their first vocab_size rows (padded embedding rows); without it a dense teacher must have the student's
     V' tokens, as in xkd_loss. labels (B, T) unshifted; teacher: a `DenseHiddenSignal` (teacher hidden
     states + output layer, its logits formed per chunk), a `MixedSignal` (several teachers mixed per chunk), a
-    `DenseSignal` or a `TopKSignal`, aligned with the student; mu / log_sigma (B, T) the reward head at every position. Gradients reach
-    student_hidden, output_weight (only if it requires grad: a frozen LoRA base layer gets none), output_bias
+    `DenseSignal` or a `TopKSignal`, aligned with the student; mu / log_sigma (B, T) the reward head at every
+    position. Gradients reach student_hidden, output_weight (only if it requires grad: a frozen LoRA base layer gets none), output_bias
     and the reward-head outputs; first derivatives only (no create_graph). chunk_size positions at a time.
 
     mode: "fused" (default) uses the hand-written gradients of fused.py where they cover the

@@ -92,7 +92,7 @@ def log_weights(signals: list[TeacherSignal | None], rule: MixRule, *, shape: to
     route: 1 on the teacher `route` (...) names (-1: none); weighted: w_j / sum of the available w; confidence:
     softmax_j(score_ij / temperature + log w_j) over the available teachers.
     """
-    first = upcast(next(_values(s) for s in signals if s is not None))
+    first = upcast(next(values_of(s) for s in signals if s is not None))
     device, dtype = first.device, first.dtype
     have = torch.stack([available(s) if s is not None else torch.zeros(shape, dtype=torch.bool, device=device)
                         for s in signals], dim=-1)
@@ -239,8 +239,10 @@ class MixedSignal:
             self.seen[self.where.to(self.seen.device)] = weights.to(self.seen)
 
 
-def _values(signal: TeacherSignal) -> Tensor:
-    """The per-position values of a signal: dense logits or top-k log-probs."""
+def values_of(signal: Member) -> Tensor:
+    """The per-position tensor of a signal (where its device is): hidden states, dense logits or top-k log-probs."""
+    if isinstance(signal, DenseHiddenSignal):
+        return signal.hidden
     return signal.logits if isinstance(signal, DenseSignal) else signal.logprobs
 
 

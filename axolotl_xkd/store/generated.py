@@ -69,8 +69,9 @@ def store_plans(config: XKDConfig, entries: dict | None = None) -> list[StorePla
         routed = None if config.mixture != "route" else RoutedRows(config.route_column, names, config.default_teacher,
                                                                    names.index(block.name), entries)
         carrier = routed is not None or block is stores[0]
-        plans.append(StorePlan(block.name, sampling_block(config, sampler) if sampler != block.name and carrier else None,
-                               routed, None if carrier else stores[0].path, generated_by(config, block.name)))
+        generator = sampling_block(config, sampler) if sampler != block.name and carrier else None
+        plans.append(StorePlan(block.name, generator, routed, None if carrier else stores[0].path,
+                               generated_by(config, block.name)))
     return plans
 
 
@@ -134,7 +135,8 @@ def load_generated_meta(cfg, config: XKDConfig):
 
 
 def with_inputs(dataset):
-    """`dataset` with the attention_mask and position_ids Axolotl's own prepared rows carry (the collators read them)."""
+    """`dataset` with the attention_mask and position_ids Axolotl's own prepared rows carry (the collators read
+    them)."""
     lengths = [len(ids) for ids in dataset["input_ids"]]
     dataset = dataset.add_column("attention_mask", [[1] * n for n in lengths])
     return dataset.add_column("position_ids", [list(range(n)) for n in lengths])

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from axolotl_xkd.keys import ROUTE, TEACHER_TICKET
-from axolotl_xkd.losses.mixed import MixedSignal, MixRule, route_log_weights
+from axolotl_xkd.losses.mixed import MixedSignal, MixRule, route_log_weights, values_of
 from axolotl_xkd.losses.positions import response_mask
 from axolotl_xkd.losses.signal import DenseHiddenSignal, DenseSignal, TeacherSignal, TopKSignal
 from axolotl_xkd.teachers.base import TeacherSource
@@ -95,7 +95,7 @@ class MixtureTeacherSource(TeacherSource):
         self._read_weights()
         parts, answers = self._answers(batch, hidden=True)
         ids = batch["input_ids"]
-        device = next(_values(a) for a in answers if a is not None).device
+        device = next(values_of(a) for a in answers if a is not None).device
         seen = torch.full((ids.numel(), len(self.members)), math.nan, dtype=torch.float64, device=device)
         self._unread.append((seen, _counted(batch).reshape(-1).to(device)))
         members = tuple(None if a is None else _placed(a, ids.shape, part["rows"]) if "rows" in part else a
@@ -220,12 +220,6 @@ def _next_ids(ids: Tensor) -> Tensor:
     next_ids = torch.zeros_like(ids)
     next_ids[:, :-1] = ids[:, 1:]
     return next_ids
-
-
-def _values(signal: TeacherSignal | DenseHiddenSignal) -> Tensor:
-    """A signal's per-position tensor (where its device is)."""
-    return signal.hidden if isinstance(signal, DenseHiddenSignal) else \
-        signal.logits if isinstance(signal, DenseSignal) else signal.logprobs
 
 
 def _counted(batch: dict[str, Tensor]) -> Tensor:

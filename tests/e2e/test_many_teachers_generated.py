@@ -184,7 +184,8 @@ def test_route_by_dataset_entry_generates_each_entrys_rows_with_its_teacher(asse
     from tests.e2e.test_route_entries import entry_config
 
     config = entry_config(assets, tmp_path, ("add", "sub"))
-    config["xkd"].update(teachers=[store("add", tmp_path, assets["teacher"]), store("sub", tmp_path, assets["teacher2"]),
+    config["xkd"].update(teachers=[store("add", tmp_path, assets["teacher"]),
+                                   store("sub", tmp_path, assets["teacher2"]),
                                    store("idle", tmp_path, assets["teacher"])],
                          sequences="teacher", generation=GENERATION)
     path = write_config(tmp_path / "cfg.yml", config)

@@ -1,5 +1,5 @@
-"""Several teachers mixed into one signal (losses/mixed.py, teachers/mixture.py) against the float64, one-position-at-a-time
-reference written from docs/teachers.md#many-teachers (tests/reference.py `mixture_reference`)."""
+"""Several teachers mixed into one signal (losses/mixed.py, teachers/mixture.py) against the float64,
+one-position-at-a-time reference written from docs/teachers.md#many-teachers (tests/reference.py `mixture_reference`)."""
 
 from __future__ import annotations
 
